@@ -1,0 +1,1 @@
+"""Compression: sensitivity, the budget allocator, pruning, quantization, low rank and distillation."""

@@ -1,0 +1,1 @@
+"""The bundled example model and the fixtures shared by tests and benchmarks."""

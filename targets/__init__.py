@@ -1,0 +1,1 @@
+"""Runtimes, the measurement loop and its statistics, latency tables and prediction."""
