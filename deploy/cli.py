@@ -112,5 +112,59 @@ def profiles_show(
     console.print(table)
 
 
+def _load(model: Optional[Path], example: bool, arch: Optional[str], trust_pickle: bool, input_shape: List[str]):
+    """MODEL or --example, never both."""
+    from deploy.errors import UserInputError
+    from deploy.model_io import load_example, load_model
+
+    if example == (model is not None):
+        raise UserInputError("give a model file or --example (exactly one)", "see --help")
+    if example:
+        return load_example()
+    return load_model(model, arch=arch, trust_pickle=trust_pickle, input_shapes=input_shape)
+
+
+# --- inspect ------------------------------------------------------------------------------------------------------
+
+ARCH_HELP = "For a state_dict: module:factory that builds the model (imports and runs your code, like any import)."
+PICKLE_HELP = "Allow loading a pickled nn.Module. Unpickling runs arbitrary code from the file: only for files you trust."
+SHAPE_HELP = "Input NAME:DIMS:DTYPE, e.g. image:1x3x224x224:float32 or input_ids:1x128:int64 (repeat per input)."
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: Optional[Path] = typer.Argument(None, help="Model file: TorchScript .pt, torch.export .pt2, state_dict .pt (+ --arch), pickled module (+ --trust-pickle)."),
+    example: bool = typer.Option(False, "--example", help="Use the bundled example model (a CNN trained on digits)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help=PICKLE_HELP),
+    input_shape: List[str] = typer.Option([], "--input-shape", help=SHAPE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """What a model holds: inputs, layers with type, parameters and MACs, and what compression will touch."""
+    from deploy.analysis import analyze
+    from deploy.model_io import load_model
+
+    loaded = _load(model, example, arch, trust_pickle, input_shape)
+    summary = analyze(loaded)
+    if as_json:
+        emit_json(summary.to_dict())
+        return
+    for spec in summary.inputs:
+        console.print(f"input [bold]{spec['name']}[/]: {'x'.join(map(str, spec['shape']))} {spec['dtype']}")
+    table = Table(title=f"{loaded.path.name if loaded.path else 'model'} ({summary.format})")
+    for col, justify in (("layer", "left"), ("type", "left"), ("params", "right"), ("MACs", "right"),
+                         ("compression", "left"), ("note", "left")):
+        table.add_column(col, justify=justify)
+    for layer in summary.layers:
+        table.add_row(layer.name, layer.type, f"{layer.params:,}", f"{layer.macs:,}", ", ".join(layer.passes) or "-",
+                      layer.note)
+    if summary.functional_macs:
+        table.add_row("(ops without weights)", "-", "0", f"{summary.functional_macs:,}", "-", "e.g. attention matmuls")
+    table.add_row("[bold]total[/]", "", f"[bold]{summary.total_params:,}[/]", f"[bold]{summary.total_macs:,}[/]", "", "")
+    console.print(table)
+    for note in summary.notes:
+        err_console.print(f"note: {note}")
+
+
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ class DeployError(Exception):
     def one_line(self) -> str:
         text = self.message.rstrip(".")
         if self.hint:
-            text += f". {self.hint.rstrip('.')}"
+            text += f"; {self.hint.rstrip('.')}"
         return text if text.endswith(("?", "!")) else text + "."
 
     def __str__(self) -> str:

@@ -1,0 +1,96 @@
+"""Calibration data from every source, split deterministically, with clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deploy.data import RANDOM_WARNING, DataConfig, from_tensors, load_calibration
+from deploy.errors import DataError
+from deploy.pipeline import InputSpec
+
+IMAGE = [InputSpec("image", ("batch", 1, 32, 32))]
+TEXT = [InputSpec("input_ids", ("batch", 16), "int64"), InputSpec("attention_mask", ("batch", 16), "int64")]
+
+
+def test_npz_with_labels_splits_deterministically(tmp_path):
+    x = np.random.default_rng(0).normal(size=(40, 1, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", image=x, labels=np.arange(40) % 10)
+    a = load_calibration(tmp_path / "d.npz", IMAGE)
+    b = load_calibration(tmp_path / "d.npz", IMAGE)
+    assert len(a.calibration) == 30 and len(a.held_out) == 10
+    assert a.data_hash == b.data_hash and torch.equal(a.held_out_labels, b.held_out_labels)
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(a.held_out, b.held_out))
+    held = {tuple(s[0].flatten()[:3].tolist()) for s in a.held_out}
+    calib = {tuple(s[0].flatten()[:3].tolist()) for s in a.calibration}
+    assert not held & calib
+    batches = a.batches("held_out", batch_size=4)
+    assert [b[0].shape[0] for b in batches] == [4, 4, 2]
+    assert not a.is_random and not a.warnings
+
+
+def test_npy_single_input(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((8, 1, 32, 32), np.float32))
+    data = load_calibration(tmp_path / "x.npy", IMAGE)
+    assert data.calibration[0][0].shape == (1, 1, 32, 32)
+
+
+def test_wrong_shape_names_the_input(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((8, 3, 32, 32), np.float32))
+    with pytest.raises(DataError, match="input 'image' wants batchx1x32x32"):
+        load_calibration(tmp_path / "x.npy", IMAGE)
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    data = load_calibration(tmp_path, IMAGE, DataConfig(image_mean=(0.5,), image_std=(0.25,)))
+    assert data.calibration[0][0].shape == (1, 1, 32, 32)
+    assert set(data.held_out_labels.tolist()) <= {0, 1}
+    (tmp_path / "dog" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="cannot read image"):
+        load_calibration(tmp_path, IMAGE)
+
+
+def test_text_with_a_local_tokenizer(tmp_path):
+    from deploy.examples.docstring_corpus import docstring_corpus
+    from deploy.examples.tiny_bert import build_tokenizer
+
+    build_tokenizer(tmp_path / "tok")
+    (tmp_path / "corpus.txt").write_text("\n".join(docstring_corpus()[:20]))
+    data = load_calibration(tmp_path / "corpus.txt", TEXT, tokenizer=tmp_path / "tok")
+    ids, mask = data.calibration[0]
+    assert ids.shape == (1, 16) and ids.dtype == torch.int64 and mask.sum() > 0
+    with pytest.raises(DataError, match="needs a tokenizer"):
+        load_calibration(tmp_path / "corpus.txt", TEXT)
+
+
+def _hook():
+    return [torch.full((1, 1, 32, 32), float(i)) for i in range(6)]
+
+
+def test_module_function_hook():
+    data = load_calibration("test_data:_hook", IMAGE)
+    assert len(data.calibration) + len(data.held_out) == 6
+
+
+def test_random_only_when_asked_and_flagged():
+    data = load_calibration("random", IMAGE)
+    assert data.is_random and RANDOM_WARNING in data.warnings
+
+
+@pytest.mark.parametrize("source, message", [("missing_dir/", "does not exist"), ("x.csv", "cannot read")])
+def test_bad_sources(tmp_path, source, message):
+    if source.endswith(".csv"):
+        (tmp_path / source).write_text("1,2,3")
+    with pytest.raises(DataError, match=message):
+        load_calibration(tmp_path / source, IMAGE)
+
+
+def test_from_tensors():
+    data = from_tensors([(torch.randn(1, 1, 32, 32),) for _ in range(8)], labels=list(range(8)))
+    assert len(data.held_out) == 2 and data.held_out_labels.shape == (2,)

@@ -1,0 +1,88 @@
+"""Device profiles: the eight built-ins, strict validation, aliases and suggestions."""
+from __future__ import annotations
+
+import pytest
+
+from deploy.errors import ProfileError, UnknownTargetError
+from deploy.profiles import builtin_names, builtin_profiles, load_profile_file, resolve_target
+
+EIGHT = {"cpu-avx2", "cpu-avx512-vnni", "nvidia-a100", "nvidia-h100", "jetson-orin-nano", "jetson-orin-nx",
+         "jetson-agx-orin", "rpi5"}
+
+GOOD = """
+name = "my-board"
+description = "a user's board"
+kind = "edge"
+runtime = "onnxruntime"
+measure = "predicted"
+precisions = ["fp32", "int8"]
+weight_granularities = ["per-channel"]
+qdq_policy = "ort-cpu"
+channel_multiple = 8
+memory_bandwidth_gbs = 25.6
+op_overhead_us = 8
+[peak_tops]
+fp32 = 0.5
+int8 = 2.0
+"""
+
+
+def test_the_eight_builtin_profiles_load():
+    assert set(builtin_names()) == EIGHT
+    for profile in builtin_profiles():
+        assert set(profile.precisions) <= set(profile.peak_tops)
+        assert profile.memory_bandwidth_gbs > 0 and profile.channel_multiple >= 1
+
+
+def test_design_numbers():
+    nano = resolve_target("jetson-orin-nano").profile
+    assert nano.peak_tops["int8"] == 20.0 and nano.memory_bandwidth_gbs == 68.0 and "fp8" not in nano.precisions
+    assert resolve_target("nvidia-h100").profile.peak_tops["fp8"] == 1979.0
+    assert resolve_target("jetson-agx-orin").profile.memory_bandwidth_gbs == 204.8
+
+
+def test_aliases_say_what_they_resolved_to():
+    jetson = resolve_target("jetson")
+    assert jetson.profile.name == "jetson-orin-nano" and "jetson-orin-nano" in jetson.note
+    cpu = resolve_target("cpu")
+    assert cpu.profile.name in ("cpu-avx512-vnni", "cpu-avx2") and "resolved" in cpu.note
+    assert cpu.profile.runs_locally()
+
+
+def test_unknown_target_suggests_the_nearest():
+    with pytest.raises(UnknownTargetError) as info:
+        resolve_target("jetson-orin-nan")
+    assert "did you mean 'jetson-orin-nano'" in info.value.one_line()
+    assert info.value.exit_code == 2
+
+
+def test_user_profile_file(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(GOOD)
+    resolved = resolve_target(profile_path=path)
+    assert resolved.profile.name == "my-board" and resolved.profile.op_overhead_us == 8.0
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("channel_multiple = 8", 'channel_multiple = "eight"'), "field 'channel_multiple' must be a positive integer"),
+    (("runtime = \"onnxruntime\"", "runtime = \"tflite\""), "field 'runtime' must be one of"),
+    (("precisions = [\"fp32\", \"int8\"]", "precisions = [\"fp32\", \"int3\"]"), "field 'precisions'"),
+    (("op_overhead_us = 8", "op_overhead_us = 8\nchanel_multiple = 4"), "unknown field 'chanel_multiple'"),
+    (("memory_bandwidth_gbs = 25.6\n", ""), "missing field 'memory_bandwidth_gbs'"),
+    (("int8 = 2.0", "int8 = -1"), "peak_tops.int8"),
+    (("int8 = 2.0", ""), "no entry for precision 'int8'"),
+])
+def test_invalid_profile_names_file_field_and_type(tmp_path, edit, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD.replace(*edit))
+    with pytest.raises(ProfileError) as info:
+        load_profile_file(path)
+    assert message in info.value.one_line()
+    assert str(path) in info.value.one_line()
+
+
+def test_profile_that_is_not_toml(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("name = [unclosed")
+    with pytest.raises(ProfileError, match="not valid TOML"):
+        load_profile_file(path)
