@@ -76,8 +76,8 @@ def tiny_bert(seed: int = 0, vocab_size: int | None = None) -> EncoderWrapper:
     config = BertConfig(
         vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, max_position_embeddings=128,
+        attn_implementation="eager",  # sdpa/flash paths trip up export and tracing
     )
-    config._attn_implementation = "eager"  # sdpa/flash paths trip up export and tracing
     torch.manual_seed(seed)
     model = BertModel(config, add_pooling_layer=False)
     return EncoderWrapper(model).eval()

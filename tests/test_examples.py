@@ -1,0 +1,114 @@
+"""The bundled example model and shared fixtures do what tests and benchmarks rely on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deploy.examples import digits_cnn as dc
+from deploy.examples.digits_data import export_calibration_npz
+from deploy.examples.docstring_corpus import docstring_corpus, write_corpus
+from deploy.examples.tiny_bert import build_tokenizer, example_inputs, tiny_bert
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return dc.load_digits_split()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return dc.load_example_model()
+
+
+def test_split_is_deterministic_and_normalized(digits):
+    train_x, train_y, test_x, test_y = digits
+    assert train_x.shape == (1437, 1, 32, 32) and test_x.shape == (360, 1, 32, 32)
+    assert train_x.dtype == torch.float32 and train_y.dtype == torch.int64
+    assert sorted(test_y.unique().tolist()) == list(range(10))
+    # the stored normalization constants really are the train split's statistics
+    assert abs(train_x.mean().item()) < 1e-3 and abs(train_x.std().item() - 1) < 1e-3
+    assert torch.equal(dc.load_digits_split()[2], test_x)
+
+
+def test_committed_weights_are_accurate(model, digits):
+    _, _, test_x, test_y = digits
+    assert not model.training
+    with torch.no_grad():
+        acc = (model(test_x).argmax(1) == test_y).float().mean().item()
+    assert acc >= 0.95
+    assert dc.WEIGHTS_PATH.stat().st_size < 1_000_000
+
+
+def test_factory_matches_committed_weights():
+    fresh = dc.digits_cnn()
+    assert fresh.state_dict().keys() == dc.load_example_model().state_dict().keys()
+    x = torch.zeros(dc.INPUT_SHAPE)
+    assert fresh(x).shape == (1, 10)
+    assert torch.export.export(fresh.eval(), (x,)).module()(x).shape == (1, 10)
+
+
+def test_onnx_export_matches_torch(model, digits, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    x = digits[2][:32]
+    path = tmp_path / "digits.onnx"
+    torch.onnx.export(
+        model, (torch.zeros(dc.INPUT_SHAPE),), str(path), input_names=[dc.INPUT_NAME],
+        output_names=["logits"], dynamic_axes={dc.INPUT_NAME: {0: "batch"}}, dynamo=False,
+    )
+    got = ort.InferenceSession(str(path)).run(None, {dc.INPUT_NAME: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_calibration_npz_holds_labelled_held_out_images(digits, tmp_path):
+    path = export_calibration_npz(tmp_path / "calib.npz", n=50)
+    with np.load(path) as z:
+        assert z[dc.INPUT_NAME].shape == (50, 1, 32, 32) and z[dc.INPUT_NAME].dtype == np.float32
+        assert z["labels"].dtype == np.int64
+        np.testing.assert_array_equal(z[dc.INPUT_NAME], digits[2][:50].numpy())
+        np.testing.assert_array_equal(z["labels"], digits[3][:50].numpy())
+
+
+def test_tiny_bert_shape_and_trace():
+    wrapper = tiny_bert()
+    ids, mask = example_inputs()
+    assert ids.dtype == mask.dtype == torch.int64 and ids.shape == (1, 16)
+    with torch.no_grad():
+        out = wrapper(ids, mask)
+        assert out.shape == (1, 16, 64)
+        traced = torch.jit.trace(wrapper, (ids, mask))
+        assert torch.allclose(traced(ids, mask), out, atol=1e-5)
+        exported = torch.export.export(wrapper, (ids, mask)).module()
+        assert torch.allclose(exported(ids, mask), out, atol=1e-5)
+    # fixed seed: the same weights every time
+    with torch.no_grad():
+        assert torch.equal(tiny_bert()(ids, mask), out)
+
+
+def test_tokenizer_round_trips_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    built = build_tokenizer(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "Return a new list containing all items from the iterable in ascending order."
+    ids = loaded(text)["input_ids"]
+    assert ids == built(text)["input_ids"]
+    assert ids[0] == loaded.cls_token_id and ids[-1] == loaded.sep_token_id
+    assert loaded.unk_token_id not in ids
+    assert loaded.decode(ids, skip_special_tokens=True) == text.lower()
+    assert len(loaded) == tiny_bert().model.config.vocab_size
+
+
+def test_corpus_is_deterministic_and_substantial(tmp_path):
+    corpus = docstring_corpus()
+    assert len(corpus) >= 500
+    assert corpus == docstring_corpus()
+    assert len(set(corpus)) == len(corpus)
+    assert all(len(t) >= 40 and "\n" not in t for t in corpus)
+    assert docstring_corpus(max_items=10) == corpus[:10]
+    lines = write_corpus(tmp_path / "corpus.txt", 20).read_text(encoding="utf-8").splitlines()
+    assert lines == corpus[:20]
