@@ -1,11 +1,13 @@
 """Input feeds for timing: the model's declared inputs, made concrete by the user's `--input-shape`, filled with
 deterministic data. Latency rarely depends on values, but token ids and masks must still be valid.
 
-`--input-shape` takes either `NAME:DIMS[:DTYPE]` (one input's full shape, e.g. `input_ids:1x128:int64`) or
-`DIM=SIZE` (a named dynamic axis for every input that has it, e.g. `sequence=128`). Unnamed dynamic axes are 1.
+`--input-shape` takes the grammar every command takes (`NAME:DIMS[:DTYPE]`, e.g. `input_ids:1x128:int64`; the name
+may be left out for a one-input model), or `DIM=SIZE` to size a named dynamic axis of every input that has it
+(e.g. `sequence=128`). A dtype left out is the model's own. Dynamic axes nobody sized are 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Iterable, Sequence
 
@@ -17,26 +19,20 @@ from deploy.pipeline import InputSpec
 NUMPY_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 FEED_SEED = 0
 _USAGE = "use NAME:DIMS[:DTYPE] (e.g. input_ids:1x128:int64) or DIM=SIZE (e.g. sequence=128)"
+_DIMS_ONLY = re.compile(r"^\d+(x\d+)*$")
 
 
-def parse_input_shape(text: str, default_dtype: str = "float32") -> InputSpec:
-    """Parse `NAME:DIMS[:DTYPE]`, e.g. `pixel_values:1x3x224x224` or `input_ids:1x128:int64`."""
+def parse_input_shape(text: str, default_dtype: str | None = None) -> InputSpec:
+    """Parse `NAME:DIMS[:DTYPE]` as deploy.model_io does; a dtype left out becomes `default_dtype` when given."""
+    from deploy.model_io import parse_input_shape as parse_shape
+
+    spec = parse_shape(text)
     parts = text.strip().split(":")
-    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-        raise InputSpecError(f"--input-shape '{text}' is not NAME:DIMS[:DTYPE]", _USAGE)
-    name, dims_text = parts[0].strip(), parts[1].strip().lower()
-    dims: list[int] = []
-    for dim in re.split(r"[x,]", dims_text):
-        if not dim.strip().isdigit() or int(dim) < 1:
-            raise InputSpecError(f"--input-shape '{text}': dimension '{dim}' is not a positive integer",
-                                 "write dimensions as 1x3x224x224")
-        dims.append(int(dim))
-    dtype = parts[2].strip().lower() if len(parts) == 3 and parts[2].strip() else default_dtype
-    if dtype not in NUMPY_DTYPES:
-        close = nearest(dtype, NUMPY_DTYPES)
-        hint = f"did you mean '{close}'?" if close else f"use one of {', '.join(NUMPY_DTYPES)}"
-        raise InputSpecError(f"--input-shape '{text}': unknown dtype '{dtype}'", hint)
-    return InputSpec(name, tuple(dims), dtype)
+    named = not _DIMS_ONLY.match(parts[0])
+    has_dtype = len(parts) == 3 or (len(parts) == 2 and not named)
+    if default_dtype and not has_dtype:
+        spec = dataclasses.replace(spec, dtype=default_dtype)
+    return spec if named else dataclasses.replace(spec, name="")
 
 
 def _parse_dim_size(text: str) -> tuple[str, int]:
@@ -56,27 +52,31 @@ def resolve_inputs(declared: Sequence[InputSpec], overrides: Iterable[str] = ())
             dim, size = _parse_dim_size(text)
             sizes[dim] = size
             continue
-        name = text.split(":", 1)[0].strip()
+        spec = parse_input_shape(text)
+        name = spec.name or (next(iter(by_name)) if len(by_name) == 1 else "")
+        if not name:
+            raise InputSpecError(f"--input-shape '{text}' names no input, and the model has {len(by_name)}",
+                                 f"write NAME:DIMS with NAME one of: {', '.join(by_name)}")
         if name not in by_name:
             close = nearest(name, by_name)
             hint = f"did you mean '{close}'?" if close else f"its inputs are: {', '.join(by_name) or 'none'}"
             raise InputSpecError(f"--input-shape names '{name}', but the model has no input of that name", hint)
         model_spec = by_name[name]
-        spec = parse_input_shape(text, default_dtype=model_spec.dtype)
+        spec = dataclasses.replace(parse_input_shape(text, default_dtype=model_spec.dtype), name=name)
         _check_fits(spec, model_spec)
         explicit[name] = spec
-    return [explicit.get(s.name) or InputSpec(s.name, s.concrete_shape(sizes), s.dtype) for s in declared]
+    return [InputSpec(s.name, explicit.get(s.name, s).concrete_shape(sizes), s.dtype) for s in declared]
 
 
 def _check_fits(spec: InputSpec, model_spec: InputSpec) -> None:
-    shown = "x".join(str(d) for d in model_spec.shape) or "a scalar"
+    shown = "(" + ", ".join(str(d) for d in model_spec.shape) + ")"
     if len(spec.shape) != len(model_spec.shape):
-        raise InputSpecError(f"input '{spec.name}' has {len(model_spec.shape)} dimensions ({shown}) in the model, "
+        raise InputSpecError(f"input '{spec.name}' has {len(model_spec.shape)} dimensions {shown} in the model, "
                              f"--input-shape gave {len(spec.shape)}")
     for got, want in zip(spec.shape, model_spec.shape):
         if isinstance(want, int) and got != want:
             raise InputSpecError(f"input '{spec.name}' is {shown} in the model; --input-shape can only set its "
-                                 f"dynamic dimensions, got {'x'.join(map(str, spec.shape))}")
+                                 f"named (dynamic) dimensions, got {'x'.join(map(str, spec.shape))}")
     if spec.dtype != model_spec.dtype:
         raise InputSpecError(f"input '{spec.name}' is {model_spec.dtype} in the model, --input-shape says {spec.dtype}",
                              f"drop the dtype or write {model_spec.dtype}")

@@ -5,12 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.errors import ModelLoadError
+from deploy.model_io import file_sha256, onnx_input_specs
 from deploy.pipeline import InputSpec
-from deploy.targets.files import sha256_file
-
-# ONNX TensorProto element types -> our dtype names (those timing feeds can make)
-_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64",
-                16: "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -44,21 +40,9 @@ def load_onnx(path: str | Path) -> OnnxModel:
     if not proto.graph.node or not proto.graph.output:
         raise ModelLoadError(f"{path} is not a valid ONNX model (its graph has no nodes or no outputs)",
                              "the file is corrupt or not ONNX; re-export it")
-    initializers = {init.name for init in proto.graph.initializer}
-    inputs = []
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
-        tensor = value.type.tensor_type
-        dtype = _ONNX_DTYPES.get(tensor.elem_type)
-        if dtype is None:
-            raise ModelLoadError(f"{path}: input '{value.name}' has ONNX element type {tensor.elem_type}, "
-                                 "which bench cannot feed", "bench takes float, integer and bool inputs")
-        dims: list[int | str] = []
-        for i, dim in enumerate(tensor.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                dims.append(int(dim.dim_value))
-            else:
-                dims.append(dim.dim_param or f"{value.name}_dim{i}")
-        inputs.append(InputSpec(value.name, tuple(dims), dtype))
-    return OnnxModel(path, sha256_file(path), tuple(inputs))
+    try:
+        inputs = tuple(onnx_input_specs(proto))
+    except Exception as exc:  # an element type numpy has no name for
+        raise ModelLoadError(f"{path}: cannot read its inputs ({type(exc).__name__}: {exc})",
+                             "bench takes float, integer and bool inputs") from None
+    return OnnxModel(path, file_sha256(path), inputs)

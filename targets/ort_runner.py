@@ -1,5 +1,6 @@
-"""ONNX Runtime on the CPU, set up for latency: a pinned intra-op thread count, one inter-op thread, sequential
-execution, all graph optimisations, and inputs/outputs bound once (io_binding) so a timed call does no copies."""
+"""ONNX Runtime on the CPU, set up for repeatable latency: a fixed intra-op thread count, one inter-op thread,
+sequential execution, all graph optimisations, no spin-waiting, and inputs/outputs bound once (io_binding) so a
+timed call does no copies."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,6 +40,7 @@ class OrtRunner:
             "inter_op_threads": 1,
             "execution_mode": "sequential",
             "graph_optimization": "all",
+            "spinning": False,
             "precision": "as-exported",
             **self._session_info,
         }
@@ -53,11 +55,14 @@ class OrtRunner:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Spinning worker threads turn any other load on the host into multi-ms outliers, and two sessions timed
+        # in turn (--compare, regress) steal each other's cores while they spin: off, for repeatable numbers.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             return ort.InferenceSession(str(model), sess_options=options, providers=[PROVIDER])
         except Exception as exc:
-            raise ModelLoadError(f"onnxruntime cannot load {model}: {_first_line(exc)}", "check that the model is valid ONNX "
-                                 "for this onnxruntime version") from None
+            raise ModelLoadError(f"onnxruntime cannot load {model}: {_first_line(exc)}",
+                                 "check that the model is valid ONNX for this onnxruntime version") from None
 
     def prepare(self, model: str | Path, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
         if not isinstance(model, (str, Path)):

@@ -1,0 +1,174 @@
+"""`deploy bench` as a library call: resolve the target, pick the runtime, load the model, build feeds, measure
+(or measure two models interleaved), and return the result with its environment.
+
+Everything that can be refused is refused before any timing, in one line: a target whose latency is predicted
+rather than measured, a CPU that lacks the target's flags, TensorRT without TensorRT, a bad model file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from deploy.errors import RuntimeUnavailableError, UserInputError
+from deploy.targets.measure import MeasureConfig, Measurement, ProgressFn, measure, measure_interleaved
+from deploy.targets.stats import Comparison
+
+COMPARISON_SCHEMA = "deploy.comparison"
+COMPARISON_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """What to measure and how: the whole of `deploy bench`'s command line as one frozen config."""
+
+    model_path: Path
+    target: str | None = None  # None with no profile_path: 'cpu', this machine
+    profile_path: Path | None = None
+    runtime: str | None = None  # None: the profile's runtime
+    threads: int | None = None  # None: physical cores, capped at the profile's cores
+    input_shapes: tuple[str, ...] = ()
+    measure: MeasureConfig = MeasureConfig()
+    compare: Path | None = None  # a second model, measured interleaved with the first
+    precision: str | None = None
+    runner: str | None = None  # ssh://user@host[:port]: measure on that device instead (see ssh_runner.py)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One measurement, or two and their comparison (B = `compare` against A = the model)."""
+
+    measurement: Measurement
+    other: Measurement | None = None
+    comparison: Comparison | None = None
+    note: str = ""  # how the target name resolved ("'cpu' resolved to ..."), for the user
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.other is None or self.comparison is None:
+            return self.measurement.to_dict()
+        return {
+            "schema": COMPARISON_SCHEMA,
+            "schema_version": COMPARISON_SCHEMA_VERSION,
+            "a": self.measurement.to_dict(),
+            "b": self.other.to_dict(),
+            "comparison": self.comparison.to_dict(),
+        }
+
+
+def bench(model_path: str | Path, *, target: str | None = None, profile_path: str | Path | None = None,
+          runtime: str | None = None, threads: int | None = None, input_shapes: Sequence[str] = (),
+          config: MeasureConfig | None = None, compare: str | Path | None = None, precision: str | None = None,
+          progress: bool | ProgressFn = False, runner: str | None = None) -> dict[str, Any]:
+    """Measure a model's latency on this machine for a target; returns the JSON-ready result (see measure.py)."""
+    request = BenchRequest(
+        model_path=Path(model_path), target=target, profile_path=Path(profile_path) if profile_path else None,
+        runtime=runtime, threads=threads, input_shapes=tuple(input_shapes), measure=config or MeasureConfig(),
+        compare=Path(compare) if compare else None, precision=precision, runner=runner,
+    )
+    if progress is True:
+        from deploy.targets.progress_bar import progress_bar
+
+        with progress_bar() as report:
+            return run_bench(request, report).to_dict()
+    return run_bench(request, progress or None).to_dict()
+
+
+def run_bench(request: BenchRequest, progress: ProgressFn | None = None) -> BenchResult:
+    """The work behind `bench`; the CLI calls this to also get the resolution note."""
+    from deploy.profiles import resolve_target
+    from deploy.targets.fingerprint import fingerprint
+    from deploy.targets.runner import canonical_runtime, get_runner
+
+    resolved = resolve_target(request.target or (None if request.profile_path else "cpu"), request.profile_path)
+    profile = resolved.profile
+    runtime = canonical_runtime(request.runtime or profile.runtime)
+    if request.runner:  # the device is elsewhere: none of this machine's checks apply
+        from deploy.targets.ssh_runner import run_remote_bench
+
+        return run_remote_bench(request, profile, runtime, resolved.note, progress)
+    check_measurable(profile, runtime)
+    threads = request.threads if request.threads is not None else default_threads(profile)
+    model, model_info, feeds = load_for_bench(request.model_path, runtime, request.input_shapes)
+    runner = get_runner(runtime, threads, request.precision, profile)
+    run_a = runner.prepare(model, feeds)
+    context = {"target": profile.name, "fingerprint": fingerprint(threads, profile.name)}
+    if request.compare is None:
+        result = measure(run_a, request.measure, progress)
+        return BenchResult(_with(result, model_info, runner.describe(), context), note=resolved.note)
+    other, other_info, other_feeds = load_for_bench(request.compare, runtime, request.input_shapes)
+    _check_same_inputs(model_info, other_info)
+    runner_b = get_runner(runtime, threads, request.precision, profile)
+    run_b = runner_b.prepare(other, other_feeds)
+    a, b, comparison = measure_interleaved(run_a, run_b, request.measure, progress)
+    return BenchResult(_with(a, model_info, runner.describe(), context),
+                       _with(b, other_info, runner_b.describe(), context), comparison, resolved.note)
+
+
+def _with(m: Measurement, model_info: dict[str, Any], runtime: dict[str, Any], context: dict[str, Any]) -> Measurement:
+    return dataclasses.replace(m, model=model_info, runtime=runtime, **context)
+
+
+def check_measurable(profile: Any, runtime: str) -> None:
+    """Refuse, in one line, a target this machine cannot time for real."""
+    if profile.measure == "predicted":
+        raise RuntimeUnavailableError(
+            f"target '{profile.name}' is not measurable here: its latency is predicted, not measured on this machine",
+            f"bench a local target (--target cpu); predicted latency for {profile.name} comes from "
+            f"`deploy compress --target {profile.name}`")
+    if not profile.runs_locally():
+        from deploy.targets.fingerprint import cpu_flags
+
+        missing = [f for f in profile.required_cpu_flags if f not in cpu_flags()]
+        raise RuntimeUnavailableError(f"target '{profile.name}' is not measurable here: this CPU lacks "
+                                      f"{', '.join(missing)}", "bench --target cpu to measure this machine's CPU")
+    if runtime == "tensorrt":
+        from deploy.targets.tensorrt_runner import require_tensorrt
+
+        require_tensorrt()
+
+
+def default_threads(profile: Any) -> int:
+    """This machine's physical cores, capped at the profile's core count when it names one."""
+    from deploy.targets.fingerprint import physical_cores
+
+    cores = physical_cores()
+    return min(cores, profile.cores) if getattr(profile, "cores", 0) > 0 else cores
+
+
+def _is_dim_size(text: str) -> bool:
+    return ":" not in text and "=" in text
+
+
+def load_for_bench(path: Path, runtime: str,
+                   input_shapes: Sequence[str]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(what the runner runs, the model's record for the result, the input feeds)."""
+    from deploy.targets.feeds import make_feeds, resolve_inputs
+
+    if runtime == "torch":
+        from deploy.model_io import load_model
+
+        loaded = load_model(path, input_shapes=[t for t in input_shapes if not _is_dim_size(t)])
+        if loaded.module is None:
+            raise UserInputError(f"the torch runtime runs PyTorch models (.pt, .pt2), not {Path(path).name}",
+                                 "for an .onnx file use --runtime ort or --runtime openvino")
+        specs = resolve_inputs(loaded.inputs, [t for t in input_shapes if _is_dim_size(t)])
+        model, sha256 = loaded.module, loaded.sha256
+    else:
+        from deploy.targets.onnx_model import load_onnx
+
+        onnx_model = load_onnx(path)
+        specs = resolve_inputs(onnx_model.inputs, input_shapes)
+        model, sha256 = onnx_model.path, onnx_model.sha256
+    info = {"path": str(path), "sha256": sha256, "inputs": [s.to_dict() for s in specs]}
+    return model, info, make_feeds(specs)
+
+
+def _check_same_inputs(a: dict[str, Any], b: dict[str, Any]) -> None:
+    if a["inputs"] != b["inputs"]:
+        raise UserInputError(f"--compare: {b['path']} takes inputs {_shapes(b)}, {a['path']} takes {_shapes(a)}",
+                             "compare models with the same inputs")
+
+
+def _shapes(info: dict[str, Any]) -> str:
+    return ", ".join(f"{i['name']}:{'x'.join(map(str, i['shape']))}:{i['dtype']}" for i in info["inputs"])
