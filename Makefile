@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/deploy inspect --example
+	$(BIN)/deploy compress --example --target cpu -o out/ --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q; status=$$?; \

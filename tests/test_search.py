@@ -120,3 +120,20 @@ def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
     windows = sorted(tuple(t.user_attrs["details"]["window"]) for t in trials)
     for (start_a, end_a), (start_b, end_b) in zip(windows, windows[1:]):
         assert end_a <= start_b, "two measurement windows overlapped"
+
+
+def test_search_command_produces_a_front(tmp_path):
+    from conftest import run_cli
+
+    env = {"DEPLOY_CACHE_DIR": str(tmp_path / "cache"), "DEPLOY_MEASURE_LOCK": str(tmp_path / "lock")}
+    out = tmp_path / "search"
+    result = run_cli("search", "--example", "--trials", "3", "-o", out, "--measure-seconds", "0.1",
+                     "--precision", "fp32", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["completed"] == 3 and summary["front"]
+    assert (out / "front.png").stat().st_size > 0 and (out / "front.json").exists()
+    for row in summary["front"]:
+        assert (Path(row["artifact"]) / "model.onnx").exists()
+    again = run_cli("search", "--example", "--trials", "3", "-o", out, "--precision", "fp32", "--json", env=env)
+    assert again.returncode == 0 and json.loads(again.stdout)["completed"] == 3  # resumed: nothing re-run
