@@ -51,7 +51,8 @@ def main() -> None:
 
         logging.getLogger("deploy").propagate = False
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
+        sys.exit(rc or 0)
     except DeployError as exc:
         if debug:
             raise
@@ -129,6 +130,38 @@ def _load(model: Optional[Path], example: bool, arch: Optional[str], trust_pickl
     if example:
         return load_example()
     return load_model(model, arch=arch, trust_pickle=trust_pickle, input_shapes=input_shape)
+
+
+@profiles_app.command("calibrate")
+def profiles_calibrate(
+    target: str = typer.Argument(..., help="Profile name or alias (cpu) of the device to measure."),
+    runner: Optional[str] = typer.Option(None, "--runner", help="Time on a remote device: ssh://user@host[:port]."),
+    quick: bool = typer.Option(False, "--quick", help="A small grid at a tiny budget, no latency-model fit: a smoke "
+                               "test, not for decisions."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: physical cores, capped by "
+                                          "the profile)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Measure a device: its op latency lookup table (single-op microbenchmarks) and, unless --quick, its fitted
+    latency model. Results are cached under DEPLOY_CACHE_DIR (default ~/.cache/deploy)."""
+    from deploy.targets.latency_calibrate import CalibrateRequest, calibrate
+
+    request = CalibrateRequest(target=target, runner=runner, quick=quick, threads=threads)
+    result = calibrate(request, progress=None if as_json else err_console.print)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    table = Table(title=f"calibrated {result.profile} ({result.device})", show_header=False)
+    rows = [("runtime", result.runtime), ("threads", str(result.threads)), ("table", result.table_path),
+            ("entries", f"{result.entries} ({result.measured} measured now, {result.cached} from the cache)"),
+            ("precisions", ", ".join(result.precisions)),
+            *((f"skipped {p}", why) for p, why in result.skipped.items()),
+            ("latency model", f"{result.model['models']} models, band x/÷ {2.718281828 ** result.model['band']:.2f}, "
+                              f"{result.model['path']}" if result.model else "not fitted (--quick or remote)"),
+            ("time", f"{result.seconds:.1f} s")]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
 
 
 # --- inspect ------------------------------------------------------------------------------------------------------
