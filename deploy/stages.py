@@ -65,12 +65,10 @@ def export_model(module: torch.nn.Module, setup: Any, precision: str, path: Path
     return quantize_for_target(module, setup, precision, path)
 
 
-def latency(setup: Any, path: Path, seconds: float) -> dict[str, Any]:
+def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | None = None) -> dict[str, Any]:
     """p50 measured in the target's runtime here, or predicted (with its band) for a device not at hand."""
     if not setup.local:
-        from deploy.latency_prediction import predict_onnx
-
-        return predict_onnx(path, setup)
+        return _predicted(setup, path, module)
     from deploy.targets.feeds import make_feeds
     from deploy.targets.measure import MeasureConfig, measure
     from deploy.targets.runner import get_runner
@@ -82,6 +80,16 @@ def latency(setup: Any, path: Path, seconds: float) -> dict[str, Any]:
                            max_seconds=max(10.0, seconds * 4))
     result = measure(run_once, config).to_dict()
     return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result}
+
+
+def _predicted(setup: Any, path: Path, module: torch.nn.Module | None) -> dict[str, Any]:
+    """A Q/DQ file is priced from its float graph at int8: Q/DQ nodes fuse away on the device."""
+    from deploy.latency_prediction import predict_onnx
+
+    float_path = None
+    if module is not None and path.name != "dense.onnx":
+        float_path = export_model(module, setup, "fp32", setup.workdir / f"{path.stem}.float.onnx")
+    return predict_onnx(path, setup, float_path)
 
 
 def fidelity_of(setup: Any, path: Path) -> dict[str, Any]:
@@ -101,7 +109,7 @@ def _evaluate(family: Family, setup: Any, precision: str, level: float, seconds:
     module = family.build(removed)
     path = setup.workdir / f"candidate-{len(candidates)}.onnx"
     export_model(module, setup, precision, path)
-    timing = latency(setup, path, seconds)
+    timing = latency(setup, path, seconds, module)
     metric = primary_metric(fidelity_of(setup, path))[1]
     candidate = Candidate(precision, round(level, 4), removed, timing["latency_ms"], metric,
                           path.stat().st_size / 1e6, timing.get("band_ms"))
@@ -257,7 +265,7 @@ def run_plan(request: Any, setup: Any, decisions: dict[str, Any], out_dir: Path,
         ov.save_model(ov.convert_model(str(path)), str(out_dir / "model.xml"))
     dense_path = export_model(setup.loaded.module, setup, "fp32", setup.workdir / "dense.onnx")
     note("measuring", 0.85)
-    result["latency"] = _final_latency(setup, dense_path, path, max(2.0, request.measure_seconds))
+    result["latency"] = _final_latency(setup, dense_path, path, max(2.0, request.measure_seconds), module)
     result["fidelity"] = fidelity_of(setup, path)
     if request.eval_hook:
         from deploy.model_io import import_object
@@ -269,11 +277,10 @@ def run_plan(request: Any, setup: Any, decisions: dict[str, Any], out_dir: Path,
     return result
 
 
-def _final_latency(setup: Any, dense: Path, final: Path, seconds: float) -> dict[str, Any]:
+def _final_latency(setup: Any, dense: Path, final: Path, seconds: float, module: torch.nn.Module) -> dict[str, Any]:
     if not setup.local:
-        from deploy.latency_prediction import predict_onnx
-
-        return {"source": "predicted", "original": predict_onnx(dense, setup), "result": predict_onnx(final, setup)}
+        return {"source": "predicted", "original": _predicted(setup, dense, None),
+                "result": _predicted(setup, final, module)}
     from deploy.targets.feeds import make_feeds
     from deploy.targets.measure import MeasureConfig, measure_interleaved
     from deploy.targets.runner import get_runner

@@ -112,3 +112,16 @@ def test_tiny_transformer_with_text_calibration(tmp_path, env):
     report = json.loads((out / "report.json").read_text())
     assert report["fidelity_metric"] == "pooled_cosine"
     assert report["result"]["fidelity"] >= 0.95
+
+
+def test_device_not_at_hand_gets_predicted_latency_with_a_band(tmp_path, env):
+    out = tmp_path / "jetson"
+    result = run_cli("compress", "--example", "--target", "jetson", "-o", out, *FAST, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["target"]["name"] == "jetson-orin-nano" and "resolved" in report["target"]["note"]
+    assert report["latency_source"] == "predicted"
+    low, high = report["result"]["band_ms"]
+    assert low < report["result"]["latency_ms"] < high
+    assert report["result"]["verified"] is False
+    assert "not yet verified" in report["latency"]["result"]["label"]
