@@ -144,6 +144,17 @@ class Pass(Protocol):
 
 PASSES: dict[str, type] = {}
 
+# The modules that define the built-in passes, imported on first use of the registry (explicit, no discovery).
+BUILTIN_PASS_MODULES = ("deploy.compress.prune", "deploy.compress.lowrank_pass", "deploy.compress.quantize")
+
+
+def load_builtin_passes() -> dict[str, type]:
+    import importlib
+
+    for name in BUILTIN_PASS_MODULES:
+        importlib.import_module(name)
+    return PASSES
+
 
 def register_pass(name: str, config: type, version: int = 1, needs_calibration: bool = False,
                   invalidates: tuple[str, ...] = ()) -> Callable[[type], type]:
@@ -167,6 +178,8 @@ def register_pass(name: str, config: type, version: int = 1, needs_calibration: 
 
 def make_pass(name: str, config: Any = None) -> Any:
     """Instantiate a registered pass; an unknown name lists the known ones."""
+    if name not in PASSES:
+        load_builtin_passes()
     if name not in PASSES:
         close = nearest(name, PASSES)
         hint = f"did you mean '{close}'?" if close else f"known passes: {', '.join(sorted(PASSES)) or 'none'}"
@@ -194,7 +207,7 @@ def config_from_dict(entry: dict[str, Any]) -> Any:
         raise ConfigError("a pass entry has no 'type'", f"known passes: {', '.join(sorted(PASSES))}")
     name = entry["type"]
     if name not in PASSES:
-        make_pass(name)  # raises with the known names
+        make_pass(name)  # loads the built-in passes; raises with the known names if still unknown
     cls = PASSES[name]
     version = entry.get("version", cls.version)
     if version != cls.version:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # small models; avoids OpenMP spin-contention with the subprocesses tests start
 
 ARCH = "deploy.examples.digits_cnn:digits_cnn"
 SHAPE = "image:1x1x32x32:float32"
