@@ -161,9 +161,7 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: Any, config: Di
     """Train `student` in place towards `teacher` on calibration inputs; returns what happened, with numbers."""
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    teacher = teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = teacher.eval()  # only ever run under no_grad below; its parameters are left as they were
     with torch.no_grad():
         teacher_held = [_first_tensor(teacher(*b)) for b in calibration.batches("held_out", 64)]
     student.eval()

@@ -127,16 +127,28 @@ def _clean_partials(out_dir: Path, older_than_s: float) -> None:
 
 
 def _recover_killed(study: Any, config: SearchConfig) -> int:
-    """Trials left RUNNING by a killed worker: once their heartbeat is stale, fail them so they are retried."""
+    """Trials left RUNNING by a killed worker are failed once their heartbeat is stale, so they are retried.
+
+    Watch the RUNNING trials for one grace period: a live worker's trial finishes (and leaves the watch list), a
+    killed one goes stale and is failed here. Returns how many were failed."""
+    import warnings
+
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if not running:
-        return 0
-    time.sleep(config.grace_s + config.heartbeat_s)  # a live worker's heartbeat would have come by now
-    fail_stale_trials(study)
-    return len(running)
+    watch = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    failed = 0
+    deadline = time.monotonic() + config.grace_s + 2 * config.heartbeat_s
+    while watch and time.monotonic() < deadline:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fail_stale_trials(study)
+        states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        failed += sum(1 for n in watch if states.get(n) == TrialState.FAIL)
+        watch = {n for n in watch if states.get(n) == TrialState.RUNNING}
+        if watch:
+            time.sleep(0.25)
+    return failed
 
 
 def run_search(space: SearchSpace, evaluate: Evaluate, out_dir: str | Path, config: SearchConfig = SearchConfig(),

@@ -6,6 +6,7 @@ trial number (so the test can kill -9 it mid-trial).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,19 @@ def make_evaluate(hang_at: int | None, counter: list[int]):
     return evaluate
 
 
+def _barrier() -> None:
+    """With DEPLOY_TEST_BARRIER set, announce readiness and wait for the test's go, so workers start together."""
+    barrier = os.environ.get("DEPLOY_TEST_BARRIER")
+    if not barrier:
+        return
+    Path(f"{barrier}.ready.{os.getpid()}").write_text("")
+    deadline = time.time() + 120
+    while not Path(f"{barrier}.go").exists() and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def main() -> None:
+    _barrier()
     out, storage, trials = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     hang_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
     config = SearchConfig(trials=trials, storage=None if storage == "-" else storage, heartbeat_s=1, grace_s=2)

@@ -17,9 +17,12 @@ import pytest
 WORKER = Path(__file__).parent / "search_worker.py"
 
 
-def _worker(out: Path, storage: str, trials: int, hang_at: int | None = None, lock: Path | None = None):
+def _worker(out: Path, storage: str, trials: int, hang_at: int | None = None, lock: Path | None = None,
+            barrier: Path | None = None):
     args = [sys.executable, str(WORKER), str(out), storage, str(trials)] + ([str(hang_at)] if hang_at else [])
     env = {**os.environ, "DEPLOY_MEASURE_LOCK": str(lock or out.parent / "measure.lock")}
+    if barrier is not None:
+        env["DEPLOY_TEST_BARRIER"] = str(barrier)
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -109,12 +112,18 @@ def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
     from optuna.trial import TrialState
 
     lock = tmp_path / "measure.lock"
-    workers = [_worker(tmp_path / f"worker{i}", postgres_url, trials=8, lock=lock) for i in range(2)]
+    barrier = tmp_path / "barrier"
+    workers = [_worker(tmp_path / f"worker{i}", postgres_url, trials=12, lock=lock, barrier=barrier) for i in range(2)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("barrier.ready.*"))) < 2:  # both imported and ready: start them together
+        assert time.time() < deadline and all(p.poll() is None for p in workers)
+        time.sleep(0.05)
+    (tmp_path / "barrier.go").write_text("")
     for proc in workers:
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr
     trials = [t for t in _study(postgres_url).get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    assert len(trials) >= 8
+    assert len(trials) >= 12
     folders = {Path(t.user_attrs["artifact"]).parent.parent.name for t in trials}
     assert folders == {"worker0", "worker1"}  # both workers contributed to the one study
     windows = sorted(tuple(t.user_attrs["details"]["window"]) for t in trials)
