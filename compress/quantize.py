@@ -1,0 +1,206 @@
+"""Mixed-precision quantization from an elastic space, searched under a latency budget: the `quantize` pass and
+its Python API.
+
+    quantized, report = quantize_model(module, inputs, calibration, profile, QuantizeConfig(budget=0.7))
+    export_quantized(quantized.plan, quantized.module, inputs, "out/model.onnx")
+
+Phases (DESIGN 3.2): prepare + calibrate (quant_prepare: fold BN, per-tensor ranges, SmoothQuant), sensitivity
+(quant_sensitivity: QuantNAS noise per layer and option), price (quant_cost: measured on the real runtime, or a
+labelled roofline proxy), search (quant_search: allocator, then predictor + NSGA-II), and the finalists measured
+for real (quant_finalists: exported Q/DQ models timed and run on held-out data). Nothing here imports a runtime
+or optuna at module level.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+from torch import nn
+
+from deploy.compress.distill import DistillConfig
+from deploy.compress.quant_plan import QuantPlan
+from deploy.compress.quant_prepare import CalibrationConfig
+from deploy.compress.quant_search import SearchConfig
+from deploy.compress.quant_space import SpaceConfig
+from deploy.pipeline import Context, InputSpec, State, register_pass
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    budget: float = 0.75  # latency budget as a fraction of the float model's (estimated) latency
+    budget_ms: float = 0.0  # an absolute budget in ms; > 0 overrides `budget`
+    cost: Literal["auto", "measured", "proxy"] = "auto"  # auto: measured where the target runs on this machine
+    price_seconds: float = 0.4  # per A/B timing when pricing options on the real runtime
+    space: SpaceConfig = SpaceConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    sensitivity: Literal["noise", "quant"] = "noise"  # QuantNAS noise injection, or hard fake quantization
+    noise_draws: int = 2
+    sensitivity_batches: int = 2
+    search: SearchConfig = SearchConfig()
+    measure_finalists: bool = True  # export the allocator's and the refined plans and measure them for real
+    threads: int = 1
+    skip: tuple[str, ...] = ()  # layers never quantized
+    recover: bool = False  # distill through the fake quantization afterwards
+    distill: DistillConfig = DistillConfig()
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.budget <= 2.0:
+            raise ValueError(f"budget must be a fraction of the float latency in [0.05, 2], got {self.budget}")
+        if self.budget_ms < 0:
+            raise ValueError(f"budget_ms must be >= 0, got {self.budget_ms}")
+        if self.cost not in ("auto", "measured", "proxy"):
+            raise ValueError(f"cost must be auto, measured or proxy, got {self.cost!r}")
+        if self.sensitivity not in ("noise", "quant"):
+            raise ValueError(f"sensitivity must be noise or quant, got {self.sensitivity!r}")
+        if self.noise_draws < 1 or self.sensitivity_batches < 1 or self.threads < 1 or self.price_seconds <= 0:
+            raise ValueError("noise_draws, sensitivity_batches and threads must be >= 1, price_seconds > 0")
+
+
+@dataclass
+class QuantizedModel:
+    """The fake-quantized torch model (computes what the exported model computes), its plan, and the float model
+    it was calibrated on (BatchNorm folded)."""
+
+    module: nn.Module
+    plan: QuantPlan
+    float_module: nn.Module
+
+    def export(self, inputs: Sequence[InputSpec], path: Any, policy: Any = None) -> Any:
+        from deploy.export.qdq import export_quantized
+
+        return export_quantized(self.plan, self.module, inputs, path, policy)
+
+
+def _cost_model(config: QuantizeConfig, profile: Any, has_graph: bool) -> Any:
+    from deploy.compress.quant_cost import MeasuredCost, ProxyCost
+    from deploy.export.qdq import policy_for
+
+    local = profile.runs_locally() and policy_for(profile.qdq_policy).runtime in ("onnxruntime", "openvino")
+    if config.cost == "measured" or (config.cost == "auto" and local and has_graph):
+        return MeasuredCost(min_seconds=config.price_seconds)
+    return ProxyCost()
+
+
+@dataclass
+class QuantProblem:
+    """Everything that does not depend on the budget: the calibrated plan, the sensitivities, the price table.
+    Solve it for several budgets without repeating the slow part (`solve_budget`)."""
+
+    prep: Any  # quant_prepare.Prepared
+    space: Any  # quant_search.SearchSpace
+    batches: list  # the sensitivity / candidate-evaluation batches
+    reference: list  # the float model's outputs on them
+    seconds: dict[str, float]
+
+
+def build_problem(module: nn.Module, inputs: Sequence[InputSpec], calibration: Any, profile: Any,
+                  config: QuantizeConfig = QuantizeConfig()) -> QuantProblem:
+    """Prepare and calibrate, measure every layer's sensitivity to every option, price the options."""
+    from deploy.compress.quant_cost import PricingInput, boundaries_for
+    from deploy.compress.quant_prepare import prepare
+    from deploy.compress.quant_search import SearchSpace
+    from deploy.compress.quant_sensitivity import option_distortions, run
+
+    clock = _Clock()
+    prep = prepare(module, inputs, calibration, profile, config.space, config.calibration, config.skip)
+    clock.lap("prepare")
+    if prep.graph is None:
+        raise ValueError("quantization needs the model's ONNX graph: " + "; ".join(prep.notes))
+    batches = calibration.batches("calibration", config.calibration.batch_size)[: config.sensitivity_batches]
+    reference = run(prep.folded, batches)
+    sens = option_distortions(prep.qmodel, prep.spaces, batches, reference, config.sensitivity, config.noise_draws)
+    clock.lap("sensitivity")
+    cost = _cost_model(config, profile, prep.graph is not None)
+    table = cost.price(PricingInput(prep.float_onnx, prep.graph, prep.plan, prep.spaces, list(inputs), profile,
+                                    config.threads))
+    clock.lap("price")
+    space = SearchSpace(prep.spaces, sens, table, boundaries_for(prep.graph, prep.plan))
+    return QuantProblem(prep, space, batches, reference, clock.laps)
+
+
+def solve_budget(problem: QuantProblem, calibration: Any, inputs: Sequence[InputSpec], profile: Any,
+                 config: QuantizeConfig) -> tuple[QuantizedModel, dict[str, Any]]:
+    """Search the plan for `config`'s budget, measure the finalists, apply the chosen plan. The returned module
+    is the problem's one fake-quantized model: solving again for another budget re-points it."""
+    from deploy.compress.quant_finalists import choose_final
+    from deploy.compress.quant_search import search
+    from deploy.compress.quant_sensitivity import plan_distortion
+    from deploy.compress.quant_sim import set_mode, set_options
+
+    prep, sp = problem.prep, problem.space
+    clock = _Clock()
+    budget_ms = config.budget_ms or config.budget * sp.latency(sp.float_labels())
+
+    def evaluate(labels: dict[str, str]) -> float:
+        return plan_distortion(prep.qmodel, sp.options(labels), problem.batches, problem.reference)
+
+    result = search(sp, evaluate, budget_ms, config.search)
+    clock.lap("search")
+    final, finals_report = choose_final(prep, sp, result, calibration, inputs, profile, config, budget_ms)
+    clock.lap("finalists")
+    options = sp.options(final.labels)
+    plan = prep.plan.with_options(options)
+    set_options(prep.qmodel, options)
+    set_mode(prep.qmodel, "quant")
+    prep.qmodel.quant_plan = plan
+    sens, table = sp.sensitivity, sp.table
+    report = {
+        "policy": plan.policy, "float_precision": plan.float_precision, "cost_model": table.source,
+        "budget_ms": budget_ms, "labels": plan.labels(), "counts": _counts(plan),
+        "spaces": {n: [o.label for o in opts] for n, opts in prep.spaces.items()},
+        "calibration": prep.calibration, "sensitivity": sens, "price_table": table.to_dict(),
+        "search": result.to_dict(), "finalists": finals_report, "chosen": final.to_dict(),
+        "additivity": {"predicted": sum(sens[n][lbl] for n, lbl in final.labels.items()),
+                       "simulated": evaluate(final.labels)},
+        "notes": prep.notes + table.notes, "plan": plan.to_dict(), "seconds": {**problem.seconds, **clock.laps},
+    }
+    if config.recover and any(not o.is_float for o in options.values()):
+        from deploy.compress.distill import distill
+
+        report["recovery"] = distill(prep.qmodel, prep.folded, calibration, config.distill).__dict__
+    return QuantizedModel(prep.qmodel, plan, prep.folded), report
+
+
+def quantize_model(module: nn.Module, inputs: Sequence[InputSpec], calibration: Any, profile: Any,
+                   config: QuantizeConfig = QuantizeConfig()) -> tuple[QuantizedModel, dict[str, Any]]:
+    """Plan, search and apply mixed precision for `profile`; returns the quantized model and a JSON-able report."""
+    problem = build_problem(module, inputs, calibration, profile, config)
+    return solve_budget(problem, calibration, inputs, profile, config)
+
+
+class _Clock:
+    """Wall seconds per phase, for the report (where a long run spent its time)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._time = time.perf_counter
+        self._last = self._time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._time()
+        self.laps[name] = round(now - self._last, 2)
+        self._last = now
+
+
+def _counts(plan: QuantPlan) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for lp in plan.layers.values():
+        counts[lp.option.label] = counts.get(lp.option.label, 0) + 1
+    return counts
+
+
+@register_pass("quantize", QuantizeConfig, needs_calibration=True, invalidates=("sensitivity",))
+class QuantizePass:
+    """Replaces the module by its fake-quantized twin (carrying `quant_plan`); export writes the Q/DQ model."""
+
+    def __init__(self, config: QuantizeConfig):
+        self.config = config
+
+    def run(self, state: State, ctx: Context) -> State:
+        quantized, report = quantize_model(state.module, state.inputs, ctx.calibration, state.profile, self.config)
+        state.module = quantized.module
+        ctx.stats[self.name] = {"plan": quantized.plan}
+        state.record(self.name, "decision", **report)
+        return state

@@ -1,0 +1,183 @@
+"""Per-runtime Q/DQ export, verified from what the runtime really runs: ONNX Runtime's optimised graph, OpenVINO's
+runtime model; the TensorRT policy's graph structure checked statically."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from deploy.compress.quant_prepare import CalibrationConfig, prepare
+from deploy.compress.quant_space import option_by_label
+from deploy.data import from_tensors
+from deploy.errors import ConfigError
+from deploy.export.qdq import export_quantized
+from deploy.export.qdq_verify import layer_precisions, mismatches, op_counts, ort_optimized
+from deploy.pipeline import InputSpec
+from deploy.profiles import load_builtin
+
+CPU = load_builtin("cpu-avx512-vnni")
+SPEC = [InputSpec("image", ("batch", 1, 32, 32))]
+KEEP_FLOAT = "layer2.conv2"
+
+
+@pytest.fixture(scope="module")
+def digits_calibration():
+    from deploy.examples.digits_cnn import load_digits_split
+
+    _, _, x, y = load_digits_split()
+    return from_tensors([(s[None],) for s in x[:96]], labels=y[:96].tolist())
+
+
+@pytest.fixture(scope="module")
+def ort_prep(digits_model, digits_calibration):
+    return prepare(digits_model, SPEC, digits_calibration, CPU, config=CalibrationConfig(batches=1))
+
+
+def _mixed(prep, int8: str = "w8a8-pc-sa"):
+    """Every conv int8 but one, fc float."""
+    options = {n: (opts[0] if n in (KEEP_FLOAT, "fc") else option_by_label(opts, int8))
+               for n, opts in prep.spaces.items()}
+    return prep.plan.with_options(options)
+
+
+def test_ort_export_fuses_int8_convs_and_keeps_the_float_one_float(digits_model, ort_prep, tmp_path):
+    prep = ort_prep
+    plan = _mixed(prep)
+    export_quantized(plan, digits_model, SPEC, tmp_path / "q.onnx")
+    counts = op_counts(ort_optimized(tmp_path / "q.onnx"))
+    assert counts.get("QLinearConv", 0) == plan.count("int8")
+    actual = layer_precisions(tmp_path / "q.onnx", plan)
+    assert actual[KEEP_FLOAT].precision == "fp32" and actual["fc"].precision == "fp32"
+    assert all(actual[n].op_type == "QLinearConv" for n, lp in plan.layers.items() if lp.option.precision == "int8")
+    assert mismatches(plan, actual) == []
+    # the check bites: claim the float layer is int8 and it is reported
+    lying = plan.with_options({KEEP_FLOAT: option_by_label(prep.spaces[KEEP_FLOAT], "w8a8-pc-sa")})
+    assert any(KEEP_FLOAT in m for m in mismatches(lying, actual))
+
+
+def test_per_tensor_int8_fuses_too(digits_model, ort_prep, tmp_path):
+    prep = ort_prep
+    plan = _mixed(prep, "w8a8-pt-sa")
+    export_quantized(plan, digits_model, SPEC, tmp_path / "pt.onnx")
+    assert mismatches(plan, layer_precisions(tmp_path / "pt.onnx", plan)) == []
+
+
+def test_openvino_runs_the_int8_layers_in_int8(digits_model, digits_calibration, tmp_path):
+    profile = dataclasses.replace(CPU, runtime="openvino", qdq_policy="openvino")
+    prep = prepare(digits_model, SPEC, digits_calibration, profile, config=CalibrationConfig(batches=1))
+    plan = _mixed(prep)
+    result = export_quantized(plan, digits_model, SPEC, tmp_path / "ov.onnx")
+    assert result.openvino_xml is not None and result.openvino_xml.exists()
+    assert result.openvino_xml.with_suffix(".bin").exists()
+    actual = layer_precisions(tmp_path / "ov.onnx", plan, "openvino")
+    assert {actual[n].precision for n, lp in plan.layers.items() if lp.option.precision == "int8"} == {"int8"}
+    assert actual[KEEP_FLOAT].precision in ("fp32", "bf16")
+    assert mismatches(plan, actual) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_setup():
+    from deploy.examples.tiny_bert import example_inputs, tiny_bert
+
+    model = tiny_bert()
+    calib = from_tensors([example_inputs(seed=i) for i in range(24)])
+    spec = [InputSpec("input_ids", ("batch", 16), "int64"), InputSpec("attention_mask", ("batch", 16), "int64")]
+    return model, calib, spec
+
+
+def test_int4_linear_becomes_matmulnbits_and_matches_the_simulation(tiny_bert_setup, tmp_path):
+    import onnxruntime as ort
+
+    from deploy.compress.quant_sim import set_mode, set_options
+
+    model, calib, spec = tiny_bert_setup
+    prep = prepare(model, spec, calib, CPU, config=CalibrationConfig(batches=1, batch_size=16, smoothquant=True))
+    names = list(prep.spaces)
+    options = {n: prep.spaces[n][0] for n in names}
+    options[names[0]] = option_by_label(prep.spaces[names[0]], "w4-g32-a")  # query: int4 weight-only
+    options[names[4]] = option_by_label(prep.spaces[names[4]], "w4-g32-s")  # FFN up: int4 symmetric
+    options[names[1]] = option_by_label(prep.spaces[names[1]], "w8a8-pc-sa")  # key: int8
+    plan = prep.plan.with_options(options)
+    path = tmp_path / "bert.onnx"
+    export_quantized(plan, model, spec, path)
+    counts = op_counts(ort_optimized(path))
+    assert counts.get("MatMulNBits") == 2
+    actual = layer_precisions(path, plan)
+    assert actual[names[0]].op_type == "MatMulNBits" and actual[names[1]].precision == "int8"
+    assert mismatches(plan, actual) == []
+    # LayerNorm, Softmax, GELU and the residual Adds stay float: no DequantizeLinear feeds them
+    graph = onnx.load(str(path)).graph
+    dq_out = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    for node in graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax", "Erf", "Add"):
+            assert not dq_out & set(node.input), node.name
+    set_options(prep.qmodel, options)
+    set_mode(prep.qmodel, "quant")
+    x = [torch.cat([s[i] for s in calib.held_out]) for i in range(2)]
+    with torch.no_grad():
+        simulated = prep.qmodel(*x).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": x[0].numpy(), "attention_mask": x[1].numpy()})[0]
+    assert np.abs(got - simulated).max() < 1e-3
+
+
+def test_tensorrt_policy_graph_structure(digits_model, digits_calibration, tmp_path):
+    prep = prepare(digits_model, SPEC, digits_calibration, load_builtin("nvidia-a100"),
+                   config=CalibrationConfig(batches=1))
+    options = {n: option_by_label(opts, "w8a8-pc-ss") for n, opts in prep.spaces.items()}
+    plan = prep.plan.with_options(options)
+    export_quantized(plan, digits_model, SPEC, tmp_path / "trt.onnx")
+    model = onnx.load(str(tmp_path / "trt.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zp = inits[node.input[2]]
+            assert zp.dtype == np.int8 and not zp.any(), node.name  # symmetric int8 everywhere
+        if node.op_type == "Conv":
+            data, weight = producers[node.input[0]], producers[node.input[1]]
+            assert data.op_type == weight.op_type == "DequantizeLinear"  # Q/DQ on the op's inputs
+            axis = {a.name: a.i for a in weight.attribute}.get("axis")
+            assert axis == 0 and inits[weight.input[1]].shape == (inits[weight.input[0]].shape[0],)
+            assert len(node.input) < 3 or node.input[2] not in producers  # float bias: TensorRT takes it so
+        if node.op_type == "Add":  # residual: the conv output and the OTHER input, quantized
+            kinds = [producers[i].op_type for i in node.input if i in producers]
+            assert "Conv" in kinds and "DequantizeLinear" in kinds, node.name
+    conv_outputs = {o for n in model.graph.node if n.op_type == "Conv" for o in n.output}
+    readers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in conv_outputs):
+        dq = readers[q.output[0]]  # no output Q on convs, except a downsample conv feeding a residual Add
+        assert [r.op_type for d in dq for r in readers[d.output[0]]] == ["Add"], q.name
+
+
+def test_tensorrt_policy_fp8_and_blocked_int4(digits_model, digits_calibration, tmp_path):
+    prep = prepare(digits_model, SPEC, digits_calibration, load_builtin("nvidia-h100"),
+                   config=CalibrationConfig(batches=1))
+    options = {n: option_by_label(opts, "fp8") for n, opts in prep.spaces.items()}
+    options["fc"] = option_by_label(prep.spaces["fc"], "w4-g32-s")
+    options["stem.0"] = option_by_label(prep.spaces["stem.0"], "fp16")
+    result = export_quantized(prep.plan.with_options(options), digits_model, SPEC, tmp_path / "h100.onnx")
+    assert result.float_layers_precision == {"stem.0": "fp16"}  # left float in the file, for the builder flag
+    model = onnx.load(str(tmp_path / "h100.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    fc = next(n for n in model.graph.node if n.op_type == "MatMul")
+    dq = producers[fc.input[1]]
+    assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == onnx.TensorProto.INT4
+    assert {a.name: a.i for a in dq.attribute}.get("block_size") == 32
+    fp8 = [i for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(fp8) >= 8  # the fp8 convs' weight and activation zero points
+
+
+def test_a_plan_is_exported_only_for_its_policy(digits_model, ort_prep, tmp_path):
+    prep = ort_prep
+    with pytest.raises(ConfigError):
+        export_quantized(_mixed(prep), digits_model, SPEC, tmp_path / "x.onnx", "tensorrt")

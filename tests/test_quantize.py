@@ -1,0 +1,293 @@
+"""Mixed-precision quantization: the elastic space, simulation against ONNX Runtime, calibration, sensitivity,
+the allocator under a latency budget, the accuracy predictor, and the pass config round trip."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tomli_w
+import tomllib
+import torch
+from torch import nn
+
+from deploy.compress.quant_calib import TensorStats, candidate_params, choose_params
+from deploy.compress.quant_cost import Boundaries, PriceTable
+from deploy.compress.quant_graph import LayerGraph, LayerNode
+from deploy.compress.quant_plan import QuantPlan
+from deploy.compress.quant_predictor import AccuracyPredictor, spearman
+from deploy.compress.quant_prepare import CalibrationConfig, prepare
+from deploy.compress.quant_search import SearchConfig, SearchSpace, allocator_plan, search
+from deploy.compress.quant_sensitivity import option_distortions, run
+from deploy.compress.quant_sim import quantize_weight, set_mode, set_options
+from deploy.compress.quant_space import LayerShape, QuantOption, layer_space, option_by_label
+from deploy.compress.quantize import QuantizeConfig, quantize_model
+from deploy.data import from_tensors
+from deploy.errors import BudgetInfeasibleError, ConfigError
+from deploy.pipeline import InputSpec, config_from_dict, config_to_dict, make_pass
+from deploy.profiles import load_builtin
+
+CPU = load_builtin("cpu-avx512-vnni")
+SPEC = [InputSpec("image", ("batch", 1, 32, 32))]
+
+
+@pytest.fixture(scope="module")
+def digits_calibration():
+    from deploy.examples.digits_cnn import load_digits_split
+
+    _, _, x, y = load_digits_split()
+    return from_tensors([(s[None],) for s in x[:160]], labels=y[:160].tolist())
+
+
+@pytest.fixture(scope="module")
+def digits_prepared(digits_model, digits_calibration):
+    return prepare(digits_model, SPEC, digits_calibration, CPU, config=CalibrationConfig(batches=2))
+
+
+# --- the elastic space ----------------------------------------------------------------------------------------------
+
+def test_space_is_restricted_by_each_runtime():
+    conv, linear = LayerShape("c", "conv", 144, 16), LayerShape("l", "linear", 384, 384)
+    ort_conv = [o.label for o in layer_space(conv, CPU)]
+    assert ort_conv == ["fp32", "w8a8-pc-sa", "w8a8-pt-sa"]  # U8S8 only; no int4 conv on ORT CPU
+    ort_linear = [o.label for o in layer_space(linear, CPU)]
+    assert {"w4-g32-s", "w4-g32-a", "w4-g128-s", "w4-g128-a"} <= set(ort_linear)
+    h100 = [o.label for o in layer_space(linear, load_builtin("nvidia-h100"))]
+    assert {"fp16", "bf16", "fp8", "w8a8-pc-ss"} <= set(h100)
+    assert not any(lbl.startswith("w8a8-pt") or lbl.endswith("sa") for lbl in h100)  # symmetric, per-channel
+    orin = [o.label for o in layer_space(linear, load_builtin("jetson-orin-nano"))]
+    assert "fp8" not in orin  # Orin has no fp8
+    ov = dataclasses.replace(CPU, runtime="openvino", qdq_policy="openvino")
+    with_bf16 = [o.label for o in layer_space(linear, ov, cpu_flags={"avx512_bf16"})]
+    assert with_bf16[0] == "bf16" and not any(lbl.startswith("w4") for lbl in with_bf16)
+    assert layer_space(linear, ov, cpu_flags=set())[0].label == "fp32"
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_simulation_is_matmulnbits_round_to_nearest(symmetric):
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    rng = np.random.default_rng(0)
+    k, n, block = 64, 8, 32
+    b = rng.standard_normal((k, n)).astype(np.float32)  # MatMul's B = W^T
+    packed = np.zeros((n, k // block, block // 2), np.uint8)
+    zp = np.zeros((n, (k // block + 1) // 2), np.uint8)
+    scales = np.zeros((n, k // block), np.float32)
+    quantize_matmul_4bits(packed, b, scales, zp, block, n, k, symmetric)
+    q = np.stack([packed & 0xF, packed >> 4], -1).reshape(n, k // block, block).astype(np.float32)
+    z = (np.stack([zp & 0xF, zp >> 4], -1).reshape(n, -1)[:, : k // block].astype(np.float32) if not symmetric
+         else np.full((n, k // block), 8.0))
+    ort_w = ((q - z[..., None]) * scales[..., None]).reshape(n, k)
+    option = QuantOption("int4", 4, 32, "per-group", block, symmetric)
+    iw = quantize_weight(torch.from_numpy(b.T.copy()), option)
+    ours = ((iw.q.float().reshape(n, -1, block) - iw.zero_point[..., None]) * iw.scale[..., None]).reshape(n, k)
+    np.testing.assert_allclose(ours.numpy(), ort_w, atol=1e-6)
+
+
+# --- simulation vs the runtime ----------------------------------------------------------------------------------------
+
+def test_fake_quant_matches_onnxruntime_int8_for_one_layer(tmp_path):
+    import onnxruntime as ort
+
+    from deploy.export.qdq import export_quantized
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+    spec = [InputSpec("x", ("batch", 3, 12, 12))]
+    calib = from_tensors([(torch.randn(1, 3, 12, 12),) for _ in range(40)])
+    prep = prepare(model, spec, calib, CPU, config=CalibrationConfig(batches=2, batch_size=16))
+    option = option_by_label(prep.spaces["0"], "w8a8-pc-sa")
+    plan = prep.plan.with_options({"0": option})
+    set_options(prep.qmodel, {"0": option})
+    set_mode(prep.qmodel, "quant")
+    x = torch.cat([s[0] for s in calib.held_out])
+    with torch.no_grad():
+        simulated, exact = prep.qmodel(x), prep.folded(x)
+    export_quantized(plan, model, spec, tmp_path / "one.onnx")
+    got = ort.InferenceSession(str(tmp_path / "one.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
+    step = plan.layers["0"].act_out.scale
+    assert np.abs(got - simulated.numpy()).max() <= 1.01 * step  # at most one output rounding step apart
+    assert np.abs(got - simulated.numpy()).mean() < 0.05 * np.abs(got - exact.numpy()).mean() + 1e-4
+
+
+# --- calibration ---------------------------------------------------------------------------------------------------
+
+def test_calibration_picks_the_method_with_the_least_layer_error():
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16).eval()
+    with torch.no_grad():
+        layer.weight[:, 3] = 0.0  # the layer ignores input channel 3 ...
+    x = torch.randn(512, 32)
+    x[0, 3] = 60.0  # ... where one outlier stretches the min-max range: clipping it costs this layer nothing
+    st = TensorStats(x.min().item(), x.max().item(), [x.reshape(-1)], x)
+    candidates = candidate_params(st, symmetric=False)
+    assert set(candidates) == {"minmax", "percentile", "mse"}
+    model = nn.Sequential(layer)
+    chosen, errors = choose_params(model, "t", ["0"], st, candidates)
+    assert chosen.method == min(errors, key=errors.get)
+    assert chosen.method != "minmax" and errors["minmax"] > 2 * errors[chosen.method]
+
+
+def test_calibrated_ranges_are_per_tensor_and_shared(digits_prepared):
+    prep = digits_prepared
+    plan = prep.plan
+    a, b = plan.layers["layer2.conv1"], plan.layers["layer2.downsample.0"]
+    assert a.act_in == b.act_in  # one tensor, one Q/DQ pair
+    assert plan.layers["layer1.conv1"].act_out == plan.layers["layer1.conv2"].act_in  # output Q = next input Q
+    assert plan.layers["stem.0"].relu_after and plan.layers["stem.0"].act_out.zero_point == 0
+    assert {r["method"] for r in prep.calibration.values()} <= {"minmax", "percentile", "mse"}
+
+
+# --- sensitivity ---------------------------------------------------------------------------------------------------
+
+def test_sensitivity_ranks_4bit_worse_than_8bit(digits_prepared, digits_calibration):
+    prep = digits_prepared
+    batches = digits_calibration.batches("calibration", 32)[:2]
+    reference = run(prep.folded, batches)
+    sens = option_distortions(prep.qmodel, prep.spaces, batches, reference, "noise", draws=2)
+    for name, d in sens.items():
+        assert d["fp32"] == 0.0 and d["w8a8-pc-sa"] > 0
+        assert d["w8a8-pt-sa"] >= 0.5 * d["w8a8-pc-sa"]
+        if "w4-g32-s" in d:
+            assert d["w4-g32-s"] > 5 * d["w8a8-pc-sa"]
+    hard = option_distortions(prep.qmodel, {"fc": prep.spaces["fc"]}, batches, reference, "quant")
+    assert hard["fc"]["w4-g32-a"] > hard["fc"]["w8a8-pc-sa"]
+
+
+# --- the allocator and the search (synthetic, exact numbers) ---------------------------------------------------------
+
+def _synthetic_space(n_layers: int = 6, boundary: float = 0.4) -> SearchSpace:
+    """A chain of convs: int8 saves 1 ms each; each Q/DQ boundary costs `boundary` ms; layer i is i+1 times as
+    sensitive."""
+    fp, i8 = QuantOption("fp32"), QuantOption("int8", 8, 8, "per-channel", 0, True, False)
+    nodes = {}
+    for i in range(n_layers):
+        nodes[f"l{i}"] = LayerNode(f"l{i}", f"n{i}", "Conv", f"t{i}", f"w{i}", "", f"t{i + 1}", f"t{i + 1}", False)
+    consumers = {f"t{i}": [f"n{i}"] for i in range(n_layers)}
+    graph = LayerGraph(nodes, consumers, {f"t{n_layers}"}, {f"n{i}": "Conv" for i in range(n_layers)})
+    table = PriceTable(10.0, {f"l{i}": {"int8": -1.0} for i in range(n_layers)},
+                       {f"t{i}": boundary for i in range(n_layers + 1)}, "synthetic")
+    bounds = Boundaries(graph, {f"l{i}": True for i in range(n_layers)})
+    sens = {f"l{i}": {"fp32": 0.0, i8.label: 0.01 * (i + 1)} for i in range(n_layers)}
+    return SearchSpace({f"l{i}": (fp, i8) for i in range(n_layers)}, sens, table, bounds)
+
+
+def test_boundaries_fuse_between_int8_neighbours():
+    sp = _synthetic_space()
+    all_int8 = {n: "w8a8-pc-sa" for n in sp.spaces}
+    assert sp.latency(sp.float_labels()) == pytest.approx(10.0)
+    assert sp.latency(all_int8) == pytest.approx(10.0 - 6 + 0.2 + 0.2)  # one Q in, one DQ out
+    island = {**sp.float_labels(), "l2": "w8a8-pc-sa"}
+    assert sp.latency(island) == pytest.approx(10.0 - 1 + 0.4)
+
+
+@pytest.mark.parametrize("budget", [9.7, 8.0, 6.5, 4.5])
+def test_allocator_respects_the_latency_budget(budget):
+    sp = _synthetic_space()
+    labels, _, how = allocator_plan(sp, budget)
+    assert sp.latency(labels) <= budget + 1e-9
+    assert how.startswith("dp")
+    if budget >= 9.7:  # one island fits: the least sensitive layer goes int8
+        assert [n for n, lbl in labels.items() if lbl != "fp32"] == ["l0"]
+
+
+def test_allocator_finds_int8_chains_when_islands_do_not_pay():
+    sp = _synthetic_space(boundary=2.4)  # one int8 layer alone is slower than float; a chain of them is faster
+    labels, _, how = allocator_plan(sp, 8.0)
+    assert sp.latency(labels) <= 8.0 and how != "dp-island-prices"
+
+
+def test_allocator_says_how_far_an_infeasible_budget_is():
+    with pytest.raises(BudgetInfeasibleError) as info:
+        allocator_plan(_synthetic_space(), 3.0)
+    assert info.value.least_achievable == pytest.approx(4.4)
+
+
+def test_search_reports_the_predictor_spearman_and_the_comparison():
+    sp = _synthetic_space()
+
+    def evaluate(labels):  # additive plus an interaction the additive model cannot see
+        d = sp.distortion(labels)
+        return d * (1.5 if labels["l0"] != "fp32" and labels["l1"] != "fp32" else 1.0)
+
+    result = search(sp, evaluate, 7.0, SearchConfig(trials=30, predictor_samples=16, seed=1))
+    report = result.predictor
+    assert report["test"] >= 3 and math.isfinite(report["spearman_test"]) and report["spearman_test"] > 0.5
+    assert all(c.latency_ms <= 7.0 + 1e-9 for c in result.refined)
+    assert result.allocator.distortion == pytest.approx(evaluate(result.allocator.labels))
+
+
+def test_predictor_learns_an_interaction():
+    spaces = {f"l{i}": ("fp32", "int8") for i in range(4)}
+    sens = {n: {"fp32": 0.0, "int8": 1.0} for n in spaces}
+    predictor = AccuracyPredictor(spaces, sens, ridge=1e-4)
+    rng = np.random.default_rng(0)
+    cands = [{n: ("int8" if rng.random() < 0.5 else "fp32") for n in spaces} for _ in range(40)]
+    truth = [1e-3 + sum(c[n] == "int8" for n in spaces) + 3.0 * (c["l3"] == "int8") for c in cands]
+    predictor.fit(cands, truth)
+    assert spearman(truth, [predictor.predict(c) for c in cands]) > 0.95
+
+
+# --- the end-to-end API and the pass config ------------------------------------------------------------------------
+
+def test_quantize_model_end_to_end_on_the_digits_cnn(digits_model, digits_calibration):
+    config = QuantizeConfig(budget=0.85, cost="proxy", calibration=CalibrationConfig(batches=1),
+                            sensitivity_batches=1, noise_draws=1,
+                            search=SearchConfig(trials=16, predictor_samples=10, finalists=2), measure_finalists=False)
+    quantized, report = quantize_model(digits_model, SPEC, digits_calibration, CPU, config)
+    assert report["cost_model"] == "proxy:roofline" and report["search"]["allocation"]["estimated_ms"] <= \
+        report["budget_ms"] + 1e-9
+    assert math.isfinite(report["search"]["predictor"]["spearman_test"])
+    assert isinstance(report["finalists"]["refinement_beat_allocator"], bool)
+    assert report["chosen"]["latency_ms"] <= report["budget_ms"] + 1e-9
+    assert quantized.module.quant_plan is quantized.plan and quantized.plan.count("int8") >= 1
+    json.dumps(report)  # the report is plain data
+    x = torch.cat([s[0] for s in digits_calibration.held_out])
+    with torch.no_grad():
+        agree = (quantized.module(x).argmax(1) == digits_model(x).argmax(1)).float().mean().item()
+    assert agree > 0.9
+
+
+def test_the_quantize_pass_runs_in_a_pipeline(digits_model, digits_calibration):
+    from deploy.pipeline import Context, State, run_pipeline
+
+    config = QuantizeConfig(budget=0.9, cost="proxy", calibration=CalibrationConfig(batches=1), noise_draws=1,
+                            search=SearchConfig(enabled=False), measure_finalists=False)
+    state = State(digits_model, SPEC, CPU)
+    state = run_pipeline([make_pass("quantize", config)], state, Context(calibration=digits_calibration))
+    assert hasattr(state.module, "quant_plan") and state.records[-1].source == "quantize"
+    assert state.records[-1].data["search"]["refined"] == []
+    json.dumps(state.records[-1].data)
+
+
+def test_quantize_config_round_trips_and_validates():
+    pass_ = make_pass("quantize", QuantizeConfig(budget=0.6, skip=("fc",), search=SearchConfig(trials=9)))
+    entry = config_to_dict(pass_)
+    assert config_from_dict(json.loads(json.dumps(entry))).config == pass_.config
+    assert config_from_dict(tomllib.loads(tomli_w.dumps(entry))).config == pass_.config
+    with pytest.raises(ConfigError):
+        config_from_dict({**entry, "data": {**entry["data"], "budget": 0.0}})
+    with pytest.raises(ConfigError):
+        config_from_dict({**entry, "data": {**entry["data"], "bugdet": 0.5}})
+    with pytest.raises(ValueError):
+        CalibrationConfig(methods=("entropy",))
+
+
+def test_plan_round_trips_through_json(digits_prepared):
+    plan = digits_prepared.plan.with_options({"fc": option_by_label(digits_prepared.spaces["fc"], "w4-g32-a")})
+    again = QuantPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again.labels() == plan.labels() and again.layers["layer1.conv1"] == plan.layers["layer1.conv1"]
+
+
+def test_quantization_modules_import_no_runtime():
+    code = ("import sys, deploy.compress.quantize, deploy.compress.quant_cost, deploy.compress.quant_search, "
+            "deploy.compress.quant_finalists, deploy.export.qdq, deploy.export.qdq_insert, deploy.export.qdq_int4, "
+            "deploy.export.qdq_verify, deploy.export.openvino; "
+            "print([m for m in ('onnxruntime', 'openvino', 'optuna', 'tensorrt') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
