@@ -72,7 +72,7 @@ class LatencyBench:
 def outputs(module: Any, batches: list[tuple]) -> Any:
     import torch
 
-    from deploy.compress.sensitivity import first_tensor
+    from deploy.metrics import first_tensor
 
     with torch.no_grad():
         return torch.cat([first_tensor(module(*b)).float() for b in batches])
@@ -90,7 +90,7 @@ def distill(student: Any, teacher: Any, batches: list[tuple], steps: int, lr: fl
     """A short recovery: match the original model's outputs (MSE), no labels (MEAL V2's point)."""
     import torch
 
-    from deploy.compress.sensitivity import first_tensor
+    from deploy.metrics import first_tensor
 
     student = copy.deepcopy(student).train()
     optimiser = torch.optim.Adam(student.parameters(), lr=lr)

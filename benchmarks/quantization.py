@@ -163,6 +163,7 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
     from deploy.compress.quantize import QuantizeConfig, build_problem, solve_budget
     from deploy.errors import BudgetInfeasibleError
     from deploy.export.qdq import float_onnx
+    from deploy.metrics import first_tensor
     from deploy.profiles import load_builtin
 
     profile = load_builtin("cpu-avx512-vnni")
@@ -210,17 +211,13 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
             fid = fidelity_of(case, reference, outputs(path, case, threads) if name != "fp32" else reference)
             rows[name] = {"fidelity": _plain(fid), "kernels": kernels(path, threads), **latency.get(name, {})}
         with torch.no_grad():
-            torch_ref = torch.cat([_first(case["module"](*b)) for b in case["calibration"].batches("held_out", 16)])
+            torch_ref = torch.cat([first_tensor(case["module"](*b)) for b in case["calibration"].batches("held_out", 16)])
         rows["fp32"]["fidelity_vs_torch"] = _plain(fidelity_of(case, torch_ref, reference))
     return {"title": case["title"], "data": case["data"], "budgets": case["budgets"],
             "price_table": problem.space.table.to_dict(),
             "command": _command(quick, case["name"], threads), "date": _now(),
             "wall_seconds": time.perf_counter() - started, "problem_seconds": problem.seconds, "rows": rows,
             "quantize_reports": reports, "infeasible": infeasible, "threads": threads}
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

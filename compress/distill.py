@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deploy.compress.lowrank import LowRankConv2d, LowRankLinear
-from deploy.metrics import fidelity, primary_metric
+from deploy.metrics import fidelity, first_tensor, primary_metric
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,6 @@ def _batch(samples: list[tuple[torch.Tensor, ...]], gen: torch.Generator, size: 
     return tuple(torch.cat([samples[i][k] for i in idx]) for k in range(len(samples[0])))
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return _first_tensor(output[0])
-    if hasattr(output, "last_hidden_state"):
-        return output.last_hidden_state
-    raise TypeError(f"cannot take a tensor from {type(output).__name__}")
 
 
 class _Features:
@@ -82,7 +74,7 @@ class _Features:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            self.values[name] = _first_tensor(output)
+            self.values[name] = first_tensor(output)
         return hook
 
     def close(self) -> None:
@@ -144,7 +136,7 @@ def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration:
              ) -> dict[str, Any]:
     """Held-out fidelity of `model` against precomputed teacher outputs."""
     with torch.no_grad():
-        outs = [_first_tensor(model(*b)) for b in calibration.batches("held_out", batch_size)]
+        outs = [first_tensor(model(*b)) for b in calibration.batches("held_out", batch_size)]
     mask = _held_out_mask(calibration)
     return fidelity(teacher_outputs, outs, labels=calibration.held_out_labels, attention_mask=mask)
 
@@ -163,7 +155,7 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: Any, config: Di
     gen = torch.Generator().manual_seed(config.seed)
     teacher = teacher.eval()  # only ever run under no_grad below; its parameters are left as they were
     with torch.no_grad():
-        teacher_held = [_first_tensor(teacher(*b)) for b in calibration.batches("held_out", 64)]
+        teacher_held = [first_tensor(teacher(*b)) for b in calibration.batches("held_out", 64)]
     student.eval()
     first = evaluate(student, teacher_held, calibration)
     metric, before = primary_metric(first)
@@ -184,8 +176,8 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: Any, config: Di
             student.train()
             batch = _batch(calibration.calibration, gen, config.batch_size)
             with torch.no_grad():
-                t_out = _first_tensor(teacher(*batch))
-            s_out = _first_tensor(student(*batch))
+                t_out = first_tensor(teacher(*batch))
+            s_out = first_tensor(student(*batch))
             loss = config.output_weight * _output_loss(s_out, t_out, config.temperature)
             if blocks and config.feature_weight:
                 feats = [F.mse_loss(s_feat.values[n], t_feat.values[n]) for n in blocks]

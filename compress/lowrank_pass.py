@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from deploy.compress.allocate import Option, Unit, allocate
-from deploy.compress.distill import DistillConfig, _first_tensor, distill
+from deploy.compress.distill import DistillConfig, distill
+from deploy.metrics import first_tensor
 from deploy.compress.lowrank import (FactorizeConfig, factorizable, factorize, input_covariance, layer_cost,
                                      max_useful_rank, replace_module, round_rank)
 from deploy.pipeline import Context, State, register_pass
@@ -80,7 +81,7 @@ def plan_ranks(module: nn.Module, calibration: Any, multiple: int, config: LowRa
     names = candidate_layers(module, config)
     batches = calibration.batches("calibration", 16)[: config.calibration_batches]
     with torch.no_grad():
-        reference = [_first_tensor(module(*b)) for b in batches]
+        reference = [first_tensor(module(*b)) for b in batches]
     acts, positions = _collect_inputs(module, names, batches)
     covs = {n: input_covariance(acts[n], module.get_submodule(n)) for n in names} \
         if config.factorize.activation_aware else {n: None for n in names}
@@ -116,7 +117,7 @@ def _distortion(module: nn.Module, name: str, replacement: nn.Module, batches, r
     replace_module(module, name, replacement)
     try:
         with torch.no_grad():
-            errors = [torch.mean((_first_tensor(module(*b)) - r) ** 2).item() for b, r in zip(batches, reference)]
+            errors = [torch.mean((first_tensor(module(*b)) - r) ** 2).item() for b, r in zip(batches, reference)]
     finally:
         replace_module(module, name, original)
     return float(sum(errors) / len(errors))

@@ -8,23 +8,15 @@ available so the additivity of the chosen plan can be checked against a real sim
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from deploy.compress.quant_sim import Mode, quant_layers, set_mode
 from deploy.compress.quant_space import QuantOption
+from deploy.metrics import first_tensor
 
-
-def first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return first_tensor(output[0])
-    if hasattr(output, "last_hidden_state"):
-        return output.last_hidden_state
-    raise TypeError(f"cannot take a tensor from {type(output).__name__}")
 
 
 def run(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ from torch import nn
 
 from deploy.compress.prune_edit import Masker, Removal, slice_params
 from deploy.compress.prune_units import PruneUnit
+from deploy.metrics import first_tensor
 
 CACHE_VERSION = 1
 Importance = Literal["l2"]
@@ -98,11 +99,6 @@ class ProbeData:
         return cls(batches, tuple(input_names))
 
 
-def first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    values = output.values() if isinstance(output, dict) else output
-    return next(v for v in values if isinstance(v, torch.Tensor))
 
 
 class OutputProbe:

@@ -11,22 +11,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from deploy.metrics import fidelity
+from deploy.metrics import fidelity, first_tensor
 
 
-def _first(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return _first(output[0])
-    if hasattr(output, "last_hidden_state"):
-        return output.last_hidden_state
-    raise TypeError(f"cannot take a tensor from {type(output).__name__}")
 
 
 def torch_outputs(module: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [_first(module(*b)).float() for b in batches]
+        return [first_tensor(module(*b)).float() for b in batches]
 
 
 def runtime_predictor(path: str | Path, input_names: Sequence[str], runtime: str = "onnxruntime",

@@ -7,12 +7,29 @@ per-token cosine and SQNR. The primary number for a budget or a fidelity floor i
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 PRIMARY = {"classification": "top1_agreement", "embedding": "pooled_cosine", "regression": "cosine"}
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The tensor a model's output means for fidelity: itself, `last_hidden_state` of a transformers output, or the
+    first tensor in a tuple, list or dict. One definition for every pass that reads model outputs."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "last_hidden_state") and isinstance(output.last_hidden_state, torch.Tensor):
+        return output.last_hidden_state
+    values = output.values() if isinstance(output, dict) else output
+    if isinstance(values, (tuple, list)) or isinstance(output, dict):
+        for value in values:
+            try:
+                return first_tensor(value)
+            except TypeError:
+                continue
+    raise TypeError(f"cannot take a tensor from {type(output).__name__}")
 
 
 def _cat(outputs: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:

@@ -25,15 +25,6 @@ BERT_INPUTS = [InputSpec("input_ids", ("batch", 12), "int64"), InputSpec("attent
 AVX2 = load_builtin("cpu-avx2")  # channel multiple 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads spin-wait each other 10-30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     from deploy.examples.digits_cnn import load_digits_split

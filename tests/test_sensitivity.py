@@ -12,15 +12,6 @@ from deploy.examples.tiny_bert import example_inputs, tiny_bert
 CNN_X = (torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)),)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads spin-wait each other 10-30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def bert():
     return tiny_bert(seed=0, vocab_size=1000)  # example_inputs draws ids below 1000
