@@ -18,7 +18,9 @@ PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
 QDQ_POLICIES = ("ort-cpu", "openvino", "tensorrt")
 MEASURE_MODES = ("local", "predicted")
-ALIASES = {"jetson": "jetson-orin-nano"}  # `cpu` is resolved by reading this machine's CPU flags
+ALIASES = {"jetson": "jetson-orin-nano"}
+# resolved by reading this machine's CPU flags: the first profile in the list that runs here
+CPU_ALIASES = {"cpu": ("cpu-avx512-vnni", "cpu-avx2"), "cpu-openvino": ("cpu-avx512-vnni-openvino",)}
 
 
 @dataclass(frozen=True)
@@ -190,25 +192,26 @@ def resolve_target(name: str | None = None, profile_path: str | Path | None = No
     if not name:
         raise UnknownTargetError("no target given", "pass --target NAME (see `deploy profiles list`) or --profile FILE")
     names = builtin_names()
-    if name == "cpu":
+    if name in CPU_ALIASES:
         flags = local_cpu_flags()
         best = None
-        for candidate in ("cpu-avx512-vnni", "cpu-avx2"):
+        for candidate in CPU_ALIASES[name]:
             prof = load_builtin(candidate)
             if prof.runs_locally(flags):
                 best = prof
                 break
         if best is None:
             raise UnknownTargetError(
-                "target 'cpu' found no matching CPU profile: this CPU lacks AVX2",
+                f"target '{name}' found no matching CPU profile: this CPU lacks "
+                f"{'AVX2' if name == 'cpu' else 'AVX-512 VNNI'}",
                 "write a profile for it and pass --profile FILE",
             )
-        return Resolved(best, name, f"'cpu' resolved to '{best.name}' from this CPU's flags")
+        return Resolved(best, name, f"'{name}' resolved to '{best.name}' from this CPU's flags")
     if name in ALIASES:
         real = ALIASES[name]
         return Resolved(load_builtin(real), name, f"'{name}' resolved to '{real}'")
     if name not in names:
-        close = nearest(name, names + ["cpu", *ALIASES])
+        close = nearest(name, names + [*CPU_ALIASES, *ALIASES])
         hint = f"did you mean '{close}'?" if close else "see `deploy profiles list`"
         raise UnknownTargetError(f"unknown target '{name}'", hint)
     return Resolved(load_builtin(name), name, "")

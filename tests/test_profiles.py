@@ -1,4 +1,4 @@
-"""Device profiles: the eight built-ins, strict validation, aliases and suggestions."""
+"""Device profiles: the nine built-ins, strict validation, aliases and suggestions."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from deploy.errors import ProfileError, UnknownTargetError
 from deploy.profiles import builtin_names, builtin_profiles, load_profile_file, resolve_target
 
-EIGHT = {"cpu-avx2", "cpu-avx512-vnni", "nvidia-a100", "nvidia-h100", "jetson-orin-nano", "jetson-orin-nx",
+NINE = {"cpu-avx2", "cpu-avx512-vnni", "cpu-avx512-vnni-openvino", "nvidia-a100", "nvidia-h100", "jetson-orin-nano", "jetson-orin-nx",
          "jetson-agx-orin", "rpi5"}
 
 GOOD = """
@@ -27,8 +27,8 @@ int8 = 2.0
 """
 
 
-def test_the_eight_builtin_profiles_load():
-    assert set(builtin_names()) == EIGHT
+def test_the_nine_builtin_profiles_load():
+    assert set(builtin_names()) == NINE
     for profile in builtin_profiles():
         assert set(profile.precisions) <= set(profile.peak_tops)
         assert profile.memory_bandwidth_gbs > 0 and profile.channel_multiple >= 1
@@ -86,3 +86,15 @@ def test_profile_that_is_not_toml(tmp_path):
     path.write_text("name = [unclosed")
     with pytest.raises(ProfileError, match="not valid TOML"):
         load_profile_file(path)
+
+
+def test_cpu_openvino_alias_follows_the_cpu_flags():
+    from deploy.profiles import local_cpu_flags
+
+    if {"avx512f", "avx512_vnni"} <= local_cpu_flags():
+        resolved = resolve_target("cpu-openvino")
+        assert resolved.profile.runtime == "openvino" and resolved.profile.qdq_policy == "openvino"
+        assert "cpu-avx512-vnni-openvino" in resolved.note
+    else:
+        with pytest.raises(UnknownTargetError, match="AVX-512 VNNI"):
+            resolve_target("cpu-openvino")
