@@ -113,7 +113,7 @@ def boundaries_for(graph: LayerGraph, plan: QuantPlan) -> Boundaries:
     from deploy.export.qdq import policy_for, sim_flags
 
     policy = policy_for(plan.policy)
-    flags = sim_flags(plan, policy)
+    flags = sim_flags(plan, policy, graph)
     return Boundaries(graph, {n: f.output_q for n, f in flags.items()}, policy.quantize_adds)
 
 

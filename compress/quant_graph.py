@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+PASS_THROUGH = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")  # ops that move values without changing them
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,25 @@ class LayerGraph:
 
     def layer_of_node(self) -> dict[str, str]:
         return {ln.node: ln.layer for ln in self.nodes.values()}
+
+    def attention_feeders(self) -> dict[str, str]:
+        """Layers whose (post) output reaches an activation x activation MatMul (attention's Q.K^T and P.V)
+        through value-preserving ops only (Reshape, Transpose, Squeeze, Unsqueeze): layer -> that MatMul's name.
+        Quantizing such an output is the same as quantizing the MatMul's input, so the simulation can do it."""
+        layer_nodes = self.layer_of_node()
+        out: dict[str, str] = {}
+        for ln in self.nodes.values():
+            frontier, seen = [ln.post], set()
+            while frontier:
+                tensor = frontier.pop()
+                for reader in self.consumers.get(tensor, []):
+                    op = self.node_ops.get(reader)
+                    if op in PASS_THROUGH and reader not in seen:
+                        seen.add(reader)
+                        frontier.append(self.node_io[reader][1][0])
+                    elif op == "MatMul" and reader not in layer_nodes:
+                        out.setdefault(ln.layer, reader)
+        return out
 
 
 def scope_of(node_name: str, layers: set[str]) -> str | None:

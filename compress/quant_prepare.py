@@ -73,12 +73,16 @@ def export_graph(folded: nn.Module, inputs: Sequence[InputSpec], layers: Sequenc
 
 
 def calibrate_tensors(folded: nn.Module, graph: LayerGraph | None, layers: Sequence[LayerShape],
-                      batches: Sequence[tuple[torch.Tensor, ...]], symmetric: bool, config: CalibrationConfig
+                      batches: Sequence[tuple[torch.Tensor, ...]], symmetric: bool, config: CalibrationConfig,
+                      attention: Sequence[str] = ()
                       ) -> tuple[dict[str, ActParams], dict[str, torch.Tensor], dict[str, Any]]:
-    """Params per tensor (layer inputs and conv outputs), SmoothQuant factors per input tensor, and the report."""
+    """Params per tensor (layer inputs, conv outputs, and the outputs of the `attention` layers, which feed an
+    activation x activation MatMul: symmetric int8 there, as OpenVINO's int8 attention takes it), SmoothQuant
+    factors per input tensor, and the report."""
     names = [s.name for s in layers]
     convs = [s.name for s in layers if s.kind == "conv"]
-    sources = tensor_sources(names, graph, convs)
+    sources = tensor_sources(names, graph, convs + [n for n in attention if n not in convs])
+    signed_outputs = {graph.nodes[n].post for n in attention if graph and n in graph.nodes}
     readers: dict[str, list[str]] = {}
     for src in sources:
         readers.setdefault(src.tensor, [])
@@ -96,7 +100,8 @@ def calibrate_tensors(folded: nn.Module, graph: LayerGraph | None, layers: Seque
             stats = collect(folded, sources, batches, smooth=smooth, probe_samples=config.probe_samples)
     params, report = {}, {}
     for tensor, st in stats.items():
-        params[tensor], errors = _choose(folded, tensor, readers[tensor], st, symmetric, config, smooth.get(tensor))
+        sym = symmetric or (tensor in signed_outputs and not readers[tensor])
+        params[tensor], errors = _choose(folded, tensor, readers[tensor], st, sym, config, smooth.get(tensor))
         report[tensor] = {"method": params[tensor].method, "errors": errors, "range": [st.lo, st.hi],
                           "readers": readers[tensor], "smoothed": tensor in smooth}
     return params, smooth, report
@@ -112,7 +117,7 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Any, pr
             space: SpaceConfig = SpaceConfig(), config: CalibrationConfig = CalibrationConfig(),
             skip: tuple[str, ...] = ()) -> Prepared:
     """Everything the search needs, computed once."""
-    from deploy.export.qdq import policy_for, sim_flags
+    from deploy.export.qdq import attention_layers, policy_for, sim_flags
 
     folded, notes = fold_batchnorm(module)
     shapes = layer_shapes(folded, skip)
@@ -130,7 +135,8 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Any, pr
             shapes = [s for s in shapes if s.name in graph.nodes]
     policy = policy_for(profile.qdq_policy)
     batches = calibration.batches("calibration", config.batch_size)[: config.batches]
-    params, smooth, report = calibrate_tensors(folded, graph, shapes, batches, policy.act_signed, config)
+    attention = [n for n in attention_layers(graph, policy) if any(s.name == n and s.kind == "linear" for s in shapes)]
+    params, smooth, report = calibrate_tensors(folded, graph, shapes, batches, policy.act_signed, config, attention)
     spaces = {s.name: layer_space(s, profile, space) for s in shapes}
     layers = {}
     for s in shapes:
@@ -141,5 +147,5 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Any, pr
         layers[s.name] = LayerPlan(s.name, s.kind, spaces[s.name][0], params.get(tin), params.get(tout),
                                    tuple(float(v) for v in sm) if sm is not None else (), bool(ln and ln.relu_after))
     plan = QuantPlan(profile.qdq_policy, layers, runtime_float(profile), list(notes))
-    flags = sim_flags(plan, policy)
+    flags = sim_flags(plan, policy, graph)
     return Prepared(folded, wrap(folded, plan, flags), shapes, graph, spaces, plan, flags, float_onnx, report, notes)

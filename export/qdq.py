@@ -35,12 +35,13 @@ class QdqPolicy:
     quantize_adds: bool = False  # a Q on an Add between dequantized inputs, so it fuses into QLinearAdd
     int4_qdq: bool = False  # int4 weight-only as a blocked int4 DequantizeLinear (TensorRT), not MatMulNBits
     openvino_ir: bool = False  # also write OpenVINO IR next to the ONNX file
+    attention_matmuls: bool = False  # quantize the inputs of activation x activation MatMuls (attention)
     runtime: str = "onnxruntime"  # the runtime that reads the file here (for verification)
 
 
 POLICIES = {
     "ort-cpu": QdqPolicy("ort-cpu", act_signed=False, output_q_ops=("Conv",), int_bias=True, quantize_adds=True),
-    "openvino": QdqPolicy("openvino", act_signed=False, openvino_ir=True, runtime="openvino"),
+    "openvino": QdqPolicy("openvino", act_signed=False, openvino_ir=True, runtime="openvino", attention_matmuls=True),
     "tensorrt": QdqPolicy("tensorrt", act_signed=True, residual_inputs=True, runtime="tensorrt", int4_qdq=True),
 }
 
@@ -51,12 +52,22 @@ def policy_for(name: str) -> QdqPolicy:
     return POLICIES[name]
 
 
-def sim_flags(plan: QuantPlan, policy: QdqPolicy) -> dict[str, Any]:
+def attention_layers(graph: Any, policy: QdqPolicy) -> dict[str, str]:
+    """Layers whose int8 form also quantizes its output because it feeds an attention MatMul (the policy's
+    `attention_matmuls`): layer -> MatMul node. Empty without a graph or for other policies."""
+    if graph is None or not policy.attention_matmuls:
+        return {}
+    return graph.attention_feeders()
+
+
+def sim_flags(plan: QuantPlan, policy: QdqPolicy, graph: Any = None) -> dict[str, Any]:
     """What of the policy the simulation must reproduce per layer: an output Q, an int32 bias."""
     from deploy.compress.quant_sim import SimFlags
 
     op = {"conv": "Conv", "linear": "MatMul"}
-    return {n: SimFlags(op[lp.kind] in policy.output_q_ops, policy.int_bias) for n, lp in plan.layers.items()}
+    attention = attention_layers(graph, policy)
+    return {n: SimFlags(op[lp.kind] in policy.output_q_ops or n in attention, policy.int_bias)
+            for n, lp in plan.layers.items()}
 
 
 @dataclass

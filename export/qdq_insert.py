@@ -227,9 +227,13 @@ def insert_qdq(model: Any, graph: LayerGraph, plan: QuantPlan, policy: Any) -> l
     for name in [n for n in active if n not in graph.nodes]:
         ed.notes.append(f"{name}: not found in the exported graph, left float")
     active = {n: lp for n, lp in active.items() if n in graph.nodes}
+    from deploy.export.qdq import attention_layers
+
+    attention = attention_layers(graph, policy)
     for name, lp in active.items():  # producer-side output Qs first, so consumers can reuse them
         ln = graph.nodes[name]
-        if lp.option.precision == "int8" and ln.op_type in policy.output_q_ops and lp.act_in and lp.act_out:
+        wants = ln.op_type in policy.output_q_ops or name in attention
+        if lp.option.precision == "int8" and wants and lp.act_in and lp.act_out:
             if ln.post not in ed.dq_params:
                 _quantize_output(ed, ln.post, lp.act_out, f"{name}.out")
     for name, lp in active.items():
@@ -247,6 +251,8 @@ def insert_qdq(model: Any, graph: LayerGraph, plan: QuantPlan, policy: Any) -> l
             _fp8_weight(ed, node, ln, lp)
         else:
             _weight_dq(ed, node, ln, lp, policy.int_bias)
+    if attention:
+        _quantize_attention_probs(ed, set(attention.values()))
     if policy.residual_inputs:
         _quantize_residual_inputs(ed, graph, plan, active)
     if policy.quantize_adds:
@@ -259,6 +265,34 @@ def insert_qdq(model: Any, graph: LayerGraph, plan: QuantPlan, policy: Any) -> l
 def _tag(graph: LayerGraph, tensor: str) -> str:
     """A readable, unique prefix for tensors we add next to `tensor`."""
     return "qdq" + tensor.replace("/", ".").replace(":", ".") if tensor.startswith("/") else f"qdq.{tensor}"
+
+
+SOFTMAX_PARAMS = ActParams(1.0 / 255.0, 0, False, "fixed")  # probabilities in [0, 1] as uint8
+
+
+def _quantize_attention_probs(ed: _Editor, matmuls: set[str]) -> None:
+    """Attention's P.V MatMul runs in int8 only with both inputs quantized: where V arrives dequantized (its
+    producing layer is int8), give the Softmax output a fixed [0, 1] uint8 Q/DQ (what NNCF's transformer preset
+    does). The simulation does not model this one rounding (a step of 1/255 on the probabilities)."""
+    from deploy.compress.quant_graph import PASS_THROUGH
+
+    producer = {o: n for n in ed.model.graph.node for o in n.output}
+
+    def dequantized(tensor: str) -> bool:
+        while tensor not in ed.dq_params:
+            node = producer.get(tensor)
+            if node is None or node.op_type not in PASS_THROUGH:
+                return False
+            tensor = node.input[0]
+        return True
+
+    for node in list(ed.model.graph.node):
+        if node.name not in matmuls or node.op_type != "MatMul":
+            continue
+        for i, j in ((0, 1), (1, 0)):
+            src = producer.get(node.input[i])
+            if src is not None and src.op_type == "Softmax" and dequantized(node.input[j]):
+                node.input[i] = _qdq(ed, node.input[i], SOFTMAX_PARAMS, f"{node.name.replace('/', '.').strip('.')}.p")
 
 
 def _quantize_residual_inputs(ed: _Editor, graph: LayerGraph, plan: QuantPlan, active: dict[str, LayerPlan]) -> None:

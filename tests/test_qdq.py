@@ -11,11 +11,13 @@ import torch
 from onnx import numpy_helper
 
 from deploy.compress.quant_prepare import CalibrationConfig, prepare
+from deploy.compress.quant_sim import set_mode, set_options
 from deploy.compress.quant_space import option_by_label
 from deploy.data import from_tensors
 from deploy.errors import ConfigError
 from deploy.export.qdq import export_quantized
 from deploy.export.qdq_verify import layer_precisions, mismatches, op_counts, ort_optimized
+from deploy.metrics import first_tensor
 from deploy.pipeline import InputSpec
 from deploy.profiles import load_builtin
 
@@ -181,3 +183,63 @@ def test_a_plan_is_exported_only_for_its_policy(digits_model, ort_prep, tmp_path
     prep = ort_prep
     with pytest.raises(ConfigError):
         export_quantized(_mixed(prep), digits_model, SPEC, tmp_path / "x.onnx", "tensorrt")
+
+
+def test_openvino_profile_quantizes_to_a_budget_end_to_end(digits_model, digits_calibration, tmp_path):
+    """The Python API on the OpenVINO CPU profile: priced on OpenVINO, finalists measured on OpenVINO, exported
+    as IR, and every layer the plan made int8 runs in I8/U8 in OpenVINO's runtime model."""
+    from deploy.compress.quantize import QuantizeConfig, quantize_model
+    from deploy.profiles.schema import resolve_target
+
+    profile = resolve_target("cpu-avx512-vnni-openvino").profile
+    config = QuantizeConfig.fast(budget=0.95, price_seconds=0.05, cache=False)
+    quantized, report = quantize_model(digits_model, SPEC, digits_calibration, profile, config)
+    assert report["cost_model"] == "measured:openvino" and report["finalists"]["measured_on_runtime"]
+    assert quantized.plan.policy == "openvino" and quantized.plan.count("int8") >= 1
+    result = quantized.export(SPEC, tmp_path / "ov.onnx")
+    assert result.openvino_xml is not None and result.openvino_xml.exists()
+    actual = layer_precisions(result.onnx, quantized.plan, "openvino")
+    int8 = [n for n, lp in quantized.plan.layers.items() if lp.option.precision == "int8"]
+    assert {actual[n].precision for n in int8} == {"int8"}
+    assert mismatches(quantized.plan, actual) == []
+
+
+def test_openvino_policy_runs_attention_matmuls_in_int8(tmp_path):
+    """On a transformer the openvino policy also quantizes the attention MatMuls' inputs (Q, K, V outputs and the
+    softmax probabilities), as NNCF's transformer preset does: OpenVINO then runs attention in int8 too."""
+    import openvino as ov
+
+    from deploy.examples.tiny_bert import example_inputs, tiny_bert
+
+    model = tiny_bert(vocab_size=1000)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # distinct, trained-like biases (the exporter shares identical initializers)
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.bias.normal_(0.0, 0.05, generator=gen)
+    ids, mask = example_inputs(batch=24, seq_len=32)
+    calib = from_tensors([(ids[i:i + 1], mask[i:i + 1]) for i in range(24)])
+    spec = [InputSpec("input_ids", ("batch", 32), "int64"), InputSpec("attention_mask", ("batch", 32), "int64")]
+    profile = dataclasses.replace(CPU, runtime="openvino", qdq_policy="openvino")
+    prep = prepare(model, spec, calib, profile, config=CalibrationConfig(batches=1, batch_size=8))
+    attention = prep.graph.attention_feeders()
+    assert {n.rsplit(".", 1)[-1] for n in attention} == {"query", "key", "value"}
+    assert all(prep.plan.layers[n].act_out is not None and prep.plan.layers[n].act_out.signed for n in attention)
+    plan = prep.plan.with_options({n: option_by_label(o, "w8a8-pc-sa") for n, o in prep.spaces.items()})
+    result = export_quantized(plan, model, spec, tmp_path / "bert.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "bert.onnx")).graph.node]
+    assert ops.count("QuantizeLinear") > sum(lp.option.precision == "int8" for lp in plan.layers.values())
+    compiled = ov.Core().compile_model(str(result.openvino_xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    kinds = [(str(op.get_rt_info()["layerType"].astype(str)), str(op.get_rt_info()["runtimePrecision"].astype(str)))
+             for op in compiled.get_runtime_model().get_ordered_ops()]
+    attention_ops = [k for k in kinds if k[0] in ("Subgraph", "MatMul") and k[1] in ("i8", "u8")]
+    assert attention_ops, kinds
+    assert mismatches(plan, layer_precisions(result.onnx, plan, "openvino")) == []
+    # the simulation quantizes the Q/K/V outputs as the exported graph does, so it tracks OpenVINO's output
+    set_options(prep.qmodel, {n: lp.option for n, lp in plan.layers.items()})
+    set_mode(prep.qmodel, "quant")
+    with torch.no_grad():
+        ref = first_tensor(model(ids[:1], mask[:1]))
+        sim = first_tensor(prep.qmodel(ids[:1], mask[:1]))
+    got = torch.from_numpy(np.asarray(compiled({"input_ids": ids[:1].numpy(), "attention_mask": mask[:1].numpy()})[0]))
+    assert torch.mean((got - sim) ** 2) < 0.25 * torch.mean((got - ref) ** 2) + 1e-6
