@@ -14,8 +14,10 @@ from torch import nn
 from deploy.compress.allocate import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS
 from deploy.compress.prune_cost import CostModel, CountedCost, MeasuredLatency, OptionCosts, Plan, ort_median_ms
 from deploy.compress.prune_edit import Masker, remove_physically
+from deploy.compress.prune_trace import CallTrace, PrefixReuse, SkipPlan, unit_plans
 from deploy.compress.prune_units import PruneUnit, UnitConfig, find_units
-from deploy.compress.sensitivity import Curves, OutputProbe, ProbeData, distortion_curves, ranking, removal_for
+from deploy.compress.sensitivity import (Curves, OutputProbe, ProbeData, distortion_curves, measured_counts, ranking,
+                                         removal_for)
 from deploy.errors import BudgetInfeasibleError, ConfigError
 from deploy.pipeline import InputSpec
 
@@ -34,8 +36,14 @@ class PruneConfig:
     grid_step: float = 0.05
     grid_max: float = 0.9
     importance: Literal["l2"] = "l2"
-    samples: int = 64  # calibration samples the distortion curves are measured on
+    samples: int = 64  # calibration samples the distortion curves are measured on (at most; see probe_macs)
     batch_size: int = 16
+    # Measuring the curves: `curve_points` non-zero counts per unit, spaced geometrically (0: every legal count),
+    # the rest interpolated; and at most `probe_macs` of estimated work (MACs, plus a MAC-equivalent for each
+    # element a layer writes) for all curve passes together, which lowers the samples (never below
+    # MIN_PROBE_SAMPLES) on models whose forward pass is large (0: always `samples`).
+    curve_points: int = 7
+    probe_macs: float = 6e11
     latency_threads: int = 1
     dp_steps: int = DEFAULT_STEPS
 
@@ -50,6 +58,10 @@ class PruneConfig:
             raise ValueError(f"grid_max must be in (0, 1), got {self.grid_max}")
         if self.samples < 1 or self.batch_size < 1 or self.latency_threads < 1:
             raise ValueError("samples, batch_size and latency_threads must be at least 1")
+        if self.curve_points < 0 or self.curve_points == 1:
+            raise ValueError(f"curve_points must be 0 (every count) or at least 2, got {self.curve_points}")
+        if not (self.probe_macs >= 0 and math.isfinite(self.probe_macs)):
+            raise ValueError(f"probe_macs must be a finite number >= 0, got {self.probe_macs}")
         if not MIN_STEPS <= self.dp_steps <= MAX_STEPS:
             raise ValueError(f"dp_steps must be between {MIN_STEPS} and {MAX_STEPS}, got {self.dp_steps}")
         if self.budget_kind == "latency" and self.mode != "structured":
@@ -124,10 +136,15 @@ def build_problem(module: nn.Module, inputs: Sequence[InputSpec], samples: Seque
         raise ConfigError(f"found nothing to prune in {config.mode} mode",
                           "the model has no prunable conv/linear groups or attention heads")
     rankings = {u.name: ranking(module, u, config.importance) for u in units}
+    names = [s.name for s in inputs]
+    trace = CallTrace.record(module, ProbeData.from_samples(samples, names, 1, 1).batches[0])
+    plans = unit_plans(module, trace, units)
     timings["units"] = time.perf_counter() - t0
-    data = ProbeData.from_samples(samples, [s.name for s in inputs], config.samples, config.batch_size)
+    count = probe_samples(trace, plans, units, config)
+    data = ProbeData.from_samples(samples, names, count, config.batch_size)
     probe = OutputProbe(module, data)
-    curves = distortion_curves(probe, units, config.importance, cache_dir)
+    reuse = PrefixReuse(module, trace, plans, data.batches)
+    curves = distortion_curves(probe, units, config.importance, cache_dir, config.curve_points, reuse)
     timings["curves"] = curves.seconds
     problem = PruneProblem(module, list(inputs), example, config, multiple, units, rankings, curves, probe,
                            cost=None, costs=None, seconds=timings)  # type: ignore[arg-type]
@@ -136,6 +153,27 @@ def build_problem(module: nn.Module, inputs: Sequence[InputSpec], samples: Seque
     problem.costs = OptionCosts.measure(problem.cost, units)
     timings["costs"] = time.perf_counter() - t1
     return problem
+
+
+MIN_PROBE_SAMPLES = 2
+
+
+def probe_samples(trace: CallTrace, plans: dict[str, SkipPlan], units: Sequence[PruneUnit],
+                  config: PruneConfig) -> int:
+    """Calibration samples for the curves: `config.samples`, fewer when measuring every curve point on that many
+    would exceed `config.probe_macs` of work (a pass per point, from the unit's first layer on, plus the
+    reference pass)."""
+    if config.probe_macs <= 0:
+        return config.samples
+    total = trace.work * trace.batch
+    per_sample = trace.work
+    for unit in units:
+        points = len(measured_counts(unit.options, config.curve_points)) - 1
+        saved = plans[unit.name].saved_work / total if total > 0 else 0.0
+        per_sample += points * trace.work * (1.0 - saved)
+    if per_sample <= 0:
+        return config.samples
+    return min(config.samples, max(MIN_PROBE_SAMPLES, int(config.probe_macs // per_sample)))
 
 
 def default_cost(problem: PruneProblem, profile: Any) -> CostModel:

@@ -161,15 +161,17 @@ def channel_units(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], c
     return units
 
 
-HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
 
 
 def attention_projections(module: nn.Module) -> set[str]:
-    """Linear layers directly inside an attention-like module (one that counts heads). Their channels are head
-    dimensions that a reshape by head size couples; only whole-head surgery may remove them."""
+    """Linear layers directly inside an attention-like module (one that counts heads in an int attribute). Their
+    channels are head dimensions that a reshape by head size couples (a fused qkv projection even interleaves
+    three of them); only whole-head surgery may remove them."""
     found = set()
     for name, sub in module.named_modules():
-        if any(hasattr(sub, a) for a in HEAD_COUNT_ATTRIBUTES):
+        if any(isinstance(getattr(sub, a, None), int) and not isinstance(getattr(sub, a), bool)
+               for a in HEAD_COUNT_ATTRIBUTES):
             found |= {f"{name}.{child}" if name else child for child, layer in sub.named_children()
                       if isinstance(layer, nn.Linear)}
     return found
@@ -193,6 +195,8 @@ def _group_unit(graph: Any, group: Any, names: dict[nn.Module, str], config: Uni
             return None  # index remapping (concat, flatten into a wide layer): not offered
         one_axis = isinstance(target, nn.modules.batchnorm._BatchNorm) or getattr(target, "groups", 1) > 1
         axis = "out" if one_axis or graph.is_out_channel_pruning_fn(dep.handler) else "in"  # depthwise: rows only
+        if axis_length(target, axis) != size:
+            return None  # the tracer coupled axes of different lengths (a fused qkv reshaped into heads)
         slice_ = Slice(name, axis)
         if slice_ not in slices:
             slices.append(slice_)
@@ -201,6 +205,13 @@ def _group_unit(graph: Any, group: Any, names: dict[nn.Module, str], config: Uni
     root = slices[0].module
     options = legal_removals(size, 1, config.channel_multiple, config.grid)
     return PruneUnit(f"channels:{root}", "channels", root, size, tuple(slices), options)
+
+
+def axis_length(layer: nn.Module, axis: str) -> int:
+    """Channels of a maskable layer along a slice axis ("out": rows, norm features; "in": weight columns)."""
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return int(layer.num_features)
+    return int(layer.weight.shape[0] if axis == "out" or getattr(layer, "groups", 1) > 1 else layer.weight.shape[1])
 
 
 # --- heads: BERT-style self-attention -----------------------------------------------------------------------------

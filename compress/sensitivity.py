@@ -2,13 +2,17 @@
 
 d_l(n) is the mean squared change of the model output on fixed calibration batches when ONLY unit l loses its n
 least important elements (the seed paper's per-layer distortion). Units are zero-masked in place, which computes
-exactly what the physically pruned model computes (see prune_edit), so a curve costs one forward pass per point.
-Curves are cached as JSON keyed by the model's weights, the exact calibration tensors and the unit set.
+exactly what the physically pruned model computes (see prune_edit), so a curve point costs one forward pass, and
+only from the unit's first layer on (prune_trace replays the untouched prefix). A curve may be measured at a
+subset of its legal counts (geometric in the count, so small removals are resolved finely) and interpolated
+between them. Curves are cached as JSON keyed by the model's weights, the exact calibration tensors, the unit set
+and the measured counts.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +22,11 @@ import torch
 from torch import nn
 
 from deploy.compress.prune_edit import Masker, Removal, slice_params
+from deploy.compress.prune_trace import CallTrace, PrefixReuse, unit_plans
 from deploy.compress.prune_units import PruneUnit
 from deploy.metrics import first_tensor
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 Importance = Literal["l2"]
 
 
@@ -125,14 +130,25 @@ class OutputProbe:
         w = weight.double().unsqueeze(-1)
         return (squares.double() * w).sum().item(), w.sum().item() * squares.shape[-1]
 
-    def outputs(self, module: nn.Module | None = None) -> list[torch.Tensor]:
+    def outputs(self, module: nn.Module | None = None, reuse: PrefixReuse | None = None,
+                unit: str | None = None) -> list[torch.Tensor]:
+        """Outputs on every probe batch; with `reuse` (the probe's own module, only `unit` masked) the untouched
+        prefix of each pass is replayed from the reference pass instead of recomputed."""
         model = module if module is not None else self.module
+        results = []
         with torch.no_grad():
-            return [first_tensor(model(*batch)).detach().float() for batch in self.data.batches]
+            for index, batch in enumerate(self.data.batches):
+                if reuse is not None and unit is not None and module is None:
+                    with reuse.replaying(unit, index):
+                        results.append(first_tensor(model(*batch)).detach().float())
+                else:
+                    results.append(first_tensor(model(*batch)).detach().float())
+        return results
 
-    def distortion(self, module: nn.Module | None = None) -> float:
+    def distortion(self, module: nn.Module | None = None, reuse: PrefixReuse | None = None,
+                   unit: str | None = None) -> float:
         total = count = 0.0
-        for ref, out, weight in zip(self.reference, self.outputs(module), self.weights):
+        for ref, out, weight in zip(self.reference, self.outputs(module, reuse, unit), self.weights):
             s, c = self._weighted((out - ref).pow(2), weight)
             total += s
             count += c
@@ -143,11 +159,52 @@ class OutputProbe:
 
 @dataclass
 class Curve:
+    """Distortion at every legal count of a unit; those not in `measured` are interpolated."""
+
     removed: tuple[int, ...]
     distortion: tuple[float, ...]
+    measured: tuple[int, ...] = ()  # empty: every count was measured
 
     def at(self, count: int) -> float:
         return self.distortion[self.removed.index(int(count))]
+
+
+def measured_counts(options: Sequence[int], points: int) -> tuple[int, ...]:
+    """The legal counts a curve is measured at: 0, the smallest and largest removal, and in between counts spaced
+    geometrically (each about the same factor above the last), `points` non-zero counts in all. Every count when
+    `points` is 0 or covers them all."""
+    nonzero = sorted(int(n) for n in options if int(n) > 0)
+    if points <= 0 or len(nonzero) <= points:
+        return tuple(sorted(int(n) for n in options))
+    low, high = nonzero[0], nonzero[-1]
+    chosen = {low, high}
+    for i in range(1, points - 1):
+        want = low * (high / low) ** (i / (points - 1))
+        chosen.add(min(nonzero, key=lambda n: (abs(math.log(n / want)), n)))
+    while len(chosen) < points:  # two targets snapped to one count: split the widest remaining gap
+        ordered = sorted(chosen)
+        gaps = [(b / a, a, b) for a, b in zip(ordered, ordered[1:]) if any(a < n < b for n in nonzero)]
+        _, a, b = max(gaps)
+        chosen.add(min((n for n in nonzero if a < n < b), key=lambda n: abs(math.log(n / math.sqrt(a * b)))))
+    return (0, *sorted(chosen))
+
+
+def interpolate(options: Sequence[int], measured: dict[int, float]) -> tuple[float, ...]:
+    """Every option's distortion from the measured ones (0 at 0): piecewise linear in the count."""
+    xs = sorted(measured)
+    values = []
+    for n in options:
+        if n in measured:
+            values.append(float(measured[n]))
+            continue
+        right = next((x for x in xs if x > n), xs[-1])
+        left = max((x for x in xs if x < n), default=xs[0])
+        if right == left:
+            values.append(float(measured[left]))
+            continue
+        t = (n - left) / (right - left)
+        values.append(float(measured[left] + t * (measured[right] - measured[left])))
+    return tuple(values)
 
 
 @dataclass
@@ -165,12 +222,13 @@ class Curves:
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": CACHE_VERSION, "key": self.key, "reference_power": self.reference_power,
-                "units": {n: {"removed": list(c.removed), "distortion": list(c.distortion)}
-                          for n, c in self.curves.items()}}
+                "units": {n: {"removed": list(c.removed), "distortion": list(c.distortion),
+                              "measured": list(c.measured)} for n, c in self.curves.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Curves":
-        curves = {n: Curve(tuple(v["removed"]), tuple(v["distortion"])) for n, v in data["units"].items()}
+        curves = {n: Curve(tuple(v["removed"]), tuple(v["distortion"]), tuple(v.get("measured", ())))
+                  for n, v in data["units"].items()}
         return cls(curves, float(data["reference_power"]), data["key"], cached=True)
 
 
@@ -183,20 +241,22 @@ def model_hash(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(module: nn.Module, units: Sequence[PruneUnit], data: ProbeData, importance: str) -> str:
+def cache_key(module: nn.Module, units: Sequence[PruneUnit], data: ProbeData, importance: str,
+              points: int = 0) -> str:
     signature = {"model": model_hash(module), "data": data.data_hash, "importance": importance,
-                 "version": CACHE_VERSION,
+                 "version": CACHE_VERSION, "points": int(points),
                  "units": [[u.name, u.kind, u.size, list(u.options), [list(map(str, (s.module, s.axis, s.width)))
                                                                       for s in u.slices]] for u in units]}
     return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def distortion_curves(probe: OutputProbe, units: Sequence[PruneUnit], importance: Importance = "l2",
-                      cache_dir: Path | None = None) -> Curves:
+                      cache_dir: Path | None = None, points: int = 0, reuse: PrefixReuse | None = None) -> Curves:
     """d_l(n) for every unit and legal count on the probe's model and data, from the cache when the same weights,
-    data and units were seen before."""
+    data, units and measured counts were seen before. `points`: non-zero counts measured per unit (0: all), the
+    rest interpolated; `reuse`: replay of the untouched prefix (built here when not given)."""
     start = time.perf_counter()
-    key = cache_key(probe.module, units, probe.data, importance)
+    key = cache_key(probe.module, units, probe.data, importance, points)
     path = Path(cache_dir) / "sensitivity" / f"{key}.json" if cache_dir is not None else None
     if path is not None and path.exists():
         try:
@@ -205,27 +265,35 @@ def distortion_curves(probe: OutputProbe, units: Sequence[PruneUnit], importance
             return curves
         except (ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is recomputed
-    curves = _measure_curves(probe, units, importance, key)
+    if reuse is None:
+        trace = CallTrace.record(probe.module, probe.data.batches[0])
+        reuse = PrefixReuse(probe.module, trace, unit_plans(probe.module, trace, units), probe.data.batches)
+    curves = _measure_curves(probe, units, importance, key, points, reuse)
     curves.seconds = time.perf_counter() - start
     if path is not None:
         _write_atomic(path, json.dumps(curves.to_dict()))
     return curves
 
 
-def _measure_curves(probe: OutputProbe, units: Sequence[PruneUnit], importance: Importance, key: str) -> Curves:
+def _measure_curves(probe: OutputProbe, units: Sequence[PruneUnit], importance: Importance, key: str,
+                    points: int, reuse: PrefixReuse | None) -> Curves:
     module = probe.module
     masker = Masker(module, units)
+    if reuse is not None:
+        reuse.record()  # before any mask: the recorded outputs are the reference pass's
     result = {}
     for unit in units:
         order = ranking(module, unit, importance)
-        values = []
-        for count in unit.options:
+        counts = measured_counts(unit.options, points)
+        measured = {0: 0.0}
+        for count in counts:
             if count == 0:
-                values.append(0.0)
                 continue
             with masker.applied({unit.name: order[:count]}):
-                values.append(probe.distortion())
-        result[unit.name] = Curve(tuple(unit.options), tuple(values))
+                measured[count] = probe.distortion(reuse=reuse, unit=unit.name)
+        exact = len(counts) == len(unit.options)
+        result[unit.name] = Curve(tuple(unit.options), interpolate(unit.options, measured),
+                                  () if exact else tuple(counts))
     return Curves(result, probe.reference_power, key)
 
 
@@ -237,4 +305,4 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 __all__ = ["ranking", "removal_for", "ProbeData", "OutputProbe", "Curve", "Curves", "distortion_curves",
-           "model_hash", "cache_key"]
+           "model_hash", "cache_key", "measured_counts", "interpolate"]
