@@ -25,6 +25,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results"
 SEQ = 128
+ORT = ("onnxruntime", None)
 
 
 # --- cases ---------------------------------------------------------------------------------------------------------
@@ -102,12 +103,17 @@ def ort_dynamic(float_path: Path, out: Path) -> Path:
     return out
 
 
-def outputs(path: Path, case: dict[str, Any], threads: int) -> torch.Tensor:
+def outputs(path: Path, case: dict[str, Any], threads: int, runtime: tuple[str, str | None] = ORT) -> torch.Tensor:
     from deploy.targets.runner import get_runner
 
-    sess = get_runner("onnxruntime", threads).session(path)
     names = [s.name for s in case["inputs"]]
-    rows = [sess.run(None, {n: t.numpy() for n, t in zip(names, s)})[0] for s in case["calibration"].held_out]
+    feeds = [{n: t.numpy() for n, t in zip(names, s)} for s in case["calibration"].held_out]
+    if runtime[0] == "openvino":
+        compiled = get_runner("openvino", threads, runtime[1]).compile(path, feeds[0])
+        rows = [np.asarray(compiled(f)[0]) for f in feeds]
+    else:
+        sess = get_runner("onnxruntime", threads).session(path)
+        rows = [sess.run(None, f)[0] for f in feeds]
     return torch.from_numpy(np.concatenate(rows)).float()
 
 
@@ -119,27 +125,69 @@ def fidelity_of(case: dict[str, Any], reference: torch.Tensor, got: torch.Tensor
     return fidelity(reference, got, cal.held_out_labels, mask)
 
 
-def timed(paths: dict[str, Path], case: dict[str, Any], threads: int, seconds: float) -> dict[str, dict[str, Any]]:
-    """Each model A/B against fp32 (interleaved, same run): medians and the ratio with its CI."""
+def timed(paths: dict[str, Path], case: dict[str, Any], threads: int, seconds: float,
+          runtimes: dict[str, tuple[str, str | None]] | None = None) -> dict[str, dict[str, Any]]:
+    """Each model A/B against ONNX Runtime fp32 (interleaved, same run): medians and the ratio with its CI.
+    `runtimes` names the (runtime, precision hint) of rows not run by ONNX Runtime."""
     from deploy.pipeline import InputSpec
     from deploy.targets.feeds import make_feeds
     from deploy.targets.measure import MeasureConfig, measure_interleaved
     from deploy.targets.runner import get_runner
 
     feeds = make_feeds([InputSpec(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]])
-    runner = get_runner("onnxruntime", threads)
-    config = MeasureConfig(warmup_min_s=0.2, warmup_min_runs=10, min_samples=64, min_seconds=seconds,
-                           max_seconds=max(30.0, 4 * seconds))
-    base = runner.prepare(paths["fp32"], feeds)
+    runtimes = runtimes or {}
+    config = timing_config(seconds)
+    base = get_runner("onnxruntime", threads).prepare(paths["fp32"], feeds)
     out = {}
     for name, path in paths.items():
         if name == "fp32":
             continue
-        a, b, cmp = measure_interleaved(base, runner.prepare(path, feeds), config)
+        runtime, precision = runtimes.get(name, ORT)
+        a, b, cmp = measure_interleaved(base, get_runner(runtime, threads, precision).prepare(path, feeds), config)
         out[name] = {"fp32_ms": cmp.median_a, "ms": cmp.median_b, "ratio": cmp.ratio,
                      "ratio_ci": [cmp.ci_low, cmp.ci_high], "p_value": cmp.p_value,
                      "cov": [a.summary.get("cov"), b.summary.get("cov")], "samples": [cmp.n_a, cmp.n_b]}
     return out
+
+
+def timing_config(seconds: float) -> Any:
+    from deploy.targets.measure import MeasureConfig
+
+    return MeasureConfig(warmup_min_s=0.2, warmup_min_runs=10, min_samples=64, min_seconds=seconds,
+                         max_seconds=max(30.0, 4 * seconds))
+
+
+def head_to_head(a: Path, b: Path, case: dict[str, Any], threads: int, seconds: float, precision: str | None
+                 ) -> dict[str, Any]:
+    """b against a, both on OpenVINO, interleaved: the ratio of medians with its CI (ours vs NNCF)."""
+    from deploy.pipeline import InputSpec
+    from deploy.targets.feeds import make_feeds
+    from deploy.targets.measure import measure_interleaved
+    from deploy.targets.runner import get_runner
+
+    feeds = make_feeds([InputSpec(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]])
+    runner = get_runner("openvino", threads, precision)
+    _, _, cmp = measure_interleaved(runner.prepare(a, feeds), runner.prepare(b, feeds), timing_config(seconds))
+    return {"a_ms": cmp.median_a, "b_ms": cmp.median_b, "ratio": cmp.ratio, "ratio_ci": [cmp.ci_low, cmp.ci_high]}
+
+
+def ov_kernels(path: Path, threads: int, precision: str | None) -> dict[str, int]:
+    """OpenVINO's runtime model: compute ops (FullyConnected, Convolution, MatMul, attention Subgraphs) per
+    runtime precision, e.g. {'FullyConnected i8': 36, 'Subgraph i8': 6}."""
+    import openvino as ov
+
+    from deploy.export.qdq_verify import _rt
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision or "f32",
+                                                          "INFERENCE_NUM_THREADS": threads})
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        kind = _rt(rt, "layerType")
+        if kind in ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Subgraph"):
+            key = f"{kind} {_rt(rt, 'runtimePrecision')}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def kernels(path: Path, threads: int) -> dict[str, int]:
@@ -203,13 +251,22 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
         paths["ort_static_s8s8"] = ort_static(fp32, tmp / "s8s8.onnx", case, signed_acts=True)
         if bert:
             paths["ort_dynamic"] = ort_dynamic(fp32, tmp / "dynamic.onnx")
+        ov = openvino_part(case, config, static, fp32, tmp, threads, quick, log)
+        paths.update(ov["paths"])
+        reports.update(ov["reports"])
+        infeasible.update(ov["infeasible"])
         log("  timing ...")
-        latency = timed(paths, case, threads, 1.0 if quick else 3.0)
+        latency = timed(paths, case, threads, 1.0 if quick else 3.0, ov["runtimes"])
         reference = outputs(fp32, case, threads)
         rows = {}
         for name, path in paths.items():
-            fid = fidelity_of(case, reference, outputs(path, case, threads) if name != "fp32" else reference)
-            rows[name] = {"fidelity": _plain(fid), "kernels": kernels(path, threads), **latency.get(name, {})}
+            runtime = ov["runtimes"].get(name, ORT)
+            got = reference if name == "fp32" else outputs(path, case, threads, runtime)
+            fid = fidelity_of(case, reference, got)
+            counts = ov_kernels(path, threads, runtime[1]) if runtime[0] == "openvino" else kernels(path, threads)
+            rows[name] = {"fidelity": _plain(fid), "kernels": counts, "runtime": list(runtime),
+                          **latency.get(name, {})}
+        comparison = compare_with_nncf(case, rows, ov, threads, 1.0 if quick else 3.0)
         with torch.no_grad():
             torch_ref = torch.cat([first_tensor(case["module"](*b)) for b in case["calibration"].batches("held_out", 16)])
         rows["fp32"]["fidelity_vs_torch"] = _plain(fidelity_of(case, torch_ref, reference))
@@ -217,7 +274,111 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
             "price_table": problem.space.table.to_dict(),
             "command": _command(quick, case["name"], threads), "date": _now(),
             "wall_seconds": time.perf_counter() - started, "problem_seconds": problem.seconds, "rows": rows,
-            "quantize_reports": reports, "infeasible": infeasible, "threads": threads}
+            "quantize_reports": reports, "infeasible": infeasible, "threads": threads, "nncf_comparison": comparison,
+            "ov_problem_seconds": ov["problem_seconds"]}
+
+
+# --- OpenVINO: NNCF against ours at equal latency and equal fidelity ------------------------------------------------
+
+def fidelity_key(case_name: str, fid: dict[str, Any]) -> tuple[float, float]:
+    """What 'at least as faithful' compares: the task metric (top-1 agreement for digits, pooled-embedding cosine
+    for MiniLM), then SQNR to break ties."""
+    metric = "top1_agreement" if case_name == "digits_cnn" else "pooled_cosine"
+    sqnr = fid.get("sqnr_db", 0.0)
+    return float(fid[metric]), float("inf") if sqnr in ("inf", float("inf")) else float(sqnr)
+
+
+def openvino_part(case: dict[str, Any], config: Any, static: list, fp32: Path, tmp: Path, threads: int,
+                  quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """The OpenVINO rows: NNCF int8 (as the peer benchmark calls it), our pure int8 plan, and our searched plan
+    with NNCF's measured latency ratio as the budget (plus looser budgets until one is at least as faithful
+    as NNCF), all for the cpu-avx512-vnni-openvino profile, priced and measured on OpenVINO."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from deploy.compress.quantize import build_problem, solve_budget
+    from deploy.errors import BudgetInfeasibleError
+    from deploy.export.qdq import export_quantized
+    from deploy.profiles import load_builtin
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers import _nncf_int8
+
+    profile = load_builtin("cpu-avx512-vnni-openvino")
+    started = time.perf_counter()
+    problem = build_problem(case["module"], case["inputs"], case["calibration"], profile, config)
+    log(f"  openvino problem built in {time.perf_counter() - started:.0f} s {problem.seconds}")
+    prep = problem.prep
+    precision = "bf16" if prep.plan.float_precision == "bf16" else "f32"
+    runtime = ("openvino", precision)
+    names = [s.name for s in case["inputs"]]
+    calib = [{n: t.numpy() for n, t in zip(names, s)} for s in case["calibration"].calibration]
+    shim = SimpleNamespace(fp32=fp32, case=SimpleNamespace(transformer=case["name"] == "minilm", calib=calib))
+    paths = {"ov_fp32": fp32, "nncf_int8": _nncf_int8(shim, tmp / "nncf_int8.xml")}
+    nncf_vs_float = head_to_head(fp32, paths["nncf_int8"], case, threads, 1.0 if quick else 2.0, precision)
+    budget = max(0.05, nncf_vs_float["ratio"])
+    log(f"  NNCF int8 / OpenVINO float ({precision}): {budget:.3f}")
+    int8 = {n: next(o for o in opts if o.precision == "int8" and o.granularity == "per-channel")
+            for n, opts in prep.spaces.items()}
+    pure = prep.plan.with_options(int8)
+    paths["ours_ov_int8"] = export_quantized(pure, case["module"], static, tmp / "ours_ov_int8.onnx").openvino_xml
+    reports, infeasible = {}, {}
+    reference = outputs(fp32, case, threads)
+    nncf_fid = fidelity_key(case["name"], fidelity_of(case, reference, outputs(paths["nncf_int8"], case, threads,
+                                                                                runtime)))
+    for i, factor in enumerate((1.0, 1.1, 1.25)):
+        key = "ours_ov@nncf_latency" if i == 0 else f"ours_ov@{factor:.2f}x_nncf_latency"
+        cfg = dataclasses.replace(config, budget=min(2.0, budget * factor))
+        try:
+            quantized, report = solve_budget(problem, case["calibration"], case["inputs"], profile, cfg)
+        except BudgetInfeasibleError as exc:
+            infeasible[key] = exc.one_line()
+            log(f"  {key}: {exc.one_line()}")
+            if i > 0 or not exc.least_achievable:
+                continue
+            # NNCF's ratio is below what our estimate allows: take the tightest estimated-feasible budget
+            cfg = dataclasses.replace(config, budget_ms=exc.least_achievable * 1.01)
+            quantized, report = solve_budget(problem, case["calibration"], case["inputs"], profile, cfg)
+            infeasible[key] += " Solved at the tightest estimated-feasible budget instead."
+        paths[key] = quantized.export(static, tmp / f"{key.replace('@', '_')}.onnx").openvino_xml
+        reports[key] = _slim(report)
+        log(f"  {key}: {report['counts']} {report['seconds']}")
+        got = fidelity_key(case["name"], fidelity_of(case, reference, outputs(paths[key], case, threads, runtime)))
+        if got >= nncf_fid:
+            break
+    return {"paths": paths, "runtimes": {k: runtime for k in paths}, "reports": reports, "infeasible": infeasible,
+            "budget_ratio": budget, "nncf_vs_float": nncf_vs_float, "precision": precision,
+            "problem_seconds": problem.seconds}
+
+
+def compare_with_nncf(case: dict[str, Any], rows: dict[str, Any], ov: dict[str, Any], threads: int,
+                      seconds: float) -> dict[str, Any]:
+    """The goals, read off the rows: pure int8 vs NNCF (latency, head to head, and fidelity), our plan at NNCF's
+    latency (fidelity), and our fastest plan at least as faithful as NNCF (latency)."""
+    nncf = rows["nncf_int8"]
+    key = lambda name: fidelity_key(case["name"], rows[name]["fidelity"])  # noqa: E731
+    ours = [k for k in rows if k.startswith("ours_ov")]
+    out: dict[str, Any] = {"precision": ov["precision"], "budget_ratio_vs_openvino_float": ov["budget_ratio"],
+                           "nncf_vs_openvino_float": ov["nncf_vs_float"]}
+    h2h = head_to_head(ov["paths"]["nncf_int8"], ov["paths"]["ours_ov_int8"], case, threads, seconds,
+                       ov["precision"])
+    out["pure_int8"] = {"vs_nncf": h2h, "within_5pct": h2h["ratio"] <= 1.05,
+                        "fidelity_at_least_nncf": key("ours_ov_int8") >= key("nncf_int8")}
+    if "ours_ov@nncf_latency" in rows:
+        row = rows["ours_ov@nncf_latency"]
+        out["equal_latency"] = {"row": "ours_ov@nncf_latency", "ratio_vs_fp32": row["ratio"],
+                                "nncf_ratio_vs_fp32": nncf["ratio"],
+                                "more_faithful": key("ours_ov@nncf_latency") > key("nncf_int8"),
+                                "vs_nncf": head_to_head(ov["paths"]["nncf_int8"], ov["paths"]["ours_ov@nncf_latency"],
+                                                        case, threads, seconds, ov["precision"])}
+    faithful = [k for k in ours if key(k) >= key("nncf_int8")]
+    if faithful:
+        best = min(faithful, key=lambda k: rows[k]["ms"])
+        out["equal_fidelity"] = {"row": best, "ratio_vs_fp32": rows[best]["ratio"], "nncf_ratio_vs_fp32": nncf["ratio"],
+                                 "faster": rows[best]["ms"] < nncf["ms"]}
+    else:
+        out["equal_fidelity"] = {"row": None, "note": "none of our OpenVINO plans was at least as faithful as NNCF"}
+    return out
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +402,9 @@ def _slim(report: dict[str, Any]) -> dict[str, Any]:
 
 # --- markdown -----------------------------------------------------------------------------------------------------
 
-LABELS = {"fp32": "fp32", "ours": "ours: searched mixed plan", "ort_static_u8s8": "ORT quantize_static, all ops, U8S8",
+LABELS = {"fp32": "fp32", "ov_fp32": "OpenVINO float", "nncf_int8": "NNCF int8 (OpenVINO)",
+          "ours_ov_int8": "ours: pure int8, openvino policy", "ours_ov@nncf_latency": "ours: mixed, budget = NNCF's latency",
+          "ours": "ours: searched mixed plan", "ort_static_u8s8": "ORT quantize_static, all ops, U8S8",
           "ort_static_s8s8": "ORT quantize_static, all ops, S8S8", "ort_dynamic": "ORT quantize_dynamic (int8)"}
 
 
@@ -251,10 +414,24 @@ def markdown(results: dict[str, Any]) -> str:
              "Mixed precision from an elastic space (int8 per-channel/per-tensor W8A8, int4 weight-only "
              "MatMulNBits, fp32), QuantNAS noise sensitivities, the knapsack allocator under a latency budget, "
              "then an optuna NSGA-II refinement scored by a ridge accuracy predictor (EQ-Net's CQAP idea); "
-             "the allocator's plan and the best refined ones exported as ONNX Runtime Q/DQ and measured for real. "
-             "Latency: ONNX Runtime CPU, batch 1, "
-             f"{results['threads']} thread(s), each model timed interleaved A/B against fp32 in the same run "
-             "(ratio = model / fp32 median). Fidelity: each model run by ONNX Runtime on the same held-out data.",
+             "the allocator's plan and the best refined ones exported as Q/DQ and measured for real. Two targets: "
+             "`cpu-avx512-vnni` (ONNX Runtime, ort-cpu policy) and `cpu-avx512-vnni-openvino` (OpenVINO, openvino "
+             "policy: int8 FullyConnected/Convolution plus int8 attention MatMuls, float layers in bf16 where the "
+             "CPU has it), each priced and measured on its own runtime. Peers: ORT quantize_static / "
+             "quantize_dynamic, and NNCF int8 on OpenVINO (called as in the peer benchmark; transformer preset for "
+             "MiniLM). Latency: batch 1, "
+             f"{results['threads']} thread(s), each model timed interleaved A/B against ONNX Runtime fp32 in the "
+             "same run (ratio = model / fp32 median, 95% bootstrap CI); ours against NNCF also head to head. "
+             "Fidelity: each model run by its runtime on the same held-out data.",
+             "",
+             "TensorRT is not at hand here: `benchmarks/gpu_check.sh [PROFILE] [OUT_DIR]` is the ready-to-run check "
+             "for a machine with an NVIDIA GPU and TensorRT 10. It installs nothing; it quantizes the digits CNN "
+             "and a transformer (MiniLM with the bench extra, else the bundled tiny BERT) through the Python API "
+             "for the profile (default nvidia-h100), exports the mixed and the pure int8 plans with the tensorrt "
+             "policy, builds engines (trtexec when on PATH, else the tensorrt Python API), times them against fp32 "
+             "and fp16 engines of the float model, and prints how many engine layers run in INT8 (trtexec "
+             "--exportLayerInfo or the engine inspector). Without a GPU or TensorRT it stops with one line "
+             "(exit 2).",
              "", f"Command: `{results['command']}`  ", f"Date: {results['date']}  ",
              f"Machine: {machine.get('cpu', '?')}, {machine.get('usable_cores', '?')} usable cores (shared with "
              f"other jobs); ONNX Runtime {machine.get('versions', {}).get('onnxruntime')}; "
@@ -271,9 +448,9 @@ def _case_md(name: str, case: dict[str, Any]) -> list[str]:
            f"Data: {case['data']}. Our budgets: {budgets} of the fp32 latency (as "
            "estimated by the cost model; the final pick is checked against the measured ratio). Wall time "
            f"{case['wall_seconds']:.0f} s (shared work: {_phases(case['problem_seconds'])}).", "",
-           f"| model | median ms | ratio vs fp32 (95% CI) | {' | '.join(task_cols)} | SQNR dB "
+           f"| model | runtime | median ms | ratio vs ORT fp32 (95% CI) | {' | '.join(task_cols)} | SQNR dB "
            "| low-precision kernels |",
-           "|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|"]
     fp32_ms = float(np.median([r["fp32_ms"] for r in case["rows"].values() if "fp32_ms" in r]))
     for key, row in case["rows"].items():
         fid = row["fidelity"]
@@ -283,15 +460,49 @@ def _case_md(name: str, case: dict[str, Any]) -> list[str]:
         sqnr = "inf" if fid["sqnr_db"] in (float("inf"), "inf") else f"{fid['sqnr_db']:.1f}"
         low = ", ".join(f"{k} {v}" for k, v in row["kernels"].items()
                         if k in ("QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm",
-                                 "MatMulNBits", "DynamicQuantizeMatMul", "QLinearAdd")) or "none"
-        label = LABELS.get(key, f"ours: searched mixed plan, budget {key.split('@')[1]}" if "@" in key else key)
+                                 "MatMulNBits", "DynamicQuantizeMatMul", "QLinearAdd")
+                        or k.endswith((" i8", " u8"))) or "none"
+        if key.startswith("ours_ov@") and key not in LABELS:
+            label = f"ours: mixed, budget = {key.split('@')[1].split('x_')[0]} x NNCF's latency"
+        else:
+            label = LABELS.get(key, f"ours: searched mixed plan, budget {key.split('@')[1]}" if "@" in key else key)
         label = label.replace("budget fastest", "the tightest estimated-feasible budget")
-        out.append(f"| {label} | {ms} | {ratio} | {metrics} | {sqnr} | {low} |")
+        runtime = row.get("runtime", ["onnxruntime", None])
+        where = "ORT" if runtime[0] == "onnxruntime" else f"OpenVINO ({runtime[1] or 'f32'} float)"
+        out.append(f"| {label} | {where} | {ms} | {ratio} | {metrics} | {sqnr} | {low} |")
+    if case.get("nncf_comparison"):
+        out += _nncf_md(case["nncf_comparison"], case["rows"], task_cols[0])
     for key, why in case["infeasible"].items():
         out += ["", f"{key}: infeasible here: {why}"]
     for key, rep in case["quantize_reports"].items():
         out += _search_md(key, rep)
     return out + [""]
+
+
+def _nncf_md(cmp: dict[str, Any], rows: dict[str, Any], metric: str) -> list[str]:
+    def ci(d: dict[str, Any]) -> str:
+        return f"{d['ratio']:.3f} ({d['ratio_ci'][0]:.3f}-{d['ratio_ci'][1]:.3f})"
+
+    fid = lambda k: f"{rows[k]['fidelity'][metric]:.4f}"  # noqa: E731
+    pure = cmp["pure_int8"]
+    out = ["", f"Against NNCF (OpenVINO, float layers in {cmp['precision']}; NNCF / OpenVINO float = "
+           f"{ci(cmp['nncf_vs_openvino_float'])}, which is the budget of the equal-latency row):", "",
+           f"- pure int8: ours / NNCF latency, timed head to head = **{ci(pure['vs_nncf'])}** "
+           f"({'within' if pure['within_5pct'] else 'NOT within'} 5%); {metric} {fid('ours_ov_int8')} vs NNCF "
+           f"{fid('nncf_int8')} ({'at least as faithful' if pure['fidelity_at_least_nncf'] else 'less faithful'})."]
+    eq = cmp.get("equal_latency")
+    if eq:
+        out.append(f"- equal latency: our plan with NNCF's latency as the budget: ours / NNCF = {ci(eq['vs_nncf'])}; "
+                   f"{metric} {fid(eq['row'])} vs {fid('nncf_int8')} "
+                   f"({'more faithful' if eq['more_faithful'] else 'NOT more faithful'}).")
+    ef = cmp.get("equal_fidelity", {})
+    if ef.get("row"):
+        out.append(f"- equal fidelity: our fastest plan at least as faithful as NNCF is `{ef['row']}`: ratio vs ORT "
+                   f"fp32 {ef['ratio_vs_fp32']:.3f} vs NNCF {ef['nncf_ratio_vs_fp32']:.3f} "
+                   f"({'faster' if ef['faster'] else 'slower'}).")
+    else:
+        out.append(f"- equal fidelity: {ef.get('note', 'n/a')}.")
+    return out
 
 
 def _phases(seconds: dict[str, float]) -> str:

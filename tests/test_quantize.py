@@ -291,3 +291,21 @@ def test_quantization_modules_import_no_runtime():
             "print([m for m in ('onnxruntime', 'openvino', 'optuna', 'tensorrt') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_fast_preset_and_the_sensitivity_cache(digits_model, digits_calibration, tmp_path, monkeypatch):
+    from deploy.compress.quantize import build_problem
+
+    fast = QuantizeConfig.fast(budget=0.6, cost="proxy")
+    assert fast.budget == 0.6 and fast.sensitivity_samples == 4 and fast.noise_draws == 1
+    assert fast.search.trials < QuantizeConfig().search.trials
+    monkeypatch.setenv("DEPLOY_CACHE_DIR", str(tmp_path))
+    first = build_problem(digits_model, SPEC, digits_calibration, CPU, fast)
+    files = list((tmp_path / "sensitivity").glob("quant-*.json"))
+    assert len(files) == 1
+    second = build_problem(digits_model, SPEC, digits_calibration, CPU, fast)
+    assert second.space.sensitivity == first.space.sensitivity
+    assert len(list((tmp_path / "sensitivity").glob("quant-*.json"))) == 1
+    other = build_problem(digits_model, SPEC, digits_calibration, CPU, dataclasses.replace(fast, noise_draws=2))
+    assert len(list((tmp_path / "sensitivity").glob("quant-*.json"))) == 2  # another probe, another entry
+    assert other.space.sensitivity != first.space.sensitivity
