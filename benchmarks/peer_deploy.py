@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TARGET = "cpu-avx512-vnni"  # the profile of this machine's CPU (AVX-512 VNNI + BF16), ONNX Runtime
+TARGET = "cpu-avx512-vnni-openvino"  # this machine's CPU (AVX-512 VNNI + BF16) run by OpenVINO, as NNCF's rows
 NOT_AVAILABLE = "not yet available"
 HERE = Path(__file__).resolve().parent
 

@@ -140,7 +140,7 @@ def deploy_row(ws: Any, budget_ms: float | None, factor: float, config: Any, arg
 
     share = "" if factor == 1 else f" x {factor:g}"
     row = {"key": f"deploy_x{factor:g}", "label": f"deploy compress, budget = {BUDGET_REFERENCE} p50{share}",
-           "tool": "deploy", "runtime": "onnxruntime", "precision": "as-exported", "budget_factor": factor,
+           "tool": "deploy", "runtime": "openvino", "precision": "as-exported", "budget_factor": factor,
            "budget_ms": budget_ms, "note": ""}
     start = time.perf_counter()
     if budget_ms is None:
@@ -154,7 +154,11 @@ def deploy_row(ws: Any, budget_ms: float | None, factor: float, config: Any, arg
             row["hit"] = False
         if outcome.onnx is not None:
             row.update(artifact=outcome.onnx.name, deploy_report=_deploy_summary(outcome.report))
-            row.update(_measure(ws.base_run, outcome.onnx, "onnxruntime", None, ws.case, config, args.threads))
+            runtime = (outcome.report.get("latency") or {}).get("runtime") or {}
+            precision = runtime.get("precision_hint")  # the float precision deploy measured in (bf16 or f32)
+            row.update(runtime=runtime.get("runtime", "onnxruntime"), precision=precision or "as-exported")
+            row.update(_measure(ws.base_run, outcome.onnx, row["runtime"], precision, ws.case, config,
+                                args.threads))
             row["hit"] = row["latency"]["p50"] <= budget_ms
     except Exception as exc:
         row.update(_failure(exc))

@@ -356,7 +356,7 @@ def _phase_bar(enabled: bool, label: str):
 
 def _compress_request(model, example, arch, trust_pickle, input_shape, target, profile, calib, tokenizer, budget_ms,
                       speedup, size_mb, max_drop, output, force, plan, precision, no_prune, recover_steps,
-                      recover_minutes, eval_hook, threads, measure_seconds, seed):
+                      recover_minutes, eval_hook, threads, measure_seconds, seed, batch=1):
     from deploy.budget import from_flags
     from deploy.job import CompressRequest
 
@@ -367,7 +367,7 @@ def _compress_request(model, example, arch, trust_pickle, input_shape, target, p
         budget=from_flags(budget_ms, speedup, size_mb, max_drop), out=str(output), force=force,
         plan=str(plan) if plan else None, precisions=tuple(precision) or ("fp32", "int8"), prune=not no_prune,
         recover_steps=recover_steps, recover_minutes=recover_minutes, eval_hook=eval_hook, threads=threads,
-        measure_seconds=measure_seconds, seed=seed)
+        measure_seconds=measure_seconds, seed=seed, batch=batch)
 
 
 @app.command("compress")
@@ -388,8 +388,9 @@ def compress_cmd(
     output: Path = typer.Option(Path("out"), "--output", "-o", help="Output folder (refused if it exists, unless --force)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Replay a deploy.toml from an earlier run (no search)."),
-    precision: List[str] = typer.Option([], "--precision", help="Precision families to consider (default fp32 and int8); repeat."),
+    precision: List[str] = typer.Option([], "--precision", help="Precisions layers may take (default fp32 and int8; add int4 for weight-only int4 where the target has it); repeat."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Do not prune."),
+    batch: int = typer.Option(1, "--batch", help="Batch size latency is measured at (and a TensorRT plan built for); needs a dynamic batch axis."),
     recover_steps: int = typer.Option(200, "--recover-steps", help="Distillation steps after pruning (0: none)."),
     recover_minutes: float = typer.Option(1.0, "--recover-minutes", help="Time budget for distillation."),
     eval_hook: Optional[str] = typer.Option(None, "--eval", help="module:function(onnx_path) -> dict of your own metrics (imports your code)."),
@@ -403,7 +404,7 @@ def compress_cmd(
 
     request = _compress_request(model, example, arch, trust_pickle, input_shape, target, profile, calib, tokenizer,
                                 budget_ms, speedup, size_mb, max_drop, output, force, plan, precision, no_prune,
-                                recover_steps, recover_minutes, eval_hook, threads, measure_seconds, seed)
+                                recover_steps, recover_minutes, eval_hook, threads, measure_seconds, seed, batch)
     with _phase_bar(not as_json, "compress") as bar:
         report = compress(request, bar)
     if as_json:
@@ -443,8 +444,9 @@ def search_cmd(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop this worker after this many seconds."),
     storage: Optional[str] = typer.Option(None, "--storage", help="optuna storage URL (default sqlite:///OUT/study.db; postgresql://... for many workers)."),
     study_name: str = typer.Option("deploy-search", "--study-name", help="Study name inside the storage."),
-    precision: List[str] = typer.Option([], "--precision", help="Precision families (default fp32 and int8)."),
+    precision: List[str] = typer.Option([], "--precision", help="Precisions layers may take (default fp32 and int8)."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Do not prune."),
+    batch: int = typer.Option(1, "--batch", help="Batch size latency is measured at; needs a dynamic batch axis."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for measurement."),
     measure_seconds: float = typer.Option(1.0, "--measure-seconds", help="Seconds per trial measurement."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler and the data split."),
@@ -456,7 +458,7 @@ def search_cmd(
 
     request = _compress_request(model, example, arch, trust_pickle, input_shape, target, profile, calib, tokenizer,
                                 None, None, None, None, output, True, None, precision, no_prune, 0, 1.0, None,
-                                threads, measure_seconds, seed)
+                                threads, measure_seconds, seed, batch)
     try:
         config = SearchConfig(trials=trials, timeout_s=timeout, storage=storage, study_name=study_name, seed=seed)
     except ValueError as exc:

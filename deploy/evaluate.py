@@ -22,14 +22,17 @@ def torch_outputs(module: torch.nn.Module, batches: Sequence[tuple[torch.Tensor,
 
 
 def runtime_predictor(path: str | Path, input_names: Sequence[str], runtime: str = "onnxruntime",
-                      threads: int = 1) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
-    """A function that runs one batch through the exported model in `runtime` and returns its first output."""
+                      threads: int = 1, precision: str | None = None
+                      ) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
+    """A function that runs one batch through the exported model in `runtime` (OpenVINO: at `precision`, f32 or
+    bf16, f32 by default) and returns its first output."""
     if runtime in ("openvino", "ov"):
         import openvino as ov
         import openvino.properties as props
         import openvino.properties.hint as hints
 
-        compiled = ov.Core().compile_model(str(path), "CPU", {hints.inference_precision: ov.Type.f32,
+        ov_type = ov.Type.bf16 if precision == "bf16" else ov.Type.f32
+        compiled = ov.Core().compile_model(str(path), "CPU", {hints.inference_precision: ov_type,
                                                              props.inference_num_threads: threads})
 
         def run_ov(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -51,11 +54,12 @@ def runtime_predictor(path: str | Path, input_names: Sequence[str], runtime: str
 
 
 def exported_fidelity(original: torch.nn.Module, path: str | Path, calibration: Any, input_names: Sequence[str],
-                      runtime: str = "onnxruntime", reference: list[torch.Tensor] | None = None) -> dict[str, Any]:
+                      runtime: str = "onnxruntime", reference: list[torch.Tensor] | None = None,
+                      precision: str | None = None) -> dict[str, Any]:
     """Held-out fidelity of the exported file against the original module (labels and masks used when present)."""
     batches = calibration.batches("held_out", 32)
     reference = reference if reference is not None else torch_outputs(original, batches)
-    run = runtime_predictor(path, input_names, runtime)
+    run = runtime_predictor(path, input_names, runtime, precision=precision)
     candidate = [run(b) for b in batches]
     mask = None
     if "attention_mask" in input_names:
@@ -63,4 +67,6 @@ def exported_fidelity(original: torch.nn.Module, path: str | Path, calibration: 
         mask = torch.cat([b[index] for b in batches])
     result = fidelity(reference, candidate, labels=calibration.held_out_labels, attention_mask=mask)
     result["runtime"] = runtime
+    if precision:
+        result["runtime_precision"] = precision
     return result

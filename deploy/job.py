@@ -1,29 +1,23 @@
 """`deploy compress` as one library call: load, plan under one budget, apply, recover, export, measure, report.
 
-The plan is found in a closed loop on the real target: structured pruning (the DP allocator over additive
-distortion curves, priced in MACs) gives a one-knob family of models from "dense" to "most pruned"; each
-precision option (fp32, int8 ...) gives another family. A latency budget is met by bisecting the knob with the
-exported model measured in its runtime (or predicted, with its error band, for a device not at hand); a fidelity
-floor by bisecting on held-out fidelity of the exported model. Recovery (distillation) then runs once on the choice.
+The plan is found in a closed loop on the real target (deploy.plan_search): pruning levels from the DP allocator
+and per-layer precisions from the quantization allocator, every candidate exported and measured in the target's
+runtime (or predicted, with its error band, for a device not at hand). The plan is then applied once (deploy.stages):
+prune, recover by distillation, quantize on the final weights, export, measure against the original.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from deploy.budget import Budget, fidelity_floor, latency_target_ms
-from deploy.errors import BudgetInfeasibleError, ConfigError, UserInputError
+from deploy.budget import Budget
+from deploy.errors import UserInputError
 
 ProgressFn = Callable[[str, float], None]
-BISECTION_STEPS = 6
-LATENCY_FILL = 0.85  # a latency budget is met when 0.85 x budget <= p50 <= budget, where the model family allows
 
 
 @dataclass(frozen=True)
@@ -43,7 +37,8 @@ class CompressRequest:
     out: str = "out"
     force: bool = False
     plan: str | None = None  # a deploy.toml to replay
-    precisions: tuple[str, ...] = ("fp32", "int8")  # precision families to consider (the profile may drop some)
+    precisions: tuple[str, ...] = ("fp32", "int8")  # precisions layers may take (the profile may drop some)
+    batch: int = 1  # the batch size latency is measured (and a TensorRT plan built) at
     prune: bool = True
     recover_steps: int = 200
     recover_minutes: float = 1.0
@@ -51,21 +46,6 @@ class CompressRequest:
     threads: int | None = None
     measure_seconds: float = 1.0
     seed: int = 0
-
-
-@dataclass
-class Candidate:
-    precision: str
-    level: float  # 0 = dense, 1 = the most the pruning allocator can remove
-    removed: dict[str, int]
-    latency_ms: float
-    fidelity: float
-    size_mb: float
-    band_ms: tuple[float, float] | None = None  # predicted latency's error band
-    chosen: bool = False
-
-    def row(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -77,6 +57,8 @@ class Setup:
     threads: int
     local: bool
     workdir: Path
+    measure_specs: list[Any] = field(default_factory=list)  # the inputs at the shapes latency is measured at
+    runtime_precision: str | None = None  # what float layers run in where the runtime must be told (OpenVINO)
     reference: list[torch.Tensor] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -89,12 +71,13 @@ def compress(request: CompressRequest, progress: ProgressFn | None = None) -> di
     with atomic_output_dir(request.out, request.force) as tmp:
         setup = _setup(request, tmp / ".work")
         note("dense model", 0.05)
-        from deploy.stages import build_result, run_plan, search_plan
+        from deploy.plan_search import search
+        from deploy.stages import build_result, run_plan
 
         if request.plan:
             decisions = _replay_decisions(request.plan)
         else:
-            decisions = search_plan(request, setup, note)
+            decisions = search(request, setup, note)
         result = run_plan(request, setup, decisions, tmp, note)
         report = build_result(request, setup, decisions, result, tmp)
         import shutil
@@ -129,14 +112,36 @@ def _setup(request: CompressRequest, workdir: Path) -> Setup:
     local = profile.runs_locally()
     threads = request.threads or default_threads(profile)
     workdir.mkdir(parents=True, exist_ok=True)
-    setup = Setup(loaded, calibration, resolved, profile.runtime if profile.runtime != "tensorrt" else "tensorrt",
-                  threads, local, workdir, warnings=list(calibration.warnings))
+    setup = Setup(loaded, calibration, resolved, profile.runtime, threads, local, workdir,
+                  _measure_specs(loaded.inputs, request.batch), _runtime_precision(profile),
+                  warnings=list(calibration.warnings))
     if resolved.note:
         setup.warnings.append(resolved.note)
     from deploy.evaluate import torch_outputs
 
     setup.reference = torch_outputs(loaded.module, calibration.batches("held_out", 32))
     return setup
+
+
+def _runtime_precision(profile: Any) -> str | None:
+    """OpenVINO runs float layers in bf16 where the profile allows it and the CPU has it (its own default on such
+    CPUs), said explicitly so measurement, fidelity and the quantization prices agree; f32 elsewhere."""
+    if profile.runtime != "openvino":
+        return None
+    from deploy.compress.quant_space import runtime_float
+
+    return "bf16" if runtime_float(profile) == "bf16" else "f32"
+
+
+def _measure_specs(inputs: list[Any], batch: int) -> list[Any]:
+    """The inputs at the shapes latency is measured at: the dynamic batch axis set to `batch`."""
+    if batch < 1:
+        raise UserInputError(f"--batch must be >= 1, got {batch}", "pass a positive batch size")
+    if batch != 1 and not any(s.shape and s.shape[0] == "batch" for s in inputs):
+        raise UserInputError(f"--batch {batch} needs a dynamic batch axis, but the inputs are "
+                             f"{', '.join(f'{s.name}:{list(s.shape)}' for s in inputs)}",
+                             "export or describe the model with a 'batch' first dimension (--input-shape)")
+    return [dataclasses.replace(s, shape=s.concrete_shape({"batch": batch})) for s in inputs]
 
 
 def _load(request: CompressRequest) -> Any:

@@ -3,7 +3,7 @@ deploy.targets.latency_model for the roofline model and how its band is earned).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 
 def _precision_of(path: Path) -> str:
@@ -14,16 +14,18 @@ def _precision_of(path: Path) -> str:
     return "int8" if any(n.op_type == "QuantizeLinear" for n in model.graph.node) else "fp32"
 
 
-def predict_onnx(path: str | Path, setup: Any, float_path: str | Path | None = None) -> dict[str, Any]:
-    """{latency_ms, band_ms, verified, label, source: predicted}. A Q/DQ file is priced from its float graph at
-    int8 (the portable roofline model reads layer shapes, not kernels that only exist on the device)."""
+def predict_onnx(path: str | Path, setup: Any, float_path: str | Path | None = None,
+                 precisions: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """{latency_ms, band_ms, verified, label, source: predicted}. A Q/DQ file is priced from its float graph with
+    each layer at its planned precision (`precisions`, {module: precision, '*': rest}) or, without a plan, every
+    layer at int8 (the portable roofline model reads layer shapes, not kernels that only exist on the device)."""
     from deploy.targets.latency_model import predict_latency
 
     path = Path(path)
-    precision = _precision_of(path)
+    precision = dict(precisions) if precisions is not None else _precision_of(path)
     source = Path(float_path) if float_path is not None else path
-    prediction = predict_latency(source, setup.loaded.inputs, setup.resolved.profile, precision_map=precision,
+    prediction = predict_latency(source, setup.measure_specs, setup.resolved.profile, precision_map=precision,
                                  threads=None)
     return {"latency_ms": prediction.ms, "band_ms": [prediction.low_ms, prediction.high_ms],
             "verified": prediction.verified, "label": prediction.label, "source": "predicted",
-            "precision": precision, "per_layer": [layer.__dict__ for layer in prediction.per_layer[:20]]}
+            "precision": precision if isinstance(precision, str) else "mixed", "per_layer": [layer.__dict__ for layer in prediction.per_layer[:20]]}

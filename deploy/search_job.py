@@ -1,5 +1,8 @@
 """`deploy search` as one library call: the latency-vs-fidelity Pareto front over (precision, pruning level),
-every trial exported and measured on the target (hardware in the loop), in a resumable optuna study."""
+every trial exported and measured on the target (hardware in the loop), in a resumable optuna study.
+
+Precision is fp32, int8 (every layer at its fastest option) or mixed: the quantization allocator's least-distortion
+plan at a point `mix` between the fastest and the float model's estimated latency (0 = fastest, 1 = float)."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +24,7 @@ class SearchRequest:
 
 
 class PlanSpace:
-    """Precision x pruning level; allocator solutions at several budgets seed the study."""
+    """Precision x pruning level (x mix for mixed plans); allocator solutions at several budgets seed the study."""
 
     def __init__(self, precisions: list[str], can_prune: bool):
         self.precisions = precisions
@@ -30,37 +33,52 @@ class PlanSpace:
     def suggest(self, trial: Any) -> dict[str, Any]:
         precision = trial.suggest_categorical("precision", self.precisions)
         level = trial.suggest_float("level", 0.0, 1.0) if self.can_prune else 0.0
-        return {"precision": precision, "level": round(level, 4)}
+        params = {"precision": precision, "level": round(level, 4)}
+        if "mixed" in self.precisions:
+            params["mix"] = round(trial.suggest_float("mix", 0.0, 1.0), 3)
+        return params
 
     def seeds(self) -> list[dict[str, Any]]:
         levels = SEED_LEVELS if self.can_prune else (0.0,)
-        return [{"precision": p, "level": lv} for p in self.precisions for lv in levels]
+        extra = {"mix": 0.5} if "mixed" in self.precisions else {}
+        return [{"precision": p, "level": lv, **extra} for p in self.precisions for lv in levels]
+
+
+def _labels(planner: Any, params: dict[str, Any]) -> dict[str, str] | None:
+    if params["precision"] == "fp32":
+        return None
+    if params["precision"] == "int8":
+        return planner.fastest()
+    from deploy.compress.quant_search import allocator_plan
+
+    sp = planner.quant(0.0).space
+    fast, slow = sp.latency(planner.fastest()), sp.latency(sp.float_labels())
+    return allocator_plan(sp, fast + float(params.get("mix", 0.5)) * (slow - fast))[0]
 
 
 def search(request: SearchRequest, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     from deploy.job import _setup
+    from deploy.plan_search import Planner
     from deploy.report import atomic_write_json
-    from deploy.stages import Family, _evaluate, _precisions
 
     out = Path(request.compress.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = _setup(request.compress, out / ".work")
-    family = Family(setup, request.compress.prune)
-    precisions = _precisions(request.compress, setup)
-    candidates: list[Any] = []
+    planner = Planner(request.compress, setup)
+    precisions = (["fp32"] if "fp32" in request.compress.precisions else []) + \
+        (["int8", "mixed"] if planner.quantizes else [])
 
     def evaluate(params: dict[str, Any], folder: Path) -> TrialOutcome:
         setup.workdir = folder
-        cand = _evaluate(family, setup, params["precision"], float(params["level"]),
-                         request.compress.measure_seconds, candidates)
+        cand = planner.evaluate(float(params["level"]), _labels(planner, params), "search trial", fidelity=True)
         model = folder / "model.onnx"
-        (folder / f"candidate-{len(candidates) - 1}.onnx").rename(model)
+        (folder / f"candidate-{len(planner.candidates) - 1}.onnx").rename(model)
         details = {"removed": cand.removed, "size_mb": cand.size_mb, "band_ms": cand.band_ms}
         (folder / "trial.json").write_text(json.dumps({**params, **details, "latency_ms": cand.latency_ms,
                                                        "fidelity": cand.fidelity}, indent=2))
         return TrialOutcome(cand.latency_ms, cand.fidelity, str(folder), details)
 
-    space = PlanSpace(precisions, family.problem is not None)
+    space = PlanSpace(precisions, planner.can_prune and planner.family().problem is not None)
     summary = run_search(space, evaluate, out, request.search, progress)
     summary["target"] = setup.resolved.profile.name
     summary["latency_source"] = "measured" if setup.local else "predicted"

@@ -71,7 +71,13 @@ class TensorRtRunner:
         }
 
     def build_engine(self, trt: Any, model: Path, feeds: dict[str, np.ndarray]) -> Any:
-        """Parse the ONNX file and build a serialized engine with the precision flags set."""
+        """The engine for `model`, deserialized and ready to run."""
+        serialized = self.serialize_engine(trt, model, feeds)
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # must outlive the engine it deserializes
+        return self._runtime.deserialize_cuda_engine(serialized)
+
+    def serialize_engine(self, trt: Any, model: Path, feeds: dict[str, np.ndarray]) -> Any:
+        """Parse the ONNX file and build a serialized engine (a TensorRT plan) with the precision flags set."""
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
@@ -108,8 +114,7 @@ class TensorRtRunner:
             raise MeasurementError("TensorRT failed to build an engine", "rerun with --debug for the builder log")
         self._info.update({"version": trt.__version__, "builder_flags": set_flags,
                            "flags_missing_in_this_version": missing})
-        self._runtime = trt.Runtime(logger)  # must outlive the engine it deserializes
-        return self._runtime.deserialize_cuda_engine(serialized)
+        return serialized
 
     def prepare(self, model: str | Path, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
         trt = require_tensorrt()
@@ -160,3 +165,20 @@ def _torch_dtype(trt: Any, dtype: Any) -> Any:
         if getattr(trt.DataType, name, None) == dtype:
             return torch_dtype
     raise MeasurementError(f"TensorRT output dtype {dtype} has no torch equivalent")
+
+
+def tensorrt_available() -> bool:
+    try:
+        require_tensorrt()
+    except RuntimeUnavailableError:
+        return False
+    return True
+
+
+def save_engine(model: str | Path, out: str | Path, feeds: dict[str, np.ndarray], profile: Any = None) -> Path:
+    """Build the TensorRT plan of an ONNX file for the feeds' shapes, with the profile's precisions, and write it."""
+    trt = require_tensorrt()
+    runner = TensorRtRunner(RunnerConfig(threads=1, precision=None, profile=profile))
+    serialized = runner.serialize_engine(trt, Path(model), feeds)
+    Path(out).write_bytes(bytes(serialized))
+    return Path(out)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from deploy.profiles import local_cpu_flags
 
 FAST = ("--measure-seconds", "0.2", "--recover-steps", "16")
 
@@ -125,3 +126,58 @@ def test_device_not_at_hand_gets_predicted_latency_with_a_band(tmp_path, env):
     assert low < report["result"]["latency_ms"] < high
     assert report["result"]["verified"] is False
     assert "not yet verified" in report["latency"]["result"]["label"]
+
+
+def test_latency_budget_is_met_with_a_per_layer_precision_plan(tmp_path, env):
+    """A speed-up budget on the local CPU: the report's final p50 (measured interleaved) fits, the plan names each
+    layer's precision, and the replayed plan gives the same Q/DQ model."""
+    out = tmp_path / "budget"
+    result = run_cli("compress", "--example", "--target", "cpu", "--speedup", "1.25", "--threads", "1", "-o", out,
+                     *FAST, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    target = report["budget"]["target_ms"]
+    assert target == pytest.approx(report["decisions"]["dense_latency_ms"] / 1.25)
+    chosen = [c for c in report["candidates"] if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["latency_ms"] <= target
+    labels = report["decisions"]["quantize"]["labels"]
+    assert set(labels) == {"stem.0", "layer1.conv1", "layer1.conv2", "layer2.conv1", "layer2.conv2",
+                           "layer2.downsample.0", "layer3.conv1", "layer3.conv2", "layer3.downsample.0", "fc"}
+    assert report["quantization"]["labels"] == labels  # what was exported is what was planned
+    assert any(label != "fp32" for label in labels.values())
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512_vnni"} <= local_cpu_flags(),
+                    reason="the OpenVINO CPU profile needs AVX-512 VNNI")
+def test_openvino_target_writes_ir_and_measures_in_openvino(tmp_path, env):
+    out = tmp_path / "ov"
+    result = run_cli("compress", "--example", "--target", "cpu-openvino", "--speedup", "1.2", "--threads", "1",
+                     "-o", out, *FAST, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["target"]["runtime"] == "openvino"
+    assert report["latency"]["runtime"]["runtime"] == "openvino"
+    assert report["result"]["fidelity_detail"]["runtime"] == "openvino"
+    assert {"model.onnx", "model.xml", "model.bin"} <= {p.name for p in out.iterdir()}
+    assert set(report["files"]) >= {"model.onnx", "model.xml", "model.bin", "report.json", "deploy.toml"}
+
+
+def test_batch_sets_the_measured_shape(tmp_path, env):
+    out = tmp_path / "b4"
+    result = run_cli("compress", "--example", "--target", "cpu", "--batch", "4", "--no-prune", "--precision", "fp32",
+                     "--threads", "1", "-o", out, *FAST, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["latency"]["shapes"] == {"image": [4, 1, 32, 32]}
+
+
+def test_batch_needs_a_dynamic_batch_axis(tmp_path, model_files, env):
+    result = run_cli("compress", model_files["state_dict"], "--arch", "deploy.examples.digits_cnn:digits_cnn",
+                     "--input-shape", "image:1x1x32x32", "--calib", "random", "--batch", "8", "-o", tmp_path / "x",
+                     *FAST, env=env)
+    assert result.returncode == 2 and "dynamic batch axis" in result.stderr
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,427 @@
+"""Find the plan for one budget in a closed loop on the target: every candidate is exported and its latency
+measured in the target's runtime (or predicted, with its band, for a device not at hand).
+
+The plan has two levels (DESIGN 3.4). Pruning acts on dependency groups spanning layers: the DP allocator over
+additive distortion curves gives a one-knob family from "dense" (level 0) to "the most it may remove" (level 1).
+Precision acts per layer: the quantization allocator picks each layer's option (fp32, int8 per-channel, ...) from
+its sensitivity and price table, for a latency estimate. For a latency budget:
+
+1. the dense model in float; if it fits, it is the answer (nothing is more faithful);
+2. the dense model with every layer at its fastest precision; if that fits, no pruning is needed: the precision
+   allocator spends the budget on the most sensitive layers (its estimate steered onto the measured latency);
+3. else pruning: the level is found by regula falsi on the measured latency of the fastest precisions, then the
+   precision allocator runs again on the pruned model (sensitivities and prices measured on it) to fill the budget.
+
+A measured p50 within [0.85, 1] x budget ends a search early; the final model is measured once more against the
+original, interleaved. Fidelity floors bisect the same knobs on the exported model's held-out fidelity.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from deploy.errors import BudgetInfeasibleError, UserInputError
+
+FILL = 0.85  # a latency budget is met when FILL x budget <= p50 <= budget, where the model family allows
+SAFE = 0.97  # while searching a candidate fits at <= SAFE x budget: the final measurement repeats it with noise
+LEVEL_STEPS = 6  # regula falsi / bisection steps on the pruning level
+PRECISION_STEPS = 4  # closed-loop steps of the precision allocator's budget
+
+
+@dataclass
+class Candidate:
+    precision: str  # fp32 | int8 (every quantizable layer low precision) | mixed
+    level: float  # 0 = dense, 1 = the most the pruning allocator may remove
+    removed: dict[str, int]
+    latency_ms: float
+    fidelity: float | None  # held-out fidelity of the exported model; None where the search did not need it
+    size_mb: float
+    labels: dict[str, str] | None = None  # per-layer precision option; None: every layer in float
+    band_ms: tuple[float, float] | None = None  # predicted latency's error band
+    origin: str = ""
+    chosen: bool = False
+
+    def row(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row.pop("labels")
+        row["counts"] = _counts(self.labels) if self.labels else {"fp32": "all"}
+        return row
+
+
+def _counts(labels: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for label in labels.values():
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def quant_config(request: Any, setup: Any) -> Any:
+    """The quantization settings compress uses: the fast preset, the request's weight bits, the run's threads."""
+    import dataclasses as dc
+
+    from deploy.compress.quantize import QuantizeConfig
+
+    bits = tuple(b for b, p in ((8, "int8"), (4, "int4")) if p in request.precisions) or (8,)
+    fast = QuantizeConfig.fast()
+    return QuantizeConfig.fast(threads=setup.threads, measure_finalists=False,
+                               space=dc.replace(fast.space, weight_bits=bits))
+
+
+class Planner:
+    """Builds, exports and measures candidates; keeps every one for the report."""
+
+    def __init__(self, request: Any, setup: Any):
+        self.request, self.setup = request, setup
+        self.candidates: list[Candidate] = []
+        self._family: Any = None
+        self._modules: dict[float, torch.nn.Module] = {}
+        self._quant: dict[float, Any] = {}
+        allowed = set(setup.resolved.profile.precisions)
+        self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
+        self.can_prune = request.prune and setup.loaded.structural
+        if request.prune and not setup.loaded.structural:
+            setup.warnings.append("pruning skipped: the model is a graph (TorchScript or .pt2); pruning needs the "
+                                  "Python module (state_dict + --arch)")
+        if "fp32" not in request.precisions and not self.quantizes:
+            raise UserInputError(f"none of the precisions {', '.join(request.precisions)} runs on "
+                                 f"{setup.resolved.profile.name}",
+                                 f"use {', '.join(sorted(allowed | {'fp32'}))}")
+
+    # --- the two knobs ----------------------------------------------------------------------------------------
+
+    def family(self) -> Any:
+        if self._family is None:
+            from deploy.stages import Family
+
+            self._family = Family(self.setup, True)
+        return self._family
+
+    def removed(self, level: float) -> dict[str, int]:
+        return self.family().removed(level) if level > 0 else {}
+
+    def module(self, level: float) -> torch.nn.Module:
+        if level not in self._modules:
+            if len(self._modules) > 3:  # keep memory flat on big models
+                self._modules.pop(next(k for k in self._modules if k != 0.0))
+            self._modules[level] = (copy.deepcopy(self.setup.loaded.module).eval() if level <= 0
+                                    else self.family().build(self.removed(level)))
+        return self._modules[level]
+
+    def quant(self, level: float) -> Any:
+        """The precision problem (calibration, sensitivities, prices) of the model at `level`."""
+        if level not in self._quant:
+            from deploy.compress.quantize import build_problem
+
+            config = quant_config(self.request, self.setup)
+            self._quant[level] = build_problem(self.module(level), self.setup.loaded.inputs,
+                                               self.setup.calibration, self.setup.resolved.profile, config)
+        return self._quant[level]
+
+    def fastest(self, level: float = 0.0) -> dict[str, str]:
+        """The plan the price table estimates fastest: every layer at its fastest kernel, or every layer in low
+        precision (int8 islands pay Q/DQ at both ends, so an all-int8 chain can beat a kernel-by-kernel pick), or
+        the allocator's plan at the smaller of those two estimates."""
+        from deploy.compress.quant_search import allocator_plan
+
+        sp = self.quant(level).space
+        kernel = sp.fastest()
+        low = {n: min((o for o in opts if not o.is_float), default=opts[0],
+                      key=lambda o: sp.table.kernel.get(n, {}).get(o.kernel_class, 0.0)).label
+               for n, opts in sp.spaces.items()}
+        plans = [kernel, low]
+        try:
+            plans.append(allocator_plan(sp, min(sp.latency(kernel), sp.latency(low)))[0])
+        except BudgetInfeasibleError:
+            pass
+        return min(plans, key=sp.latency)
+
+    # --- one candidate ------------------------------------------------------------------------------------------
+
+    def evaluate(self, level: float, labels: dict[str, str] | None, origin: str, fidelity: bool = False
+                 ) -> Candidate:
+        from deploy.stages import export_candidate, fidelity_of, latency
+
+        module = self.module(level)
+        path = self._path(len(self.candidates))
+        prep = None
+        if labels is not None:
+            prep = (self._quant.get(level) or self.quant(0.0)).prep
+        plan = export_candidate(module, self.setup, labels, prep, path)
+        timing = latency(self.setup, path, self.request.measure_seconds, module, plan)
+        value = None
+        if fidelity:
+            from deploy.metrics import primary_metric
+
+            value = primary_metric(fidelity_of(self.setup, path))[1]
+        candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level),
+                              timing["latency_ms"], value, path.stat().st_size / 1e6, labels,
+                              timing.get("band_ms"), origin)
+        self.candidates.append(candidate)
+        return candidate
+
+    def with_fidelity(self, candidate: Candidate) -> Candidate:
+        if candidate.fidelity is None:
+            from deploy.metrics import primary_metric
+            from deploy.stages import fidelity_of
+
+            index = self.candidates.index(candidate)
+            candidate.fidelity = primary_metric(fidelity_of(self.setup, self._path(index)))[1]
+        return candidate
+
+    def _path(self, index: int) -> Path:
+        return self.setup.workdir / f"candidate-{index}.onnx"
+
+
+def _precision_name(labels: dict[str, str] | None, prep: Any) -> str:
+    if labels is None:
+        return "fp32"
+    from deploy.compress.quant_apply import options_for
+
+    options = options_for(prep.spaces, labels).values()
+    low = [o for o in options if not o.is_float]
+    if not low:
+        return "fp32"
+    kinds = {o.precision for o in low}
+    return kinds.pop() if len(low) == len(options) and len(kinds) == 1 else "mixed"
+
+
+# --- latency budgets --------------------------------------------------------------------------------------------
+
+def meet_latency(planner: Planner, budget: float, dense: Candidate) -> Candidate:
+    """The most faithful candidate measured inside [FILL, SAFE] x budget (or the best below it)."""
+    window = (FILL * budget, SAFE * budget)
+    target = window[1]
+    if dense.latency_ms <= target and "fp32" in planner.request.precisions:
+        return dense
+    fast0 = None
+    if planner.quantizes:
+        fast0 = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer")
+        if fast0.latency_ms <= target:
+            sp = planner.quant(0.0).space
+            points = [(sp.latency(sp.float_labels()), dense.latency_ms), (sp.latency(fast0.labels), fast0.latency_ms)]
+            return fill_precision(planner, 0.0, window, points, fast0)
+    labels = planner.fastest() if planner.quantizes else None
+    start = fast0 or dense
+    if not planner.can_prune:
+        _infeasible(budget, start.latency_ms, dense)
+    most = planner.evaluate(1.0, labels, "most pruning, fastest precision")
+    if most.latency_ms > target:
+        _infeasible(budget, min(most.latency_ms, start.latency_ms), dense)
+    pruned = _level_for_latency(planner, labels, window, start, most)
+    if not planner.quantizes:
+        return pruned
+    sp = planner.quant(pruned.level).space  # precisions re-planned on the pruned model (the second level)
+    points = [(sp.latency(pruned.labels), pruned.latency_ms)]
+    return fill_precision(planner, pruned.level, window, points, pruned)
+
+
+def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: tuple[float, float],
+                       low: Candidate, high: Candidate) -> Candidate:
+    """Regula falsi (Illinois) on the pruning level: the least pruning whose measured latency fits, stopping
+    early inside the window. `low` does not fit (level 0), `high` does (level 1)."""
+    target = window[1]
+    aim = sum(window) / 2
+    best = high
+    f_low, f_high = low.latency_ms - aim, high.latency_ms - aim
+    a, b = low.level, high.level
+    side = 0
+    for _ in range(LEVEL_STEPS):
+        level = b - f_high * (b - a) / (f_high - f_low) if f_high != f_low else (a + b) / 2
+        level = min(max(level, a + 0.02 * (b - a)), b - 0.02 * (b - a))
+        cand = planner.evaluate(level, labels, "pruning level for the budget")
+        if cand.latency_ms <= target and cand.level < best.level:
+            best = cand
+        if window[0] <= cand.latency_ms <= target:
+            return cand
+        value = cand.latency_ms - aim
+        if value > 0:  # still too slow: more pruning
+            a, f_low = level, value
+            if side == -1:
+                f_high /= 2
+            side = -1
+        else:
+            b, f_high = level, value
+            if side == 1:
+                f_low /= 2
+            side = 1
+    return best
+
+
+def _estimate_for(target: float, points: list[tuple[float, float]]) -> float:
+    """The allocator's estimate that should measure `target`: linear through the two measured points nearest to
+    it (estimate -> measured), or proportional with one point."""
+    pts = sorted(set(points), key=lambda p: abs(p[1] - target))
+    if len(pts) == 1 or abs(pts[0][1] - pts[1][1]) < 1e-9:
+        est, measured = pts[0]
+        return est * target / measured
+    (e1, m1), (e2, m2) = pts[0], pts[1]
+    return e1 + (target - m1) * (e2 - e1) / (m2 - m1)
+
+
+def fill_precision(planner: Planner, level: float, window: tuple[float, float], points: list[tuple[float, float]],
+                   fits: Candidate) -> Candidate:
+    """Spend the latency left on precision: the allocator's least-distortion plan for an estimate steered onto
+    the measured latency. `fits` (all fastest) is the fallback; the least-distortion plan that fits is returned."""
+    from deploy.compress.quant_search import allocator_plan
+
+    sp = planner.quant(level).space
+    target = window[1]
+    best, seen = fits, {tuple(sorted((fits.labels or {}).items()))}
+    for _ in range(PRECISION_STEPS):
+        estimate = _estimate_for(sum(window) / 2, points)
+        try:
+            labels = allocator_plan(sp, estimate)[0]
+        except BudgetInfeasibleError:
+            break
+        key = tuple(sorted(labels.items()))
+        if key in seen:
+            break
+        seen.add(key)
+        cand = planner.evaluate(level, labels, f"precision allocator at {estimate:.4g} ms (estimated)")
+        points.append((sp.latency(labels), cand.latency_ms))
+        if cand.latency_ms <= target and (best.latency_ms > target or
+                                          _distortion(sp, labels) < _distortion(sp, best.labels or {})):
+            best = cand
+        if window[0] <= cand.latency_ms <= target:
+            break
+    return best
+
+
+def _distortion(sp: Any, labels: dict[str, str]) -> float:
+    """The allocator's additive distortion of `labels` on `sp` (labels from a sibling model map by name)."""
+    from deploy.compress.quant_apply import options_for
+
+    return sum(sp.sensitivity[n].get(o.label, 0.0) for n, o in options_for(sp.spaces, labels).items())
+
+
+def _infeasible(budget: float, fastest: float, dense: Candidate) -> None:
+    least = fastest / SAFE  # the margin the search keeps for measurement noise
+    raise BudgetInfeasibleError(
+        f"the latency budget {budget:.3g} ms is below the fastest achievable {fastest:.3g} ms plus a "
+        f"{(1 - SAFE):.0%} noise margin (dense fp32: {dense.latency_ms:.3g} ms)",
+        f"raise the budget to at least {least:.3g} ms", least_achievable=least)
+
+
+# --- fidelity floors ----------------------------------------------------------------------------------------------
+
+def _bisect(evaluate: Callable[[float], Candidate], ok: Callable[[Candidate], bool], low: float, high: float,
+            prefer_low: bool, steps: int = LEVEL_STEPS) -> Candidate | None:
+    """Bisect a knob in [low, high]. prefer_low: the smallest value that is ok; else the largest."""
+    best = None
+    for _ in range(steps):
+        mid = (low + high) / 2
+        cand = evaluate(mid)
+        if ok(cand) == prefer_low:
+            if ok(cand):
+                best = cand
+            high = mid
+        else:
+            if ok(cand):
+                best = cand
+            low = mid
+    return best
+
+
+def meet_floor(planner: Planner, metric: str, minimum: float, dense: Candidate) -> Candidate:
+    """The fastest candidate whose held-out fidelity (exported model, in its runtime) stays above the floor."""
+    from deploy.compress.quant_search import allocator_plan
+
+    ok = lambda c: c.fidelity is not None and c.fidelity >= minimum  # noqa: E731
+    planner.with_fidelity(dense)
+    feasible = [dense] if ok(dense) else []
+    labels = None
+    if planner.quantizes:
+        fast = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer", fidelity=True)
+        if ok(fast):
+            feasible.append(fast)
+            labels = fast.labels
+        else:  # the least estimated latency whose precision plan keeps the floor
+            sp = planner.quant(0.0).space
+            lo, hi = sp.latency(fast.labels), sp.latency(sp.float_labels())
+
+            def at(estimate: float) -> Candidate:
+                plan = allocator_plan(sp, estimate)[0]
+                return planner.evaluate(0.0, plan, f"precision allocator at {estimate:.4g} ms", fidelity=True)
+
+            found = _bisect(at, ok, lo, hi, prefer_low=True, steps=PRECISION_STEPS + 1)
+            feasible += [found] if found else []
+    if planner.can_prune and (labels is not None or "fp32" in planner.request.precisions):
+        found = _bisect(lambda lv: planner.evaluate(lv, labels, "pruning level for the floor", fidelity=True),
+                        ok, 0.0, 1.0, prefer_low=False)
+        feasible += [found] if found else []
+    if not feasible:
+        raise BudgetInfeasibleError(f"no candidate keeps {metric} >= {minimum:.4g}", "lower the floor (--max-drop)")
+    return min(feasible, key=lambda c: (c.latency_ms, -(c.fidelity or 0.0)))
+
+
+# --- size budgets ---------------------------------------------------------------------------------------------------
+
+def meet_size(planner: Planner, size_mb: float, dense: Candidate) -> Candidate:
+    """The most faithful candidate whose exported file fits: float or fastest precision, pruned as little as fits."""
+    fits = lambda c: c.size_mb <= size_mb  # noqa: E731
+    families: list[tuple[dict[str, str] | None, Candidate]] = []
+    if "fp32" in planner.request.precisions:
+        families.append((None, dense))
+    if planner.quantizes:
+        fast = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer")
+        families.append((fast.labels, fast))
+    feasible, smallest = [], min(c.size_mb for _, c in families)
+    for labels, start in families:
+        if fits(start):
+            feasible.append(start)
+            continue
+        if planner.can_prune:
+            end = planner.evaluate(1.0, labels, "most pruning")
+            smallest = min(smallest, end.size_mb)
+            if fits(end):
+                found = _bisect(lambda lv: planner.evaluate(lv, labels, "pruning level for the size"), fits,
+                                0.0, 1.0, prefer_low=True)
+                feasible.append(found or end)
+    if not feasible:
+        raise BudgetInfeasibleError(f"the size budget {size_mb:g} MB is below the smallest achievable "
+                                    f"{smallest:.3g} MB", f"raise --size-mb to at least {smallest:.3g}",
+                                    least_achievable=smallest)
+    for cand in feasible:
+        planner.with_fidelity(cand)
+    return max(feasible, key=lambda c: (round(c.fidelity or 0.0, 4), -c.size_mb))
+
+
+def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> dict[str, Any]:
+    """The decisions for `request`'s budget (see the module docstring)."""
+    from deploy.budget import fidelity_floor, latency_target_ms
+    from deploy.metrics import task_of
+
+    planner = Planner(request, setup)
+    dense = planner.evaluate(0.0, None, "dense fp32")
+    note("searching", 0.2)
+    target = latency_target_ms(request.budget, dense.latency_ms)
+    floor = fidelity_floor(request.budget, task_of(setup.reference[0]))
+    if target is not None:
+        choice = meet_latency(planner, target, dense)
+    elif floor is not None:
+        choice = meet_floor(planner, floor[0], floor[1], dense)
+    else:
+        choice = meet_size(planner, request.budget.value, dense)
+    choice.chosen = True
+    note("planned", 0.6)
+    return {
+        "precision": choice.precision, "level": choice.level, "prune": {"removed": choice.removed},
+        "quantize": {"labels": choice.labels} if choice.labels else {},
+        "budget": {"kind": request.budget.kind, "value": request.budget.value, "target_ms": target,
+                   "floor": list(floor) if floor else None, "described": request.budget.describe()},
+        "dense_latency_ms": dense.latency_ms, "candidates": [c.row() for c in planner.candidates],
+        "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed},
+        "quant_problems": {str(level): _problem_summary(problem) for level, problem in planner._quant.items()},
+    }
+
+
+def _problem_summary(problem: Any) -> dict[str, Any]:
+    sp = problem.space
+    return {"layers": len(sp.spaces), "cost_model": sp.table.source, "seconds": problem.seconds,
+            "estimated_float_ms": sp.latency(sp.float_labels()), "estimated_fastest_ms": sp.latency(sp.fastest())}
+
