@@ -74,11 +74,12 @@ def compress(request: CompressRequest, progress: ProgressFn | None = None) -> di
         from deploy.plan_search import search
         from deploy.stages import build_result, run_plan
 
+        planner = None
         if request.plan:
             decisions = _replay_decisions(request.plan)
         else:
-            decisions = search(request, setup, note)
-        result = run_plan(request, setup, decisions, tmp, note)
+            decisions, planner = search(request, setup, note)
+        result = run_plan(request, setup, decisions, tmp, note, planner)
         report = build_result(request, setup, decisions, result, tmp)
         import shutil
 

@@ -61,15 +61,20 @@ def _counts(labels: dict[str, str]) -> dict[str, int]:
 
 
 def quant_config(request: Any, setup: Any) -> Any:
-    """The quantization settings compress uses: the fast preset, the request's weight bits, the run's threads."""
+    """The quantization settings compress uses: the fast preset, the request's weight bits, the run's threads.
+    int8 weights are per-channel only where the target has per-channel kernels: per-tensor runs no faster there
+    and is less faithful, and each option costs a sensitivity pass per layer."""
     import dataclasses as dc
 
     from deploy.compress.quantize import QuantizeConfig
 
     bits = tuple(b for b, p in ((8, "int8"), (4, "int4")) if p in request.precisions) or (8,)
     fast = QuantizeConfig.fast()
+    grans = fast.space.granularities
+    if "per-channel" in setup.resolved.profile.weight_granularities:
+        grans = tuple(g for g in grans if g != "per-tensor")
     return QuantizeConfig.fast(threads=setup.threads, measure_finalists=False,
-                               space=dc.replace(fast.space, weight_bits=bits))
+                               space=dc.replace(fast.space, weight_bits=bits, granularities=grans))
 
 
 class Planner:
@@ -111,6 +116,10 @@ class Planner:
             self._modules[level] = (copy.deepcopy(self.setup.loaded.module).eval() if level <= 0
                                     else self.family().build(self.removed(level)))
         return self._modules[level]
+
+    def built_quant(self, level: float) -> Any | None:
+        """The precision problem already built for `level`, if any."""
+        return self._quant.get(level)
 
     def quant(self, level: float) -> Any:
         """The precision problem (calibration, sensitivities, prices) of the model at `level`."""
@@ -391,8 +400,9 @@ def meet_size(planner: Planner, size_mb: float, dense: Candidate) -> Candidate:
     return max(feasible, key=lambda c: (round(c.fidelity or 0.0, 4), -c.size_mb))
 
 
-def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> dict[str, Any]:
-    """The decisions for `request`'s budget (see the module docstring)."""
+def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tuple[dict[str, Any], Planner]:
+    """The decisions for `request`'s budget (see the module docstring), and the planner that holds what was built
+    on the way (the pruning problem, the precision problems) for applying them."""
     from deploy.budget import fidelity_floor, latency_target_ms
     from deploy.metrics import task_of
 
@@ -417,7 +427,7 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> dict
         "dense_latency_ms": dense.latency_ms, "candidates": [c.row() for c in planner.candidates],
         "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed},
         "quant_problems": {str(level): _problem_summary(problem) for level, problem in planner._quant.items()},
-    }
+    }, planner
 
 
 def _problem_summary(problem: Any) -> dict[str, Any]:

@@ -103,11 +103,11 @@ def fidelity_of(setup: Any, path: Path) -> dict[str, Any]:
 # --- applying -----------------------------------------------------------------------------------------------------
 
 def run_plan(request: Any, setup: Any, decisions: dict[str, Any], out_dir: Path,
-             note: Callable[[str, float], None]) -> dict[str, Any]:
+             note: Callable[[str, float], None], planner: Any = None) -> dict[str, Any]:
     """Apply the decisions: prune, recover, quantize (calibrated on the final weights), export in the target's
-    formats, then measure against the original."""
+    formats, then measure against the original. `planner` (from the search, None on replay) lends what it built."""
     removed = {k: int(v) for k, v in decisions.get("prune", {}).get("removed", {}).items()}
-    family = Family(setup, bool(removed))
+    family = planner.family() if planner is not None and removed else Family(setup, bool(removed))
     module = family.build(removed)
     result: dict[str, Any] = {"recovery": None, "quantization": None}
     recover = decisions.get("recover", {})
@@ -123,11 +123,16 @@ def run_plan(request: Any, setup: Any, decisions: dict[str, Any], out_dir: Path,
     labels = decisions.get("quantize", {}).get("labels")
     plan = None
     if labels:
-        from deploy.compress.quant_apply import quantize_to_labels
+        from deploy.compress.quant_apply import export_labels, plan_for, quantize_to_labels
         from deploy.plan_search import quant_config
 
-        exported, plan = quantize_to_labels(module, setup.loaded.inputs, setup.calibration, setup.resolved.profile,
-                                            labels, path, quant_config(request, setup))
+        built = planner.built_quant(float(decisions["level"])) if planner is not None else None
+        if built is not None and result["recovery"] is None:  # calibrated on these very weights already
+            exported, plan = export_labels(built.prep, module, setup.loaded.inputs, labels, path), \
+                plan_for(built.prep, labels)
+        else:
+            exported, plan = quantize_to_labels(module, setup.loaded.inputs, setup.calibration,
+                                                setup.resolved.profile, labels, path, quant_config(request, setup))
         result["quantization"] = {"policy": plan.policy, "float_precision": plan.float_precision,
                                   "labels": plan.labels(), "notes": exported.notes,
                                   "files": [str(p.name) for p in (exported.onnx, exported.openvino_xml) if p]}

@@ -117,7 +117,8 @@ def test_tiny_transformer_with_text_calibration(tmp_path, env):
 
 def test_device_not_at_hand_gets_predicted_latency_with_a_band(tmp_path, env):
     out = tmp_path / "jetson"
-    result = run_cli("compress", "--example", "--target", "jetson", "-o", out, *FAST, "--json", env=env)
+    result = run_cli("compress", "--example", "--target", "jetson", "--no-prune", "-o", out, *FAST, "--json",
+                     env=env)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["target"]["name"] == "jetson-orin-nano" and "resolved" in report["target"]["note"]
@@ -126,6 +127,9 @@ def test_device_not_at_hand_gets_predicted_latency_with_a_band(tmp_path, env):
     assert low < report["result"]["latency_ms"] < high
     assert report["result"]["verified"] is False
     assert "not yet verified" in report["latency"]["result"]["label"]
+    if report["decisions"].get("quantize"):  # a per-layer plan is priced layer by layer
+        assert report["latency"]["result"]["precision"] == "mixed"
+        assert report["quantization"]["policy"] == "tensorrt"
 
 
 def test_latency_budget_is_met_with_a_per_layer_precision_plan(tmp_path, env):
