@@ -115,8 +115,12 @@ class QuantProblem:
 
 
 def build_problem(module: nn.Module, inputs: Sequence[InputSpec], calibration: Any, profile: Any,
-                  config: QuantizeConfig = QuantizeConfig()) -> QuantProblem:
-    """Prepare and calibrate, measure every layer's sensitivity to every option, price the options."""
+                  config: QuantizeConfig = QuantizeConfig(), prices_from: QuantProblem | None = None
+                  ) -> QuantProblem:
+    """Prepare and calibrate, measure every layer's sensitivity to every option, price the options.
+    `prices_from`: a sibling problem (the same network before channel pruning) whose price table is rescaled to
+    this model's layer sizes instead of timing every option again; callers that steer on measured latency (deploy
+    compress) correct what the rescaling misses."""
     from deploy.compress.quant_cost import PricingInput, boundaries_for
     from deploy.compress.quant_prepare import prepare
     from deploy.compress.quant_search import SearchSpace
@@ -132,12 +136,38 @@ def build_problem(module: nn.Module, inputs: Sequence[InputSpec], calibration: A
     reference = run(prep.folded, batches)
     sens = _cached_sensitivity(prep, batches, reference, config)
     clock.lap("sensitivity")
-    cost = _cost_model(config, profile, prep.graph is not None)
-    table = cost.price(PricingInput(prep.float_onnx, prep.graph, prep.plan, prep.spaces, list(inputs), profile,
-                                    config.threads))
+    if prices_from is not None:
+        table = _rescaled_table(prices_from, prep)
+    else:
+        cost = _cost_model(config, profile, prep.graph is not None)
+        table = cost.price(PricingInput(prep.float_onnx, prep.graph, prep.plan, prep.spaces, list(inputs), profile,
+                                        config.threads))
     clock.lap("price")
     space = SearchSpace(prep.spaces, sens, table, boundaries_for(prep.graph, prep.plan))
     return QuantProblem(prep, space, batches, reference, clock.laps)
+
+
+def _rescaled_table(sibling: QuantProblem, prep: Any) -> Any:
+    """The sibling's price table with each layer's kernel deltas scaled by its MAC ratio (channel pruning keeps the
+    spatial size, so in x out features is the ratio) and the base by the whole model's; Q/DQ on a tensor scale with
+    the layer that produces or reads it."""
+    from dataclasses import replace
+
+    old = {s.name: s.in_features * s.out_features for s in sibling.prep.shapes}
+    new = {s.name: s.in_features * s.out_features for s in prep.shapes}
+    ratio = {n: new[n] / old[n] for n in new if old.get(n)}
+    total = sum(new.values()) / max(1, sum(old[n] for n in new if n in old))
+    table = sibling.space.table
+    kernel = {n: {k: v * ratio.get(n, total) for k, v in deltas.items()} for n, deltas in table.kernel.items()}
+    readers = prep.graph.input_groups() if prep.graph is not None else {}
+    boundary = {}
+    for tensor, ms in table.boundary.items():
+        layers = readers.get(tensor) or [prep.graph.producer(tensor)] if prep.graph is not None else []
+        scales = [ratio[n] ** 0.5 for n in layers if n in ratio]  # a tensor's size: one side of the layer
+        boundary[tensor] = ms * (sum(scales) / len(scales) if scales else total ** 0.5)
+    note = f"rescaled from the unpruned model's {table.source} prices by each layer's MAC ratio"
+    return replace(table, base_ms=table.base_ms * total, kernel=kernel, boundary=boundary,
+                   source=f"{table.source}+rescaled", notes=[*table.notes, note])
 
 
 def solve_budget(problem: QuantProblem, calibration: Any, inputs: Sequence[InputSpec], profile: Any,

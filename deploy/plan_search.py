@@ -10,10 +10,13 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
 2. the dense model with every layer at its fastest precision; if that fits, no pruning is needed: the precision
    allocator spends the budget on the most sensitive layers (its estimate steered onto the measured latency);
 3. else pruning: the level is found by regula falsi on the measured latency of the fastest precisions, then the
-   precision allocator runs again on the pruned model (sensitivities and prices measured on it) to fill the budget.
+   precision allocator runs again on the pruned model (sensitivities measured on it, the dense model's prices
+   rescaled to its layer sizes) to fill the budget; then one alternation: a step more pruning with more layers
+   back in float, kept if its exported model is more faithful on held-out data.
 
-A measured p50 within [0.85, 1] x budget ends a search early; the final model is measured once more against the
-original, interleaved. Fidelity floors bisect the same knobs on the exported model's held-out fidelity.
+A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early; the final model is measured once
+more against the original, interleaved. Fidelity floors bisect the same knobs on the exported model's held-out
+fidelity.
 """
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ import torch
 from deploy.errors import BudgetInfeasibleError, UserInputError
 
 FILL = 0.85  # a latency budget is met when FILL x budget <= p50 <= budget, where the model family allows
-SAFE = 0.97  # while searching a candidate fits at <= SAFE x budget: the final measurement repeats it with noise
+SAFE = 0.95  # while searching a candidate fits at <= SAFE x budget: the final measurement repeats it with noise
 LEVEL_STEPS = 6  # regula falsi / bisection steps on the pruning level
 PRECISION_STEPS = 4  # closed-loop steps of the precision allocator's budget
+ALTERNATE = 0.8  # the alternation's deeper pruning step: fastest precisions at about this share of the budget
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Planner:
         self._family: Any = None
         self._modules: dict[float, torch.nn.Module] = {}
         self._quant: dict[float, Any] = {}
+        self._baseline: Callable[[], object] | None = None  # the dense model, every candidate is timed against
         allowed = set(setup.resolved.profile.precisions)
         self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
         self.can_prune = request.prune and setup.loaded.structural
@@ -127,9 +132,19 @@ class Planner:
             from deploy.compress.quantize import build_problem
 
             config = quant_config(self.request, self.setup)
+            sibling = self.quant(0.0) if level > 0 else None  # a pruned model's prices: the dense one's, rescaled
             self._quant[level] = build_problem(self.module(level), self.setup.loaded.inputs,
-                                               self.setup.calibration, self.setup.resolved.profile, config)
+                                               self.setup.calibration, self.setup.resolved.profile, config,
+                                               prices_from=sibling)
         return self._quant[level]
+
+    def time_against_dense(self) -> None:
+        """Time every later candidate interleaved with the dense model (as the final report does)."""
+        if self.setup.local:
+            from deploy.stages import export_fp32, prepare_run
+
+            path = export_fp32(self.setup.loaded.module, self.setup, self.setup.workdir / "dense-baseline.onnx")
+            self._baseline = prepare_run(self.setup, path)
 
     def fastest(self, level: float = 0.0) -> dict[str, str]:
         """The plan the price table estimates fastest: every layer at its fastest kernel, or every layer in low
@@ -161,7 +176,7 @@ class Planner:
         if labels is not None:
             prep = (self._quant.get(level) or self.quant(0.0)).prep
         plan = export_candidate(module, self.setup, labels, prep, path)
-        timing = latency(self.setup, path, self.request.measure_seconds, module, plan)
+        timing = latency(self.setup, path, self.request.measure_seconds, module, plan, self._baseline)
         value = None
         if fidelity:
             from deploy.metrics import primary_metric
@@ -224,9 +239,37 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate) -> Candidate
     pruned = _level_for_latency(planner, labels, window, start, most)
     if not planner.quantizes:
         return pruned
-    sp = planner.quant(pruned.level).space  # precisions re-planned on the pruned model (the second level)
-    points = [(sp.latency(pruned.labels), pruned.latency_ms)]
-    return fill_precision(planner, pruned.level, window, points, pruned)
+    filled = _precision_at(planner, pruned, window)
+    return _alternate(planner, filled, pruned, most, labels, window)
+
+
+def _precision_at(planner: Planner, pruned: Candidate, window: tuple[float, float]) -> Candidate:
+    """The second level: precisions re-planned on the pruned model to spend what the budget has left."""
+    sp = planner.quant(pruned.level).space
+    return fill_precision(planner, pruned.level, window, [(sp.latency(pruned.labels), pruned.latency_ms)], pruned)
+
+
+def _alternate(planner: Planner, first: Candidate, pruned: Candidate, most: Candidate,
+               labels: dict[str, str] | None, window: tuple[float, float]) -> Candidate:
+    """One alternation between the levels: prune one step further (fastest precisions at about ALTERNATE x the
+    budget), give the latency freed back to precision, and keep whichever exported model is more faithful on
+    held-out data. Stops at the first plan when the step does not land inside the budget."""
+    span = pruned.latency_ms - most.latency_ms
+    if span <= 0 or pruned.level >= 1.0:
+        return first
+    aim = ALTERNATE * window[1] / SAFE
+    level = pruned.level + (1.0 - pruned.level) * min(1.0, max(0.0, (pruned.latency_ms - aim) / span))
+    if level - pruned.level < 0.01:
+        return first
+    deeper = planner.evaluate(level, labels, "alternation: one pruning step further")
+    if deeper.latency_ms > window[1]:
+        return first
+    second = _precision_at(planner, deeper, window)
+    if second.latency_ms > window[1] or second.labels == deeper.labels:  # nothing was given back to precision
+        return first
+    planner.with_fidelity(first)
+    planner.with_fidelity(second)
+    return second if (second.fidelity or 0.0) > (first.fidelity or 0.0) else first
 
 
 def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: tuple[float, float],
@@ -407,6 +450,7 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
     from deploy.metrics import task_of
 
     planner = Planner(request, setup)
+    planner.time_against_dense()
     dense = planner.evaluate(0.0, None, "dense fp32")
     note("searching", 0.2)
     target = latency_target_ms(request.budget, dense.latency_ms)

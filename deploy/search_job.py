@@ -65,6 +65,7 @@ def search(request: SearchRequest, progress: Callable[[int, int], None] | None =
     out.mkdir(parents=True, exist_ok=True)
     setup = _setup(request.compress, out / ".work")
     planner = Planner(request.compress, setup)
+    planner.time_against_dense()
     precisions = (["fp32"] if "fp32" in request.compress.precisions else []) + \
         (["int8", "mixed"] if planner.quantizes else [])
 

@@ -62,21 +62,35 @@ def export_candidate(module: torch.nn.Module, setup: Any, labels: dict[str, str]
     return plan_for(prep, labels)
 
 
-def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | None = None, plan: Any = None
-            ) -> dict[str, Any]:
-    """p50 measured in the target's runtime here, or predicted (with its band) for a device not at hand."""
-    if not setup.local:
-        return _predicted(setup, path, module, plan)
+def prepare_run(setup: Any, path: Path) -> Callable[[], object]:
+    """One inference of the exported file in the target's runtime, ready to time."""
     from deploy.targets.feeds import make_feeds
-    from deploy.targets.measure import MeasureConfig, measure
     from deploy.targets.runner import get_runner
 
     runner = get_runner(setup.runtime, setup.threads, setup.runtime_precision, setup.resolved.profile)
-    run_once = runner.prepare(path, make_feeds(setup.measure_specs))
+    return runner.prepare(path, make_feeds(setup.measure_specs))
+
+
+def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | None = None, plan: Any = None,
+            baseline: Callable[[], object] | None = None) -> dict[str, Any]:
+    """p50 measured in the target's runtime here, or predicted (with its band) for a device not at hand.
+    Measured interleaved with `baseline` (the dense model) when given: the same protocol as the final report's, so
+    a candidate's p50 is what the report will say (a small model timed alone keeps its weights in cache and looks
+    faster than it does next to anything else)."""
+    if not setup.local:
+        return _predicted(setup, path, module, plan)
+    from deploy.targets.measure import MeasureConfig, measure, measure_interleaved
+
+    run_once = prepare_run(setup, path)
     config = MeasureConfig(warmup_min_s=0.1, warmup_min_runs=5, min_samples=32, min_seconds=seconds,
                            max_seconds=max(10.0, seconds * 4))
-    result = measure(run_once, config).to_dict()
-    return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result}
+    if baseline is None:
+        result = measure(run_once, config).to_dict()
+        return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result}
+    _, candidate, comparison = measure_interleaved(baseline, run_once, config)
+    result = candidate.to_dict()
+    return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result,
+            "ratio_to_dense": comparison.to_dict()["ratio"]}
 
 
 def _predicted(setup: Any, path: Path, module: torch.nn.Module | None, plan: Any) -> dict[str, Any]:

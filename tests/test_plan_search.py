@@ -1,0 +1,72 @@
+"""The closed-loop plan search on synthetic latency curves: the pruning level found by regula falsi lands in the
+budget window, the precision allocator's estimate is steered onto measured latency, and the alternation keeps
+the more faithful plan. No model is built: the planner is a stand-in with a known latency and fidelity."""
+from __future__ import annotations
+
+import pytest
+
+from deploy.plan_search import FILL, SAFE, Candidate, _alternate, _estimate_for, _level_for_latency
+
+
+class FakePlanner:
+    """latency(level) = dense x (1 - 0.8 level), minus a little per int8 layer; fidelity falls with pruning."""
+
+    def __init__(self, dense_ms: float = 10.0, prune_cost: float = 0.5, int8_cost: float = 0.01):
+        self.dense_ms, self.prune_cost, self.int8_cost = dense_ms, prune_cost, int8_cost
+        self.candidates: list[Candidate] = []
+
+    def latency(self, level: float, labels: dict[str, str] | None) -> float:
+        int8 = sum(v == "int8" for v in (labels or {}).values())
+        return self.dense_ms * (1 - 0.8 * level) * (1 - 0.05 * int8)
+
+    def evaluate(self, level: float, labels: dict[str, str] | None, origin: str, fidelity: bool = False
+                 ) -> Candidate:
+        cand = Candidate("mixed" if labels else "fp32", round(level, 4), {}, self.latency(level, labels), None, 1.0,
+                         labels, origin=origin)
+        self.candidates.append(cand)
+        return cand
+
+    def with_fidelity(self, cand: Candidate) -> Candidate:
+        int8 = sum(v == "int8" for v in (cand.labels or {}).values())
+        cand.fidelity = 1.0 - self.prune_cost * cand.level - self.int8_cost * int8
+        return cand
+
+
+@pytest.mark.parametrize("budget", [3.0, 5.0, 7.5])
+def test_pruning_level_lands_in_the_budget_window(budget):
+    planner = FakePlanner()
+    window = (FILL * budget, SAFE * budget)
+    low, high = planner.evaluate(0.0, None, "dense"), planner.evaluate(1.0, None, "most")
+    found = _level_for_latency(planner, None, window, low, high)
+    assert window[0] <= found.latency_ms <= window[1]
+    assert len(planner.candidates) <= 2 + 3  # regula falsi on a straight line needs one or two steps
+
+
+def test_estimate_is_steered_by_measured_points():
+    # the estimate says 8 ms where 10 ms was measured, 4 ms where 6 ms was: linear between them
+    points = [(8.0, 10.0), (4.0, 6.0)]
+    assert _estimate_for(8.0, points) == pytest.approx(6.0)
+    assert _estimate_for(5.0, [(4.0, 8.0)]) == pytest.approx(2.5)  # one point: proportional
+
+
+@pytest.mark.parametrize("prune_cost, int8_cost, deeper_wins", [(0.5, 0.01, False), (0.01, 0.05, True)])
+def test_alternation_keeps_the_more_faithful_plan(monkeypatch, prune_cost, int8_cost, deeper_wins):
+    import deploy.plan_search as ps
+
+    planner = FakePlanner(prune_cost=prune_cost, int8_cost=int8_cost)
+    window = (FILL * 7.5, SAFE * 7.5)
+    pruned = planner.evaluate(0.3, {"a": "int8", "b": "int8"}, "level")
+    most = planner.evaluate(1.0, {"a": "int8", "b": "int8"}, "most")
+    first = pruned
+
+    def precision_at(planner_, cand, window_):  # gives the latency freed back: one layer to float
+        return planner_.evaluate(cand.level, {"a": "int8", "b": "fp32"}, "filled")
+
+    monkeypatch.setattr(ps, "_precision_at", precision_at)
+    chosen = _alternate(planner, first, pruned, most, pruned.labels, window)
+    origins = [c.origin for c in planner.candidates]
+    assert "alternation: one pruning step further" in origins
+    deeper = [c for c in planner.candidates if c.origin == "filled"][0]
+    assert deeper.level > first.level and deeper.latency_ms <= window[1]
+    assert chosen is (deeper if deeper_wins else first)
+    assert chosen.fidelity == max(first.fidelity, deeper.fidelity)
