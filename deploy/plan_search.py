@@ -193,7 +193,7 @@ class Planner:
             from deploy.metrics import primary_metric
             from deploy.stages import fidelity_of
 
-            index = self.candidates.index(candidate)
+            index = next(i for i, c in enumerate(self.candidates) if c is candidate)
             candidate.fidelity = primary_metric(fidelity_of(self.setup, self._path(index)))[1]
         return candidate
 

@@ -23,7 +23,7 @@ def _figures(report: dict[str, Any]) -> list[tuple[str, str]]:
     from matplotlib import pyplot as plt
 
     figures = []
-    candidates = report.get("candidates", [])
+    candidates = [c for c in report.get("candidates", []) if c.get("fidelity") is not None]  # scored ones
     metric = report.get("fidelity_metric", "fidelity")
     if candidates:
         fig, ax = plt.subplots(figsize=(6, 4))

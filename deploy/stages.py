@@ -237,8 +237,10 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
     target_ms = budget.get("target_ms")
     before = {l.name: l for l in analyze(setup.loaded).layers}
     after = {l.name: l for l in analyze(from_module(module, setup.loaded.inputs)).layers}
+    labels = (result.get("quantization") or {}).get("labels", {})
     layers = [{"layer": n, "type": l.type, "params": l.params, "params_after": after[n].params if n in after else 0,
-               "macs": l.macs, "macs_after": after[n].macs if n in after else 0} for n, l in before.items()]
+               "macs": l.macs, "macs_after": after[n].macs if n in after else 0,
+               "precision": labels.get(n, "float" if n in after else "removed")} for n, l in before.items()]
     warnings = list(setup.warnings)
     if setup.calibration.is_random:
         warnings.append("calibration data is random (--calib random): the fidelity numbers mean nothing")

@@ -80,7 +80,7 @@ def test_markdown_is_generated_from_json_alone(tmp_path):
         "models": [{"name": "minilm", "title": "MiniLM", "task": "embedding", "calibration": "c", "evaluation": "e",
                     "rows": [_row("nncf_int8", "nncf"),
                              _row("ort_static", "onnxruntime", status="error", error="boom"),
-                             _row("deploy_x1", "deploy", budget_ms=2.0, hit=True),
+                             _row("deploy_x1", "deploy", budget_ms=2.0, budget_factor=1.0, hit=True),
                              _row("deploy_x0.5", "deploy", status="not yet available", budget_ms=1.0,
                                   note="not yet available: deploy.job.compress is not importable")]}],
     }
@@ -91,6 +91,7 @@ def test_markdown_is_generated_from_json_alone(tmp_path):
     assert "`.venv/bin/python benchmarks/run.py --quick`" in text and "Test CPU" in text and "QUICK" in text
     assert "| nncf_int8 | ORT | 2.00 [1.90, 2.10] | 0.50x [0.48, 0.52] | cos 0.9900 · NN 95.0% | 1.23 MB | – |" in text
     assert "error: boom" in text
-    assert "| minilm | 2.00 ms | 2.00 [1.90, 2.10] | 0.50x [0.48, 0.52] | hit |" in text
-    assert "| minilm | 1.00 ms | – | – | – | – | – | – | not yet available" in text
+    # hit in ms (2.00 <= 2.00) and by ratio (0.50 <= NNCF's 0.50 x 1); the whole budget used
+    assert "| minilm | 2.00 ms | 2.00 [1.90, 2.10] | 0.50x [0.48, 0.52] | hit / hit | 1.00 |" in text
+    assert "| minilm | 1.00 ms | – | – | – | – | – | – | – | not yet available" in text
     assert peer_report.markdown(data) == text
