@@ -19,11 +19,14 @@ def test_every_command_has_help(args):
     assert result.returncode == 0 and "Usage" in result.stdout
 
 
-def test_profiles_list_shows_the_eight():
+def test_profiles_list_shows_every_builtin():
+    from deploy.profiles import builtin_names
+
     result = run_cli("profiles", "list", "--json")
     assert result.returncode == 0
     names = {p["name"] for p in json.loads(result.stdout)}
-    assert len(names) == 8 and "jetson-orin-nano" in names
+    assert names == set(builtin_names()) and len(names) == 9
+    assert {"jetson-orin-nano", "cpu-avx512-vnni-openvino"} <= names
 
 
 def test_profiles_show_alias():
