@@ -91,6 +91,7 @@ class Planner:
         self._modules: dict[float, torch.nn.Module] = {}
         self._quant: dict[float, Any] = {}
         self._baseline: Callable[[], object] | None = None  # the dense model, every candidate is timed against
+        self.dense: Candidate | None = None
         allowed = set(setup.resolved.profile.precisions)
         self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
         self.can_prune = request.prune and setup.loaded.structural
@@ -452,6 +453,7 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
     planner = Planner(request, setup)
     planner.time_against_dense()
     dense = planner.evaluate(0.0, None, "dense fp32")
+    planner.dense = dense
     note("searching", 0.2)
     target = latency_target_ms(request.budget, dense.latency_ms)
     floor = fidelity_floor(request.budget, task_of(setup.reference[0]))
@@ -461,17 +463,39 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
         choice = meet_floor(planner, floor[0], floor[1], dense)
     else:
         choice = meet_size(planner, request.budget.value, dense)
-    choice.chosen = True
-    note("planned", 0.6)
+    budget = {"kind": request.budget.kind, "value": request.budget.value, "target_ms": target,
+              "floor": list(floor) if floor else None, "described": request.budget.describe()}
+    return _decisions(planner, choice, budget), planner
+
+
+def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: float) -> dict[str, Any] | None:
+    """The final measurement of the applied plan missed the latency budget (the machine drifted, or recovery and
+    re-calibration moved it): search once more against a budget shrunk by the miss. None when nothing faster fits."""
+    budget = decisions["budget"]
+    target = budget.get("target_ms")
+    if target is None or measured_ms <= target:
+        return None
+    tighter = target * target / measured_ms
+    try:
+        choice = meet_latency(planner, tighter, planner.dense)
+    except BudgetInfeasibleError:
+        return None
+    retried = {"measured_ms": measured_ms, "searched_for_ms": tighter}
+    return {**_decisions(planner, choice, budget), "retried_after_miss": retried}
+
+
+def _decisions(planner: Planner, choice: Candidate, budget: dict[str, Any]) -> dict[str, Any]:
+    for cand in planner.candidates:
+        cand.chosen = cand is choice
+    request = planner.request
     return {
         "precision": choice.precision, "level": choice.level, "prune": {"removed": choice.removed},
         "quantize": {"labels": choice.labels} if choice.labels else {},
-        "budget": {"kind": request.budget.kind, "value": request.budget.value, "target_ms": target,
-                   "floor": list(floor) if floor else None, "described": request.budget.describe()},
-        "dense_latency_ms": dense.latency_ms, "candidates": [c.row() for c in planner.candidates],
+        "budget": budget, "dense_latency_ms": planner.dense.latency_ms,
+        "candidates": [c.row() for c in planner.candidates],
         "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed},
         "quant_problems": {str(level): _problem_summary(problem) for level, problem in planner._quant.items()},
-    }, planner
+    }
 
 
 def _problem_summary(problem: Any) -> dict[str, Any]:

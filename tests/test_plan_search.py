@@ -70,3 +70,22 @@ def test_alternation_keeps_the_more_faithful_plan(monkeypatch, prune_cost, int8_
     assert deeper.level > first.level and deeper.latency_ms <= window[1]
     assert chosen is (deeper if deeper_wins else first)
     assert chosen.fidelity == max(first.fidelity, deeper.fidelity)
+
+
+def test_a_final_miss_is_planned_again_against_a_tighter_budget():
+    from types import SimpleNamespace
+
+    from deploy.plan_search import replan_after_miss
+
+    planner = FakePlanner()
+    planner.quantizes, planner.can_prune, planner._quant = False, True, {}
+    planner.request = SimpleNamespace(precisions=("fp32",), recover_steps=0, recover_minutes=0.0, seed=0)
+    planner.dense = planner.evaluate(0.0, None, "dense")
+    decisions = {"budget": {"target_ms": 5.0}}
+    assert replan_after_miss(planner, decisions, measured_ms=4.9) is None  # met: nothing to do
+    again = replan_after_miss(planner, decisions, measured_ms=6.0)
+    tighter = 5.0 * 5.0 / 6.0
+    assert again["retried_after_miss"] == {"measured_ms": 6.0, "searched_for_ms": pytest.approx(tighter)}
+    chosen = [c for c in planner.candidates if c.chosen]
+    assert len(chosen) == 1 and chosen[0].latency_ms <= SAFE * tighter and again["level"] == chosen[0].level
+    assert replan_after_miss(planner, decisions, measured_ms=1000.0) is None  # nothing that fast: keep the first
