@@ -131,7 +131,7 @@ def timed(paths: dict[str, Path], case: dict[str, Any], threads: int, seconds: f
     `runtimes` names the (runtime, precision hint) of rows not run by ONNX Runtime."""
     from deploy.pipeline import InputSpec
     from deploy.targets.feeds import make_feeds
-    from deploy.targets.measure import MeasureConfig, measure_interleaved
+    from deploy.targets.measure import measure_interleaved
     from deploy.targets.runner import get_runner
 
     feeds = make_feeds([InputSpec(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]])

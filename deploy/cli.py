@@ -5,7 +5,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -182,7 +182,6 @@ def inspect_cmd(
 ) -> None:
     """What a model holds: inputs, layers with type, parameters and MACs, and what compression will touch."""
     from deploy.analysis import analyze
-    from deploy.model_io import load_model
 
     loaded = _load(model, example, arch, trust_pickle, input_shape)
     summary = analyze(loaded)

@@ -5,7 +5,6 @@ Precision is fp32, int8 (every layer at its fastest option) or mixed: the quanti
 plan at a point `mix` between the fastest and the float model's estimated latency (0 = fastest, 1 = float)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path

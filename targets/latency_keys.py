@@ -96,7 +96,6 @@ def measured_correction(table: Any, module: nn.Module, inputs: Sequence[InputSpe
     import tempfile
     from pathlib import Path
 
-    from deploy.targets.latency_table import Correction
 
     keys = [key for _, key in model_keys(module, inputs, precision)]
     if measured_ms is None:

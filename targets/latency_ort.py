@@ -93,7 +93,6 @@ def _shapes(items: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
 def _with_graph_info(nodes: tuple[ProfiledNode, ...], graph: Any) -> tuple[ProfiledNode, ...]:
     """Add each node's output tensor names, and the shapes of weights ORT pre-packed (and so left out of the
     trace, e.g. QLinearConv's), read from the optimised graph's initializers."""
-    import onnx
 
     by_name = {n.name: n for n in graph.node}
     weights = {i.name: (_ONNX_DTYPES.get(i.data_type, "float"), tuple(int(d) for d in i.dims))

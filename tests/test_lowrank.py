@@ -1,7 +1,6 @@
 """Low-rank factorization and distillation recovery."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -33,7 +33,6 @@ def _study(url: str):
 
 
 def test_killed_search_resumes_with_completed_trials_intact(tmp_path):
-    import optuna
     from optuna.trial import TrialState
 
     out = tmp_path / "search"
