@@ -99,6 +99,8 @@ class QuantPlan:
     layers: dict[str, LayerPlan]
     float_precision: str = "fp32"  # what float layers run in (bf16 on OpenVINO with AVX-512 BF16)
     notes: list[str] = field(default_factory=list)
+    # bias correction: per layer and option label, the per-output-channel shift subtracted from the bias
+    shifts: dict[str, dict[str, tuple[float, ...]]] = field(default_factory=dict)
 
     def labels(self) -> dict[str, str]:
         return {name: lp.option.label for name, lp in self.layers.items()}
@@ -106,20 +108,26 @@ class QuantPlan:
     def with_options(self, options: dict[str, QuantOption]) -> "QuantPlan":
         """The same calibration with other per-layer options (the search's candidates)."""
         layers = {n: replace(lp, option=options.get(n, lp.option)) for n, lp in self.layers.items()}
-        return QuantPlan(self.policy, layers, self.float_precision, list(self.notes))
+        return QuantPlan(self.policy, layers, self.float_precision, list(self.notes), self.shifts)
+
+    def bias_shift(self, name: str) -> tuple[float, ...]:
+        """The bias correction of `name` at its current option (empty: none)."""
+        return self.shifts.get(name, {}).get(self.layers[name].option.label, ())
 
     def count(self, precision: str) -> int:
         return sum(lp.option.precision == precision for lp in self.layers.values())
 
     def to_dict(self) -> dict[str, Any]:
+        shifts = {n: list(self.bias_shift(n)) for n in self.layers if self.bias_shift(n)}
         return {"schema": PLAN_SCHEMA, "version": PLAN_VERSION, "policy": self.policy,
                 "float_precision": self.float_precision, "notes": list(self.notes),
-                "layers": [lp.to_dict() for lp in self.layers.values()]}
+                "layers": [lp.to_dict() for lp in self.layers.values()], "bias_shift": shifts}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantPlan":
         if data.get("schema") != PLAN_SCHEMA or data.get("version") != PLAN_VERSION:
             raise ValueError(f"not a {PLAN_SCHEMA} v{PLAN_VERSION} document")
-        layers = [LayerPlan.from_dict(d) for d in data["layers"]]
-        return cls(data["policy"], {lp.name: lp for lp in layers}, data.get("float_precision", "fp32"),
-                   list(data.get("notes", [])))
+        layers = {lp.name: lp for lp in (LayerPlan.from_dict(d) for d in data["layers"])}
+        shifts = {n: {layers[n].option.label: tuple(float(v) for v in values)}
+                  for n, values in data.get("bias_shift", {}).items()}
+        return cls(data["policy"], layers, data.get("float_precision", "fp32"), list(data.get("notes", [])), shifts)

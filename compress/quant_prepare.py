@@ -32,6 +32,7 @@ class CalibrationConfig:
     batches: int = 4
     batch_size: int = 32
     probe_samples: int = 16
+    bias_correction: bool = True  # subtract each low-precision option's mean output shift from the bias
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in ("minmax", "percentile", "mse")]
@@ -148,4 +149,14 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Any, pr
                                    tuple(float(v) for v in sm) if sm is not None else (), bool(ln and ln.relu_after))
     plan = QuantPlan(profile.qdq_policy, layers, runtime_float(profile), list(notes))
     flags = sim_flags(plan, policy, graph)
-    return Prepared(folded, wrap(folded, plan, flags), shapes, graph, spaces, plan, flags, float_onnx, report, notes)
+    qmodel = wrap(folded, plan, flags)
+    if config.bias_correction:
+        from dataclasses import replace
+
+        from deploy.compress.quant_bias import install_shifts, measure_shifts
+
+        shifts = measure_shifts(qmodel, spaces, batches)
+        install_shifts(qmodel, shifts)
+        plan = replace(plan, shifts=shifts)
+        qmodel.quant_plan = plan
+    return Prepared(folded, qmodel, shapes, graph, spaces, plan, flags, float_onnx, report, notes)

@@ -180,6 +180,7 @@ class QuantLayer(nn.Module):
         self.generator: torch.Generator | None = None
         smooth = torch.tensor(plan.smooth, dtype=torch.float32) if plan.smooth else torch.ones(0)
         self.register_buffer("smooth", smooth, persistent=False)
+        self.shifts: dict[str, torch.Tensor] = {}  # bias correction per option label (quant_bias)
 
     def set_option(self, option: QuantOption) -> None:
         self.plan = replace(self.plan, option=option)
@@ -206,6 +207,9 @@ class QuantLayer(nn.Module):
             return self._noisy(x, w, bias, act)
         if act is not None:
             x = fake_fp8_act(x, act) if opt.precision == "fp8" else fake_quant_act(x, act)
+        shift = self.shifts.get(opt.label)
+        if shift is not None:
+            bias = -shift if bias is None else bias - shift
         if bias is not None and act is not None and opt.precision == "int8" and self._int_bias(x):
             bias = _ste(bias, quantized_bias(bias, act.scale, quantize_weight(w, opt)))
         w = _ste(w, dequantized_weight(w, opt))

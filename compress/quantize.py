@@ -225,8 +225,8 @@ SENSITIVITY_CACHE_VERSION = 1
 
 def sensitivity_key(prep: Any, batches: Sequence[tuple], config: QuantizeConfig) -> str:
     """Everything the per-layer sensitivities depend on: the folded weights, the calibrated plan (activation
-    ranges, SmoothQuant factors, policy), each layer's options and simulation flags, the exact batch bytes,
-    the probe (noise or quant) and its draws."""
+    ranges, SmoothQuant factors, policy, bias corrections), each layer's options and simulation flags, the exact
+    batch bytes, the probe (noise or quant) and its draws."""
     import hashlib
     import json
 
@@ -240,7 +240,7 @@ def sensitivity_key(prep: Any, batches: Sequence[tuple], config: QuantizeConfig)
     signature = {"version": SENSITIVITY_CACHE_VERSION, "model": model_hash(prep.folded), "data": digest.hexdigest(),
                  "plan": prep.plan.to_dict(), "spaces": {n: [o.to_dict() for o in opts] for n, opts in prep.spaces.items()},
                  "flags": {n: repr(f) for n, f in prep.flags.items()}, "mode": config.sensitivity,
-                 "draws": config.noise_draws}
+                 "draws": config.noise_draws, "bias_shifts": prep.plan.shifts}
     return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

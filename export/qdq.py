@@ -111,13 +111,21 @@ def _at_least_opset(model: Any, version: int) -> None:
             op.version = version
 
 
-def float_onnx(module: nn.Module, inputs: Sequence[InputSpec], folder: Path, static: bool = False
-               ) -> tuple[Path, list[str]]:
-    """Export the BatchNorm-folded float module (what the plan was calibrated on); returns the path and notes."""
+def float_onnx(module: nn.Module, inputs: Sequence[InputSpec], folder: Path, static: bool = False,
+               plan: QuantPlan | None = None) -> tuple[Path, list[str]]:
+    """Export the BatchNorm-folded float module (what the plan was calibrated on), with the plan's bias
+    corrections applied to its low-precision layers; returns the path and notes."""
     from deploy.compress.quant_fold import float_module
     from deploy.export.onnx import OnnxExportConfig, export_onnx
 
     folded, notes = float_module(module)
+    if plan is not None and plan.shifts:
+        from deploy.compress.quant_bias import shift_biases
+
+        skipped = shift_biases(folded, plan)
+        if skipped:
+            notes.append(f"bias correction skipped where the layer width differs from the plan's: "
+                         f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
     specs = [InputSpec(s.name, s.concrete_shape(), s.dtype) for s in inputs] if static else list(inputs)
     path = export_onnx(folded, specs, Path(folder) / "float.onnx", OnnxExportConfig(dynamic=not static))
     return path, notes
@@ -135,7 +143,7 @@ def export_quantized(plan: QuantPlan, module: nn.Module, inputs: Sequence[InputS
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deploy-qdq-") as tmp:
-        float_path, notes = float_onnx(module, inputs, Path(tmp))
+        float_path, notes = float_onnx(module, inputs, Path(tmp), plan=plan)
         float_model = onnx.load(str(float_path))
         graph = layer_graph(float_model, plan.layers)
         model, more = build_qdq_model(float_model, graph, plan, pol)
