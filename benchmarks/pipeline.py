@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -56,16 +57,10 @@ def _row(report: dict[str, Any], speedup: float, seconds: float) -> dict[str, An
             "ratio_ci": [report["latency"]["comparison"]["ci_low"], report["latency"]["comparison"]["ci_high"]],
             "metric": report["fidelity_metric"], "fidelity": result["fidelity"],
             "accuracy": result["fidelity_detail"].get("accuracy"), "precision": result["precision"],
-            "level": decisions.get("level"), "counts": _counts(decisions.get("quantize", {}).get("labels", {})),
+            "level": decisions.get("level"),
+            "counts": dict(Counter(decisions.get("quantize", {}).get("labels", {}).values())),
             "retried": decisions.get("retried_after_miss"), "candidates": len(report["candidates"]),
             "seconds": round(seconds, 1)}
-
-
-def _counts(labels: dict[str, str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for label in labels.values():
-        counts[label] = counts.get(label, 0) + 1
-    return counts
 
 
 def run(quick: bool) -> dict[str, Any]:

@@ -55,8 +55,8 @@ def quantize_to_labels(module: nn.Module, inputs: Sequence[InputSpec], calibrati
     return export_quantized(plan, prep.folded, inputs, path), plan
 
 
-def precision_map(plan_or_labels: QuantPlan, default: str = "fp32") -> dict[str, str]:
+def precision_map(plan: QuantPlan, default: str = "fp32") -> dict[str, str]:
     """{layer: precision} with '*' for the rest: how the latency model prices a plan for a device not at hand."""
-    mapping = {name: lp.option.precision for name, lp in plan_or_labels.layers.items()}
+    mapping = {name: lp.option.precision for name, lp in plan.layers.items()}
     mapping["*"] = default
     return mapping

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -53,15 +54,8 @@ class Candidate:
     def row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
         row.pop("labels")
-        row["counts"] = _counts(self.labels) if self.labels else {"fp32": "all"}
+        row["counts"] = dict(Counter(self.labels.values())) if self.labels else {"fp32": "all"}
         return row
-
-
-def _counts(labels: dict[str, str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for label in labels.values():
-        counts[label] = counts.get(label, 0) + 1
-    return counts
 
 
 def quant_config(request: Any, setup: Any) -> Any:
@@ -90,6 +84,7 @@ class Planner:
         self._family: Any = None
         self._modules: dict[float, torch.nn.Module] = {}
         self._quant: dict[float, Any] = {}
+        self._fastest: dict[float, dict[str, str]] = {}
         self._baseline: Callable[[], object] | None = None  # the dense model, every candidate is timed against
         self.dense: Candidate | None = None
         allowed = set(setup.resolved.profile.precisions)
@@ -151,6 +146,8 @@ class Planner:
         """The plan the price table estimates fastest: every layer at its fastest kernel, or every layer in low
         precision (int8 islands pay Q/DQ at both ends, so an all-int8 chain can beat a kernel-by-kernel pick), or
         the allocator's plan at the smaller of those two estimates."""
+        if level in self._fastest:
+            return self._fastest[level]
         from deploy.compress.quant_search import allocator_plan
 
         sp = self.quant(level).space
@@ -163,7 +160,8 @@ class Planner:
             plans.append(allocator_plan(sp, min(sp.latency(kernel), sp.latency(low)))[0])
         except BudgetInfeasibleError:
             pass
-        return min(plans, key=sp.latency)
+        self._fastest[level] = min(plans, key=sp.latency)
+        return self._fastest[level]
 
     # --- one candidate ------------------------------------------------------------------------------------------
 
