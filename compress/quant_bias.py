@@ -40,8 +40,11 @@ def measure_shifts(qmodel: nn.Module, spaces: dict[str, tuple[QuantOption, ...]]
         options = [o for o in spaces.get(name, ()) if o.precision in ("int8", "int4", "fp8")]
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            saved_option, saved_mode = ql.plan.option, ql.mode
-            ql.mode = "quant"
+            # The shift is the layer's own rounding error, measured before its output quantization: a Q on the
+            # output of a conv followed by ReLU clamps at zero (it IS the ReLU), so with it the difference would
+            # be relu(y) - y, not a rounding shift.
+            saved_option, saved_mode, saved_output_q = ql.plan.option, ql.mode, ql.output_q
+            ql.mode, ql.output_q = "quant", False
             try:
                 for opt in options:
                     ql.set_option(opt)
@@ -50,7 +53,7 @@ def measure_shifts(qmodel: nn.Module, spaces: dict[str, tuple[QuantOption, ...]]
                 counts[name] += _channel_mean(out, ql.layer)[1]
             finally:
                 ql.set_option(saved_option)
-                ql.mode = saved_mode
+                ql.mode, ql.output_q = saved_mode, saved_output_q
         return hook
 
     saved = {n: (ql.mode, dict(ql.shifts)) for n, ql in layers.items()}
