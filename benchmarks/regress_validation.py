@@ -191,7 +191,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing JSON")
     args = parser.parse_args()
-    from deploy.report import atomic_write_json, atomic_write_text
+    from deploy.atomic_io import atomic_write_json, atomic_write_text
 
     if not args.render_only:
         atomic_write_json(JSON_PATH, run(args))

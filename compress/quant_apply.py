@@ -31,8 +31,27 @@ def options_for(spaces: dict[str, tuple[QuantOption, ...]], labels: Labels) -> d
 
 
 def plan_for(prep: Any, labels: Labels) -> QuantPlan:
-    """The calibrated plan of `prep` (quant_prepare.Prepared) with the labelled options."""
-    return prep.plan.with_options(options_for(prep.spaces, labels))
+    """The calibrated plan of `prep` (quant_prepare.Prepared) with the labelled options (tied as the policy
+    runs them: see `tied_labels`)."""
+    return prep.plan.with_options(options_for(prep.spaces, tied_labels(prep, labels)))
+
+
+def tied_labels(prep: Any, labels: Labels) -> Labels:
+    """Where the target's policy ties the layers that read one tensor (OpenVINO), a group whose plan mixes low
+    precision and float is made float throughout: that is what the runtime runs, so the plan, the simulation
+    and the report say so too."""
+    from deploy.export.qdq import policy_for
+
+    if prep.graph is None or not policy_for(prep.plan.policy).tie_shared_inputs:
+        return labels
+    options = options_for(prep.spaces, labels)
+    out = dict(labels)
+    for readers in prep.graph.input_groups().values():
+        group = [n for n in readers if n in options]
+        if len({options[n].is_float for n in group}) > 1:
+            for name in group:
+                out[name] = prep.spaces[name][0].label
+    return out
 
 
 def export_labels(prep: Any, module: nn.Module, inputs: Sequence[InputSpec], labels: Labels, path: str | Path,

@@ -190,7 +190,9 @@ def solve_budget(problem: QuantProblem, calibration: Any, inputs: Sequence[Input
     clock.lap("search")
     final, finals_report = choose_final(prep, sp, result, calibration, inputs, profile, config, budget_ms)
     clock.lap("finalists")
-    options = sp.options(final.labels)
+    from deploy.compress.quant_apply import tied_labels
+
+    options = sp.options(tied_labels(prep, final.labels))
     plan = prep.plan.with_options(options)
     set_options(prep.qmodel, options)
     set_mode(prep.qmodel, "quant")

@@ -100,6 +100,21 @@ def open_study(config: SearchConfig, out_dir: Path) -> Any:
                                directions=["minimize", "maximize"], sampler=sampler)
 
 
+def check_identity(study: Any, identity: dict[str, str]) -> None:
+    """A study holds trials of one model on one target: resuming or joining it with another is refused (exit 2),
+    naming what differs. A new study records what it is for."""
+    stored = {k[len("deploy."):]: v for k, v in study.user_attrs.items() if k.startswith("deploy.")}
+    if not stored and not study.get_trials(deepcopy=False):
+        for key, value in identity.items():
+            study.set_user_attr(f"deploy.{key}", value)
+        return
+    differ = [f"{k} {stored.get(k)!r} in the study, {v!r} now" for k, v in identity.items() if stored.get(k) != v]
+    if differ:
+        raise UserInputError(f"the study '{study.study_name}' was made for another run: {'; '.join(differ[:3])}",
+                             "use another -o (or --study-name) for this model and target, or resume with the "
+                             "same ones")
+
+
 def _artifact(out_dir: Path, params: dict[str, Any], evaluate: Evaluate) -> TrialOutcome:
     """Evaluate into a temporary folder; publish it under the parameters' key only when complete."""
     trials_dir = out_dir / "trials"
@@ -152,8 +167,10 @@ def _recover_killed(study: Any, config: SearchConfig) -> int:
 
 
 def run_search(space: SearchSpace, evaluate: Evaluate, out_dir: str | Path, config: SearchConfig = SearchConfig(),
-               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Run (or resume, or join) the study until `config.trials` trials have completed; returns the front."""
+               progress: Callable[..., None] | None = None, identity: dict[str, str] | None = None
+               ) -> dict[str, Any]:
+    """Run (or resume, or join) the study until `config.trials` trials have completed; returns the front.
+    `progress(step, fraction, done, total, extra)` hears of every finished trial, with the best so far."""
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
@@ -162,6 +179,7 @@ def run_search(space: SearchSpace, evaluate: Evaluate, out_dir: str | Path, conf
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(config, out_dir)
+    check_identity(study, identity or {})
     retried = _recover_killed(study, config)
     _clean_partials(out_dir, older_than_s=config.grace_s)
     if not study.get_trials(deepcopy=False):
@@ -178,9 +196,14 @@ def run_search(space: SearchSpace, evaluate: Evaluate, out_dir: str | Path, conf
 
     def report(study: Any, trial: Any) -> None:
         if progress:
-            progress(len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), config.trials)
+            complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            best = max(complete, key=lambda t: (t.values[1], -t.values[0]), default=None)
+            extra = f"best so far {best.values[1]:.4g} fidelity at {best.values[0]:.4g} ms" if best else ""
+            progress("trials", min(1.0, len(complete) / config.trials), len(complete), config.trials, extra)
 
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if progress:
+        progress("trials", min(1.0, done / config.trials), done, config.trials, "")
     if done < config.trials:
         study.optimize(objective, n_trials=config.trials - done + retried, timeout=config.timeout_s,
                        callbacks=[MaxTrialsCallback(config.trials, states=(TrialState.COMPLETE,)), report],

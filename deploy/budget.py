@@ -6,6 +6,7 @@ whose held-out fidelity stays above it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,8 +15,9 @@ from deploy.errors import UserInputError
 BudgetKind = Literal["latency_ms", "speedup", "size_mb", "max_drop", "default_floor"]
 
 # The default fidelity floor, by task: what "no visible change" means for most users. Documented in CLI.md.
-DEFAULT_FLOORS = {"classification": ("top1_agreement", 0.99), "embedding": ("pooled_cosine", 0.99),
-                  "regression": ("cosine", 0.99)}
+DEFAULT_FLOOR_VALUE = 0.99
+DEFAULT_FLOORS = {"classification": ("top1_agreement", DEFAULT_FLOOR_VALUE),
+                  "embedding": ("pooled_cosine", DEFAULT_FLOOR_VALUE), "regression": ("cosine", DEFAULT_FLOOR_VALUE)}
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class Budget:
     value: float = 0.0
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.value):
+            raise UserInputError(f"the {self.flag} budget must be a finite number, got {self.value}")
         if self.kind not in ("latency_ms", "speedup", "size_mb", "max_drop", "default_floor"):
             raise UserInputError(f"unknown budget kind '{self.kind}'")
         if self.kind in ("latency_ms", "size_mb") and self.value <= 0:

@@ -10,9 +10,24 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DEPLOY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "deploy")
+    """The cache folder, created on first use; one clear line (exit 2) when it cannot be."""
+    from deploy.errors import UserInputError
+
+    named = os.environ.get("DEPLOY_CACHE_DIR")
+    root = named or os.path.join(os.path.expanduser("~"), ".cache", "deploy")
+    where = f"DEPLOY_CACHE_DIR={named}" if named else f"the cache folder {root}"
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserInputError(f"{where} is a file, not a folder", "point DEPLOY_CACHE_DIR at a folder") from None
+    except OSError as exc:
+        raise UserInputError(f"cannot create {where} ({exc.strerror})",
+                             "point DEPLOY_CACHE_DIR at a folder you can write") from None
+    if not path.is_dir():
+        raise UserInputError(f"{where} is a file, not a folder", "point DEPLOY_CACHE_DIR at a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserInputError(f"{where} is not writable", "point DEPLOY_CACHE_DIR at a folder you can write")
     return path
 
 

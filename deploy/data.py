@@ -50,10 +50,14 @@ class CalibrationSet:
     data_hash: str
     is_random: bool = False
     warnings: list[str] = field(default_factory=list)
+    fixed_batch: int | None = None  # the model's batch axis is fixed at this size: every batch has exactly it
 
     def batches(self, which: str = "calibration", batch_size: int = 16) -> list[tuple[torch.Tensor, ...]]:
-        """Concatenate samples into batches (the model's batch axis is dimension 0)."""
+        """Concatenate samples into batches (the model's batch axis is dimension 0). A model with a fixed batch
+        size gets batches of exactly that size (the split holds a multiple of it, so none is short)."""
         samples = self.calibration if which == "calibration" else self.held_out
+        if self.fixed_batch:
+            batch_size = self.fixed_batch
         out = []
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
@@ -94,7 +98,33 @@ def load_calibration(source: str | Path, inputs: Sequence[InputSpec], config: Da
     if len(samples) < 2:
         raise DataError(f"calibration data {text} has {len(samples)} sample(s)", "give at least 2 (more is better)")
     samples = samples[: config.max_samples] if labels is None else samples
-    return _split(samples, labels, text, config, warnings, is_random=text == "random")
+    split = _split(samples, labels, text, config, warnings, is_random=text == "random")
+    return with_fixed_batch(split, fixed_batch(inputs))
+
+
+def fixed_batch(inputs: Sequence[InputSpec]) -> int | None:
+    """The batch size every input fixes (e.g. `--input-shape image:4x3x32x32`), or None when it is dynamic."""
+    firsts = {s.shape[0] for s in inputs if s.shape}
+    if len(firsts) == 1 and isinstance(next(iter(firsts)), int):
+        return int(next(iter(firsts)))
+    return None
+
+
+def with_fixed_batch(split: CalibrationSet, batch: int | None) -> CalibrationSet:
+    """Calibrate and evaluate in batches of the model's fixed size: each part is cut to a multiple of it."""
+    if not batch:
+        return split
+    if len(split.held_out) < batch or len(split.calibration) < batch:
+        raise DataError(f"the model's batch size is fixed at {batch}, but the data gives only "
+                        f"{len(split.calibration)} calibration and {len(split.held_out)} held-out samples",
+                        f"give at least {4 * batch} samples, or a dynamic batch axis (--input-shape NAME:batchx...)")
+    held = len(split.held_out) // batch * batch
+    split.calibration = split.calibration[: len(split.calibration) // batch * batch]
+    split.held_out = split.held_out[:held]
+    if split.held_out_labels is not None:
+        split.held_out_labels = split.held_out_labels[:held]
+    split.fixed_batch = batch
+    return split
 
 
 def _split(samples: list[tuple[torch.Tensor, ...]], labels: np.ndarray | None, source: str, config: DataConfig,
@@ -205,14 +235,12 @@ def _text_samples(path: Path, inputs: Sequence[InputSpec], tokenizer_dir: str | 
 
 
 def _hook_samples(spec_text: str, inputs: Sequence[InputSpec]) -> list[tuple[torch.Tensor, ...]]:
-    from deploy.model_io import import_object
+    from deploy.user_code import call_user, import_object, iterate_user
 
-    try:
-        function = import_object(spec_text, "--calib")
-    except Exception as exc:
-        raise DataError(str(exc)) from None
+    function = import_object(spec_text, "--calib", DataError)
     samples = []
-    for item in function():
+    for item in iterate_user(call_user(function, "--calib", spec_text, error=DataError), "--calib", spec_text,
+                             DataError):
         if isinstance(item, dict):
             samples.append(tuple(_fit(item[s.name], s, spec_text) for s in inputs))
         elif isinstance(item, (tuple, list)):

@@ -11,7 +11,8 @@ from typing import Iterable
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_INCONCLUSIVE = 3
+EXIT_INCONCLUSIVE = 3  # a comparison too noisy to judge, or a predicted band straddling the budget
+EXIT_MISSED = 4  # deploy compress: the budget was missed (the model and report are still written)
 
 
 class DeployError(Exception):

@@ -65,7 +65,7 @@ class Setup:
 
 def compress(request: CompressRequest, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Run the job; the output folder appears complete (model, report.json, report.html, deploy.toml) or not at all."""
-    from deploy.report import atomic_output_dir
+    from deploy.atomic_io import atomic_output_dir
 
     note = progress or (lambda phase, fraction: None)
     with atomic_output_dir(request.out, request.force) as tmp:
@@ -76,7 +76,7 @@ def compress(request: CompressRequest, progress: ProgressFn | None = None) -> di
 
         planner = None
         if request.plan:
-            decisions = _replay_decisions(request.plan)
+            decisions = _replay_decisions(request.plan, setup)
         else:
             decisions, planner = search(request, setup, note)
         result = run_plan(request, setup, decisions, tmp, note, planner)
@@ -95,10 +95,43 @@ def compress(request: CompressRequest, progress: ProgressFn | None = None) -> di
     return report
 
 
-def _replay_decisions(path: str) -> dict[str, Any]:
+def inputs_of(request: CompressRequest) -> list[str]:
+    """The files and folders a run reads: an output folder must never hold (and so replace) one of them."""
+    from pathlib import Path as _Path
+
+    named = [request.model, request.plan, request.tokenizer, request.profile_path]
+    if request.calib and _Path(request.calib).exists():
+        named.append(request.calib)
+    return [p for p in named if p]
+
+
+def _replay_decisions(path: str, setup: Setup) -> dict[str, Any]:
+    """A deploy.toml's decisions, refused (exit 2) when it was written for another model."""
+    from deploy.errors import ConfigError
+    from deploy.model_io import layer_digest, layer_names
     from deploy.plan_file import load_plan
 
-    return load_plan(path)["decisions"]
+    plan = load_plan(path)
+    asked = plan["request"]
+    module = setup.loaded.module
+    named = set(plan["decisions"].get("quantize", {}).get("labels", {})) | \
+        set(plan["decisions"].get("prune", {}).get("removed", {}))
+    known = set(layer_names(module)) | {n for n, _ in module.named_modules()}
+    missing = sorted(n for n in named if n.rsplit(":", 1)[-1] not in known)  # prune units: "channels:layer1.conv1"
+    if missing:
+        raise ConfigError(f"{path} names layers this model does not have ({', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''}): it was written for another model",
+                          "replay a deploy.toml with the model it was made for, or run without --plan")
+    digest = asked.get("layers_digest")
+    if digest and digest != layer_digest(module):
+        raise ConfigError(f"{path} was written for a model with other layers (layer digest {digest}, this model "
+                          f"{layer_digest(module)})", "replay it with the model it was made for, or run without --plan")
+    sha = asked.get("model_sha256")
+    if sha and setup.loaded.sha256 and sha != setup.loaded.sha256:
+        raise ConfigError(f"{path} was written for model file sha256 {sha[:12]}..., this one is "
+                          f"{setup.loaded.sha256[:12]}...", "replay it with the model it was made for, or run "
+                          "without --plan")
+    return plan["decisions"]
 
 
 def _setup(request: CompressRequest, workdir: Path) -> Setup:
@@ -110,6 +143,9 @@ def _setup(request: CompressRequest, workdir: Path) -> Setup:
     loaded = _load(request)
     if loaded.module is None:
         raise UserInputError("deploy compress takes a PyTorch model, not ONNX", "give the .pt/.pt2 it came from")
+    from deploy.model_io import check_finite_weights
+
+    check_finite_weights(loaded)
     calib = request.calib
     if calib is None:
         if not request.example:
@@ -128,6 +164,11 @@ def _setup(request: CompressRequest, workdir: Path) -> Setup:
     from deploy.evaluate import torch_outputs
 
     setup.reference = torch_outputs(loaded.module, calibration.batches("held_out", 32))
+    if not all(bool(torch.isfinite(r).all()) for r in setup.reference):
+        from deploy.errors import DataError
+
+        raise DataError("the model's own outputs on the held-out data hold NaN or infinite values, so no fidelity "
+                        "can be measured", "check the model and the calibration data (--calib)")
     return setup
 
 
@@ -158,7 +199,7 @@ def _load(request: CompressRequest) -> Any:
     if request.example == (request.model is not None):
         raise UserInputError("give a model file or --example (exactly one)", "see deploy compress --help")
     if request.example:
-        return load_example()
+        return load_example(request.input_shapes)
     return load_model(request.model, arch=request.arch, trust_pickle=request.trust_pickle,
                       input_shapes=request.input_shapes)
 

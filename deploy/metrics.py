@@ -69,25 +69,37 @@ def fidelity(reference: Sequence[torch.Tensor] | torch.Tensor, candidate: Sequen
     if ref.shape != cand.shape:
         raise ValueError(f"output shapes differ: reference {tuple(ref.shape)} vs candidate {tuple(cand.shape)}")
     task = task_of(ref)
-    result: dict[str, float | str] = {"task": task, "samples": int(ref.shape[0]), "sqnr_db": sqnr_db(ref, cand),
-                                      "mse": F.mse_loss(cand, ref).item()}
+    # A sample whose output holds NaN or infinity agrees with nothing: it scores as a miss in every metric (an
+    # all-NaN column would otherwise give top-1 agreement 1.0, argmax being 0 on both sides).
+    ok = torch.isfinite(cand.reshape(cand.shape[0], -1)).all(1)
+    bad = int((~ok).sum())
+    cand = torch.where(torch.isfinite(cand), cand, torch.zeros_like(cand))
+    result: dict[str, float | str] = {"task": task, "samples": int(ref.shape[0]), "non_finite_samples": bad,
+                                      "sqnr_db": sqnr_db(ref, cand) if not bad else -math.inf,
+                                      "mse": F.mse_loss(cand, ref).item() if not bad else math.inf}
     flat_ref, flat_cand = ref.reshape(ref.shape[0], -1), cand.reshape(cand.shape[0], -1)
-    result["cosine"] = F.cosine_similarity(flat_ref, flat_cand, dim=1, eps=1e-12).mean().item()
+    result["cosine"] = _mean_where(F.cosine_similarity(flat_ref, flat_cand, dim=1, eps=1e-12), ok)
     if task == "classification":
-        result["top1_agreement"] = (ref.argmax(1) == cand.argmax(1)).float().mean().item()
+        result["top1_agreement"] = _mean_where((ref.argmax(1) == cand.argmax(1)).float(), ok)
         log_p, log_q = F.log_softmax(ref, 1), F.log_softmax(cand, 1)
-        result["kl"] = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean").item()
+        result["kl"] = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean").item() if not bad else math.inf
         if labels is not None:
             labels = torch.as_tensor(labels).long().reshape(-1)
-            result["accuracy"] = (cand.argmax(1) == labels).float().mean().item()
+            result["accuracy"] = _mean_where((cand.argmax(1) == labels).float(), ok)
             result["reference_accuracy"] = (ref.argmax(1) == labels).float().mean().item()
     elif task == "embedding":
         mask = None if attention_mask is None else torch.as_tensor(attention_mask)
         pooled_ref, pooled_cand = mean_pool(ref, mask), mean_pool(cand, mask)
-        result["pooled_cosine"] = F.cosine_similarity(pooled_ref, pooled_cand, dim=1, eps=1e-12).mean().item()
-        result["token_cosine"] = F.cosine_similarity(ref, cand, dim=-1, eps=1e-12).mean().item()
-        result["nn_agreement"] = nearest_neighbour_agreement(pooled_ref, pooled_cand)
+        result["pooled_cosine"] = _mean_where(F.cosine_similarity(pooled_ref, pooled_cand, dim=1, eps=1e-12), ok)
+        token_ok = ok.reshape(-1, 1).expand(ref.shape[0], ref.shape[1])
+        result["token_cosine"] = _mean_where(F.cosine_similarity(ref, cand, dim=-1, eps=1e-12), token_ok)
+        result["nn_agreement"] = nearest_neighbour_agreement(pooled_ref, pooled_cand) * (1 - bad / ref.shape[0])
     return result
+
+
+def _mean_where(values: torch.Tensor, ok: torch.Tensor) -> float:
+    """The mean with samples that are not `ok` counted as 0 (a miss)."""
+    return torch.where(ok, values, torch.zeros_like(values)).float().mean().item()
 
 
 def nearest_neighbour_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:

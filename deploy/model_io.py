@@ -6,10 +6,8 @@ Formats: TorchScript `.pt`, `torch.export` `.pt2`, a `state_dict` plus `--arch m
 from __future__ import annotations
 
 import hashlib
-import importlib
 import pickle
 import re
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 
 from deploy.errors import InputSpecError, ModelLoadError
 from deploy.pipeline import InputSpec, dtype_name, torch_dtype
+from deploy.user_code import call_user, import_object, short as _short
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ts", ".bin")
 SUPPORTED = "give .pt/.pth (TorchScript, state_dict or pickled module), .pt2 (torch.export) or .onnx"
@@ -39,6 +38,21 @@ class LoadedModel:
     def structural(self) -> bool:
         """True when the Python module is at hand, so structural passes (pruning, low rank) can edit it."""
         return self.format in ("state_dict", "pickle", "module")
+
+
+def layer_names(module: torch.nn.Module) -> list[str]:
+    """The names of the modules that hold weights: what plans, reports and deploy.toml name."""
+    return [name for name, m in module.named_modules()
+            if name and any(True for _ in m.parameters(recurse=False))]
+
+
+def layer_digest(module: torch.nn.Module) -> str:
+    """A short digest of the weight-holding layers' names and shapes: the model a plan was made for."""
+    digest = hashlib.sha256()
+    for name in layer_names(module):
+        for pname, param in module.get_submodule(name).named_parameters(recurse=False):
+            digest.update(f"{name}.{pname}:{tuple(param.shape)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def file_sha256(path: Path) -> str:
@@ -101,7 +115,7 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
     if suffix == ".onnx":
         loaded = _load_onnx(path, specs)
     elif suffix == ".pt2":
-        loaded = _load_exported(path, specs)
+        loaded = _load_exported(path, specs, trust_pickle)
     elif suffix in TORCH_SUFFIXES:
         loaded = _load_torch_file(path, arch, trust_pickle, specs)
     else:
@@ -118,14 +132,18 @@ def from_module(module: torch.nn.Module, inputs: list[InputSpec]) -> LoadedModel
     return LoadedModel(module.eval(), list(inputs), "module")
 
 
-def load_example() -> LoadedModel:
-    """The bundled example: a small ResNet-style CNN trained on scikit-learn's digits."""
+def load_example(input_shapes: Iterable[str] = ()) -> LoadedModel:
+    """The bundled example: a small ResNet-style CNN trained on scikit-learn's digits (`input_shapes` may set
+    its input, as for any model)."""
     from deploy.examples import digits_cnn
 
     module = digits_cnn.load_example_model()
-    spec = InputSpec(digits_cnn.INPUT_NAME, ("batch", *digits_cnn.INPUT_SHAPE[1:]), "float32")
-    loaded = LoadedModel(module, [spec], "state_dict", path=digits_cnn.WEIGHTS_PATH)
+    specs = parse_input_shapes(input_shapes) or [
+        InputSpec(digits_cnn.INPUT_NAME, ("batch", *digits_cnn.INPUT_SHAPE[1:]), "float32")]
+    loaded = LoadedModel(module, specs, "state_dict", path=digits_cnn.WEIGHTS_PATH)
     loaded.sha256 = file_sha256(digits_cnn.WEIGHTS_PATH)
+    if input_shapes:
+        check_runs(loaded)
     return loaded
 
 
@@ -154,19 +172,24 @@ def _load_torch_file(path: Path, arch: str | None, trust_pickle: bool, specs: li
         except Exception as exc:
             raise ModelLoadError(f"{path.name} looks like TorchScript but does not load ({_short(exc)})",
                                  "re-save it with torch.jit.save") from None
-        return LoadedModel(module.eval(), _require_specs(path, specs), "torchscript",
+        specs = _require_specs(path, specs)
+        return LoadedModel(_lifted(torchscript_program(module, specs), module, specs), specs, "torchscript",
                            notes=["TorchScript: quantization only; pruning and low rank need the Python module "
                                   "(save a state_dict and pass --arch module:factory)"])
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # anything else: not a pickle of Python objects
+        from deploy.unsafe_pickle import describe, unsafe_imports
+
+        names = unsafe_imports(path.read_bytes())
+        if not names:  # the safe load failed on something that is not a pickle of Python objects
             raise ModelLoadError(f"{path.name} is not a readable PyTorch file ({_short(exc)})",
                                  "the file may be corrupt or truncated; re-save it") from None
         if not trust_pickle:
             raise ModelLoadError(
-                f"{path.name} is a pickled Python object: loading it runs arbitrary code from the file",
-                "pass --trust-pickle only if you trust its source, or save a state_dict and pass --arch") from None
+                f"a safe load of {path.name} refused code in it: {describe(names)} (a pickled model or object)",
+                "pass --trust-pickle only if you trust its source; better, save model.state_dict() and pass "
+                "--arch module:factory") from None
         return _load_pickle(path, specs)
     except Exception as exc:
         raise ModelLoadError(f"{path.name} is not a readable PyTorch file ({_short(exc)})",
@@ -188,11 +211,22 @@ def _load_torch_file(path: Path, arch: str | None, trust_pickle: bool, specs: li
 
 
 def _load_pickle(path: Path, specs: list[InputSpec]) -> LoadedModel:
+    """A trusted pickle: classes may come from modules in the current folder, as for --arch."""
+    import sys
+
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ModelLoadError(f"{path.name} could not be unpickled ({_short(exc)})",
-                             "the classes it names must be importable here (check PYTHONPATH)") from None
+        obj = call_user(lambda: torch.load(str(path), map_location="cpu", weights_only=False), "--trust-pickle",
+                        path.name, what="could not be unpickled")
+    except ModelLoadError as exc:
+        if "__main__" in exc.message:
+            raise ModelLoadError(
+                f"{path.name} was pickled from a script: its classes live in that script's __main__, which no other "
+                "program can import", "save model.state_dict() instead and pass --arch module:factory (a function "
+                "that builds the model, in a module in the current folder)") from None
+        raise ModelLoadError(exc.message, "the classes it names must be importable here (a module in the current "
+                                          "folder or on PYTHONPATH); or save a state_dict and pass --arch") from None
     if not isinstance(obj, torch.nn.Module):
         raise ModelLoadError(f"{path.name} unpickles to a {type(obj).__name__}, not an nn.Module", SUPPORTED)
     obj.eval()
@@ -210,50 +244,65 @@ def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
 def build_arch(arch: str) -> torch.nn.Module:
     """Import `module:factory` (the user's own code, like any import) and call it with no arguments."""
     factory = import_object(arch, "--arch")
-    try:
-        module = factory()
-    except Exception as exc:
-        raise ModelLoadError(f"--arch {arch} failed when called ({_short(exc)})",
-                             "the factory must build the model with no arguments") from None
+    module = call_user(factory, "--arch", arch, what="failed when called (the factory must build the model with "
+                                                        "no arguments)")
     if not isinstance(module, torch.nn.Module):
         raise ModelLoadError(f"--arch {arch} returned a {type(module).__name__}, not an nn.Module",
                              "the factory must return the model")
     return module
 
 
-def import_object(spec: str, flag: str) -> Callable[..., Any]:
-    """Import `package.module:attribute` for a flag such as --arch or a data hook."""
-    if ":" not in spec:
-        raise ModelLoadError(f"{flag} '{spec}' is not of the form module:function", f"write {flag} package.module:function")
-    module_name, _, attr = spec.partition(":")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # let users name modules in the current folder, like `python -m` does
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ModelLoadError(f"{flag} {spec}: cannot import '{module_name}' ({_short(exc)})",
-                             "check the module name and PYTHONPATH") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ModelLoadError(f"{flag} {spec}: '{module_name}' has no attribute '{attr}'", "check the function name")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ModelLoadError(f"{flag} {spec} is not callable", "name a function")
-    return obj
+def load_exported_program(path: Path, trust_pickle: bool = False) -> Any:
+    """torch.export.load behind the archive check: without `trust_pickle` nothing in the file can run code."""
+    import contextlib
 
+    from deploy.pt2_guard import check_pt2
+    from deploy.unsafe_pickle import weights_only_loads
 
-def _load_exported(path: Path, specs: list[InputSpec]) -> LoadedModel:
+    if not trust_pickle:
+        check_pt2(path)
     try:
-        program = torch.export.load(str(path))
+        with contextlib.nullcontext() if trust_pickle else weights_only_loads():
+            return torch.export.load(str(path))
     except Exception as exc:
+        from deploy.unsafe_pickle import refused_by_safe_load
+
+        if not trust_pickle and refused_by_safe_load(exc):
+            from deploy.pt2_guard import TRUST_HINT
+
+            raise ModelLoadError(f"a safe load of {path.name} refused pickled code in it ({_short(exc, 80)})",
+                                 TRUST_HINT) from None
         raise ModelLoadError(f"{path.name} is not a valid torch.export .pt2 file ({_short(exc)})",
                              "re-save it with torch.export.save") from None
-    file_specs = exported_input_specs(program)
-    module = program.module()
-    return LoadedModel(module, specs or file_specs, "exported",
+
+
+def _load_exported(path: Path, specs: list[InputSpec], trust_pickle: bool = False) -> LoadedModel:
+    program = load_exported_program(path, trust_pickle)
+    specs = specs or exported_input_specs(program)
+    check_input_sizes(specs)
+    module = _lifted(program, None, specs)
+    return LoadedModel(module, specs, "exported",
                        notes=["torch.export program: quantization only; pruning and low rank need the Python module "
                               "(save a state_dict and pass --arch module:factory)"])
+
+
+def torchscript_program(module: Any, specs: list[InputSpec]) -> Any:
+    from deploy.graph_lift import torchscript_to_program
+
+    check_input_sizes(specs)
+    return torchscript_to_program(module, specs)
+
+
+def _lifted(program: Any, original: Any, specs: list[InputSpec]) -> torch.nn.Module:
+    """The graph with real layers (deploy.graph_lift), checked against the original: TorchScript, or the
+    program's own module."""
+    from deploy.graph_lift import check_same, lift_layers
+
+    graph_module = program.module()
+    order = [name for name, _ in original.named_modules()] if original is not None else []
+    lifted = lift_layers(graph_module, order)
+    check_same(lifted, original if original is not None else graph_module, specs)
+    return lifted
 
 
 def exported_input_specs(program: Any) -> list[InputSpec]:
@@ -279,8 +328,14 @@ def exported_input_specs(program: Any) -> list[InputSpec]:
 def _load_onnx(path: Path, specs: list[InputSpec]) -> LoadedModel:
     import onnx
 
+    from deploy.onnx_guard import external_data_files
+
     try:
         model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{path.name} is not a valid ONNX model ({_short(exc)})", "re-export it") from None
+    external_data_files(model, path)  # before anything reads the data
+    try:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise ModelLoadError(f"{path.name} is not a valid ONNX model ({_short(exc)})", "re-export it") from None
@@ -309,17 +364,54 @@ def onnx_input_specs(model: Any) -> list[InputSpec]:
 
 def check_runs(loaded: LoadedModel, sizes: dict[str, int] | None = None) -> Any:
     """Run the model once on its input spec; a mismatch becomes one line naming the shape that was tried."""
+    check_input_sizes(loaded.inputs, sizes)
+    shapes = ", ".join(f"{s.name}:{'x'.join(map(str, s.concrete_shape(sizes)))}:{s.dtype}" for s in loaded.inputs)
     gen = torch.Generator().manual_seed(0)
-    args = tuple(spec.example(sizes, gen) for spec in loaded.inputs)
     try:
+        args = tuple(spec.example(sizes, gen) for spec in loaded.inputs)
         with torch.inference_mode():
             return loaded.module(*args)
+    except MemoryError:
+        raise InputSpecError(f"the model ran out of memory on input {shapes}", "pass smaller --input-shape sizes") from None
     except Exception as exc:
-        shapes = ", ".join(f"{s.name}:{'x'.join(map(str, s.concrete_shape(sizes)))}:{s.dtype}" for s in loaded.inputs)
+        if "alloc" in str(exc).lower() and "memory" in str(exc).lower():
+            raise InputSpecError(f"the model ran out of memory on input {shapes}",
+                                 "pass smaller --input-shape sizes") from None
         raise InputSpecError(f"the model does not run on input {shapes} ({_short(exc)})",
                              "pass the right --input-shape NAME:DIMS:DTYPE for each input") from None
 
 
-def _short(exc: BaseException, limit: int = 120) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _memory_bytes() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+def check_input_sizes(specs: Iterable[InputSpec], sizes: dict[str, int] | None = None) -> None:
+    """Refuse, before allocating, inputs that could not fit in memory (a typo such as 1x3x22400x22400)."""
+    limit = _memory_bytes() // 8  # one input may take an eighth of memory: the model needs room for activations
+    for spec in specs:
+        shape = spec.concrete_shape(sizes)
+        count = 1
+        for dim in shape:
+            count *= int(dim)
+        need = count * torch.empty((), dtype=torch_dtype(spec.dtype)).element_size()
+        if need > limit:
+            raise InputSpecError(f"input {spec.name}:{'x'.join(map(str, shape))} would take {need / 2**30:.3g} GiB, "
+                                 f"more than this machine can run ({limit / 2**30:.3g} GiB per input)",
+                                 "check the --input-shape dimensions")
+
+
+def check_finite_weights(loaded: LoadedModel) -> None:
+    """NaN or infinite weights make every fidelity number meaningless: refuse them before any work, naming one."""
+    if loaded.module is None:
+        return
+    tensors = list(loaded.module.state_dict().items())
+    for name, tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelLoadError(f"the model's tensor {name} holds {bad} NaN or infinite value(s) of {tensor.numel()}",
+                                 "fix the training or the checkpoint; deploy cannot measure fidelity of such a model")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,9 @@ class Planner:
         low = {n: min((o for o in opts if not o.is_float), default=opts[0],
                       key=lambda o: sp.table.kernel.get(n, {}).get(o.kernel_class, 0.0)).label
                for n, opts in sp.spaces.items()}
+        if "fp32" not in self.request.precisions:  # float layers are not allowed: every layer low precision
+            self._fastest[level] = low
+            return low
         plans = [kernel, low]
         try:
             plans.append(allocator_plan(sp, min(sp.latency(kernel), sp.latency(low)))[0])
@@ -167,7 +171,7 @@ class Planner:
 
     def evaluate(self, level: float, labels: dict[str, str] | None, origin: str, fidelity: bool = False
                  ) -> Candidate:
-        from deploy.stages import export_candidate, fidelity_of, latency
+        from deploy.stages import export_candidate, fidelity_of, latency, outputs_finite
 
         module = self.module(level)
         path = self._path(len(self.candidates))
@@ -175,6 +179,11 @@ class Planner:
         if labels is not None:
             prep = (self._quant.get(level) or self.quant(0.0)).prep
         plan = export_candidate(module, self.setup, labels, prep, path)
+        if not outputs_finite(self.setup, path):  # rejected: it can never be chosen, whatever the budget
+            candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level), math.inf,
+                                  0.0, math.inf, labels, None, f"{origin} (rejected: NaN or infinite outputs)")
+            self.candidates.append(candidate)
+            return candidate
         timing = latency(self.setup, path, self.request.measure_seconds, module, plan, self._baseline)
         value = None
         if fidelity:
@@ -351,6 +360,11 @@ def _distortion(sp: Any, labels: dict[str, str]) -> float:
 
 
 def _infeasible(budget: float, fastest: float, dense: Candidate) -> None:
+    if not math.isfinite(fastest):
+        from deploy.errors import MeasurementError
+
+        raise MeasurementError("every faster candidate gives NaN or infinite outputs, so none can be used",
+                               "try --precision fp32, or a looser budget")
     least = fastest / SAFE  # the margin the search keeps for measurement noise
     raise BudgetInfeasibleError(
         f"the latency budget {budget:.3g} ms is below the fastest achievable {fastest:.3g} ms plus a "
@@ -384,7 +398,7 @@ def meet_floor(planner: Planner, metric: str, minimum: float, dense: Candidate) 
 
     ok = lambda c: c.fidelity is not None and c.fidelity >= minimum  # noqa: E731
     planner.with_fidelity(dense)
-    feasible = [dense] if ok(dense) else []
+    feasible = [dense] if ok(dense) and "fp32" in planner.request.precisions else []
     labels = None
     if planner.quantizes:
         fast = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer", fidelity=True)

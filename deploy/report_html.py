@@ -62,6 +62,11 @@ def render_html(report: dict[str, Any]) -> str:
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
              "td:first-child{text-align:left}</style></head><body>"]
     parts.append(f"<h1>deploy report: {esc(str(report.get('model', {}).get('path', '')))}</h1>")
+    verdict = report.get("verdict")
+    if verdict:
+        colour = {"met": "#1a7f37", "uncertain": "#9a6700", "missed": "#cf222e"}[verdict]
+        parts.append(f"<p style='font-size:1.4em;color:{colour}'><b>budget {esc(verdict)}</b> "
+                     f"(exit {report.get('exit_code', 0)})</p>")
     summary = [("target", report.get("target", {}).get("name")), ("budget", report.get("budget", {}).get("described")),
                ("latency source", report.get("latency_source")), ("fidelity metric", report.get("fidelity_metric"))]
     for key in ("original", "result"):
@@ -71,7 +76,7 @@ def render_html(report: dict[str, Any]) -> str:
     parts.append("<table>" + "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in summary)
                  + "</table>")
     for warning in report.get("warnings", []):
-        parts.append(f"<p><b>warning:</b> {esc(warning)}</p>")
+        parts.append(f"<p style='color:#cf222e'><b>warning:</b> {esc(warning)}</p>")
     for title, png in _figures(report):
         parts.append(f"<h2>{esc(title)}</h2><img src='data:image/png;base64,{png}'>")
     layers = report.get("layers", [])

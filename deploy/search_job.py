@@ -55,14 +55,46 @@ def _labels(planner: Any, params: dict[str, Any]) -> dict[str, str] | None:
     return allocator_plan(sp, fast + float(params.get("mix", 0.5)) * (slow - fast))[0]
 
 
-def search(request: SearchRequest, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    from deploy.job import _setup
-    from deploy.plan_search import Planner
-    from deploy.report import atomic_write_json
+def search(request: SearchRequest, progress: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Run the study; input errors leave nothing behind (no OUT/ made for them, no OUT/.work), and a study in
+    OUT that was made for another model or target is refused rather than mixed into one front."""
+    import shutil
+
+    from deploy.atomic_io import atomic_write_json, check_writable_file
 
     out = Path(request.compress.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        from deploy.errors import UserInputError
+
+        raise UserInputError(f"-o {out} is a file", "give the search a folder (it is created, or resumed)")
+    check_writable_file(out / "study.db", "-o")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        summary = _run(request, out, progress)
+    except BaseException:
+        if created and not any((out / "trials").glob("[!.]*")):  # nothing of value yet: leave no trace
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(out / ".work", ignore_errors=True)
+    atomic_write_json(out / "front.json", summary)
+    _plot_front(summary, out / "front.png")
+    return summary
+
+
+def _run(request: SearchRequest, out: Path, progress: Callable[..., None] | None) -> dict[str, Any]:
+    from deploy.job import _setup
+    from deploy.model_io import layer_digest
+    from deploy.plan_search import Planner
+
+    from deploy.compress.search import check_identity, open_study
+
     setup = _setup(request.compress, out / ".work")
+    identity = {"model_sha256": setup.loaded.sha256, "layers_digest": layer_digest(setup.loaded.module),
+                "target": setup.resolved.profile.name, "batch": str(request.compress.batch),
+                "precisions": ",".join(request.compress.precisions), "prune": str(request.compress.prune)}
+    check_identity(open_study(request.search, out), identity)  # before any measuring
     planner = Planner(request.compress, setup)
     planner.time_against_dense()
     precisions = (["fp32"] if "fp32" in request.compress.precisions else []) + \
@@ -79,11 +111,9 @@ def search(request: SearchRequest, progress: Callable[[int, int], None] | None =
         return TrialOutcome(cand.latency_ms, cand.fidelity, str(folder), details)
 
     space = PlanSpace(precisions, planner.can_prune and planner.family().problem is not None)
-    summary = run_search(space, evaluate, out, request.search, progress)
+    summary = run_search(space, evaluate, out, request.search, progress, identity)
     summary["target"] = setup.resolved.profile.name
     summary["latency_source"] = "measured" if setup.local else "predicted"
-    atomic_write_json(out / "front.json", summary)
-    _plot_front(summary, out / "front.png")
     return summary
 
 

@@ -106,6 +106,16 @@ def _predicted(setup: Any, path: Path, module: torch.nn.Module | None, plan: Any
     return predict_onnx(path, setup, float_path, precision_map(plan))
 
 
+def outputs_finite(setup: Any, path: Path) -> bool:
+    """One held-out batch through the exported file in its runtime: are all outputs finite numbers?"""
+    from deploy.evaluate import runtime_predictor
+
+    runtime = "openvino" if setup.runtime == "openvino" else "onnxruntime"
+    run = runtime_predictor(path, [s.name for s in setup.loaded.inputs], runtime, precision=setup.runtime_precision)
+    batch = setup.calibration.batches("held_out", 8)[0]
+    return bool(torch.isfinite(run(batch)).all())
+
+
 def fidelity_of(setup: Any, path: Path) -> dict[str, Any]:
     from deploy.evaluate import exported_fidelity
 
@@ -161,10 +171,18 @@ def run_plan(request: Any, setup: Any, decisions: dict[str, Any], out_dir: Path,
     note("measuring", 0.85)
     result["latency"] = _final_latency(setup, dense_path, path, max(2.0, request.measure_seconds), module, plan)
     result["fidelity"] = fidelity_of(setup, path)
-    if request.eval_hook:
-        from deploy.model_io import import_object
+    if result["fidelity"].get("non_finite_samples"):
+        from deploy.errors import MeasurementError
 
-        result["user_eval"] = import_object(request.eval_hook, "--eval")(str(path))
+        raise MeasurementError(f"the compressed model gives NaN or infinite outputs on "
+                               f"{result['fidelity']['non_finite_samples']} held-out samples, and no candidate "
+                               "without them remains", "try --precision fp32, or another budget")
+    if request.eval_hook:
+        from deploy.errors import UserInputError
+        from deploy.user_code import call_user, import_object
+
+        hook = import_object(request.eval_hook, "--eval", UserInputError)
+        result["user_eval"] = call_user(hook, "--eval", request.eval_hook, str(path), error=UserInputError)
     result["size_mb"] = path.stat().st_size / 1e6
     result["dense_size_mb"] = dense_path.stat().st_size / 1e6
     result["module"] = module
@@ -218,6 +236,38 @@ def _plan_only(decisions: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in decisions.items() if k not in ("candidates", "quant_problems")}
 
 
+def _verdict(budget: dict[str, Any], result_ms: float, size_mb: float, timing: dict[str, Any]) -> str | None:
+    """met / uncertain / missed for a latency or size budget; None for a fidelity floor (met by construction)."""
+    from deploy.verdict import latency_verdict, size_verdict
+
+    if budget.get("target_ms") is not None:
+        band = timing["result"].get("band_ms") if timing["source"] == "predicted" else None
+        return latency_verdict(result_ms, budget["target_ms"], band)
+    if budget.get("kind") == "size_mb":
+        return size_verdict(size_mb, budget["value"])
+    return None
+
+
+def _missed_line(budget: dict[str, Any], result_ms: float, size_mb: float) -> str:
+    if budget.get("target_ms") is not None:
+        return (f"budget missed: the result measured p50 {result_ms:.4g} ms against the budget "
+                f"{budget['target_ms']:.4g} ms (exit 4; the model and report are written)")
+    return f"budget missed: the result is {size_mb:.4g} MB against {budget['value']:g} MB (exit 4)"
+
+
+def _floor_warning(metric: str, value: float, budget: dict[str, Any]) -> str | None:
+    """Below the default fidelity floor (0.99), whatever budget was asked: a person must see it."""
+    import math
+
+    from deploy.budget import DEFAULT_FLOOR_VALUE
+
+    if value is None or not math.isfinite(value) or value < DEFAULT_FLOOR_VALUE:
+        shown = "not a number" if value is None or not math.isfinite(value) else f"{value:.4g}"
+        return (f"fidelity below the default floor: {metric} {shown} < {DEFAULT_FLOOR_VALUE} (check the model "
+                "on your own data before using it)")
+    return None
+
+
 def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: dict[str, Any], out_dir: Path
                  ) -> dict[str, Any]:
     """report.json, report.html and deploy.toml; returns the report."""
@@ -225,8 +275,9 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
     from deploy.metrics import primary_metric
     from deploy.model_io import from_module
     from deploy.plan_file import dumps_plan
-    from deploy.report import atomic_write_json, atomic_write_text
+    from deploy.atomic_io import atomic_write_json, atomic_write_text
     from deploy.report_html import render_html
+    from deploy.verdict import EXIT_CODES
     from deploy.targets.fingerprint import fingerprint
 
     module = result.pop("module")
@@ -234,7 +285,6 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
     metric, value = primary_metric(result["fidelity"])
     original_ms, result_ms = _p50(timing["original"]), _p50(timing["result"])
     budget = decisions.get("budget", {})
-    target_ms = budget.get("target_ms")
     before = {l.name: l for l in analyze(setup.loaded).layers}
     after = {l.name: l for l in analyze(from_module(module, setup.loaded.inputs)).layers}
     labels = (result.get("quantization") or {}).get("labels", {})
@@ -244,6 +294,12 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
     warnings = list(setup.warnings)
     if setup.calibration.is_random:
         warnings.append("calibration data is random (--calib random): the fidelity numbers mean nothing")
+    verdict = _verdict(budget, result_ms, result["size_mb"], timing)
+    if verdict == "missed":
+        warnings.append(_missed_line(budget, result_ms, result["size_mb"]))
+    floor = _floor_warning(metric, value, budget)
+    if floor:
+        warnings.append(floor)
     report = {
         "schema": "deploy.report", "schema_version": 1,
         "model": {"path": str(setup.loaded.path) if setup.loaded.path else None, "sha256": setup.loaded.sha256,
@@ -257,7 +313,9 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
         "result": {"latency_ms": result_ms, "size_mb": result["size_mb"], "fidelity": value,
                    "fidelity_detail": result["fidelity"], "precision": decisions["precision"],
                    "speedup": original_ms / result_ms if result_ms else None},
-        "budget_met": None if target_ms is None else result_ms <= target_ms,
+        "budget_met": None if verdict is None else verdict == "met",
+        "verdict": verdict,
+        "exit_code": EXIT_CODES.get(verdict, 0),
         "decisions": _plan_only(decisions),
         "candidates": decisions.get("candidates", []),
         "quant_problems": decisions.get("quant_problems", {}),
@@ -276,7 +334,10 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
         report["result"]["verified"] = timing["result"].get("verified")
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.html", render_html(report))
+    from deploy.model_io import layer_digest
+
     plan = {"request": {"model": request.model, "example": request.example, "arch": request.arch,
+                        "model_sha256": setup.loaded.sha256, "layers_digest": layer_digest(setup.loaded.module),
                         "input_shapes": list(request.input_shapes), "target": setup.resolved.profile.name,
                         "calib": request.calib, "budget": budget},
             "decisions": _plan_only(decisions)}

@@ -37,11 +37,15 @@ class QdqPolicy:
     openvino_ir: bool = False  # also write OpenVINO IR next to the ONNX file
     attention_matmuls: bool = False  # quantize the inputs of activation x activation MatMuls (attention)
     runtime: str = "onnxruntime"  # the runtime that reads the file here (for verification)
+    # the layers reading one tensor run in low precision together or not at all (OpenVINO ran a conv planned
+    # int8 in float when its sibling on the same input was float)
+    tie_shared_inputs: bool = False
 
 
 POLICIES = {
     "ort-cpu": QdqPolicy("ort-cpu", act_signed=False, output_q_ops=("Conv",), int_bias=True, quantize_adds=True),
-    "openvino": QdqPolicy("openvino", act_signed=False, openvino_ir=True, runtime="openvino", attention_matmuls=True),
+    "openvino": QdqPolicy("openvino", act_signed=False, openvino_ir=True, runtime="openvino", attention_matmuls=True,
+                          tie_shared_inputs=True),
     "tensorrt": QdqPolicy("tensorrt", act_signed=True, residual_inputs=True, runtime="tensorrt", int4_qdq=True),
 }
 

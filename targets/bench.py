@@ -33,6 +33,7 @@ class BenchRequest:
     compare: Path | None = None  # a second model, measured interleaved with the first
     precision: str | None = None
     runner: str | None = None  # ssh://user@host[:port]: measure on that device instead (see ssh_runner.py)
+    trust_pickle: bool = False  # the torch runtime may unpickle a model file (runs code from it)
 
 
 @dataclass(frozen=True)
@@ -82,27 +83,32 @@ def run_bench(request: BenchRequest, progress: ProgressFn | None = None) -> Benc
 
     resolved = resolve_target(request.target or (None if request.profile_path else "cpu"), request.profile_path)
     profile = resolved.profile
-    runtime = canonical_runtime(request.runtime or profile.runtime)
+    runtime = canonical_runtime(request.runtime or _runtime_for_file(request.model_path) or profile.runtime)
     if request.runner:  # the device is elsewhere: none of this machine's checks apply
         from deploy.targets.ssh_runner import run_remote_bench
 
         return run_remote_bench(request, profile, runtime, resolved.note, progress)
     check_measurable(profile, runtime)
     threads = request.threads if request.threads is not None else default_threads(profile)
-    model, model_info, feeds = load_for_bench(request.model_path, runtime, request.input_shapes)
+    model, model_info, feeds = load_for_bench(request.model_path, runtime, request.input_shapes, request.trust_pickle)
     runner = get_runner(runtime, threads, request.precision, profile)
     run_a = runner.prepare(model, feeds)
     context = {"target": profile.name, "fingerprint": fingerprint(threads, profile.name)}
     if request.compare is None:
         result = measure(run_a, request.measure, progress)
         return BenchResult(_with(result, model_info, runner.describe(), context), note=resolved.note)
-    other, other_info, other_feeds = load_for_bench(request.compare, runtime, request.input_shapes)
+    other, other_info, other_feeds = load_for_bench(request.compare, runtime, request.input_shapes, request.trust_pickle)
     _check_same_inputs(model_info, other_info)
     runner_b = get_runner(runtime, threads, request.precision, profile)
     run_b = runner_b.prepare(other, other_feeds)
     a, b, comparison = measure_interleaved(run_a, run_b, request.measure, progress)
     return BenchResult(_with(a, model_info, runner.describe(), context),
                        _with(b, other_info, runner_b.describe(), context), comparison, resolved.note)
+
+
+def _runtime_for_file(path: Path) -> str | None:
+    """An OpenVINO IR runs in OpenVINO whatever the target's default runtime."""
+    return "openvino" if Path(path).suffix.lower() == ".xml" else None
 
 
 def _with(m: Measurement, model_info: dict[str, Any], runtime: dict[str, Any], context: dict[str, Any]) -> Measurement:
@@ -140,28 +146,39 @@ def _is_dim_size(text: str) -> bool:
     return ":" not in text and "=" in text
 
 
-def load_for_bench(path: Path, runtime: str,
-                   input_shapes: Sequence[str]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def load_for_bench(path: Path, runtime: str, input_shapes: Sequence[str],
+                   trust_pickle: bool = False) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(what the runner runs, the model's record for the result, the input feeds)."""
     from deploy.targets.feeds import make_feeds, resolve_inputs
 
     if runtime == "torch":
         from deploy.model_io import load_model
 
-        loaded = load_model(path, input_shapes=[t for t in input_shapes if not _is_dim_size(t)])
+        loaded = load_model(path, input_shapes=[t for t in input_shapes if not _is_dim_size(t)],
+                            trust_pickle=trust_pickle)
         if loaded.module is None:
             raise UserInputError(f"the torch runtime runs PyTorch models (.pt, .pt2), not {Path(path).name}",
                                  "for an .onnx file use --runtime ort or --runtime openvino")
         specs = resolve_inputs(loaded.inputs, [t for t in input_shapes if _is_dim_size(t)])
         model, sha256 = loaded.module, loaded.sha256
     else:
-        from deploy.targets.onnx_model import load_onnx
-
-        onnx_model = load_onnx(path)
+        onnx_model = _open_exported(Path(path), runtime)
         specs = resolve_inputs(onnx_model.inputs, input_shapes)
         model, sha256 = onnx_model.path, onnx_model.sha256
     info = {"path": str(path), "sha256": sha256, "inputs": [s.to_dict() for s in specs]}
     return model, info, make_feeds(specs)
+
+
+def _open_exported(path: Path, runtime: str) -> Any:
+    """An ONNX file, or an OpenVINO IR (.xml) for the OpenVINO runtime, checked and with its inputs read."""
+    from deploy.targets.onnx_model import load_onnx, load_openvino_ir
+
+    if path.suffix.lower() != ".xml":
+        return load_onnx(path)
+    if runtime != "openvino":
+        raise UserInputError(f"{path.name} is an OpenVINO IR; it runs in OpenVINO, not {runtime}",
+                             "drop --runtime, or pass --runtime openvino")
+    return load_openvino_ir(path)
 
 
 def _check_same_inputs(a: dict[str, Any], b: dict[str, Any]) -> None:

@@ -38,7 +38,8 @@ def bench_table(result: BenchResult) -> Any:
     table.add_column("")
     for label, m in zip("AB", measurements):
         name = Path(m.model["path"]).name if m.model else "model"
-        table.add_column(f"{label}: {name}" if len(measurements) > 1 else name, justify="right")
+        header = f"{label}: {name}" if len(measurements) > 1 else name
+        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))  # names are never cut
     columns = [_column(m) for m in measurements]
     for i, row in enumerate(ROWS):
         table.add_row(row, *(col[i] for col in columns))

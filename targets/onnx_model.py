@@ -37,6 +37,9 @@ def load_onnx(path: str | Path) -> OnnxModel:
     except Exception as exc:  # protobuf DecodeError and friends
         raise ModelLoadError(f"{path} is not a valid ONNX model ({type(exc).__name__})",
                              "the file is corrupt or not ONNX; re-export it") from None
+    from deploy.onnx_guard import external_data_files
+
+    external_data_files(proto, path)  # refuses data outside the model's folder before any runtime reads it
     if not proto.graph.node or not proto.graph.output:
         raise ModelLoadError(f"{path} is not a valid ONNX model (its graph has no nodes or no outputs)",
                              "the file is corrupt or not ONNX; re-export it")
@@ -46,3 +49,33 @@ def load_onnx(path: str | Path) -> OnnxModel:
         raise ModelLoadError(f"{path}: cannot read its inputs ({type(exc).__name__}: {exc})",
                              "bench takes float, integer and bool inputs") from None
     return OnnxModel(path, file_sha256(path), inputs)
+
+
+def load_openvino_ir(path: str | Path) -> OnnxModel:
+    """An OpenVINO IR (.xml beside its .bin), as `deploy compress --target cpu-openvino` writes it: checked, hashed
+    (both files) and its inputs read, the same record an ONNX file gets."""
+    import hashlib
+
+    import openvino as ov
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist", "check the path")
+    weights = path.with_suffix(".bin")
+    if not weights.is_file():
+        raise ModelLoadError(f"{path} has no weights file {weights.name} beside it", "keep the .xml and .bin together")
+    try:
+        model = ov.Core().read_model(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a valid OpenVINO IR ({' '.join(str(exc).split())[:120]})",
+                             "re-export it") from None
+    specs = []
+    for index, port in enumerate(model.inputs):
+        dims: list[int | str] = []
+        for axis, dim in enumerate(port.get_partial_shape()):
+            dims.append(dim.get_length() if dim.is_static else ("batch" if axis == 0 else f"dim{axis}"))
+        names = sorted(port.get_names())
+        specs.append(InputSpec(names[0] if names else f"input_{index}", tuple(dims),
+                               port.get_element_type().to_dtype().name))
+    digest = hashlib.sha256(bytes.fromhex(file_sha256(path)) + bytes.fromhex(file_sha256(weights))).hexdigest()
+    return OnnxModel(path, digest, tuple(specs))

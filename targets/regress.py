@@ -36,6 +36,7 @@ class RegressRequest:
     threads: int | None = None
     input_shapes: tuple[str, ...] = ()
     precision: str | None = None
+    trust_pickle: bool = False
 
     def __post_init__(self) -> None:
         if self.update and self.baseline is None:
@@ -104,6 +105,7 @@ def _bench_request(request: RegressRequest, model: Path, baseline: Any = None, c
         profile_path=request.profile_path, runtime=request.runtime or stored_runtime.get("runtime"),
         threads=request.threads if request.threads is not None else stored_runtime.get("threads"),
         input_shapes=shapes, measure=measure, compare=compare, precision=request.precision,
+        trust_pickle=request.trust_pickle,
     )
 
 

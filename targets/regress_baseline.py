@@ -41,6 +41,6 @@ def baseline_text(measurement: Any) -> str:
 
 def write_baseline(path: str | Path, measurement: Any) -> Path:
     """Replace the baseline whole (temporary sibling + rename): a crash never leaves half a file."""
-    from deploy.report import atomic_write_text
+    from deploy.atomic_io import atomic_write_text
 
     return atomic_write_text(path, baseline_text(measurement))

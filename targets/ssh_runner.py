@@ -222,17 +222,13 @@ def _as_sh(script: str) -> str:
 # --- what is sent -------------------------------------------------------------------------------------------------
 
 def _external_data(model_path: Path) -> list[str]:
-    """Relative paths of external-data files the ONNX model refers to (they travel with it)."""
+    """Relative paths of external-data files the ONNX model refers to (they travel with it); a location outside
+    the model's folder is refused (deploy.onnx_guard)."""
     import onnx
 
-    proto = onnx.load(str(model_path), load_external_data=False)
-    found: list[str] = []
-    for tensor in proto.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location" and entry.value not in found:
-                    found.append(entry.value)
-    return found
+    from deploy.onnx_guard import external_data_files
+
+    return external_data_files(onnx.load(str(model_path), load_external_data=False), model_path)
 
 
 def feeds_for(model_path: Path, feeds_or_input_specs: Any) -> dict[str, Any]:

@@ -71,9 +71,13 @@ def load_torch_module(model: Any) -> Any:
         raise ModelLoadError(f"model file {path} does not exist", "check the path")
     try:
         if path.suffix == ".pt2":
-            return torch.export.load(str(path)).module()
+            from deploy.model_io import load_exported_program
+
+            return load_exported_program(path).module()
         if path.suffix == ".pt":
             return torch.jit.load(str(path), map_location="cpu")
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"torch cannot load {path} ({type(exc).__name__})",
                              "give a TorchScript .pt or a torch.export .pt2 file") from None

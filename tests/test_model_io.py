@@ -95,7 +95,8 @@ def test_pickle_needs_the_flag_and_names_the_risk(model_files):
     with pytest.raises(ModelLoadError) as info:
         load_model(model_files["pickle"], input_shapes=[SHAPE])
     line = info.value.one_line()
-    assert "arbitrary code" in line and "--trust-pickle" in line
+    assert "a safe load of pickled.pt refused code in it" in line
+    assert "DigitsCNN" in line and "--trust-pickle" in line and "--arch" in line
 
 
 def test_unknown_input_shape_asks_for_the_flag(model_files):
