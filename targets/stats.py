@@ -14,8 +14,6 @@ import numpy as np
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
-BOOTSTRAP_MAX_N = 5000
-_BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000  # bounds the memory of one bootstrap block (~32 MB of float64)
 
 
 def _as_array(samples: Sequence[float], what: str = "samples") -> np.ndarray:
@@ -73,13 +71,18 @@ def summarize(samples_ms: Sequence[float], confidence: float = 0.95) -> dict[str
 
 
 def _bootstrap_medians(x: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    out = np.empty(resamples)
-    step = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // x.size)
-    for start in range(0, resamples, step):
-        k = min(step, resamples - start)
-        idx = rng.integers(0, x.size, size=(k, x.size))
-        out[start:start + k] = np.median(x[idx], axis=1)
-    return out
+    """Medians of `resamples` bootstrap resamples of x, drawn exactly without building the resamples: in a resample
+    of n values drawn from sorted x, the number at or below x_(j) is Binomial(n, j/n), so the median is x_(j) with
+    probability P(count_j >= m) - P(count_(j-1) >= m), m = ceil(n/2) (the lower median for even n). O(n) to build
+    that distribution, O(log n) per draw: the CI of a ratio costs milliseconds instead of seconds."""
+    from scipy.stats import binom
+
+    xs = np.sort(x)
+    n = xs.size
+    m = (n + 1) // 2
+    cdf = binom.sf(m - 1, n, np.arange(1, n + 1) / n)  # P(median <= x_(j)), j = 1..n
+    cdf[-1] = 1.0
+    return xs[np.minimum(np.searchsorted(cdf, rng.random(resamples), side="right"), n - 1)]
 
 
 def ratio_ci(a_ms: Sequence[float], b_ms: Sequence[float], confidence: float = 0.95,
@@ -91,12 +94,6 @@ def ratio_ci(a_ms: Sequence[float], b_ms: Sequence[float], confidence: float = 0
     if med_a <= 0:
         raise ValueError("ratio_ci: the median of a must be positive")
     rng = np.random.default_rng(seed)
-    # Resampling costs O(n) per draw: past BOOTSTRAP_MAX_N samples per side, bootstrap a fixed-seed subsample
-    # (the interval is then slightly wider, i.e. conservative); the point estimate still uses every sample.
-    if a.size > BOOTSTRAP_MAX_N:
-        a = rng.choice(a, BOOTSTRAP_MAX_N, replace=False)
-    if b.size > BOOTSTRAP_MAX_N:
-        b = rng.choice(b, BOOTSTRAP_MAX_N, replace=False)
     boot_a = _bootstrap_medians(a, resamples, rng)
     boot_b = _bootstrap_medians(b, resamples, rng)
     ratios = boot_b / boot_a

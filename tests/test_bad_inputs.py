@@ -279,15 +279,16 @@ def graph_runs(tmp_path_factory, models):
     """Quantization-only compress of the digits model from TorchScript (batch fixed at 2 by --input-shape, which
     crashed ONNX Runtime with calibration batches of 8) and from .pt2, side by side."""
     cli = Cli(tmp_path_factory.mktemp("graph-runs"))
-    runs = {"torchscript": (models["ts"], "--input-shape", "image:2x1x32x32"), "pt2": (models["pt2"],)}
+    runs = {"torchscript": (models["ts"], "--input-shape", "image:2x1x32x32", "--calib", models["digits"],
+                            "--precision", "int8"),
+            "pt2": (models["pt2"], "--calib", models["digits"], "--precision", "int8", "--force"),
+            "size": ("--example", "--size-mb", "0.06")}  # met by pruning hard without recovery: low fidelity
     outs = {name: cli.work / name for name in runs}
     outs["pt2"].write_text("a file that --force replaces")
-    calls = [lambda n=n, a=a: (n, cli("compress", *a, "--calib", models["digits"], "--precision", "int8",
-                                      "-o", outs[n], "--json", *QUICK, *(["--force"] if n == "pt2" else [])))
-             for n, a in runs.items()]
+    calls = [lambda n=n, a=a: (n, cli("compress", *a, "-o", outs[n], "--json", *QUICK)) for n, a in runs.items()]
     old = os.umask(0o022)
     try:
-        results = dict(parallel(calls, workers=2))
+        results = dict(parallel(calls, workers=3))
     finally:
         os.umask(old)
     return cli, outs, results
@@ -322,6 +323,37 @@ def test_force_onto_a_file_and_the_umask(graph_runs):
     assert not [p for p in cli.work.iterdir() if p.name.startswith(".")]
     assert (outs["pt2"].stat().st_mode & 0o777) == 0o755
     assert {p.stat().st_mode & 0o777 for p in outs["pt2"].iterdir()} == {0o644}
+
+
+def test_fidelity_below_the_default_floor_is_a_warning(graph_runs):
+    cli, outs, results = graph_runs
+    result = results["size"]
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["result"]["fidelity"] < 0.99 and report["verdict"] == "met"
+    assert "fidelity below the default floor" in result.stderr
+    assert any("fidelity below the default floor" in w for w in report["warnings"])
+    assert "fidelity below the default floor" in (outs["size"] / "report.html").read_text()
+
+
+def test_missed_budget_exits_4_and_still_writes_the_model(graph_runs):
+    """A missed latency or size budget exited 0; now exit 4, with the model and the report written."""
+    import tomllib
+
+    import tomli_w
+
+    cli, outs, _ = graph_runs
+    plan = tomllib.loads((outs["size"] / "deploy.toml").read_text())
+    plan["decisions"]["budget"]["value"] = 0.001  # the same model, judged against a budget it cannot meet
+    edited = cli.root / "missed.toml"
+    edited.write_text(tomli_w.dumps(plan))
+    out = cli.work / "missed"
+    result = cli("compress", "--example", "--plan", edited, "-o", out, "--json", *QUICK)
+    assert result.returncode == 4, result.stderr
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "missed" and report["exit_code"] == 4
+    assert {"model.onnx", "report.json", "report.html", "deploy.toml"} <= {p.name for p in out.iterdir()}
+    assert "budget missed" in result.stderr and "Traceback" not in result.stderr
 
 
 # --- silent wrong results, lost data ------------------------------------------------------------------------------
