@@ -41,14 +41,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deploy.compress.quant_space import QuantOption
-from deploy.compress.quantize import QuantizeConfig, quantize_model
-from deploy.data import from_tensors
-from deploy.errors import BudgetInfeasibleError
-from deploy.export.qdq import export_quantized, float_onnx
-from deploy.pipeline import InputSpec
+from deploy.compress.quant.space import QuantOption
+from deploy.compress.quant.api import QuantizeConfig, quantize_model
+from deploy.core.data import from_tensors
+from deploy.core.errors import BudgetInfeasibleError
+from deploy.export.qdq.writer import export_quantized, float_onnx
+from deploy.core.passes import InputSpec
 from deploy.profiles import load_builtin
-from deploy.targets.feeds import make_feeds
+from deploy.targets.measure.feeds import make_feeds
 
 PROFILE, OUT, TRTEXEC = os.environ["DEPLOY_GPU_PROFILE"], Path(os.environ["DEPLOY_GPU_OUT"]), os.environ["DEPLOY_TRTEXEC"]
 profile = load_builtin(PROFILE)
@@ -110,8 +110,8 @@ def python_engine(onnx: Path, flags: list[str], tag: str) -> dict:
     """Build with the tensorrt API (detailed profiling, for the inspector) and time with deploy's runner."""
     import tensorrt as trt
 
-    from deploy.targets.measure import MeasureConfig, measure
-    from deploy.targets.runner import get_runner
+    from deploy.targets.measure.loop import MeasureConfig, measure
+    from deploy.targets.runners.registry import get_runner
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -1,6 +1,6 @@
 """Latency prediction on held-out models, on this CPU.
 
-Fits the latency model of the local CPU profile on the reference models (deploy.targets.latency_reference: their
+Fits the latency model of the local CPU profile on the reference models (deploy.targets.latency.reference: their
 per-layer tables), then predicts and measures models it never saw: other CNN widths, depths and input sizes, pruned
 CNNs (narrower inner convs), other BERT widths, depths and sequence lengths, BERTs with a pruned FFN, and int8
 twins. Reports predicted vs measured end to end, the share within +-10% and +-15%, and whether each measurement
@@ -31,7 +31,7 @@ COMMAND = ".venv/bin/python benchmarks/latency_prediction.py"
 
 def held_out() -> list:
     """Models outside the fitting set (latency_reference.reference_set): none shares a name or configuration."""
-    from deploy.targets.latency_reference import bert, cnn
+    from deploy.targets.latency.reference import bert, cnn
 
     cnns = [cnn((12, 24, 48), 1, 48), cnn((24, 48, 96), 1, 64), cnn((24, 48, 96), 2, 32), cnn((16, 32, 64), 2, 64),
             cnn((32, 64, 128), 2, 32), cnn((40, 80, 160), 1, 48), cnn((8, 16, 32), 3, 64), cnn((64, 128, 256), 1, 32),
@@ -48,9 +48,9 @@ def fit(tables: dict, passes_of: dict, threads: int):
     and their end to end from this run's interleaved passes, the same passes the held-out models are measured in,
     so fit and check see the host in the same state."""
     from deploy.profiles import resolve_target
-    from deploy.targets import latency_cache
-    from deploy.targets.latency_fit import TrainingModel, fit_calibration
-    from deploy.targets.latency_model import save_calibration
+    from deploy.targets.latency import cache as latency_cache
+    from deploy.targets.latency.fit import TrainingModel, fit_calibration
+    from deploy.targets.latency.model import save_calibration
 
     profile = resolve_target("cpu").profile
     models = [TrainingModel(name, t.nodes, min(p["p50_ms"] for p in passes_of[name])) for name, t in tables.items()]
@@ -61,7 +61,7 @@ def fit(tables: dict, passes_of: dict, threads: int):
 
 def artifact(model, folder: Path) -> tuple[Path, list]:
     """The file that is measured: exported, and quantized with the same settings predict_latency uses."""
-    from deploy.targets.latency_export import export_static, quantize_qdq
+    from deploy.targets.latency.export import export_static, quantize_qdq
 
     specs = model.inputs()
     path = export_static(model.build(), specs, folder / f"{model.name}.onnx")
@@ -87,10 +87,10 @@ def cpu_busy(interval_s: float = 0.1) -> float:
 
 def measure_all(paths: dict, threads: int, passes: int, clock: str, say) -> dict[str, list[dict]]:
     """Per model and pass: p50 on `clock`, p50 of wall time, and the neighbours' load just before."""
-    from deploy.targets.latency_clock import timed
-    from deploy.targets.latency_export import feeds_for
-    from deploy.targets.measure import MeasureConfig, measure
-    from deploy.targets.runner import get_runner
+    from deploy.targets.measure.clock import timed
+    from deploy.targets.latency.export import feeds_for
+    from deploy.targets.measure.loop import MeasureConfig, measure
+    from deploy.targets.runners.registry import get_runner
 
     runs = {name: get_runner("onnxruntime", threads).prepare(path, feeds_for(specs))
             for name, (path, specs) in paths.items()}
@@ -107,10 +107,10 @@ def measure_all(paths: dict, threads: int, passes: int, clock: str, say) -> dict
 
 
 def run(threads: int, passes: int, clock: str) -> dict:
-    from deploy.targets.fingerprint import fingerprint
-    from deploy.targets.latency_model import predict_latency
-    from deploy.targets.latency_reference import reference_set
-    from deploy.targets.layer_table import LayerTableConfig, layer_table_of_file
+    from deploy.targets.measure.fingerprint import fingerprint
+    from deploy.targets.latency.model import predict_latency
+    from deploy.targets.latency.reference import reference_set
+    from deploy.targets.latency.layer_table import LayerTableConfig, layer_table_of_file
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -186,7 +186,7 @@ def markdown(result: dict) -> str:
         f"{result['threads']} thread(s)) on {f['cpu']} ({f['usable_cores']} usable cores, flags "
         f"{', '.join(f['cpu_flags'])}; onnxruntime {f['versions'].get('onnxruntime', '?')}).",
         "",
-        f"The latency model (roofline + per-op-kind correction factors, `deploy.targets.latency_model`) was fitted "
+        f"The latency model (roofline + per-op-kind correction factors, `deploy.targets.latency.model`) was fitted "
         f"on the layer tables of {len(result['fit']['models'])} reference models "
         f"({', '.join(result['fit']['models'])}); the {s['n']} models below were never seen by the fit. "
         f"Measured = the lowest p50 over interleaved passes of {_clock_text(result['clock'])}. The band is the one "

@@ -39,14 +39,14 @@ class Exported:
     """One ONNX export (dynamic batch) per variant: used for held-out fidelity in ONNX Runtime and for latency."""
 
     def __init__(self, tmp: Path, specs: list, output_name: str, timing_specs: list, quick: bool):
-        from deploy.targets.measure import MeasureConfig
+        from deploy.targets.measure.loop import MeasureConfig
 
         self.tmp, self.specs, self.output_name, self.timing_specs = tmp, specs, output_name, timing_specs
         self.config = MeasureConfig.quick() if quick else MeasureConfig(min_samples=64, min_seconds=1.5)
         self.count = 0
 
     def export(self, module: Any) -> Path:
-        from deploy.export.onnx import OnnxExportConfig, export_onnx
+        from deploy.core.model.onnx_export import OnnxExportConfig, export_onnx
 
         self.count += 1
         return export_onnx(module, self.specs, self.tmp / f"v{self.count}.onnx",
@@ -68,13 +68,13 @@ class Exported:
         return torch.cat(outs)
 
     def runner(self, path: Path) -> Any:
-        from deploy.targets.feeds import make_feeds
-        from deploy.targets.runner import get_runner
+        from deploy.targets.measure.feeds import make_feeds
+        from deploy.targets.runners.registry import get_runner
 
         return get_runner("onnxruntime", THREADS).prepare(path, make_feeds(self.timing_specs))
 
     def latency(self, base_run: Any, path: Path) -> dict[str, Any]:
-        from deploy.targets.measure import measure_interleaved
+        from deploy.targets.measure.loop import measure_interleaved
 
         _, var, cmp = measure_interleaved(base_run, self.runner(path), self.config)
         return {"p50_ms": var.summary["p50"], "base_p50_ms": cmp.median_a, "ratio": cmp.ratio,
@@ -100,15 +100,15 @@ def run_model(name: str, model: Any, calibration: Any, test_batches: list[tuple]
               exporter: Exported, budgets: tuple[float, ...], distill_cfg: Any, skip: tuple[str, ...],
               keys: tuple[str, ...], plan: dict[str, Any] | None = None) -> dict[str, Any]:
     from deploy.compress.distill import distill
-    from deploy.compress.lowrank import FactorizeConfig
-    from deploy.compress.lowrank_pass import LowRankConfig, lowrank_model
-    from deploy.metrics import fidelity
+    from deploy.compress.lowrank.factor import FactorizeConfig
+    from deploy.compress.lowrank.api import LowRankConfig, lowrank_model
+    from deploy.core.metrics import fidelity
 
     reference = torch_outputs(model, test_batches)
     base_path = exporter.export(model)
     base_ort = exporter.outputs(base_path, test_batches)
     base_run = exporter.runner(base_path)
-    from deploy.targets.measure import measure
+    from deploy.targets.measure.loop import measure
 
     base_lat = measure(base_run, exporter.config).summary
     result: dict[str, Any] = {
@@ -157,9 +157,9 @@ def run_model(name: str, model: Any, calibration: Any, test_batches: list[tuple]
 
 def run_cnn(quick: bool, tmp: Path) -> dict[str, Any]:
     from deploy.compress.distill import DistillConfig
-    from deploy.data import from_tensors
+    from deploy.core.data import from_tensors
     from deploy.examples.digits_cnn import load_digits_split, load_example_model
-    from deploy.pipeline import InputSpec
+    from deploy.core.spec import InputSpec
 
     model = load_example_model()
     x_train, y_train, x_test, y_test = load_digits_split()
@@ -180,9 +180,9 @@ def run_text(quick: bool, tmp: Path, seq: int = 64) -> dict[str, Any]:
     import torch
 
     from deploy.compress.distill import DistillConfig
-    from deploy.data import from_tensors
+    from deploy.core.data import from_tensors
     from deploy.examples.docstring_corpus import docstring_corpus
-    from deploy.pipeline import InputSpec
+    from deploy.core.spec import InputSpec
 
     sys.path.insert(0, str(HERE))
     from pruning import load_minilm
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import torch
 
-        from deploy.targets.fingerprint import fingerprint
+        from deploy.targets.measure.fingerprint import fingerprint
 
         torch.set_num_threads(1)  # two OpenMP threads on a shared 2-core machine spin-wait badly
         start = time.perf_counter()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploy.pipeline import InputSpec
+from deploy.core.spec import InputSpec
 
 import models
 

@@ -1,6 +1,6 @@
 """The `deploy` rows: ask our own `deploy compress` for a latency budget, then time its output like any peer's.
 
-The pipeline is being written alongside this benchmark, so its Python API (`deploy.job.compress` with a
+The pipeline is being written alongside this benchmark, so its Python API (`deploy.compiler.job.compress` with a
 `CompressRequest`) is looked up when the benchmark runs; while it, or a module it needs, cannot be imported, the
 rows say "not yet available" and nothing is made up. deploy gets what a user would give the CLI: the model file
 (a trusted pickle), its input shapes, the same calibration samples the peers got (.npz), the target profile and
@@ -36,9 +36,9 @@ class Outcome:
 
 
 def find_api() -> Any | None:
-    """The deploy.job module when it offers compress(CompressRequest), else None."""
+    """The deploy.compiler.job module when it offers compress(CompressRequest), else None."""
     try:
-        job = importlib.import_module("deploy.job")
+        job = importlib.import_module("deploy.compiler.job")
     except ImportError:
         return None
     return job if callable(getattr(job, "compress", None)) and hasattr(job, "CompressRequest") else None
@@ -73,7 +73,7 @@ def compress_for_budget(case: Any, budget_ms: float, folder: Path, threads: int,
                         timeout_s: float) -> Outcome:
     """Run deploy compress for `budget_ms` in a child process limited to `timeout_s` seconds."""
     if find_api() is None:
-        return Outcome(NOT_AVAILABLE, f"{NOT_AVAILABLE}: deploy.job.compress is not importable")
+        return Outcome(NOT_AVAILABLE, f"{NOT_AVAILABLE}: deploy.compiler.job.compress is not importable")
     model, calib = write_inputs(case, folder / "inputs")
     out = folder / "out"
     request = {"model": str(model), "trust_pickle": True, "target": TARGET, "calib": str(calib),
@@ -96,7 +96,7 @@ def compress_for_budget(case: Any, budget_ms: float, folder: Path, threads: int,
     if answer["status"] != "ok":
         return Outcome(answer["status"], answer["note"])
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
-    return Outcome("ok", "deploy.job.compress", _onnx_output(report, out), report)
+    return Outcome("ok", "deploy.compiler.job.compress", _onnx_output(report, out), report)
 
 
 def _child(spec_path: str) -> int:
@@ -107,7 +107,7 @@ def _child(spec_path: str) -> int:
 
     torch.set_num_threads(spec["threads"])
     job = find_api()
-    from deploy.budget import Budget
+    from deploy.compiler.budget import Budget
 
     request = job.CompressRequest(**{**spec["request"], "input_shapes": tuple(spec["request"]["input_shapes"])},
                                   budget=Budget("latency_ms", spec["budget_ms"]))
@@ -117,7 +117,7 @@ def _child(spec_path: str) -> int:
     except ImportError as exc:  # the API exists but a part of the pipeline it calls is not written yet
         if not (getattr(exc, "name", "") or "").startswith("deploy"):
             raise
-        answer = {"status": NOT_AVAILABLE, "note": f"{NOT_AVAILABLE}: deploy.job.compress needs {exc.name}"}
+        answer = {"status": NOT_AVAILABLE, "note": f"{NOT_AVAILABLE}: deploy.compiler.job.compress needs {exc.name}"}
     except Exception as exc:  # deploy's own refusal (an infeasible budget) or a failure: one line for the table
         text = " ".join(str(exc).split())[:300]
         status = "infeasible" if type(exc).__name__ == "BudgetInfeasibleError" else "error"

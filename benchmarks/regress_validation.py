@@ -56,15 +56,15 @@ def slowed_cnn(depth: int) -> Any:
 
 
 def export(module: Any, path: Path) -> Path:
-    from deploy.export.onnx import export_onnx
-    from deploy.pipeline import InputSpec
+    from deploy.core.model.onnx_export import export_onnx
+    from deploy.core.spec import InputSpec
 
     return export_onnx(module, [InputSpec("image", ("batch", 1, 32, 32))], path)
 
 
 def gate_run(old: Path, new: Path, measure: Any, threads: int) -> Any:
     """One `deploy regress NEW --baseline-model OLD` with default gate settings, as the library call."""
-    from deploy.targets.regress import RegressRequest, regress
+    from deploy.targets.regress.gate import RegressRequest, regress
 
     return regress(RegressRequest(model_path=new, baseline_model=old, measure=measure, threads=threads))
 
@@ -94,7 +94,7 @@ def _row(kind: str, index: int, result: Any) -> dict[str, Any]:
 
 def file_mode_offline(first_old: list[float], later: list[list[float]], gate: Any) -> dict[str, int]:
     """The same A/A samples judged the other way: each run's new samples against run 1's stored old samples."""
-    from deploy.targets.regress_decide import decide
+    from deploy.targets.regress.decide import decide
 
     outcomes = [decide(first_old, samples, gate).outcome for samples in later]
     return {k: outcomes.count(k) for k in ("pass", "regression", "inconclusive")}
@@ -103,9 +103,9 @@ def file_mode_offline(first_old: list[float], later: list[list[float]], gate: An
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import dataclasses
 
-    from deploy.targets.fingerprint import fingerprint
-    from deploy.targets.measure import MeasureConfig
-    from deploy.targets.regress_decide import GateConfig
+    from deploy.targets.measure.fingerprint import fingerprint
+    from deploy.targets.measure.loop import MeasureConfig
+    from deploy.targets.regress.decide import GateConfig
 
     measure = dataclasses.replace(MeasureConfig(), min_seconds=args.min_seconds, min_samples=64,
                                   max_seconds=max(10.0, 4 * args.min_seconds))
@@ -191,7 +191,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing JSON")
     args = parser.parse_args()
-    from deploy.atomic_io import atomic_write_json, atomic_write_text
+    from deploy.core.atomic_io import atomic_write_json, atomic_write_text
 
     if not args.render_only:
         atomic_write_json(JSON_PATH, run(args))

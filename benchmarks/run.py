@@ -79,8 +79,8 @@ def _versions() -> dict[str, str]:
 def _measure(base_run: Any, path: Path, runtime: str, precision: str | None, case: Any, config: Any,
              threads: int) -> dict[str, Any]:
     """Time the artifact interleaved against the ORT fp32 baseline; score it when the case has held-out data."""
-    from deploy.targets.measure import measure_interleaved
-    from deploy.targets.runner import get_runner
+    from deploy.targets.measure.loop import measure_interleaved
+    from deploy.targets.runners.registry import get_runner
     from peer_eval import score
     from peers import artifact_bytes
 
@@ -167,7 +167,7 @@ def deploy_row(ws: Any, budget_ms: float | None, factor: float, config: Any, arg
 
 
 def run_model(name: str, sizes: Any, config: Any, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    from deploy.targets.runner import get_runner
+    from deploy.targets.runners.registry import get_runner
     from peer_cases import build_case
     from peers import BUDGET_REFERENCE, METHODS, Workspace
 
@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     import torch
 
-    from deploy.targets.fingerprint import fingerprint
-    from deploy.targets.measure import MeasureConfig
+    from deploy.targets.measure.fingerprint import fingerprint
+    from deploy.targets.measure.loop import MeasureConfig
     from peer_cases import FULL, QUICK
 
     torch.set_num_threads(args.threads)

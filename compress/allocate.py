@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from deploy.errors import BudgetInfeasibleError
+from deploy.core.errors import BudgetInfeasibleError
 
 DEFAULT_STEPS = 4000
 MIN_STEPS, MAX_STEPS = 2000, 10000

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploy.compress.lowrank import LowRankConv2d, LowRankLinear
-from deploy.metrics import fidelity, first_tensor, primary_metric
+from deploy.compress.lowrank.factor import LowRankConv2d, LowRankLinear
+from deploy.core.metrics import fidelity, first_tensor, primary_metric
+from deploy.core.data import CalibrationSet
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def _perturbation(student: nn.Module, teacher: nn.Module) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
-def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration: Any, batch_size: int = 64
+def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration: CalibrationSet, batch_size: int = 64
              ) -> dict[str, Any]:
     """Held-out fidelity of `model` against precomputed teacher outputs."""
     with torch.no_grad():
@@ -141,14 +142,14 @@ def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration:
     return fidelity(teacher_outputs, outs, labels=calibration.held_out_labels, attention_mask=mask)
 
 
-def _held_out_mask(calibration: Any) -> torch.Tensor | None:
+def _held_out_mask(calibration: CalibrationSet) -> torch.Tensor | None:
     samples = calibration.held_out
     if len(samples[0]) >= 2 and samples[0][1].dtype in (torch.int64, torch.int32) and samples[0][1].dim() == 2:
         return torch.cat([s[1] for s in samples])
     return None
 
 
-def distill(student: nn.Module, teacher: nn.Module, calibration: Any, config: DistillConfig = DistillConfig(),
+def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet, config: DistillConfig = DistillConfig(),
             progress: bool = False) -> DistillResult:
     """Train `student` in place towards `teacher` on calibration inputs; returns what happened, with numbers."""
     torch.manual_seed(config.seed)

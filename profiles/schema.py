@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from deploy.errors import ProfileError, UnknownTargetError, nearest
+from deploy.core.errors import ProfileError, UnknownTargetError, nearest
 
 RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
@@ -168,9 +168,10 @@ def load_builtin(name: str) -> Profile:
 
 
 def local_cpu_flags() -> set[str]:
+    """This CPU's instruction-set flags (x86 'flags', ARM 'Features'), the one reader every layer uses."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):
                 return set(line.split(":", 1)[1].split())
     except OSError:
         pass

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from deploy.errors import RuntimeUnavailableError, UserInputError
-from deploy.targets.measure import MeasureConfig, Measurement, ProgressFn, measure, measure_interleaved
-from deploy.targets.stats import Comparison
+from deploy.core.errors import UserInputError
+from deploy.targets.measure.loop import MeasureConfig, Measurement, ProgressFn, measure, measure_interleaved
+from deploy.targets.measure.stats import Comparison
+from deploy.targets.target import Target
 
 COMPARISON_SCHEMA = "deploy.comparison"
 COMPARISON_SCHEMA_VERSION = 1
@@ -32,7 +33,7 @@ class BenchRequest:
     measure: MeasureConfig = MeasureConfig()
     compare: Path | None = None  # a second model, measured interleaved with the first
     precision: str | None = None
-    runner: str | None = None  # ssh://user@host[:port]: measure on that device instead (see ssh_runner.py)
+    runner: str | None = None  # ssh://user@host[:port]: measure on that device instead (see targets.runners.remote)
     trust_pickle: bool = False  # the torch runtime may unpickle a model file (runs code from it)
 
 
@@ -68,7 +69,7 @@ def bench(model_path: str | Path, *, target: str | None = None, profile_path: st
         compare=Path(compare) if compare else None, precision=precision, runner=runner,
     )
     if progress is True:
-        from deploy.targets.progress_bar import progress_bar
+        from deploy.targets.measure.progress import progress_bar
 
         with progress_bar() as report:
             return run_bench(request, report).to_dict()
@@ -77,33 +78,47 @@ def bench(model_path: str | Path, *, target: str | None = None, profile_path: st
 
 def run_bench(request: BenchRequest, progress: ProgressFn | None = None) -> BenchResult:
     """The work behind `bench`; the CLI calls this to also get the resolution note."""
-    from deploy.profiles import resolve_target
-    from deploy.targets.fingerprint import fingerprint
-    from deploy.targets.runner import canonical_runtime, get_runner
+    from deploy.targets.measure.fingerprint import fingerprint
+    from deploy.targets.target import resolve
 
-    resolved = resolve_target(request.target or (None if request.profile_path else "cpu"), request.profile_path)
-    profile = resolved.profile
-    runtime = canonical_runtime(request.runtime or _runtime_for_file(request.model_path) or profile.runtime)
+    target = resolve(request.target or (None if request.profile_path else "cpu"), request.profile_path,
+                     request.runtime or _runtime_for_file(request.model_path), request.threads)
     if request.runner:  # the device is elsewhere: none of this machine's checks apply
-        from deploy.targets.ssh_runner import run_remote_bench
-
-        return run_remote_bench(request, profile, runtime, resolved.note, progress)
-    check_measurable(profile, runtime)
-    threads = request.threads if request.threads is not None else default_threads(profile)
-    model, model_info, feeds = load_for_bench(request.model_path, runtime, request.input_shapes, request.trust_pickle)
-    runner = get_runner(runtime, threads, request.precision, profile)
+        return _remote_bench(request, target, progress)
+    target.require_measurable()
+    model, model_info, feeds = load_for_bench(request.model_path, target.runtime, request.input_shapes,
+                                              request.trust_pickle)
+    runner = target.runner(request.precision)
     run_a = runner.prepare(model, feeds)
-    context = {"target": profile.name, "fingerprint": fingerprint(threads, profile.name)}
+    context = {"target": target.name, "fingerprint": fingerprint(target.threads, target.name)}
     if request.compare is None:
         result = measure(run_a, request.measure, progress)
-        return BenchResult(_with(result, model_info, runner.describe(), context), note=resolved.note)
-    other, other_info, other_feeds = load_for_bench(request.compare, runtime, request.input_shapes, request.trust_pickle)
+        return BenchResult(_with(result, model_info, runner.describe(), context), note=target.note)
+    other, other_info, other_feeds = load_for_bench(request.compare, target.runtime, request.input_shapes,
+                                                    request.trust_pickle)
     _check_same_inputs(model_info, other_info)
-    runner_b = get_runner(runtime, threads, request.precision, profile)
+    runner_b = target.runner(request.precision)
     run_b = runner_b.prepare(other, other_feeds)
     a, b, comparison = measure_interleaved(run_a, run_b, request.measure, progress)
     return BenchResult(_with(a, model_info, runner.describe(), context),
-                       _with(b, other_info, runner_b.describe(), context), comparison, resolved.note)
+                       _with(b, other_info, runner_b.describe(), context), comparison, target.note)
+
+
+def _remote_bench(request: BenchRequest, target: Target, progress: ProgressFn | None) -> BenchResult:
+    """`deploy bench --runner ssh://...`: one measurement on that device (no --compare)."""
+    import time
+
+    from deploy.targets.runners.remote import measure_remote, remote_config_for
+    from deploy.targets.runners.ssh import parse_ssh_url
+
+    if request.compare is not None:
+        raise UserInputError("--compare is not supported with --runner ssh://",
+                             "measure each model remotely with --json and compare the files with `deploy regress`")
+    config = remote_config_for(target.profile, target.runtime, request.threads, request.precision, request.measure)
+    started = time.perf_counter()
+    result = measure_remote(request.runner, request.model_path, list(request.input_shapes), config, progress)
+    remote_note = f"measured on {parse_ssh_url(request.runner)} in {time.perf_counter() - started:.1f} s"
+    return BenchResult(result, note="; ".join(n for n in (target.note, remote_note) if n))
 
 
 def _runtime_for_file(path: Path) -> str | None:
@@ -115,33 +130,6 @@ def _with(m: Measurement, model_info: dict[str, Any], runtime: dict[str, Any], c
     return dataclasses.replace(m, model=model_info, runtime=runtime, **context)
 
 
-def check_measurable(profile: Any, runtime: str) -> None:
-    """Refuse, in one line, a target this machine cannot time for real."""
-    if profile.measure == "predicted":
-        raise RuntimeUnavailableError(
-            f"target '{profile.name}' is not measurable here: its latency is predicted, not measured on this machine",
-            f"bench a local target (--target cpu); predicted latency for {profile.name} comes from "
-            f"`deploy compress --target {profile.name}`")
-    if not profile.runs_locally():
-        from deploy.targets.fingerprint import cpu_flags
-
-        missing = [f for f in profile.required_cpu_flags if f not in cpu_flags()]
-        raise RuntimeUnavailableError(f"target '{profile.name}' is not measurable here: this CPU lacks "
-                                      f"{', '.join(missing)}", "bench --target cpu to measure this machine's CPU")
-    if runtime == "tensorrt":
-        from deploy.targets.tensorrt_runner import require_tensorrt
-
-        require_tensorrt()
-
-
-def default_threads(profile: Any) -> int:
-    """This machine's physical cores, capped at the profile's core count when it names one."""
-    from deploy.targets.fingerprint import physical_cores
-
-    cores = physical_cores()
-    return min(cores, profile.cores) if getattr(profile, "cores", 0) > 0 else cores
-
-
 def _is_dim_size(text: str) -> bool:
     return ":" not in text and "=" in text
 
@@ -149,10 +137,10 @@ def _is_dim_size(text: str) -> bool:
 def load_for_bench(path: Path, runtime: str, input_shapes: Sequence[str],
                    trust_pickle: bool = False) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(what the runner runs, the model's record for the result, the input feeds)."""
-    from deploy.targets.feeds import make_feeds, resolve_inputs
+    from deploy.targets.measure.feeds import make_feeds, resolve_inputs
 
     if runtime == "torch":
-        from deploy.model_io import load_model
+        from deploy.core.model.load import load_model
 
         loaded = load_model(path, input_shapes=[t for t in input_shapes if not _is_dim_size(t)],
                             trust_pickle=trust_pickle)
@@ -171,7 +159,7 @@ def load_for_bench(path: Path, runtime: str, input_shapes: Sequence[str],
 
 def _open_exported(path: Path, runtime: str) -> Any:
     """An ONNX file, or an OpenVINO IR (.xml) for the OpenVINO runtime, checked and with its inputs read."""
-    from deploy.targets.onnx_model import load_onnx, load_openvino_ir
+    from deploy.targets.model_files import load_onnx, load_openvino_ir
 
     if path.suffix.lower() != ".xml":
         return load_onnx(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.targets.bench import BenchResult
-from deploy.targets.measure import Measurement
+from deploy.targets.measure.loop import Measurement
 
 
 def _ms(value: float) -> str:

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.compress.search import SearchConfig, TrialOutcome, run_search
-from deploy.targets.measure import MeasureConfig, measure
+from deploy.compress.study import StudyConfig, TrialOutcome, run_study
+from deploy.targets.measure.loop import MeasureConfig, measure
 
 
 class Space:
@@ -52,8 +52,8 @@ def main() -> None:
     _barrier()
     out, storage, trials = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     hang_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
-    config = SearchConfig(trials=trials, storage=None if storage == "-" else storage, heartbeat_s=1, grace_s=2)
-    summary = run_search(Space(), make_evaluate(hang_at, [0]), out, config)
+    config = StudyConfig(trials=trials, storage=None if storage == "-" else storage, heartbeat_s=1, grace_s=2)
+    summary = run_study(Space(), make_evaluate(hang_at, [0]), out, config)
     print(json.dumps({"completed": summary["completed"], "front": len(summary["front"])}))
 
 

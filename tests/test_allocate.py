@@ -8,7 +8,7 @@ import random
 import pytest
 
 from deploy.compress.allocate import Option, Unit, allocate, allocate_inverse
-from deploy.errors import BudgetInfeasibleError
+from deploy.core.errors import BudgetInfeasibleError
 
 
 def _random_units(rng: random.Random, n_units: int, n_options: int) -> list[Unit]:

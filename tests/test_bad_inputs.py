@@ -374,11 +374,11 @@ def test_nan_weights_are_refused_naming_the_tensor(cli, digits_model):
 def test_candidates_with_non_finite_outputs_are_rejected(cli):
     """An all-NaN output once scored top-1 agreement 1.0; now it scores 0, every such candidate is rejected,
     and with none left the run stops with one line and exit 1."""
-    from deploy.metrics import fidelity
+    from deploy.core.metrics import fidelity
 
     reference = torch.randn(16, 10)
     assert fidelity(reference, torch.full_like(reference, float("nan")))["top1_agreement"] == 0.0
-    code = ("import sys, deploy.stages as stages; stages.outputs_finite = lambda *a: False; "
+    code = ("import sys, deploy.compiler.candidates as candidates; candidates.outputs_finite = lambda *a: False; "
             "from deploy.cli import main; main(sys.argv[1:])")
     before = cli.snapshot()
     result = subprocess.run([sys.executable, "-c", code, "compress", "--example", "--budget-ms", "0.0001",

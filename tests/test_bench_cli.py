@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import run_cli
-from deploy.errors import InputSpecError, RuntimeUnavailableError
+from deploy.core.errors import InputSpecError, RuntimeUnavailableError
 from deploy.targets.bench import bench
-from deploy.targets.lock import LOCK_ENV
-from deploy.targets.measure import MeasureConfig, Measurement
+from deploy.targets.measure.lock import LOCK_ENV
+from deploy.targets.measure.loop import MeasureConfig, Measurement
 
 SCHEMA_KEYS = {"schema", "schema_version", "model", "target", "runtime", "config", "samples_ms", "summary",
                "fingerprint", "lock", "warnings", "created"}

@@ -82,7 +82,7 @@ def test_markdown_is_generated_from_json_alone(tmp_path):
                              _row("ort_static", "onnxruntime", status="error", error="boom"),
                              _row("deploy_x1", "deploy", budget_ms=2.0, budget_factor=1.0, hit=True),
                              _row("deploy_x0.5", "deploy", status="not yet available", budget_ms=1.0,
-                                  note="not yet available: deploy.job.compress is not importable")]}],
+                                  note="not yet available: deploy.compiler.job.compress is not importable")]}],
     }
     (tmp_path / "peers.json").write_text(json.dumps(data))
     assert run.main(["--render-only", "--out", str(tmp_path)]) == 0

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from deploy.data import RANDOM_WARNING, DataConfig, from_tensors, load_calibration
-from deploy.errors import DataError
-from deploy.pipeline import InputSpec
+from deploy.core.data import RANDOM_WARNING, DataConfig, from_tensors, load_calibration
+from deploy.core.errors import DataError
+from deploy.core.spec import InputSpec
 
 IMAGE = [InputSpec("image", ("batch", 1, 32, 32))]
 TEXT = [InputSpec("input_ids", ("batch", 16), "int64"), InputSpec("attention_mask", ("batch", 16), "int64")]

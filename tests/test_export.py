@@ -6,8 +6,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from deploy.export.onnx import OnnxExportConfig, export_onnx
-from deploy.pipeline import InputSpec
+from deploy.core.model.onnx_export import OnnxExportConfig, export_onnx
+from deploy.core.spec import InputSpec
 
 
 def test_cnn_export_with_dynamic_batch(tmp_path, digits_model):
@@ -41,7 +41,7 @@ def test_failed_export_leaves_no_file(tmp_path):
             raise RuntimeError("cannot trace this")
 
     import pytest
-    from deploy.errors import DeployError
+    from deploy.core.errors import DeployError
 
     with pytest.raises(DeployError, match="ONNX export failed"):
         export_onnx(Broken(), [InputSpec("x", (1, 2))], tmp_path / "broken.onnx")

@@ -8,8 +8,8 @@ HEAVY = ("onnxruntime", "openvino", "tensorrt", "transformers", "torch_pruning",
 
 
 def test_import_deploy_loads_no_runtime():
-    code = ("import sys, deploy, deploy.cli, deploy.pipeline, deploy.model_io, deploy.data, deploy.metrics, "
-            "deploy.analysis, deploy.atomic_io, deploy.export, deploy.targets, deploy.compress, deploy.profiles; "
+    code = ("import sys, deploy, deploy.cli, deploy.core.passes, deploy.core.model.load, deploy.core.data, deploy.core.metrics, "
+            "deploy.core.analysis, deploy.core.atomic_io, deploy.export, deploy.targets, deploy.compress, deploy.profiles; "
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

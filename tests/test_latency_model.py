@@ -2,18 +2,20 @@
 fitted from measured nodes recovers per-op-kind factors and gives a verified band."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from deploy.pipeline import InputSpec
+from deploy.core.spec import InputSpec
 from deploy.profiles import load_builtin
-from deploy.targets.latency_fit import FitConfig, TrainingModel, fit_calibration
-from deploy.targets.latency_model import UNVERIFIED, predict_latency, predict_nodes
-from deploy.targets.latency_nodes import NodeRecord
-from deploy.targets.latency_roofline import narrowness, roofline
+from deploy.targets.latency.fit import FitConfig, TrainingModel, fit_calibration
+from deploy.targets.latency.model import UNVERIFIED, predict_latency, predict_nodes
+from deploy.targets.latency.nodes import NodeRecord
+from deploy.targets.latency.roofline import narrowness, roofline
 
 IMAGE = [InputSpec("image", (1, 1, 32, 32))]
 
@@ -38,9 +40,9 @@ def test_jetson_prediction_is_banded_and_unverified(digits):
 
 
 def test_every_unmeasured_device_is_unverified(digits):
-    from deploy.analysis import analyze
-    from deploy.model_io import from_module
-    from deploy.targets.latency_graph import graph_nodes
+    from deploy.core.analysis import analyze
+    from deploy.core.model.load import from_module
+    from deploy.targets.latency.graph import graph_nodes
 
     nodes = graph_nodes(digits, IMAGE, level="extended")
     for name in ("jetson-agx-orin", "nvidia-a100", "nvidia-h100", "rpi5"):
@@ -96,8 +98,24 @@ def test_roofline_scales_with_threads_on_cpus_only():
 
 
 def test_latency_modules_import_no_runtime():
-    code = ("import sys, deploy.targets.layer_table, deploy.targets.latency_table, deploy.targets.latency_model, "
-            "deploy.targets.latency_calibrate, deploy.targets.latency_keys, deploy.targets.latency_graph; "
+    code = ("import sys, deploy.targets.latency.layer_table, deploy.targets.latency.model, "
+            "deploy.targets.latency.calibrate, deploy.targets.latency.graph; "
             "print([m for m in ('onnxruntime', 'openvino', 'tensorrt') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_calibrate_quick_fits_and_refuses_a_device_not_at_hand(tmp_path):
+    """`profiles calibrate` fits this machine's latency model (the quick reference set here) and saves it where
+    predictions find it; a device not at hand is refused in one line."""
+    from conftest import run_cli
+
+    env = {"DEPLOY_CACHE_DIR": str(tmp_path / "cache")}
+    done = run_cli("profiles", "calibrate", "cpu", "--quick", "--threads", "1", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["threads"] == 1 and result["model"]["models"] == 4 and result["model"]["band"] > 0
+    assert Path(result["model"]["path"]).is_file()
+    refused = run_cli("profiles", "calibrate", "jetson", "--quick", env=env)
+    assert refused.returncode == 2 and "not measurable here" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

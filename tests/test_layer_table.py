@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from deploy.pipeline import InputSpec
-from deploy.targets.layer_table import LayerTable, LayerTableConfig, layer_table
-from deploy.targets.measure import MeasureConfig
+from deploy.core.spec import InputSpec
+from deploy.targets.latency.layer_table import LayerTable, LayerTableConfig, layer_table
+from deploy.targets.measure.loop import MeasureConfig
 
 IMAGE = [InputSpec("image", (1, 3, 64, 64))]
 QUICK = MeasureConfig.quick(min_samples=40, min_seconds=0.15)
@@ -39,7 +39,7 @@ class Net(nn.Module):
 
 
 def _resnet() -> nn.Module:
-    from deploy.targets.latency_reference import ResNetish, randomize_norms
+    from deploy.targets.latency.reference import ResNetish, randomize_norms
 
     return randomize_norms(ResNetish((16, 32, 64), 1))
 
@@ -86,7 +86,7 @@ def test_tables_are_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("DEPLOY_CACHE_DIR", str(tmp_path))
     model = Net(kernel=5).eval()
     first = layer_table(model, IMAGE, config(use_cache=True, rounds=1, runs=5))
-    import deploy.targets.layer_table as module
+    import deploy.targets.latency.layer_table as module
 
     def fail(*args, **kwargs):
         raise AssertionError("measured again instead of reading the cache")
@@ -99,7 +99,7 @@ def test_tables_are_cached(tmp_path, monkeypatch):
 
 
 def test_config_is_validated():
-    from deploy.errors import UserInputError
+    from deploy.core.errors import UserInputError
 
     with pytest.raises(UserInputError):
         LayerTableConfig(runtime="tensorrt")

@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 from deploy.compress.distill import DistillConfig
-from deploy.compress.lowrank import (FactorizeConfig, factorize_conv, factorize_linear, input_covariance,
+from deploy.compress.lowrank.factor import (FactorizeConfig, factorize_conv, factorize_linear, input_covariance,
                                      max_useful_rank, round_rank)
-from deploy.compress.lowrank_pass import LowRankConfig, lowrank_model
-from deploy.data import from_tensors
-from deploy.export.onnx import export_onnx
-from deploy.metrics import fidelity
-from deploy.pipeline import InputSpec
+from deploy.compress.lowrank.api import LowRankConfig, lowrank_model
+from deploy.core.data import from_tensors
+from deploy.core.model.onnx_export import export_onnx
+from deploy.core.metrics import fidelity
+from deploy.core.spec import InputSpec
 
 
 def _correlated(n: int, dim: int, seed: int = 0) -> torch.Tensor:

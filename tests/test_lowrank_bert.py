@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deploy.compress.lowrank_pass import LowRankConfig, lowrank_model
-from deploy.data import from_tensors
+from deploy.compress.lowrank.api import LowRankConfig, lowrank_model
+from deploy.core.data import from_tensors
 from deploy.examples.tiny_bert import tiny_bert
-from deploy.export.onnx import OnnxExportConfig, export_onnx
-from deploy.pipeline import InputSpec
+from deploy.core.model.onnx_export import OnnxExportConfig, export_onnx
+from deploy.core.spec import InputSpec
 
 SEQ = 16
 

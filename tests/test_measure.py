@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.errors import ConfigError, UserInputError
-from deploy.targets import stats
-from deploy.targets.lock import LOCK_ENV, measurement_lock
-from deploy.targets.measure import MeasureConfig, Measurement, measure, measure_interleaved
-from deploy.targets.runner import DeviceTimed
+from deploy.core.errors import ConfigError, UserInputError
+from deploy.targets.measure import stats
+from deploy.targets.measure.lock import LOCK_ENV, measurement_lock
+from deploy.targets.measure.loop import MeasureConfig, Measurement, measure, measure_interleaved
+from deploy.targets.runners.registry import DeviceTimed
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +180,7 @@ def test_lock_is_reentrant_in_one_thread():
 
 _WORKER = """
 import json, sys, time
-from deploy.targets.measure import MeasureConfig, measure
+from deploy.targets.measure.loop import MeasureConfig, measure
 def run():
     end = time.perf_counter() + 2e-4
     while time.perf_counter() < end:
@@ -223,7 +223,7 @@ def mlps(tmp_path_factory) -> dict[str, Path]:
 
 def _ort(path: Path):
     """One thread: no worker pool whose scheduling on a busy 2-core host could favour one session over the other."""
-    from deploy.targets.runner import get_runner
+    from deploy.targets.runners.registry import get_runner
 
     feeds = {"x": np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)}
     return get_runner("ort", 1).prepare(path, feeds)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from deploy.metrics import fidelity, primary_metric, sqnr_db
+from deploy.core.metrics import fidelity, primary_metric, sqnr_db
 
 
 def test_identical_outputs_are_perfect():

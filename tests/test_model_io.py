@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deploy.analysis import analyze
-from deploy.errors import InputSpecError, ModelLoadError
-from deploy.model_io import load_model, parse_input_shape
+from deploy.core.analysis import analyze
+from deploy.core.errors import InputSpecError, ModelLoadError
+from deploy.core.model.load import load_model, parse_input_shape
 
 from conftest import ARCH, SHAPE
 

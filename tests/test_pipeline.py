@@ -9,10 +9,11 @@ import tomllib
 import tomli_w
 import torch
 
-from deploy.errors import ConfigError, DataError
-from deploy.pipeline import (PASSES, Context, InputSpec, PassTiming, State, config_from_dict, config_to_dict,
+from deploy.core.errors import ConfigError, DataError
+from deploy.core.spec import InputSpec
+from deploy.core.passes import (PASSES, Context, PassTiming, State, config_from_dict, config_to_dict,
                              load_builtin_passes, make_pass, register_pass, run_pipeline)
-from deploy.profiles import resolve_target
+from deploy.targets.target import resolve
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ if "test-scale" not in PASSES:
 
 
 def _state():
-    return State(torch.nn.Linear(2, 2), [InputSpec("x", ("batch", 2))], resolve_target("cpu").profile)
+    return State(torch.nn.Linear(2, 2), [InputSpec("x", ("batch", 2))], resolve("cpu"))
 
 
 def test_the_builtin_passes_are_registered():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.plan_search import FILL, SAFE, Candidate, _alternate, _estimate_for, _level_for_latency
+from deploy.compiler.plan import FILL, SAFE, Candidate, _alternate, _estimate_for, _level_for_latency
 
 
 class FakePlanner:
@@ -51,7 +51,7 @@ def test_estimate_is_steered_by_measured_points():
 
 @pytest.mark.parametrize("prune_cost, int8_cost, deeper_wins", [(0.5, 0.01, False), (0.01, 0.05, True)])
 def test_alternation_keeps_the_more_faithful_plan(monkeypatch, prune_cost, int8_cost, deeper_wins):
-    import deploy.plan_search as ps
+    import deploy.compiler.plan as ps
 
     planner = FakePlanner(prune_cost=prune_cost, int8_cost=int8_cost)
     window = (FILL * 7.5, SAFE * 7.5)
@@ -75,7 +75,7 @@ def test_alternation_keeps_the_more_faithful_plan(monkeypatch, prune_cost, int8_
 def test_a_final_miss_is_planned_again_against_a_tighter_budget():
     from types import SimpleNamespace
 
-    from deploy.plan_search import replan_after_miss
+    from deploy.compiler.plan import replan_after_miss
 
     planner = FakePlanner()
     planner.quantizes, planner.can_prune, planner._quant = False, True, {}

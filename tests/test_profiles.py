@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.errors import ProfileError, UnknownTargetError
+from deploy.core.errors import ProfileError, UnknownTargetError
 from deploy.profiles import builtin_names, builtin_profiles, load_profile_file, resolve_target
 
 NINE = {"cpu-avx2", "cpu-avx512-vnni", "cpu-avx512-vnni-openvino", "nvidia-a100", "nvidia-h100", "jetson-orin-nano", "jetson-orin-nx",

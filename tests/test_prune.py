@@ -10,15 +10,17 @@ import tomli_w
 import tomllib
 import torch
 
-from deploy.analysis import analyze
-from deploy.compress.prune import (PruneConfig, additivity_sweep, build_problem, execute, plan_dp, plan_uniform,
+from deploy.core.analysis import analyze
+from deploy.compress.prune.api import (PruneConfig, additivity_sweep, build_problem, execute, plan_dp, plan_uniform,
                                    prune_model, replay)
-from deploy.compress.prune_cost import CountedCost
-from deploy.errors import BudgetInfeasibleError, ConfigError
+from deploy.compress.prune.cost import CountedCost
+from deploy.core.errors import BudgetInfeasibleError, ConfigError
 from deploy.examples.tiny_bert import example_inputs, tiny_bert
-from deploy.model_io import from_module
-from deploy.pipeline import Context, InputSpec, State, config_from_dict, config_to_dict, make_pass, run_pipeline
+from deploy.core.model.load import from_module
+from deploy.core.passes import Context, State, config_from_dict, config_to_dict, make_pass, run_pipeline
+from deploy.core.spec import InputSpec
 from deploy.profiles import load_builtin
+from deploy.targets.target import for_profile
 
 CNN_INPUTS = [InputSpec("image", ("batch", 1, 32, 32))]
 BERT_INPUTS = [InputSpec("input_ids", ("batch", 12), "int64"), InputSpec("attention_mask", ("batch", 12), "int64")]
@@ -54,7 +56,7 @@ def bert_samples():
 def _ort_outputs(module, inputs, sample, tmp_path):
     import onnxruntime as ort
 
-    from deploy.export.onnx import export_onnx
+    from deploy.core.model.onnx_export import export_onnx
 
     path = export_onnx(module, inputs, tmp_path / "pruned.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -76,7 +78,7 @@ def test_dp_plan_respects_the_exact_budget_and_the_channel_multiple(cnn_problem,
     problem = cnn_problem if kind == "params" else dataclasses.replace(
         cnn_problem, cost=CountedCost("macs", cnn_problem.module, CNN_INPUTS, cnn_problem.units))
     if kind == "macs":
-        from deploy.compress.prune_cost import OptionCosts
+        from deploy.compress.prune.cost import OptionCosts
 
         problem.costs = OptionCosts.measure(problem.cost, problem.units)
     budget = 0.5 * problem.costs.base
@@ -120,7 +122,7 @@ def test_a_measured_cost_plugs_in_and_its_plans_fit(cnn_problem):
     """Any `measure_ms(onnx_path)` is a cost; here the exported file's size stands in for a latency."""
     import os
 
-    from deploy.compress.prune_cost import MeasuredLatency, OptionCosts
+    from deploy.compress.prune.cost import MeasuredLatency, OptionCosts
 
     measured = []
     cost = MeasuredLatency(cnn_problem.build, CNN_INPUTS, lambda path: measured.append(path) or os.path.getsize(path))
@@ -174,14 +176,14 @@ def test_unstructured_and_two_four_modes_hit_their_sparsity(digits_model, digits
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace, for a graph-only model
 def test_prune_pass_round_trips_and_runs_in_a_pipeline(digits_model, digits, tmp_path):
-    from deploy.data import from_tensors
+    from deploy.core.data import from_tensors
 
     config = PruneConfig(budget_kind="params", budget=0.7, samples=16, batch_size=16, grid_step=0.25,
                          grid_max=0.75)
     pass_ = make_pass("prune", config)
     assert config_from_dict(config_to_dict(pass_)).config == config
     assert config_from_dict(tomllib.loads(tomli_w.dumps(config_to_dict(pass_)))).config == config
-    state = State(digits_model, CNN_INPUTS, AVX2)
+    state = State(digits_model, CNN_INPUTS, for_profile(AVX2))
     ctx = Context(calibration=from_tensors(digits[0], digits[1].tolist()), cache_dir=tmp_path)
     state = run_pipeline([pass_], state, ctx)
     decision = next(r for r in state.records if r.kind == "decision")
@@ -189,7 +191,7 @@ def test_prune_pass_round_trips_and_runs_in_a_pipeline(digits_model, digits, tmp
     assert (tmp_path / "sensitivity").is_dir()
     with pytest.raises(ConfigError, match="Python module"):
         traced = torch.jit.trace(digits_model, digits[0][0])
-        run_pipeline([pass_], State(traced, CNN_INPUTS, AVX2), ctx)
+        run_pipeline([pass_], State(traced, CNN_INPUTS, for_profile(AVX2)), ctx)
     with pytest.raises(ConfigError, match="latency budget"):
         prune_model(digits_model, CNN_INPUTS, digits[0], load_builtin("jetson-orin-nano"),
                     dataclasses.replace(config, budget_kind="latency"))

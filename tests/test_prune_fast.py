@@ -8,15 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from deploy.compress.prune import PruneConfig, build_problem, plan_dp
-from deploy.compress.prune_edit import Masker
-from deploy.compress.prune_problem import MIN_PROBE_SAMPLES, probe_samples
-from deploy.compress.prune_trace import CallTrace, PrefixReuse, unit_plans
-from deploy.compress.prune_units import UnitConfig, axis_length, find_units
-from deploy.compress.sensitivity import (OutputProbe, ProbeData, distortion_curves, interpolate, measured_counts,
+from deploy.compress.prune.api import PruneConfig, build_problem, plan_dp
+from deploy.compress.prune.edit import Masker
+from deploy.compress.prune.problem import MIN_PROBE_SAMPLES, probe_samples
+from deploy.compress.prune.trace import CallTrace, PrefixReuse, unit_plans
+from deploy.compress.prune.units import UnitConfig, axis_length, find_units
+from deploy.profiles import load_builtin
+
+ANY_CPU = dataclasses.replace(load_builtin("cpu-avx2"), channel_multiple=1)  # no rounding of kept channels
+from deploy.compress.prune.sensitivity import (OutputProbe, ProbeData, distortion_curves, interpolate, measured_counts,
                                          ranking, removal_for)
 from deploy.examples.tiny_bert import example_inputs, tiny_bert
-from deploy.pipeline import InputSpec
+from deploy.core.spec import InputSpec
 
 
 class FusedAttention(nn.Module):
@@ -66,7 +69,7 @@ def test_fused_qkv_attention_is_not_offered_and_the_rest_prunes(attribute):
         for slice_ in unit.slices:
             assert axis_length(model.get_submodule(slice_.module), slice_.axis) == unit.size * slice_.width
     samples = [(torch.randn(1, 5, 8),) for _ in range(8)]
-    problem = build_problem(model, VIT_INPUTS, samples, None, PruneConfig(samples=8, grid_step=0.25, grid_max=0.75))
+    problem = build_problem(model, VIT_INPUTS, samples, ANY_CPU, PruneConfig(samples=8, grid_step=0.25, grid_max=0.75))
     plan = plan_dp(problem, 0.8 * problem.costs.base)
     pruned = problem.build(plan)
     assert problem.cost.of_module(pruned) == problem.cost.of_plan(plan) <= 0.8 * problem.costs.base

@@ -10,15 +10,15 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from deploy.compress.quant_prepare import CalibrationConfig, prepare
-from deploy.compress.quant_sim import set_mode, set_options
-from deploy.compress.quant_space import option_by_label
-from deploy.data import from_tensors
-from deploy.errors import ConfigError
-from deploy.export.qdq import export_quantized
-from deploy.export.qdq_verify import layer_precisions, mismatches, op_counts, ort_optimized
-from deploy.metrics import first_tensor
-from deploy.pipeline import InputSpec
+from deploy.compress.quant.prepare import CalibrationConfig, prepare
+from deploy.compress.quant.sim import set_mode, set_options
+from deploy.compress.quant.space import option_by_label
+from deploy.core.data import from_tensors
+from deploy.core.errors import ConfigError
+from deploy.export.qdq.writer import export_quantized
+from deploy.export.qdq.verify import layer_precisions, mismatches, op_counts, ort_optimized
+from deploy.core.metrics import first_tensor
+from deploy.core.spec import InputSpec
 from deploy.profiles import load_builtin
 
 CPU = load_builtin("cpu-avx512-vnni")
@@ -94,7 +94,7 @@ def tiny_bert_setup():
 def test_int4_linear_becomes_matmulnbits_and_matches_the_simulation(tiny_bert_setup, tmp_path):
     import onnxruntime as ort
 
-    from deploy.compress.quant_sim import set_mode, set_options
+    from deploy.compress.quant.sim import set_mode, set_options
 
     model, calib, spec = tiny_bert_setup
     prep = prepare(model, spec, calib, CPU, config=CalibrationConfig(batches=1, batch_size=16, smoothquant=True))
@@ -189,11 +189,11 @@ def test_a_plan_is_exported_only_for_its_policy(digits_model, ort_prep, tmp_path
 def test_openvino_profile_quantizes_to_a_budget_end_to_end(digits_model, digits_calibration, tmp_path):
     """The Python API on the OpenVINO CPU profile: priced on OpenVINO, finalists measured on OpenVINO, exported
     as IR, and every layer the plan made int8 runs in I8/U8 in OpenVINO's runtime model."""
-    from deploy.compress.quantize import QuantizeConfig, quantize_model
+    from deploy.compress.quant.api import QuantizeConfig, quantize_model
     from deploy.profiles.schema import resolve_target
 
-    profile = resolve_target("cpu-avx512-vnni-openvino").profile
-    config = QuantizeConfig.fast(budget=0.95, price_seconds=0.05, cache=False)
+    profile = resolve_target("cpu-avx512-vnni-openvino").profile  # measured at one thread (a bare profile)
+    config = QuantizeConfig.fast(budget=0.98, price_seconds=0.05, cache=False)  # some int8 needed, always feasible
     quantized, report = quantize_model(digits_model, SPEC, digits_calibration, profile, config)
     assert report["cost_model"] == "measured:openvino" and report["finalists"]["measured_on_runtime"]
     assert quantized.plan.policy == "openvino" and quantized.plan.count("int8") >= 1

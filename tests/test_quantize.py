@@ -15,21 +15,23 @@ import tomllib
 import torch
 from torch import nn
 
-from deploy.compress.quant_calib import TensorStats, candidate_params, choose_params
-from deploy.compress.quant_cost import Boundaries, PriceTable
-from deploy.compress.quant_graph import LayerGraph, LayerNode
-from deploy.compress.quant_plan import QuantPlan
-from deploy.compress.quant_predictor import AccuracyPredictor, spearman
-from deploy.compress.quant_prepare import CalibrationConfig, prepare
-from deploy.compress.quant_search import SearchConfig, SearchSpace, allocator_plan, search
-from deploy.compress.quant_sensitivity import option_distortions, run
-from deploy.compress.quant_sim import quantize_weight, set_mode, set_options
-from deploy.compress.quant_space import LayerShape, QuantOption, layer_space, option_by_label
-from deploy.compress.quantize import QuantizeConfig, quantize_model
-from deploy.data import from_tensors
-from deploy.errors import BudgetInfeasibleError, ConfigError
-from deploy.pipeline import InputSpec, config_from_dict, config_to_dict, make_pass
+from deploy.compress.quant.calib import TensorStats, candidate_params, choose_params
+from deploy.compress.quant.cost import Boundaries, PriceTable
+from deploy.export.qdq.graph import LayerGraph, LayerNode
+from deploy.export.qdq.plan import QuantPlan
+from deploy.compress.quant.predictor import AccuracyPredictor, spearman
+from deploy.compress.quant.prepare import CalibrationConfig, prepare
+from deploy.compress.quant.search import SearchConfig, SearchSpace, allocator_plan, search
+from deploy.compress.quant.sensitivity import option_distortions, run
+from deploy.compress.quant.sim import quantize_weight, set_mode, set_options
+from deploy.compress.quant.space import LayerShape, QuantOption, layer_space, option_by_label
+from deploy.compress.quant.api import QuantizeConfig, quantize_model
+from deploy.core.data import from_tensors
+from deploy.core.errors import BudgetInfeasibleError, ConfigError
+from deploy.core.passes import config_from_dict, config_to_dict, make_pass
+from deploy.core.spec import InputSpec
 from deploy.profiles import load_builtin
+from deploy.targets.target import for_profile
 
 CPU = load_builtin("cpu-avx512-vnni")
 SPEC = [InputSpec("image", ("batch", 1, 32, 32))]
@@ -93,7 +95,7 @@ def test_int4_simulation_is_matmulnbits_round_to_nearest(symmetric):
 def test_fake_quant_matches_onnxruntime_int8_for_one_layer(tmp_path):
     import onnxruntime as ort
 
-    from deploy.export.qdq import export_quantized
+    from deploy.export.qdq.writer import export_quantized
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
@@ -254,11 +256,11 @@ def test_quantize_model_end_to_end_on_the_digits_cnn(digits_model, digits_calibr
 
 
 def test_the_quantize_pass_runs_in_a_pipeline(digits_model, digits_calibration):
-    from deploy.pipeline import Context, State, run_pipeline
+    from deploy.core.passes import Context, State, run_pipeline
 
     config = QuantizeConfig(budget=0.9, cost="proxy", calibration=CalibrationConfig(batches=1), noise_draws=1,
                             search=SearchConfig(enabled=False), measure_finalists=False)
-    state = State(digits_model, SPEC, CPU)
+    state = State(digits_model, SPEC, for_profile(CPU))
     state = run_pipeline([make_pass("quantize", config)], state, Context(calibration=digits_calibration))
     assert hasattr(state.module, "quant_plan") and state.records[-1].source == "quantize"
     assert state.records[-1].data["search"]["refined"] == []
@@ -285,16 +287,16 @@ def test_plan_round_trips_through_json(digits_prepared):
 
 
 def test_quantization_modules_import_no_runtime():
-    code = ("import sys, deploy.compress.quantize, deploy.compress.quant_cost, deploy.compress.quant_search, "
-            "deploy.compress.quant_finalists, deploy.export.qdq, deploy.export.qdq_insert, deploy.export.qdq_int4, "
-            "deploy.export.qdq_verify, deploy.export.openvino; "
+    code = ("import sys, deploy.compress.quant.api, deploy.compress.quant.cost, deploy.compress.quant.search, "
+            "deploy.compress.quant.finalists, deploy.export.qdq.writer, deploy.export.qdq.insert, deploy.export.qdq.int4, "
+            "deploy.export.qdq.verify, deploy.export.openvino; "
             "print([m for m in ('onnxruntime', 'openvino', 'optuna', 'tensorrt') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_fast_preset_and_the_sensitivity_cache(digits_model, digits_calibration, tmp_path, monkeypatch):
-    from deploy.compress.quantize import build_problem
+    from deploy.compress.quant.api import build_problem
 
     fast = QuantizeConfig.fast(budget=0.6, cost="proxy")
     assert fast.budget == 0.6 and fast.sensitivity_samples == 4 and fast.noise_draws == 1
@@ -319,8 +321,8 @@ def test_bias_correction_removes_the_mean_shift_and_export_carries_it(digits_mod
     effect, which broke int8 on the digits CNN)."""
     import onnxruntime as ort
 
-    from deploy.compress.quant_sim import quant_layers
-    from deploy.export.qdq import export_quantized
+    from deploy.compress.quant.sim import quant_layers
+    from deploy.export.qdq.writer import export_quantized
 
     batches = digits_calibration.batches("held_out", 16)[:2]
     shifts_seen = {}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from deploy.errors import UserInputError
-from deploy.targets.regress_decide import INCONCLUSIVE, PASS, REGRESSION, GateConfig, decide
+from deploy.core.errors import UserInputError
+from deploy.targets.regress.decide import INCONCLUSIVE, PASS, REGRESSION, GateConfig, decide
 
 # --- the decision on synthetic samples ------------------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ def _fake_result(outcome: str) -> dict:
 
 @pytest.mark.parametrize("outcome, failures, skipped", [("pass", 0, 0), ("regression", 1, 0), ("inconclusive", 0, 1)])
 def test_junit_is_valid_xml_with_one_testcase(outcome, failures, skipped):
-    from deploy.targets.regress_report import to_junit
+    from deploy.targets.regress.report import to_junit
 
     root = ET.fromstring(to_junit(_fake_result(outcome)))
     cases = root.findall("./testsuite/testcase")
@@ -111,7 +111,7 @@ def test_junit_is_valid_xml_with_one_testcase(outcome, failures, skipped):
 
 
 def test_markdown_summary_and_github_step_summary(tmp_path, monkeypatch):
-    from deploy.targets.regress_report import append_step_summary, to_markdown
+    from deploy.targets.regress.report import append_step_summary, to_markdown
 
     text = to_markdown(_fake_result("regression"))
     assert text.startswith("### Latency gate: REGRESSION model.onnx: median +")
@@ -162,8 +162,8 @@ def test_missing_baseline_is_a_one_line_exit_2(chains, tmp_path):
 
 
 def test_update_writes_a_readable_baseline(chains, tmp_path):
-    from deploy.targets.measure import MeasureConfig
-    from deploy.targets.regress import RegressRequest, regress
+    from deploy.targets.measure.loop import MeasureConfig
+    from deploy.targets.regress.gate import RegressRequest, regress
 
     baseline = tmp_path / "ci" / "latency.json"
     result = regress(RegressRequest(chains["fast"], baseline=baseline, update=True, threads=1,
@@ -204,8 +204,8 @@ def test_too_noisy_is_exit_3(chains):
 
 
 def test_fingerprint_difference_is_warned(chains, tmp_path):
-    from deploy.targets.measure import MeasureConfig
-    from deploy.targets.regress import RegressRequest, regress
+    from deploy.targets.measure.loop import MeasureConfig
+    from deploy.targets.regress.gate import RegressRequest, regress
 
     baseline = tmp_path / "latency.json"
     quick = MeasureConfig.quick(min_samples=20)
@@ -226,7 +226,7 @@ def test_fingerprint_difference_is_warned(chains, tmp_path):
     ('{"schema": "something.else"}', "not a deploy.measurement document"),
 ])
 def test_bad_baseline_is_a_one_line_user_error(tmp_path, content, message):
-    from deploy.targets.regress_baseline import read_baseline
+    from deploy.targets.regress.baseline import read_baseline
 
     path = tmp_path / "latency.json"
     path.write_text(content)
@@ -243,7 +243,7 @@ def test_usage_errors_are_exit_2(chains, tmp_path):
 
 
 def test_a_comparison_already_made_is_reused():
-    from deploy.targets.stats import compare
+    from deploy.targets.measure.stats import compare
 
     old, new = _samples(1.0, seed=1), _samples(1.10, seed=2)
     made = compare(old, new)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.errors import InputSpecError, ModelLoadError, RuntimeUnavailableError, UserInputError
-from deploy.pipeline import InputSpec
-from deploy.targets.feeds import make_feeds, parse_input_shape, resolve_inputs
-from deploy.targets.fingerprint import cpu_flags, diff_fingerprints, fingerprint
-from deploy.targets.onnx_model import load_onnx
-from deploy.targets.runner import RUNNERS, RunnerConfig, canonical_runtime, get_runner, normalize_precision
+from deploy.core.errors import InputSpecError, ModelLoadError, RuntimeUnavailableError, UserInputError
+from deploy.core.spec import InputSpec
+from deploy.targets.measure.feeds import make_feeds, parse_input_shape, resolve_inputs
+from deploy.targets.measure.fingerprint import cpu_flags, diff_fingerprints, fingerprint
+from deploy.targets.model_files import load_onnx
+from deploy.targets.runners.registry import RUNNERS, RunnerConfig, canonical_runtime, get_runner, normalize_precision
 
 TRT_SKIP = "TensorRT is not available here"
 
@@ -132,7 +132,7 @@ def test_tensorrt_runner_is_unavailable_here(onnx_file, feeds):
 def test_tensorrt_runner_measures(onnx_file, feeds):
     if not tensorrt_usable():
         pytest.skip(TRT_SKIP)
-    from deploy.targets.measure import MeasureConfig, measure
+    from deploy.targets.measure.loop import MeasureConfig, measure
 
     runner = get_runner("tensorrt", 1, "f16")
     m = measure(runner.prepare(onnx_file, feeds), MeasureConfig.quick())

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deploy.compress.prune_edit import Masker, remove_physically
-from deploy.compress.prune_units import PruneUnit, UnitConfig, find_units, legal_removals, output_layer
-from deploy.compress.sensitivity import OutputProbe, ProbeData, distortion_curves, ranking, removal_for
+from deploy.compress.prune.edit import Masker, remove_physically
+from deploy.compress.prune.units import PruneUnit, UnitConfig, find_units, legal_removals, output_layer
+from deploy.compress.prune.sensitivity import OutputProbe, ProbeData, distortion_curves, ranking, removal_for
 from deploy.examples.tiny_bert import example_inputs, tiny_bert
 
 CNN_X = (torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)),)

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.errors import MeasurementError, RuntimeUnavailableError, UserInputError
-from deploy.targets import remote_measure
-from deploy.targets.fingerprint import fingerprint
-from deploy.targets.measure import MeasureConfig, Measurement
-from deploy.targets.ssh_runner import RemoteConfig, SshConfig, measure_remote, parse_ssh_url
+from deploy.core.errors import MeasurementError, RuntimeUnavailableError, UserInputError
+from deploy.targets.runners import remote_measure, remote_trtexec
+from deploy.targets.measure.fingerprint import fingerprint
+from deploy.targets.measure.loop import MeasureConfig, Measurement
+from deploy.targets.runners.remote import measure_remote
+from deploy.targets.runners.ssh import RemoteConfig, SshConfig, parse_ssh_url
 import sshd
 from sshd import free_port, keygen
 
@@ -185,23 +186,24 @@ def test_trtexec_times_parser_on_synthetic_json():
              {"startComputeMs": 10.0, "endComputeMs": 11.5, "computeMs": 1.5, "latencyMs": 1.9, "h2dMs": 0.2},
              {"startComputeMs": 12.0, "endComputeMs": 13.25, "latencyMs": 1.6},  # no computeMs: from start/end
              {"startComputeMs": 14.0, "endComputeMs": 15.0, "computeMs": 1.0, "latencyMs": 1.3}]
-    assert remote_measure.parse_trtexec_times(times) == [1.5, 1.25, 1.0]
-    assert remote_measure.parse_trtexec_times(times, "latencyMs") == [1.9, 1.6, 1.3]
+    assert remote_trtexec.parse_trtexec_times(times) == [1.5, 1.25, 1.0]
+    assert remote_trtexec.parse_trtexec_times(times, "latencyMs") == [1.9, 1.6, 1.3]
     with pytest.raises(ValueError, match="no computeMs"):
-        remote_measure.parse_trtexec_times([{"count": 0}])
+        remote_trtexec.parse_trtexec_times([{"count": 0}])
     with pytest.raises(ValueError, match="bad"):
-        remote_measure.parse_trtexec_times([{"computeMs": -1}])
-    assert remote_measure._trtexec_info("[TensorRT v8601] # trtexec")["version"] == "8.6.1"
+        remote_trtexec.parse_trtexec_times([{"computeMs": -1}])
+    assert remote_trtexec._trtexec_info("[TensorRT v8601] # trtexec")["version"] == "8.6.1"
 
 
 def test_remote_script_needs_no_deploy():
     """It runs where deploy is not installed: only the standard library, numpy and onnxruntime."""
     import ast
 
-    tree = ast.parse(Path(remote_measure.__file__).read_text(), feature_version=(3, 6))  # JetPack 4 has 3.6
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert names - set(sys.stdlib_module_names) <= {"numpy", "onnxruntime"}
+    for script in (remote_measure, remote_trtexec):  # shipped together, beside each other
+        tree = ast.parse(Path(script.__file__).read_text(), feature_version=(3, 6))  # JetPack 4 has 3.6
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert names - set(sys.stdlib_module_names) <= {"numpy", "onnxruntime", "remote_trtexec"}
     assert os.path.basename(remote_measure.__file__) == "remote_measure.py"
 
 

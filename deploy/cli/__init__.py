@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from deploy.cli import bench_cmd, cache_cmd, compress_cmd, inspect_cmd, profiles_cmd  # noqa: F401  (commands)
 from deploy.cli.app import app, err_console
-from deploy.errors import EXIT_FAILURE, EXIT_USAGE, DeployError
+from deploy.core.errors import EXIT_FAILURE, EXIT_USAGE, DeployError
 
 EXIT_INTERRUPTED = 130
 SIGNAL_EXITS = {"SIGTERM": 143, "SIGHUP": 129}

@@ -73,8 +73,8 @@ def emit_json(data: Any) -> None:
 def load_model_arg(model: Optional[Path], example: bool, arch: Optional[str], trust_pickle: bool,
                    input_shape: List[str]) -> Any:
     """MODEL or --example, never both."""
-    from deploy.errors import UserInputError
-    from deploy.model_io import load_example, load_model
+    from deploy.core.errors import UserInputError
+    from deploy.core.model.load import load_example, load_model
 
     if example == (model is not None):
         raise UserInputError("give a model file or --example (exactly one)", "see --help")

@@ -18,7 +18,7 @@ MODEL_HELP = ("The exported model: .onnx, an OpenVINO IR .xml (--runtime openvin
 
 def _measure_config(quick: bool, min_seconds: Optional[float], min_samples: Optional[int],
                     max_seconds: Optional[float], quick_samples: int = 0):
-    from deploy.targets.measure import MeasureConfig
+    from deploy.targets.measure.loop import MeasureConfig
 
     config = MeasureConfig.quick(min_samples=quick_samples) if quick and quick_samples else (
         MeasureConfig.quick() if quick else MeasureConfig())
@@ -49,10 +49,10 @@ def bench(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file (atomically)."),
 ) -> None:
     """Measure latency in a loop on this machine: warm-up, >= 64 samples and >= 3 s, percentiles and a median CI."""
-    from deploy.atomic_io import atomic_write_json, check_writable_file
+    from deploy.core.atomic_io import atomic_write_json, check_writable_file
     from deploy.targets.bench import BenchRequest, run_bench
     from deploy.targets.bench_view import bench_table, comparison_line
-    from deploy.targets.progress_bar import progress_bar
+    from deploy.targets.measure.progress import progress_bar
 
     if output is not None:
         check_writable_file(output, "--output")
@@ -106,11 +106,11 @@ def regress(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (schema deploy.regress)."),
 ) -> None:
     """CI latency gate: exit 0 pass, 1 regression (slower by > --threshold AND p < --alpha), 3 inconclusive (rerun)."""
-    from deploy.atomic_io import atomic_write_text, check_writable_file
-    from deploy.targets.progress_bar import progress_bar
-    from deploy.targets.regress import RegressRequest, regress as run_regress
-    from deploy.targets.regress_decide import GateConfig
-    from deploy.targets.regress_report import append_step_summary, headline, to_junit, to_markdown
+    from deploy.core.atomic_io import atomic_write_text, check_writable_file
+    from deploy.targets.measure.progress import progress_bar
+    from deploy.targets.regress.gate import RegressRequest, regress as run_regress
+    from deploy.targets.regress.decide import GateConfig
+    from deploy.targets.regress.report import append_step_summary, headline, to_junit, to_markdown
 
     for flag, path in (("--markdown", markdown), ("--junit", junit), ("--baseline", baseline if update else None)):
         if path is not None:

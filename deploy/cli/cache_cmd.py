@@ -9,7 +9,7 @@ from deploy.cli.app import cache_app, console, emit_json
 @cache_app.command("clear")
 def cache_clear(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Empty the cache folder (~/.cache/deploy, or $DEPLOY_CACHE_DIR)."""
-    from deploy.cache import cache_dir, clear_cache
+    from deploy.core.cache import cache_dir, clear_cache
 
     files, size = clear_cache()
     if as_json:
@@ -21,7 +21,7 @@ def cache_clear(as_json: bool = typer.Option(False, "--json", help="Print JSON."
 @cache_app.command("show")
 def cache_show(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Where the cache is and what it holds."""
-    from deploy.cache import cache_dir, cache_size
+    from deploy.core.cache import cache_dir, cache_size
 
     files, size = cache_size()
     if as_json:

@@ -48,8 +48,8 @@ def compress_cmd(
     """Compress a model for a target under one budget, export it, and measure the result.
     Exit 0: budget met; 3: uncertain (a predicted band straddles the budget); 4: budget missed (the model and
     report are still written)."""
-    from deploy.budget import from_flags
-    from deploy.job import CompressRequest, compress
+    from deploy.compiler.budget import from_flags
+    from deploy.compiler.job import CompressRequest, compress
 
     request = CompressRequest(
         model=str(model) if model else None, example=example, arch=arch, trust_pickle=trust_pickle,
@@ -117,10 +117,10 @@ def search_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the front as JSON."),
 ) -> None:
     """The latency-vs-fidelity Pareto front: a resumable, multi-worker optuna study with every trial measured."""
-    from deploy.compress.search import SearchConfig
-    from deploy.errors import UserInputError
-    from deploy.job import CompressRequest
-    from deploy.search_job import SearchRequest, search
+    from deploy.compress.study import StudyConfig
+    from deploy.core.errors import UserInputError
+    from deploy.compiler.job import CompressRequest
+    from deploy.compiler.search import SearchRequest, search
 
     request = CompressRequest(
         model=str(model) if model else None, example=example, arch=arch, trust_pickle=trust_pickle,
@@ -129,7 +129,7 @@ def search_cmd(
         precisions=tuple(precision) or ("fp32", "int8"), prune=not no_prune, recover_steps=0, threads=threads,
         measure_seconds=measure_seconds, seed=seed, batch=batch)
     try:
-        config = SearchConfig(trials=trials, timeout_s=timeout, storage=storage, study_name=study_name, seed=seed)
+        config = StudyConfig(trials=trials, timeout_s=timeout, storage=storage, study_name=study_name, seed=seed)
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
     with job_progress(err_console, "search", not as_json) as progress:

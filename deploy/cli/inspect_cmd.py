@@ -22,7 +22,7 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """What a model holds: inputs, layers with type, parameters and MACs, and what compression will touch."""
-    from deploy.analysis import analyze
+    from deploy.core.analysis import analyze
 
     loaded = load_model_arg(model, example, arch, trust_pickle, input_shape)
     summary = analyze(loaded)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional
 
 import typer
@@ -59,31 +60,29 @@ def profiles_show(
 
 @profiles_app.command("calibrate")
 def profiles_calibrate(
-    target: str = typer.Argument(..., help="Profile name or alias (cpu) of the device to measure."),
-    runner: Optional[str] = typer.Option(None, "--runner", help="Time on a remote device: ssh://user@host[:port]."),
-    quick: bool = typer.Option(False, "--quick", help="A small grid at a tiny budget, no latency-model fit: a smoke "
-                               "test, not for decisions."),
+    target: str = typer.Argument(..., help="Profile name or alias (cpu) of this machine's CPU."),
+    quick: bool = typer.Option(False, "--quick", help="A small reference set: a smoke test, not for decisions."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads (default: physical cores, capped "
                                           "by the profile)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Measure a device: its op latency lookup table (single-op microbenchmarks) and, unless --quick, its fitted
-    latency model. Results are cached under DEPLOY_CACHE_DIR (default ~/.cache/deploy)."""
-    from deploy.targets.latency_calibrate import CalibrateRequest, calibrate
+    """Fit this machine's latency model for a profile: the reference models are profiled per node in its runtime and
+    fitted, so predictions for it carry an earned error band. Cached under DEPLOY_CACHE_DIR (default
+    ~/.cache/deploy)."""
+    from deploy.targets.latency.calibrate import CalibrateRequest, calibrate
 
-    request = CalibrateRequest(target=target, runner=runner, quick=quick, threads=threads)
-    result = calibrate(request, progress=None if as_json else err_console.print)
+    request = CalibrateRequest(target=target, quick=quick, threads=threads)
+    result = calibrate(request, progress=None if as_json else
+                       (lambda line: err_console.print(line, highlight=False, soft_wrap=True)))
     if as_json:
         emit_json(result.to_dict())
         return
-    table = Table(title=f"calibrated {result.profile} ({result.device})", show_header=False)
-    rows = [("runtime", result.runtime), ("threads", str(result.threads)), ("table", result.table_path),
-            ("entries", f"{result.entries} ({result.measured} measured now, {result.cached} from the cache)"),
-            ("precisions", ", ".join(result.precisions)),
-            *((f"skipped {p}", why) for p, why in result.skipped.items()),
-            ("latency model", f"{result.model['models']} models, band x/÷ {2.718281828 ** result.model['band']:.2f}, "
-                              f"{result.model['path']}" if result.model else "not fitted (--quick or remote)"),
+    model = result.model
+    rows = [("runtime", result.runtime), ("threads", str(result.threads)),
+            ("latency model", f"{model['models']} reference models, {model['kinds']} op kinds"),
+            ("error band", f"x/÷ {math.exp(model['band']):.2f} (leave one model out)"), ("file", model["path"]),
             ("time", f"{result.seconds:.1f} s")]
+    table = Table(title=f"calibrated {result.profile}", show_header=False)
     id_column(table, "field", [k for k, _ in rows])
     table.add_column("value", overflow="fold")
     for key, value in rows:

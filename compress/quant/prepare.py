@@ -1,0 +1,167 @@
+"""Prepare and calibrate: fold BatchNorm, read the layer graph from the exported float model, list each layer's
+elastic space, calibrate every activation tensor once, and wrap the layers for simulation.
+
+The result is a calibrated plan with every layer still float: the search only changes options, never ranges, so a
+candidate costs one forward pass to evaluate.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from deploy.compress.quant.calib import (TensorStats, candidate_params, choose_params, collect, smooth_factors,
+                                         tensor_sources)
+from deploy.compress.quant.fold import fold_batchnorm, layer_shapes, wrap
+from deploy.export.qdq.graph import LayerGraph, layer_graph
+from deploy.export.qdq.plan import ActParams, LayerPlan, QuantPlan
+from deploy.compress.quant.space import LayerShape, QuantOption, SpaceConfig, layer_space
+from deploy.core.spec import InputSpec
+from deploy.core.data import CalibrationSet
+from deploy.profiles import Profile
+from deploy.targets.target import Target, as_target
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    methods: tuple[str, ...] = ("minmax", "percentile", "mse")
+    percentile: float = 99.99
+    smoothquant: bool = False  # SmoothQuant factors for linears that share an input (transformers)
+    smooth_alpha: float = 0.5
+    batches: int = 4
+    batch_size: int = 32
+    probe_samples: int = 16
+    bias_correction: bool = True  # subtract each low-precision option's mean output shift from the bias
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in ("minmax", "percentile", "mse")]
+        if bad or not self.methods:
+            raise ValueError(f"calibration methods must be drawn from minmax, percentile, mse; got {bad}")
+        if not 90.0 < self.percentile < 100.0:
+            raise ValueError(f"percentile must be in (90, 100), got {self.percentile}")
+        if not 0.0 < self.smooth_alpha < 1.0:
+            raise ValueError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
+        if self.batches < 1 or self.batch_size < 1 or self.probe_samples < 1:
+            raise ValueError("batches, batch_size and probe_samples must be >= 1")
+
+
+@dataclass
+class Prepared:
+    folded: nn.Module  # BatchNorm folded, float
+    qmodel: nn.Module  # folded with QuantLayers (all float until options are set)
+    shapes: list[LayerShape]
+    graph: LayerGraph | None
+    spaces: dict[str, tuple[QuantOption, ...]]
+    plan: QuantPlan  # calibrated, every layer at its float option
+    flags: dict[str, Any]  # per layer SimFlags: what of the Q/DQ policy the simulation reproduces
+    float_onnx: Any = None  # the exported float onnx.ModelProto (static shapes), for pricing variants
+    calibration: dict[str, Any] = field(default_factory=dict)  # per tensor: chosen method and each method's error
+    notes: list[str] = field(default_factory=list)
+
+
+def export_graph(folded: nn.Module, inputs: Sequence[InputSpec], layers: Sequence[str]) -> tuple[LayerGraph, Any]:
+    """The layer graph of the exported float model (and the onnx.ModelProto, for pricing variants)."""
+    import onnx
+
+    from deploy.core.model.onnx_export import OnnxExportConfig, export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="deploy-quant-") as tmp:
+        specs = [InputSpec(s.name, s.concrete_shape(), s.dtype) for s in inputs]
+        path = export_onnx(folded, specs, Path(tmp) / "float.onnx", OnnxExportConfig(dynamic=False))
+        model = onnx.load(str(path))
+    return layer_graph(model, layers), model
+
+
+def calibrate_tensors(folded: nn.Module, graph: LayerGraph | None, layers: Sequence[LayerShape],
+                      batches: Sequence[tuple[torch.Tensor, ...]], symmetric: bool, config: CalibrationConfig,
+                      attention: Sequence[str] = ()
+                      ) -> tuple[dict[str, ActParams], dict[str, torch.Tensor], dict[str, Any]]:
+    """Params per tensor (layer inputs, conv outputs, and the outputs of the `attention` layers, which feed an
+    activation x activation MatMul: symmetric int8 there, as OpenVINO's int8 attention takes it), SmoothQuant
+    factors per input tensor, and the report."""
+    names = [s.name for s in layers]
+    convs = [s.name for s in layers if s.kind == "conv"]
+    sources = tensor_sources(names, graph, convs + [n for n in attention if n not in convs])
+    signed_outputs = {graph.nodes[n].post for n in attention if graph and n in graph.nodes}
+    readers: dict[str, list[str]] = {}
+    for src in sources:
+        readers.setdefault(src.tensor, [])
+    for name in names:
+        tensor = graph.nodes[name].input if graph and name in graph.nodes else f"{name}:in"
+        readers[tensor].append(name)
+    stats = collect(folded, sources, batches, probe_samples=config.probe_samples)
+    smooth: dict[str, torch.Tensor] = {}
+    if config.smoothquant:
+        for tensor, consumers in readers.items():
+            s = smooth_factors(folded, stats[tensor], consumers, config.smooth_alpha) if consumers else None
+            if s is not None:
+                smooth[tensor] = s
+        if smooth:
+            stats = collect(folded, sources, batches, smooth=smooth, probe_samples=config.probe_samples)
+    params, report = {}, {}
+    for tensor, st in stats.items():
+        sym = symmetric or (tensor in signed_outputs and not readers[tensor])
+        params[tensor], errors = _choose(folded, tensor, readers[tensor], st, sym, config, smooth.get(tensor))
+        report[tensor] = {"method": params[tensor].method, "errors": errors, "range": [st.lo, st.hi],
+                          "readers": readers[tensor], "smoothed": tensor in smooth}
+    return params, smooth, report
+
+
+def _choose(folded: nn.Module, tensor: str, readers: list[str], st: TensorStats, symmetric: bool,
+            config: CalibrationConfig, smooth: torch.Tensor | None) -> tuple[ActParams, dict[str, float]]:
+    candidates = candidate_params(st, symmetric, config.methods, config.percentile)
+    return choose_params(folded, tensor, readers, st, candidates, smooth)
+
+
+def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: CalibrationSet, target: Target | Profile,
+            space: SpaceConfig = SpaceConfig(), config: CalibrationConfig = CalibrationConfig(),
+            skip: tuple[str, ...] = ()) -> Prepared:
+    """Everything the search needs, computed once."""
+    target = as_target(target)
+    from deploy.export.qdq.policy import attention_layers, policy_for
+    from deploy.compress.quant.sim import sim_flags
+
+    folded, notes = fold_batchnorm(module)
+    shapes = layer_shapes(folded, skip)
+    if not shapes:
+        raise ValueError("the model has no Conv2d or Linear layer to quantize")
+    try:
+        graph, float_onnx = export_graph(folded, inputs, [s.name for s in shapes])
+    except Exception as exc:  # noqa: BLE001 - calibration still works per layer without the graph
+        graph, float_onnx = None, None
+        notes.append(f"no ONNX graph ({' '.join(str(exc).split())[:120]}): tensors calibrated per layer")
+    if graph is not None:
+        unused = [s.name for s in shapes if s.name not in graph.nodes]
+        if unused:  # e.g. a pooler the exported forward never calls
+            notes.append(f"not in the exported graph, left alone: {', '.join(unused)}")
+            shapes = [s for s in shapes if s.name in graph.nodes]
+    policy = policy_for(target.qdq_policy)
+    batches = calibration.batches("calibration", config.batch_size)[: config.batches]
+    attention = [n for n in attention_layers(graph, policy) if any(s.name == n and s.kind == "linear" for s in shapes)]
+    params, smooth, report = calibrate_tensors(folded, graph, shapes, batches, policy.act_signed, config, attention)
+    spaces = {s.name: layer_space(s, target.profile, space) for s in shapes}
+    layers = {}
+    for s in shapes:
+        ln = graph.nodes.get(s.name) if graph else None
+        tin = ln.input if ln else f"{s.name}:in"
+        tout = ln.post if ln else f"{s.name}:out"
+        sm = smooth.get(tin)
+        layers[s.name] = LayerPlan(s.name, s.kind, spaces[s.name][0], params.get(tin), params.get(tout),
+                                   tuple(float(v) for v in sm) if sm is not None else (), bool(ln and ln.relu_after))
+    plan = QuantPlan(target.qdq_policy, layers, target.float_precision, list(notes))
+    flags = sim_flags(plan, policy, graph)
+    qmodel = wrap(folded, plan, flags)
+    if config.bias_correction:
+        from dataclasses import replace
+
+        from deploy.compress.quant.bias import install_shifts, measure_shifts
+
+        shifts = measure_shifts(qmodel, spaces, batches)
+        install_shifts(qmodel, shifts)
+        plan = replace(plan, shifts=shifts)
+        qmodel.quant_plan = plan
+    return Prepared(folded, qmodel, shapes, graph, spaces, plan, flags, float_onnx, report, notes)

@@ -1,0 +1,298 @@
+"""The candidates a plan search weighs: the pruning family (dense to most pruned), each candidate built, exported
+in the target's Q/DQ policy, timed in the target's runtime interleaved with the dense model (or predicted with its
+band) and, where the search needs it, scored on held-out data. `Planner` keeps every candidate for the report."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from deploy.core.errors import BudgetInfeasibleError, UserInputError
+
+
+class Family:
+    """Models from one pruning problem: level 0 is dense, level 1 the most the allocator may remove."""
+
+    def __init__(self, setup: Any, enabled: bool = True):
+        self.setup = setup
+        self.problem = None
+        if enabled and setup.loaded.structural:
+            from deploy.core.cache import cache_dir
+            from deploy.compress.prune.api import PruneConfig, build_problem
+
+            samples = list(setup.calibration.calibration)
+            self.problem = build_problem(setup.loaded.module, setup.loaded.inputs, samples,
+                                         setup.target, PruneConfig(budget_kind="macs", samples=64),
+                                         cache_dir() / "sensitivity")
+
+    def removed(self, level: float) -> dict[str, int]:
+        if self.problem is None or level <= 0:
+            return {}
+        from deploy.compress.prune.api import plan_dp
+
+        least = self.problem.cost.of_plan(self.problem.max_plan())
+        base = self.problem.costs.base
+        return plan_dp(self.problem, least + (base - least) * (1.0 - min(level, 1.0)))
+
+    def build(self, removed: dict[str, int]) -> torch.nn.Module:
+        if not removed:
+            return copy.deepcopy(self.setup.loaded.module).eval()
+        return self.problem.build(removed).eval()
+
+
+def export_fp32(module: torch.nn.Module, setup: Any, path: Path) -> Path:
+    from deploy.core.model.onnx_export import OnnxExportConfig, export_onnx
+
+    return export_onnx(module, setup.loaded.inputs, path, OnnxExportConfig(output_names=("output",)))
+
+
+def export_candidate(module: torch.nn.Module, setup: Any, labels: dict[str, str] | None, prep: Any, path: Path
+                     ) -> Any:
+    """Export in float (labels None) or with the labelled per-layer precisions and `prep`'s calibration, following
+    the target's Q/DQ policy; returns the quantization plan (None for float)."""
+    if labels is None:
+        export_fp32(module, setup, path)
+        return None
+    from deploy.compress.quant.apply import export_labels, plan_for
+
+    export_labels(prep, module, setup.loaded.inputs, labels, path)
+    return plan_for(prep, labels)
+
+
+def prepare_run(setup: Any, path: Path) -> Callable[[], object]:
+    """One inference of the exported file in the target's runtime, ready to time."""
+    from deploy.targets.measure.feeds import make_feeds
+    return setup.target.runner().prepare(path, make_feeds(setup.measure_specs))
+
+
+def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | None = None, plan: Any = None,
+            baseline: Callable[[], object] | None = None) -> dict[str, Any]:
+    """p50 measured in the target's runtime here, or predicted (with its band) for a device not at hand.
+    Measured interleaved with `baseline` (the dense model) when given: the same protocol as the final report's, so
+    a candidate's p50 is what the report will say (a small model timed alone keeps its weights in cache and looks
+    faster than it does next to anything else)."""
+    if not setup.target.measured:
+        return predicted_latency(setup, path, module, plan)
+    from deploy.targets.measure.loop import MeasureConfig, measure, measure_interleaved
+
+    run_once = prepare_run(setup, path)
+    config = MeasureConfig(warmup_min_s=0.1, warmup_min_runs=5, min_samples=32, min_seconds=seconds,
+                           max_seconds=max(10.0, seconds * 4))
+    if baseline is None:
+        result = measure(run_once, config).to_dict()
+        return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result}
+    _, candidate, comparison = measure_interleaved(baseline, run_once, config)
+    result = candidate.to_dict()
+    return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result,
+            "ratio_to_dense": comparison.to_dict()["ratio"]}
+
+
+def predicted_latency(setup: Any, path: Path, module: torch.nn.Module | None, plan: Any) -> dict[str, Any]:
+    """A Q/DQ file is priced from its float graph with each layer at its planned precision: Q/DQ nodes fuse away on
+    the device, and the portable model reads layer shapes, not the device's kernels."""
+    from deploy.targets.latency.prediction import predict_onnx
+
+    if plan is None or module is None:
+        return predict_onnx(path, setup.target, setup.measure_specs)
+    from deploy.compress.quant.apply import precision_map
+
+    float_path = export_fp32(module, setup, setup.workdir / f"{path.stem}.float.onnx")
+    return predict_onnx(path, setup.target, setup.measure_specs, float_path, precision_map(plan))
+
+
+def outputs_finite(setup: Any, path: Path) -> bool:
+    """One held-out batch through the exported file in its runtime: are all outputs finite numbers?"""
+    from deploy.targets.outputs import runtime_predictor
+
+    run = runtime_predictor(setup.target, path, [s.name for s in setup.loaded.inputs])
+    batch = setup.calibration.batches("held_out", 8)[0]
+    return bool(torch.isfinite(run(batch)).all())
+
+
+def fidelity_of(setup: Any, path: Path) -> dict[str, Any]:
+    from deploy.compiler.evaluate import exported_fidelity
+
+    return exported_fidelity(setup.loaded.module, path, setup.calibration, [s.name for s in setup.loaded.inputs],
+                             setup.target, setup.reference)
+
+
+@dataclass
+class Candidate:
+    precision: str  # fp32 | int8 (every quantizable layer low precision) | mixed
+    level: float  # 0 = dense, 1 = the most the pruning allocator may remove
+    removed: dict[str, int]
+    latency_ms: float
+    fidelity: float | None  # held-out fidelity of the exported model; None where the search did not need it
+    size_mb: float
+    labels: dict[str, str] | None = None  # per-layer precision option; None: every layer in float
+    band_ms: tuple[float, float] | None = None  # predicted latency's error band
+    origin: str = ""
+    chosen: bool = False
+
+    def row(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row.pop("labels")
+        row["counts"] = dict(Counter(self.labels.values())) if self.labels else {"fp32": "all"}
+        return row
+
+
+def quant_config(request: Any, setup: Any) -> Any:
+    """The quantization settings compress uses: the fast preset, the request's weight bits, the run's threads.
+    int8 weights are per-channel only where the target has per-channel kernels: per-tensor runs no faster there
+    and is less faithful, and each option costs a sensitivity pass per layer."""
+    import dataclasses as dc
+
+    from deploy.compress.quant.api import QuantizeConfig
+
+    bits = tuple(b for b, p in ((8, "int8"), (4, "int4")) if p in request.precisions) or (8,)
+    fast = QuantizeConfig.fast()
+    grans = fast.space.granularities
+    if "per-channel" in setup.target.profile.weight_granularities:
+        grans = tuple(g for g in grans if g != "per-tensor")
+    return QuantizeConfig.fast(measure_finalists=False,
+                               space=dc.replace(fast.space, weight_bits=bits, granularities=grans))
+
+
+class Planner:
+    """Builds, exports and measures candidates; keeps every one for the report."""
+
+    def __init__(self, request: Any, setup: Any):
+        self.request, self.setup = request, setup
+        self.candidates: list[Candidate] = []
+        self._family: Any = None
+        self._modules: dict[float, torch.nn.Module] = {}
+        self._quant: dict[float, Any] = {}
+        self._fastest: dict[float, dict[str, str]] = {}
+        self._baseline: Callable[[], object] | None = None  # the dense model, every candidate is timed against
+        self.dense: Candidate | None = None
+        allowed = set(setup.target.profile.precisions)
+        self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
+        self.can_prune = request.prune and setup.loaded.structural
+        if request.prune and not setup.loaded.structural:
+            setup.warnings.append("pruning skipped: the model is a graph (TorchScript or .pt2); pruning needs the "
+                                  "Python module (state_dict + --arch)")
+        if "fp32" not in request.precisions and not self.quantizes:
+            raise UserInputError(f"none of the precisions {', '.join(request.precisions)} runs on "
+                                 f"{setup.target.profile.name}",
+                                 f"use {', '.join(sorted(allowed | {'fp32'}))}")
+
+    # --- the two knobs ----------------------------------------------------------------------------------------
+
+    def family(self) -> Any:
+        if self._family is None:
+            self._family = Family(self.setup, True)
+        return self._family
+
+    def removed(self, level: float) -> dict[str, int]:
+        return self.family().removed(level) if level > 0 else {}
+
+    def module(self, level: float) -> torch.nn.Module:
+        if level not in self._modules:
+            if len(self._modules) > 3:  # keep memory flat on big models
+                self._modules.pop(next(k for k in self._modules if k != 0.0))
+            self._modules[level] = (copy.deepcopy(self.setup.loaded.module).eval() if level <= 0
+                                    else self.family().build(self.removed(level)))
+        return self._modules[level]
+
+    def built_quant(self, level: float) -> Any | None:
+        """The precision problem already built for `level`, if any."""
+        return self._quant.get(level)
+
+    def quant(self, level: float) -> Any:
+        """The precision problem (calibration, sensitivities, prices) of the model at `level`."""
+        if level not in self._quant:
+            from deploy.compress.quant.api import build_problem
+
+            config = quant_config(self.request, self.setup)
+            sibling = self.quant(0.0) if level > 0 else None  # a pruned model's prices: the dense one's, rescaled
+            self._quant[level] = build_problem(self.module(level), self.setup.loaded.inputs,
+                                               self.setup.calibration, self.setup.target, config,
+                                               prices_from=sibling)
+        return self._quant[level]
+
+    def time_against_dense(self) -> None:
+        """Time every later candidate interleaved with the dense model (as the final report does)."""
+        if self.setup.target.measured:
+            path = export_fp32(self.setup.loaded.module, self.setup, self.setup.workdir / "dense-baseline.onnx")
+            self._baseline = prepare_run(self.setup, path)
+
+    def fastest(self, level: float = 0.0) -> dict[str, str]:
+        """The plan the price table estimates fastest: every layer at its fastest kernel, or every layer in low
+        precision (int8 islands pay Q/DQ at both ends, so an all-int8 chain can beat a kernel-by-kernel pick), or
+        the allocator's plan at the smaller of those two estimates."""
+        if level in self._fastest:
+            return self._fastest[level]
+        from deploy.compress.quant.search import allocator_plan
+
+        sp = self.quant(level).space
+        kernel = sp.fastest()
+        low = {n: min((o for o in opts if not o.is_float), default=opts[0],
+                      key=lambda o: sp.table.kernel.get(n, {}).get(o.kernel_class, 0.0)).label
+               for n, opts in sp.spaces.items()}
+        if "fp32" not in self.request.precisions:  # float layers are not allowed: every layer low precision
+            self._fastest[level] = low
+            return low
+        plans = [kernel, low]
+        try:
+            plans.append(allocator_plan(sp, min(sp.latency(kernel), sp.latency(low)))[0])
+        except BudgetInfeasibleError:
+            pass
+        self._fastest[level] = min(plans, key=sp.latency)
+        return self._fastest[level]
+
+    # --- one candidate ------------------------------------------------------------------------------------------
+
+    def evaluate(self, level: float, labels: dict[str, str] | None, origin: str, fidelity: bool = False
+                 ) -> Candidate:
+        module = self.module(level)
+        path = self._path(len(self.candidates))
+        prep = None
+        if labels is not None:
+            prep = (self._quant.get(level) or self.quant(0.0)).prep
+        plan = export_candidate(module, self.setup, labels, prep, path)
+        if not outputs_finite(self.setup, path):  # rejected: it can never be chosen, whatever the budget
+            candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level), math.inf,
+                                  0.0, math.inf, labels, None, f"{origin} (rejected: NaN or infinite outputs)")
+            self.candidates.append(candidate)
+            return candidate
+        timing = latency(self.setup, path, self.request.measure_seconds, module, plan, self._baseline)
+        value = None
+        if fidelity:
+            from deploy.core.metrics import primary_metric
+
+            value = primary_metric(fidelity_of(self.setup, path))[1]
+        candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level),
+                              timing["latency_ms"], value, path.stat().st_size / 1e6, labels,
+                              timing.get("band_ms"), origin)
+        self.candidates.append(candidate)
+        return candidate
+
+    def with_fidelity(self, candidate: Candidate) -> Candidate:
+        if candidate.fidelity is None:
+            from deploy.core.metrics import primary_metric
+
+            index = next(i for i, c in enumerate(self.candidates) if c is candidate)
+            candidate.fidelity = primary_metric(fidelity_of(self.setup, self._path(index)))[1]
+        return candidate
+
+    def _path(self, index: int) -> Path:
+        return self.setup.workdir / f"candidate-{index}.onnx"
+
+
+def _precision_name(labels: dict[str, str] | None, prep: Any) -> str:
+    if labels is None:
+        return "fp32"
+    from deploy.compress.quant.apply import options_for
+
+    options = options_for(prep.spaces, labels).values()
+    low = [o for o in options if not o.is_float]
+    if not low:
+        return "fp32"
+    kinds = {o.precision for o in low}
+    return kinds.pop() if len(low) == len(options) and len(kinds) == 1 else "mixed"

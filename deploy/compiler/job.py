@@ -1,0 +1,197 @@
+"""`deploy compress` as one library call: load, plan under one budget, apply, recover, export, measure, report.
+
+The plan is found in a closed loop on the real target (deploy.compiler.plan): pruning levels from the DP allocator
+and per-layer precisions from the quantization allocator, every candidate exported and measured in the target's
+runtime (or predicted, with its error band, for a device not at hand). The plan is then applied once (deploy.compiler.apply):
+prune, recover by distillation, quantize on the final weights, export, measure against the original.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from deploy.compiler.budget import Budget
+from deploy.core.data import CalibrationSet
+from deploy.core.errors import UserInputError
+from deploy.core.model.load import LoadedModel
+from deploy.core.spec import InputSpec
+from deploy.targets.target import Target
+
+ProgressFn = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class CompressRequest:
+    """The whole of `deploy compress`'s command line as one config."""
+
+    model: str | None = None
+    example: bool = False
+    arch: str | None = None
+    trust_pickle: bool = False
+    input_shapes: tuple[str, ...] = ()
+    target: str | None = "cpu"
+    profile_path: str | None = None
+    calib: str | None = None
+    tokenizer: str | None = None
+    budget: Budget = Budget()
+    out: str = "out"
+    force: bool = False
+    plan: str | None = None  # a deploy.toml to replay
+    precisions: tuple[str, ...] = ("fp32", "int8")  # precisions layers may take (the profile may drop some)
+    batch: int = 1  # the batch size latency is measured (and a TensorRT plan built) at
+    prune: bool = True
+    recover_steps: int = 200
+    recover_minutes: float = 1.0
+    eval_hook: str | None = None
+    threads: int | None = None
+    measure_seconds: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Setup:
+    """What every stage of one run shares: the model, its data, the target, and the reference outputs."""
+
+    loaded: LoadedModel
+    calibration: CalibrationSet
+    target: Target
+    workdir: Path
+    measure_specs: list[InputSpec] = field(default_factory=list)  # the inputs at the shapes latency is measured at
+    reference: list[torch.Tensor] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def compress(request: CompressRequest, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Run the job; the output folder appears complete (model, report.json, report.html, deploy.toml) or not at all."""
+    from deploy.core.atomic_io import atomic_output_dir
+
+    note = progress or (lambda phase, fraction: None)
+    with atomic_output_dir(request.out, request.force) as tmp:
+        setup = _setup(request, tmp / ".work")
+        note("dense model", 0.05)
+        from deploy.compiler.plan import search
+        from deploy.compiler.apply import build_result, run_plan
+
+        planner = None
+        if request.plan:
+            decisions = _replay_decisions(request.plan, setup)
+        else:
+            decisions, planner = search(request, setup, note)
+        result = run_plan(request, setup, decisions, tmp, note, planner)
+        if planner is not None and result["latency"]["source"] == "measured":
+            from deploy.compiler.plan import replan_after_miss
+
+            again = replan_after_miss(planner, decisions, result["latency"]["result"]["summary"]["p50"])
+            if again is not None:
+                note("re-planning after a miss", 0.9)
+                decisions, result = again, run_plan(request, setup, again, tmp, note, planner)
+        report = build_result(request, setup, decisions, result, tmp)
+        import shutil
+
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
+    report["output"] = str(Path(request.out).resolve())
+    return report
+
+
+def inputs_of(request: CompressRequest) -> list[str]:
+    """The files and folders a run reads: an output folder must never hold (and so replace) one of them."""
+    from pathlib import Path as _Path
+
+    named = [request.model, request.plan, request.tokenizer, request.profile_path]
+    if request.calib and _Path(request.calib).exists():
+        named.append(request.calib)
+    return [p for p in named if p]
+
+
+def _replay_decisions(path: str, setup: Setup) -> dict[str, Any]:
+    """A deploy.toml's decisions, refused (exit 2) when it was written for another model."""
+    from deploy.core.errors import ConfigError
+    from deploy.core.model.load import layer_digest, layer_names
+    from deploy.compiler.plan_file import load_plan
+
+    plan = load_plan(path)
+    asked = plan["request"]
+    module = setup.loaded.module
+    named = set(plan["decisions"].get("quantize", {}).get("labels", {})) | \
+        set(plan["decisions"].get("prune", {}).get("removed", {}))
+    known = set(layer_names(module)) | {n for n, _ in module.named_modules()}
+    missing = sorted(n for n in named if n.rsplit(":", 1)[-1] not in known)  # prune units: "channels:layer1.conv1"
+    if missing:
+        raise ConfigError(f"{path} names layers this model does not have ({', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''}): it was written for another model",
+                          "replay a deploy.toml with the model it was made for, or run without --plan")
+    digest = asked.get("layers_digest")
+    if digest and digest != layer_digest(module):
+        raise ConfigError(f"{path} was written for a model with other layers (layer digest {digest}, this model "
+                          f"{layer_digest(module)})", "replay it with the model it was made for, or run without --plan")
+    sha = asked.get("model_sha256")
+    if sha and setup.loaded.sha256 and sha != setup.loaded.sha256:
+        raise ConfigError(f"{path} was written for model file sha256 {sha[:12]}..., this one is "
+                          f"{setup.loaded.sha256[:12]}...", "replay it with the model it was made for, or run "
+                          "without --plan")
+    return plan["decisions"]
+
+
+def _setup(request: CompressRequest, workdir: Path) -> Setup:
+    from deploy.core.data import DataConfig, load_calibration
+    from deploy.core.model.checks import check_finite_weights
+    from deploy.targets.target import resolve
+
+    target = resolve(request.target, request.profile_path, threads=request.threads)
+    loaded = _load(request)
+    if loaded.module is None:
+        raise UserInputError("deploy compress takes a PyTorch model, not ONNX", "give the .pt/.pt2 it came from")
+    check_finite_weights(loaded.module)
+    calib = request.calib
+    if calib is None:
+        if not request.example:
+            raise UserInputError("deploy compress needs calibration data", "pass --calib DATA (or --calib random)")
+        calib = str(_example_calibration(workdir))
+    calibration = load_calibration(calib, loaded.inputs, DataConfig(seed=request.seed), request.tokenizer)
+    workdir.mkdir(parents=True, exist_ok=True)
+    setup = Setup(loaded, calibration, target, workdir, _measure_specs(loaded.inputs, request.batch),
+                  warnings=list(calibration.warnings))
+    if target.note:
+        setup.warnings.append(target.note)
+    from deploy.compiler.evaluate import torch_outputs
+
+    setup.reference = torch_outputs(loaded.module, calibration.batches("held_out", 32))
+    if not all(bool(torch.isfinite(r).all()) for r in setup.reference):
+        from deploy.core.errors import DataError
+
+        raise DataError("the model's own outputs on the held-out data hold NaN or infinite values, so no fidelity "
+                        "can be measured", "check the model and the calibration data (--calib)")
+    return setup
+
+
+def _measure_specs(inputs: list[InputSpec], batch: int) -> list[InputSpec]:
+    """The inputs at the shapes latency is measured at: the dynamic batch axis set to `batch`."""
+    if batch < 1:
+        raise UserInputError(f"--batch must be >= 1, got {batch}", "pass a positive batch size")
+    if batch != 1 and not any(s.shape and s.shape[0] == "batch" for s in inputs):
+        raise UserInputError(f"--batch {batch} needs a dynamic batch axis, but the inputs are "
+                             f"{', '.join(f'{s.name}:{list(s.shape)}' for s in inputs)}",
+                             "export or describe the model with a 'batch' first dimension (--input-shape)")
+    return [dataclasses.replace(s, shape=s.concrete_shape({"batch": batch})) for s in inputs]
+
+
+def _load(request: CompressRequest) -> Any:
+    from deploy.core.model.load import load_example, load_model
+
+    if request.example == (request.model is not None):
+        raise UserInputError("give a model file or --example (exactly one)", "see deploy compress --help")
+    if request.example:
+        return load_example(request.input_shapes)
+    return load_model(request.model, arch=request.arch, trust_pickle=request.trust_pickle,
+                      input_shapes=request.input_shapes)
+
+
+def _example_calibration(workdir: Path) -> Path:
+    from deploy.examples.digits_data import export_calibration_npz
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    return export_calibration_npz(workdir / "digits_calibration.npz", n=256)

@@ -1,0 +1,329 @@
+"""Find the plan for one budget in a closed loop on the target: every candidate is exported and its latency
+measured in the target's runtime (or predicted, with its band, for a device not at hand).
+
+The plan has two levels (DESIGN 3.4). Pruning acts on dependency groups spanning layers: the DP allocator over
+additive distortion curves gives a one-knob family from "dense" (level 0) to "the most it may remove" (level 1).
+Precision acts per layer: the quantization allocator picks each layer's option (fp32, int8 per-channel, ...) from
+its sensitivity and price table, for a latency estimate. For a latency budget:
+
+1. the dense model in float; if it fits, it is the answer (nothing is more faithful);
+2. the dense model with every layer at its fastest precision; if that fits, no pruning is needed: the precision
+   allocator spends the budget on the most sensitive layers (its estimate steered onto the measured latency);
+3. else pruning: the level is found by regula falsi on the measured latency of the fastest precisions, then the
+   precision allocator runs again on the pruned model (sensitivities measured on it, the dense model's prices
+   rescaled to its layer sizes) to fill the budget; then one alternation: a step more pruning with more layers
+   back in float, kept if its exported model is more faithful on held-out data.
+
+A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early; the final model is measured once
+more against the original, interleaved. Fidelity floors bisect the same knobs on the exported model's held-out
+fidelity.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+
+from deploy.compiler.candidates import Candidate, Planner
+from deploy.core.errors import BudgetInfeasibleError
+
+FILL = 0.85  # a latency budget is met when FILL x budget <= p50 <= budget, where the model family allows
+SAFE = 0.95  # while searching a candidate fits at <= SAFE x budget: the final measurement repeats it with noise
+LEVEL_STEPS = 6  # regula falsi / bisection steps on the pruning level
+PRECISION_STEPS = 4  # closed-loop steps of the precision allocator's budget
+ALTERNATE = 0.8  # the alternation's deeper pruning step: fastest precisions at about this share of the budget
+
+
+# --- latency budgets --------------------------------------------------------------------------------------------
+
+def meet_latency(planner: Planner, budget: float, dense: Candidate) -> Candidate:
+    """The most faithful candidate measured inside [FILL, SAFE] x budget (or the best below it)."""
+    window = (FILL * budget, SAFE * budget)
+    target = window[1]
+    if dense.latency_ms <= target and "fp32" in planner.request.precisions:
+        return dense
+    fast0 = None
+    if planner.quantizes:
+        fast0 = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer")
+        if fast0.latency_ms <= target:
+            sp = planner.quant(0.0).space
+            points = [(sp.latency(sp.float_labels()), dense.latency_ms), (sp.latency(fast0.labels), fast0.latency_ms)]
+            return fill_precision(planner, 0.0, window, points, fast0)
+    labels = planner.fastest() if planner.quantizes else None
+    start = fast0 or dense
+    if not planner.can_prune:
+        _infeasible(budget, start.latency_ms, dense)
+    most = planner.evaluate(1.0, labels, "most pruning, fastest precision")
+    if most.latency_ms > target:
+        _infeasible(budget, min(most.latency_ms, start.latency_ms), dense)
+    pruned = _level_for_latency(planner, labels, window, start, most)
+    if not planner.quantizes:
+        return pruned
+    filled = _precision_at(planner, pruned, window)
+    return _alternate(planner, filled, pruned, most, labels, window)
+
+
+def _precision_at(planner: Planner, pruned: Candidate, window: tuple[float, float]) -> Candidate:
+    """The second level: precisions re-planned on the pruned model to spend what the budget has left."""
+    sp = planner.quant(pruned.level).space
+    return fill_precision(planner, pruned.level, window, [(sp.latency(pruned.labels), pruned.latency_ms)], pruned)
+
+
+def _alternate(planner: Planner, first: Candidate, pruned: Candidate, most: Candidate,
+               labels: dict[str, str] | None, window: tuple[float, float]) -> Candidate:
+    """One alternation between the levels: prune one step further (fastest precisions at about ALTERNATE x the
+    budget), give the latency freed back to precision, and keep whichever exported model is more faithful on
+    held-out data. Stops at the first plan when the step does not land inside the budget."""
+    span = pruned.latency_ms - most.latency_ms
+    if span <= 0 or pruned.level >= 1.0:
+        return first
+    aim = ALTERNATE * window[1] / SAFE
+    level = pruned.level + (1.0 - pruned.level) * min(1.0, max(0.0, (pruned.latency_ms - aim) / span))
+    if level - pruned.level < 0.01:
+        return first
+    deeper = planner.evaluate(level, labels, "alternation: one pruning step further")
+    if deeper.latency_ms > window[1]:
+        return first
+    second = _precision_at(planner, deeper, window)
+    if second.latency_ms > window[1] or second.labels == deeper.labels:  # nothing was given back to precision
+        return first
+    planner.with_fidelity(first)
+    planner.with_fidelity(second)
+    return second if (second.fidelity or 0.0) > (first.fidelity or 0.0) else first
+
+
+def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: tuple[float, float],
+                       low: Candidate, high: Candidate) -> Candidate:
+    """Regula falsi (Illinois) on the pruning level: the least pruning whose measured latency fits, stopping
+    early inside the window. `low` does not fit (level 0), `high` does (level 1)."""
+    target = window[1]
+    aim = sum(window) / 2
+    best = high
+    f_low, f_high = low.latency_ms - aim, high.latency_ms - aim
+    a, b = low.level, high.level
+    side = 0
+    for _ in range(LEVEL_STEPS):
+        level = b - f_high * (b - a) / (f_high - f_low) if f_high != f_low else (a + b) / 2
+        level = min(max(level, a + 0.02 * (b - a)), b - 0.02 * (b - a))
+        cand = planner.evaluate(level, labels, "pruning level for the budget")
+        if cand.latency_ms <= target and cand.level < best.level:
+            best = cand
+        if window[0] <= cand.latency_ms <= target:
+            return cand
+        value = cand.latency_ms - aim
+        if value > 0:  # still too slow: more pruning
+            a, f_low = level, value
+            if side == -1:
+                f_high /= 2
+            side = -1
+        else:
+            b, f_high = level, value
+            if side == 1:
+                f_low /= 2
+            side = 1
+    return best
+
+
+def _estimate_for(target: float, points: list[tuple[float, float]]) -> float:
+    """The allocator's estimate that should measure `target`: linear through the two measured points nearest to
+    it (estimate -> measured), or proportional with one point."""
+    pts = sorted(set(points), key=lambda p: abs(p[1] - target))
+    if len(pts) == 1 or abs(pts[0][1] - pts[1][1]) < 1e-9:
+        est, measured = pts[0]
+        return est * target / measured
+    (e1, m1), (e2, m2) = pts[0], pts[1]
+    return e1 + (target - m1) * (e2 - e1) / (m2 - m1)
+
+
+def fill_precision(planner: Planner, level: float, window: tuple[float, float], points: list[tuple[float, float]],
+                   fits: Candidate) -> Candidate:
+    """Spend the latency left on precision: the allocator's least-distortion plan for an estimate steered onto
+    the measured latency. `fits` (all fastest) is the fallback; the least-distortion plan that fits is returned."""
+    from deploy.compress.quant.search import allocator_plan
+
+    sp = planner.quant(level).space
+    target = window[1]
+    best, seen = fits, {tuple(sorted((fits.labels or {}).items()))}
+    for _ in range(PRECISION_STEPS):
+        estimate = _estimate_for(sum(window) / 2, points)
+        try:
+            labels = allocator_plan(sp, estimate)[0]
+        except BudgetInfeasibleError:
+            break
+        key = tuple(sorted(labels.items()))
+        if key in seen:
+            break
+        seen.add(key)
+        cand = planner.evaluate(level, labels, f"precision allocator at {estimate:.4g} ms (estimated)")
+        points.append((sp.latency(labels), cand.latency_ms))
+        if cand.latency_ms <= target and (best.latency_ms > target or
+                                          _distortion(sp, labels) < _distortion(sp, best.labels or {})):
+            best = cand
+        if window[0] <= cand.latency_ms <= target:
+            break
+    return best
+
+
+def _distortion(sp: Any, labels: dict[str, str]) -> float:
+    """The allocator's additive distortion of `labels` on `sp` (labels from a sibling model map by name)."""
+    from deploy.compress.quant.apply import options_for
+
+    return sum(sp.sensitivity[n].get(o.label, 0.0) for n, o in options_for(sp.spaces, labels).items())
+
+
+def _infeasible(budget: float, fastest: float, dense: Candidate) -> None:
+    if not math.isfinite(fastest):
+        from deploy.core.errors import MeasurementError
+
+        raise MeasurementError("every faster candidate gives NaN or infinite outputs, so none can be used",
+                               "try --precision fp32, or a looser budget")
+    least = fastest / SAFE  # the margin the search keeps for measurement noise
+    raise BudgetInfeasibleError(
+        f"the latency budget {budget:.3g} ms is below the fastest achievable {fastest:.3g} ms plus a "
+        f"{(1 - SAFE):.0%} noise margin (dense fp32: {dense.latency_ms:.3g} ms)",
+        f"raise the budget to at least {least:.3g} ms", least_achievable=least)
+
+
+# --- fidelity floors ----------------------------------------------------------------------------------------------
+
+def _bisect(evaluate: Callable[[float], Candidate], ok: Callable[[Candidate], bool], low: float, high: float,
+            prefer_low: bool, steps: int = LEVEL_STEPS) -> Candidate | None:
+    """Bisect a knob in [low, high]. prefer_low: the smallest value that is ok; else the largest."""
+    best = None
+    for _ in range(steps):
+        mid = (low + high) / 2
+        cand = evaluate(mid)
+        if ok(cand) == prefer_low:
+            if ok(cand):
+                best = cand
+            high = mid
+        else:
+            if ok(cand):
+                best = cand
+            low = mid
+    return best
+
+
+def meet_floor(planner: Planner, metric: str, minimum: float, dense: Candidate) -> Candidate:
+    """The fastest candidate whose held-out fidelity (exported model, in its runtime) stays above the floor."""
+    from deploy.compress.quant.search import allocator_plan
+
+    ok = lambda c: c.fidelity is not None and c.fidelity >= minimum  # noqa: E731
+    planner.with_fidelity(dense)
+    feasible = [dense] if ok(dense) and "fp32" in planner.request.precisions else []
+    labels = None
+    if planner.quantizes:
+        fast = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer", fidelity=True)
+        if ok(fast):
+            feasible.append(fast)
+            labels = fast.labels
+        else:  # the least estimated latency whose precision plan keeps the floor
+            sp = planner.quant(0.0).space
+            lo, hi = sp.latency(fast.labels), sp.latency(sp.float_labels())
+
+            def at(estimate: float) -> Candidate:
+                plan = allocator_plan(sp, estimate)[0]
+                return planner.evaluate(0.0, plan, f"precision allocator at {estimate:.4g} ms", fidelity=True)
+
+            found = _bisect(at, ok, lo, hi, prefer_low=True, steps=PRECISION_STEPS + 1)
+            feasible += [found] if found else []
+    if planner.can_prune and (labels is not None or "fp32" in planner.request.precisions):
+        found = _bisect(lambda lv: planner.evaluate(lv, labels, "pruning level for the floor", fidelity=True),
+                        ok, 0.0, 1.0, prefer_low=False)
+        feasible += [found] if found else []
+    if not feasible:
+        raise BudgetInfeasibleError(f"no candidate keeps {metric} >= {minimum:.4g}", "lower the floor (--max-drop)")
+    return min(feasible, key=lambda c: (c.latency_ms, -(c.fidelity or 0.0)))
+
+
+# --- size budgets ---------------------------------------------------------------------------------------------------
+
+def meet_size(planner: Planner, size_mb: float, dense: Candidate) -> Candidate:
+    """The most faithful candidate whose exported file fits: float or fastest precision, pruned as little as fits."""
+    fits = lambda c: c.size_mb <= size_mb  # noqa: E731
+    families: list[tuple[dict[str, str] | None, Candidate]] = []
+    if "fp32" in planner.request.precisions:
+        families.append((None, dense))
+    if planner.quantizes:
+        fast = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer")
+        families.append((fast.labels, fast))
+    feasible, smallest = [], min(c.size_mb for _, c in families)
+    for labels, start in families:
+        if fits(start):
+            feasible.append(start)
+            continue
+        if planner.can_prune:
+            end = planner.evaluate(1.0, labels, "most pruning")
+            smallest = min(smallest, end.size_mb)
+            if fits(end):
+                found = _bisect(lambda lv: planner.evaluate(lv, labels, "pruning level for the size"), fits,
+                                0.0, 1.0, prefer_low=True)
+                feasible.append(found or end)
+    if not feasible:
+        raise BudgetInfeasibleError(f"the size budget {size_mb:g} MB is below the smallest achievable "
+                                    f"{smallest:.3g} MB", f"raise --size-mb to at least {smallest:.3g}",
+                                    least_achievable=smallest)
+    for cand in feasible:
+        planner.with_fidelity(cand)
+    return max(feasible, key=lambda c: (round(c.fidelity or 0.0, 4), -c.size_mb))
+
+
+def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tuple[dict[str, Any], Planner]:
+    """The decisions for `request`'s budget (see the module docstring), and the planner that holds what was built
+    on the way (the pruning problem, the precision problems) for applying them."""
+    from deploy.compiler.budget import fidelity_floor, latency_target_ms
+    from deploy.core.metrics import task_of
+
+    planner = Planner(request, setup)
+    planner.time_against_dense()
+    dense = planner.evaluate(0.0, None, "dense fp32")
+    planner.dense = dense
+    note("searching", 0.2)
+    target = latency_target_ms(request.budget, dense.latency_ms)
+    floor = fidelity_floor(request.budget, task_of(setup.reference[0]))
+    if target is not None:
+        choice = meet_latency(planner, target, dense)
+    elif floor is not None:
+        choice = meet_floor(planner, floor[0], floor[1], dense)
+    else:
+        choice = meet_size(planner, request.budget.value, dense)
+    budget = {"kind": request.budget.kind, "value": request.budget.value, "target_ms": target,
+              "floor": list(floor) if floor else None, "described": request.budget.describe()}
+    return _decisions(planner, choice, budget), planner
+
+
+def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: float) -> dict[str, Any] | None:
+    """The final measurement of the applied plan missed the latency budget (the machine drifted, or recovery and
+    re-calibration moved it): search once more against a budget shrunk by the miss. None when nothing faster fits."""
+    budget = decisions["budget"]
+    target = budget.get("target_ms")
+    if target is None or measured_ms <= target:
+        return None
+    tighter = target * target / measured_ms
+    try:
+        choice = meet_latency(planner, tighter, planner.dense)
+    except BudgetInfeasibleError:
+        return None
+    retried = {"measured_ms": measured_ms, "searched_for_ms": tighter}
+    return {**_decisions(planner, choice, budget), "retried_after_miss": retried}
+
+
+def _decisions(planner: Planner, choice: Candidate, budget: dict[str, Any]) -> dict[str, Any]:
+    for cand in planner.candidates:
+        cand.chosen = cand is choice
+    request = planner.request
+    return {
+        "precision": choice.precision, "level": choice.level, "prune": {"removed": choice.removed},
+        "quantize": {"labels": choice.labels} if choice.labels else {},
+        "budget": budget, "dense_latency_ms": planner.dense.latency_ms,
+        "candidates": [c.row() for c in planner.candidates],
+        "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed},
+        "quant_problems": {str(level): _problem_summary(problem) for level, problem in planner._quant.items()},
+    }
+
+
+def _problem_summary(problem: Any) -> dict[str, Any]:
+    sp = problem.space
+    return {"layers": len(sp.spaces), "cost_model": sp.table.source, "seconds": problem.seconds,
+            "estimated_float_ms": sp.latency(sp.float_labels()), "estimated_fastest_ms": sp.latency(sp.fastest())}
+

@@ -1,0 +1,135 @@
+"""`deploy search` as one library call: the latency-vs-fidelity Pareto front over (precision, pruning level),
+every trial exported and measured on the target (hardware in the loop), in a resumable optuna study.
+
+Precision is fp32, int8 (every layer at its fastest option) or mixed: the quantization allocator's least-distortion
+plan at a point `mix` between the fastest and the float model's estimated latency (0 = fastest, 1 = float)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from deploy.compress.study import StudyConfig, TrialOutcome, run_study
+from deploy.compiler.job import CompressRequest
+
+SEED_LEVELS = (0.0, 0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    compress: CompressRequest
+    search: StudyConfig = StudyConfig()
+
+
+class PlanSpace:
+    """Precision x pruning level (x mix for mixed plans); allocator solutions at several budgets seed the study."""
+
+    def __init__(self, precisions: list[str], can_prune: bool):
+        self.precisions = precisions
+        self.can_prune = can_prune
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        precision = trial.suggest_categorical("precision", self.precisions)
+        level = trial.suggest_float("level", 0.0, 1.0) if self.can_prune else 0.0
+        params = {"precision": precision, "level": round(level, 4)}
+        if "mixed" in self.precisions:
+            params["mix"] = round(trial.suggest_float("mix", 0.0, 1.0), 3)
+        return params
+
+    def seeds(self) -> list[dict[str, Any]]:
+        levels = SEED_LEVELS if self.can_prune else (0.0,)
+        extra = {"mix": 0.5} if "mixed" in self.precisions else {}
+        return [{"precision": p, "level": lv, **extra} for p in self.precisions for lv in levels]
+
+
+def _labels(planner: Any, params: dict[str, Any]) -> dict[str, str] | None:
+    if params["precision"] == "fp32":
+        return None
+    if params["precision"] == "int8":
+        return planner.fastest()
+    from deploy.compress.quant.search import allocator_plan
+
+    sp = planner.quant(0.0).space
+    fast, slow = sp.latency(planner.fastest()), sp.latency(sp.float_labels())
+    return allocator_plan(sp, fast + float(params.get("mix", 0.5)) * (slow - fast))[0]
+
+
+def search(request: SearchRequest, progress: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Run the study; input errors leave nothing behind (no OUT/ made for them, no OUT/.work), and a study in
+    OUT that was made for another model or target is refused rather than mixed into one front."""
+    import shutil
+
+    from deploy.core.atomic_io import atomic_write_json, check_writable_file
+
+    out = Path(request.compress.out)
+    if out.exists() and not out.is_dir():
+        from deploy.core.errors import UserInputError
+
+        raise UserInputError(f"-o {out} is a file", "give the search a folder (it is created, or resumed)")
+    check_writable_file(out / "study.db", "-o")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        summary = _run(request, out, progress)
+    except BaseException:
+        if created and not any((out / "trials").glob("[!.]*")):  # nothing of value yet: leave no trace
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(out / ".work", ignore_errors=True)
+    atomic_write_json(out / "front.json", summary)
+    _plot_front(summary, out / "front.png")
+    return summary
+
+
+def _run(request: SearchRequest, out: Path, progress: Callable[..., None] | None) -> dict[str, Any]:
+    from deploy.compiler.job import _setup
+    from deploy.core.model.load import layer_digest
+    from deploy.compiler.candidates import Planner
+
+    from deploy.compress.study import check_identity, open_study
+
+    setup = _setup(request.compress, out / ".work")
+    identity = {"model_sha256": setup.loaded.sha256, "layers_digest": layer_digest(setup.loaded.module),
+                "target": setup.target.profile.name, "batch": str(request.compress.batch),
+                "precisions": ",".join(request.compress.precisions), "prune": str(request.compress.prune)}
+    check_identity(open_study(request.search, out), identity)  # before any measuring
+    planner = Planner(request.compress, setup)
+    planner.time_against_dense()
+    precisions = (["fp32"] if "fp32" in request.compress.precisions else []) + \
+        (["int8", "mixed"] if planner.quantizes else [])
+
+    def evaluate(params: dict[str, Any], folder: Path) -> TrialOutcome:
+        setup.workdir = folder
+        cand = planner.evaluate(float(params["level"]), _labels(planner, params), "search trial", fidelity=True)
+        model = folder / "model.onnx"
+        (folder / f"candidate-{len(planner.candidates) - 1}.onnx").rename(model)
+        details = {"removed": cand.removed, "size_mb": cand.size_mb, "band_ms": cand.band_ms}
+        (folder / "trial.json").write_text(json.dumps({**params, **details, "latency_ms": cand.latency_ms,
+                                                       "fidelity": cand.fidelity}, indent=2))
+        return TrialOutcome(cand.latency_ms, cand.fidelity, str(folder), details)
+
+    space = PlanSpace(precisions, planner.can_prune and planner.family().problem is not None)
+    summary = run_study(space, evaluate, out, request.search, progress, identity)
+    summary["target"] = setup.target.profile.name
+    summary["latency_source"] = "measured" if setup.target.measured else "predicted"
+    return summary
+
+
+def _plot_front(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    trials = summary["trials"]
+    ax.scatter([t["latency_ms"] for t in trials], [t["fidelity"] for t in trials], c="tab:gray", label="trials")
+    front = summary["front"]
+    ax.plot([t["latency_ms"] for t in front], [t["fidelity"] for t in front], "o-", c="tab:red", label="Pareto front")
+    ax.set_xlabel("latency p50 (ms)" + (", predicted" if summary.get("latency_source") == "predicted" else ""))
+    ax.set_ylabel("held-out fidelity")
+    ax.legend()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,26 @@
+"""The answer to "was the budget met?", the same word and exit code everywhere (CLI, report.json, report.html).
+
+met (exit 0): the measured p50, or the whole predicted band, is within the budget; uncertain (exit 3): a predicted
+band straddles the budget; missed (exit 4): the measured p50, or the whole band, is over it. The model and the
+report are written in every case.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from deploy.core.errors import EXIT_INCONCLUSIVE, EXIT_MISSED, EXIT_OK
+
+EXIT_CODES = {"met": EXIT_OK, "uncertain": EXIT_INCONCLUSIVE, "missed": EXIT_MISSED}
+
+
+def latency_verdict(p50_ms: float, budget_ms: float, band_ms: Sequence[float] | None = None) -> str:
+    if band_ms:
+        low, high = band_ms
+        if high <= budget_ms:
+            return "met"
+        return "missed" if low > budget_ms else "uncertain"
+    return "met" if p50_ms <= budget_ms else "missed"
+
+
+def size_verdict(size_mb: float, budget_mb: float) -> str:
+    return "met" if size_mb <= budget_mb else "missed"

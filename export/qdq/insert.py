@@ -1,0 +1,381 @@
+"""Insert Q/DQ into a float ONNX graph per a quantization plan, with the plan's calibrated activation parameters and
+integer weights from the same quantizer the torch simulation uses (so the two agree).
+
+Edits, per non-float layer: a DequantizeLinear on integer weights (per-channel on the output-channel axis); a
+Q/DQ pair on the input activation, shared by layers that read one tensor with the same parameters; an int32 bias
+for convs (what QLinearConv adds); a Q/DQ on the (post-ReLU) output where the policy asks for one (ONNX Runtime
+fuses DQ->Conv->Q into QLinearConv only with it). Where the plan has SmoothQuant factors, the input is divided by
+them (a Mul) and the weight rows multiplied. int4 layers are left as MatMul here (export/qdq_int4.py turns them
+into MatMulNBits); fp16/bf16 layers stay float in the file (the runtime's builder flag decides).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from deploy.export.qdq.graph import LayerGraph, LayerNode
+from deploy.export.qdq.plan import ActParams, LayerPlan, QuantPlan
+from deploy.export.qdq.intmath import int32_bias, quantize_weight
+
+FP8_MAX = 448.0
+
+
+@dataclass
+class _Editor:
+    """A mutable view of one graph: initializers by name, new nodes, and which tensors already carry a Q/DQ."""
+
+    model: Any
+    inits: dict[str, Any] = field(default_factory=dict)
+    dq_params: dict[str, ActParams] = field(default_factory=dict)  # DQ output tensor -> its parameters
+    shared: dict[tuple[str, ActParams], str] = field(default_factory=dict)  # (tensor, params) -> DQ output
+    smoothed: dict[tuple[str, tuple[float, ...]], str] = field(default_factory=dict)  # (tensor, s) -> Mul output
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.inits = {i.name: i for i in self.model.graph.initializer}
+
+    def array(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.inits[name])
+
+    def add_init(self, name: str, value: np.ndarray, dtype: int | None = None) -> str:
+        from onnx import helper, numpy_helper
+
+        if dtype is None:
+            value = np.asarray(value)  # (not ascontiguousarray: it turns a scalar into shape [1], and ORT's
+            tensor = numpy_helper.from_array(value.copy(order="C"), name)  # QLinearAdd fusion wants scalars)
+        else:
+            tensor = helper.make_tensor(name, dtype, list(np.shape(value)), np.asarray(value).reshape(-1).tolist())
+        if name in self.inits:
+            self.model.graph.initializer.remove(self.inits[name])
+        self.model.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs: Any) -> None:
+        from onnx import helper
+
+        self.model.graph.node.append(helper.make_node(op, inputs, outputs, name=name, **attrs))
+
+    def nodes_by_name(self) -> dict[str, Any]:
+        return {n.name: n for n in self.model.graph.node}
+
+
+def _zp_type(params: ActParams) -> int:
+    from onnx import TensorProto
+
+    if params.method == "fp8":
+        return TensorProto.FLOAT8E4M3FN
+    return TensorProto.INT8 if params.signed else TensorProto.UINT8
+
+
+def _qdq(ed: _Editor, tensor: str, params: ActParams, tag: str) -> str:
+    """Q then DQ of `tensor` (a new tensor name is returned; nothing is rewired here)."""
+    key = (tensor, params)
+    if key in ed.shared:
+        return ed.shared[key]
+    scale = ed.add_init(f"{tag}.scale", np.array(params.scale, dtype=np.float32))
+    zp = ed.add_init(f"{tag}.zero_point", np.array(params.zero_point), _zp_type(params))
+    ed.node("QuantizeLinear", [tensor, scale, zp], [f"{tag}.q"], f"{tag}/QuantizeLinear")
+    ed.node("DequantizeLinear", [f"{tag}.q", scale, zp], [f"{tag}.dq"], f"{tag}/DequantizeLinear")
+    ed.shared[key] = f"{tag}.dq"
+    ed.dq_params[f"{tag}.dq"] = params
+    return f"{tag}.dq"
+
+
+def fp8_params(params: ActParams) -> ActParams:
+    """fp8 e4m3 parameters from a symmetric int8 range (same bound)."""
+    return ActParams(params.scale * 127.0 / FP8_MAX, 0, True, "fp8")
+
+
+def _quantize_output(ed: _Editor, tensor: str, params: ActParams, tag: str) -> None:
+    """Producer-side Q/DQ: every reader of `tensor` (graph outputs too) sees the dequantized value."""
+    producer = next(n for n in ed.model.graph.node if tensor in n.output)
+    raw = f"{tensor}.float"
+    producer.output[list(producer.output).index(tensor)] = raw
+    scale = ed.add_init(f"{tag}.scale", np.array(params.scale, dtype=np.float32))
+    zp = ed.add_init(f"{tag}.zero_point", np.array(params.zero_point), _zp_type(params))
+    ed.node("QuantizeLinear", [raw, scale, zp], [f"{tag}.q"], f"{tag}/QuantizeLinear")
+    ed.node("DequantizeLinear", [f"{tag}.q", scale, zp], [tensor], f"{tag}/DequantizeLinear")
+    ed.dq_params[tensor] = params
+
+
+def _transposed(node: Any) -> bool:
+    """True when the node stores B = W^T ([in, out]): MatMul, and Gemm without transB."""
+    if node.op_type == "MatMul":
+        return True
+    if node.op_type == "Gemm":
+        from onnx import helper
+
+        return not any(a.name == "transB" and helper.get_attribute_value(a) for a in node.attribute)
+    return False
+
+
+def _weight_torch(ed: _Editor, node: Any) -> torch.Tensor:
+    """The weight in torch layout ([out, in, ...])."""
+    w = torch.from_numpy(ed.array(node.input[1]).copy()).float()
+    return w.T.contiguous() if _transposed(node) else w
+
+
+def _smooth_input(ed: _Editor, node: Any, ln: LayerNode, lp: LayerPlan) -> None:
+    """Divide the input by s (one Mul shared per tensor and factors) and scale the weight rows by s."""
+    s = np.asarray(lp.smooth, dtype=np.float32)
+    key = (node.input[0], lp.smooth)
+    if key not in ed.smoothed:
+        inv = ed.add_init(f"{lp.name}.smooth_inv", (1.0 / s).astype(np.float32))
+        ed.node("Mul", [node.input[0], inv], [f"{lp.name}.smoothed"], f"{lp.name}/SmoothQuant/Mul")
+        ed.smoothed[key] = f"{lp.name}.smoothed"
+    node.input[0] = ed.smoothed[key]
+    b = ed.array(node.input[1])  # B is [K, N]: row k belongs to input channel k
+    node.input[1] = ed.add_init(f"{lp.name}.weight_smoothed", (b * s[:, None]).astype(np.float32))
+
+
+def _weight_dq(ed: _Editor, node: Any, ln: LayerNode, lp: LayerPlan, int_bias: bool) -> None:
+    from onnx import TensorProto
+
+    opt = lp.option
+    w = _weight_torch(ed, node)
+    iw = quantize_weight(w, opt)
+    q = iw.q.numpy().astype(np.int8)
+    per_tensor = opt.granularity == "per-tensor"
+    scale = iw.scale.reshape(-1).numpy().astype(np.float32)
+    zp = iw.zero_point.reshape(-1).numpy().astype(np.int8)
+    axis = 0
+    if _transposed(node):
+        q, axis = q.T.copy(), 1
+    if per_tensor:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    name = lp.name
+    ed.add_init(f"{name}.weight_q", q)
+    ed.add_init(f"{name}.weight_scale", scale)
+    ed.add_init(f"{name}.weight_zp", zp, TensorProto.INT8)
+    attrs = {} if per_tensor else {"axis": axis}
+    ed.node("DequantizeLinear", [f"{name}.weight_q", f"{name}.weight_scale", f"{name}.weight_zp"],
+            [f"{name}.weight_dq"], f"{name}/weight/DequantizeLinear", **attrs)
+    node.input[1] = f"{name}.weight_dq"
+    if int_bias and ln.bias and lp.act_in is not None and opt.precision == "int8":
+        bias = torch.from_numpy(ed.array(ln.bias).copy()).float()
+        bq, bscale = int32_bias(bias, lp.act_in.scale, iw)
+        ed.add_init(f"{name}.bias_q", bq.numpy().astype(np.int32))
+        ed.add_init(f"{name}.bias_scale", bscale.numpy().astype(np.float32))
+        ed.add_init(f"{name}.bias_zp", np.zeros(bq.numel(), dtype=np.int32))
+        ed.node("DequantizeLinear", [f"{name}.bias_q", f"{name}.bias_scale", f"{name}.bias_zp"],
+                [f"{name}.bias_dq"], f"{name}/bias/DequantizeLinear", axis=0)
+        target = ed.nodes_by_name()[ln.bias_add] if ln.bias_add else node  # MatMul: the bias is the Add's
+        target.input[list(target.input).index(ln.bias)] = f"{name}.bias_dq"  # (an int32 bias also keeps ORT
+        # from folding MatMul + Add into a float Gemm before it sees the Q/DQ; with it, it runs QGemm)
+
+
+def _fp8_weight(ed: _Editor, node: Any, ln: LayerNode, lp: LayerPlan) -> None:
+    """fp8 e4m3 weights with one per-tensor scale (as the simulation's fp8 option)."""
+    from onnx import TensorProto
+
+    w = ed.array(node.input[1])
+    scale = max(float(np.abs(w).max()), 1e-12) / FP8_MAX
+    name = lp.name
+    ed.add_init(f"{name}.weight_scale", np.array(scale, dtype=np.float32))
+    ed.add_init(f"{name}.weight_zp", np.array(0.0), TensorProto.FLOAT8E4M3FN)
+    ed.node("QuantizeLinear", [node.input[1], f"{name}.weight_scale", f"{name}.weight_zp"], [f"{name}.weight_q"],
+            f"{name}/weight/QuantizeLinear")
+    ed.node("DequantizeLinear", [f"{name}.weight_q", f"{name}.weight_scale", f"{name}.weight_zp"],
+            [f"{name}.weight_dq"], f"{name}/weight/DequantizeLinear")
+    node.input[1] = f"{name}.weight_dq"
+
+
+def gemm_to_matmul(model: Any, graph: LayerGraph, layers: list[str]) -> None:
+    """Rewrite a Linear's Gemm as MatMul + Add, the form MatMulNBits takes (int8 Linears keep Gemm: with an int32
+    bias and no output Q ONNX Runtime runs it as QGemm with a float output; MatMul + Add would be re-fused into
+    a float Gemm before the Q/DQ fusion sees it)."""
+    from onnx import helper, numpy_helper
+
+    ed = _Editor(model)
+    nodes = ed.nodes_by_name()
+    for name in layers:
+        ln = graph.nodes[name]
+        if ln.op_type != "Gemm":
+            continue
+        node = nodes[ln.node]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            ed.notes.append(f"{name}: Gemm with transA/alpha/beta left as is")
+            continue
+        b = numpy_helper.to_array(ed.inits[ln.weight])
+        if attrs.get("transB", 0):
+            b = b.T
+        weight = ed.add_init(f"{name}.weight", np.ascontiguousarray(b.astype(np.float32)))
+        mm_out = f"{ln.node}/MatMul_output_0" if ln.bias else ln.output
+        matmul = helper.make_node("MatMul", [ln.input, weight], [mm_out], name=f"{ln.node}/MatMul")
+        index = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, matmul)
+        if ln.bias:
+            model.graph.node.insert(index + 1, helper.make_node("Add", [mm_out, ln.bias], [ln.output],
+                                                                name=f"{ln.node}/Add"))
+        graph.nodes[name] = LayerNode(name, matmul.name, "MatMul", ln.input, weight, "", mm_out, ln.post,
+                                      ln.relu_after)
+
+
+def insert_qdq(model: Any, graph: LayerGraph, plan: QuantPlan, policy: Any) -> list[str]:
+    """Edit `model` in place per `plan`; returns notes. Layers absent from the graph are reported, not guessed."""
+    ed = _Editor(model)
+    nodes = ed.nodes_by_name()
+    active = {n: lp for n, lp in plan.layers.items() if not lp.option.is_float}
+    for name in [n for n in active if n not in graph.nodes]:
+        ed.notes.append(f"{name}: not found in the exported graph, left float")
+    active = {n: lp for n, lp in active.items() if n in graph.nodes}
+    from deploy.export.qdq.policy import attention_layers
+
+    attention = attention_layers(graph, policy)
+    for name, lp in active.items():  # producer-side output Qs first, so consumers can reuse them
+        ln = graph.nodes[name]
+        wants = ln.op_type in policy.output_q_ops or name in attention
+        if lp.option.precision == "int8" and wants and lp.act_in and lp.act_out:
+            if ln.post not in ed.dq_params:
+                _quantize_output(ed, ln.post, lp.act_out, f"{name}.out")
+    for name, lp in active.items():
+        ln, node = graph.nodes[name], nodes[graph.nodes[name].node]
+        if lp.smooth and lp.option.precision != "fp8":
+            _smooth_input(ed, node, ln, lp)
+        if lp.option.precision == "int4":
+            continue
+        if lp.act_in is not None:
+            params = fp8_params(lp.act_in) if lp.option.precision == "fp8" else lp.act_in
+            source = node.input[0]
+            if ed.dq_params.get(source) != params:
+                node.input[0] = _qdq(ed, source, params, f"{_tag(graph, source)}.in")
+        if lp.option.precision == "fp8":
+            _fp8_weight(ed, node, ln, lp)
+        else:
+            _weight_dq(ed, node, ln, lp, policy.int_bias)
+    if attention:
+        _quantize_attention_probs(ed, set(attention.values()))
+    if policy.residual_inputs:
+        _quantize_residual_inputs(ed, graph, plan, active)
+    if policy.quantize_adds:
+        _quantize_add_outputs(ed)
+    _drop_unused_initializers(model)
+    topological_sort(model)
+    return ed.notes
+
+
+def _tag(graph: LayerGraph, tensor: str) -> str:
+    """A readable, unique prefix for tensors we add next to `tensor`."""
+    return "qdq" + tensor.replace("/", ".").replace(":", ".") if tensor.startswith("/") else f"qdq.{tensor}"
+
+
+SOFTMAX_PARAMS = ActParams(1.0 / 255.0, 0, False, "fixed")  # probabilities in [0, 1] as uint8
+
+
+def _quantize_attention_probs(ed: _Editor, matmuls: set[str]) -> None:
+    """Attention's P.V MatMul runs in int8 only with both inputs quantized: where V arrives dequantized (its
+    producing layer is int8), give the Softmax output a fixed [0, 1] uint8 Q/DQ (what NNCF's transformer preset
+    does). The simulation does not model this one rounding (a step of 1/255 on the probabilities)."""
+    from deploy.export.qdq.graph import PASS_THROUGH
+
+    producer = {o: n for n in ed.model.graph.node for o in n.output}
+
+    def dequantized(tensor: str) -> bool:
+        while tensor not in ed.dq_params:
+            node = producer.get(tensor)
+            if node is None or node.op_type not in PASS_THROUGH:
+                return False
+            tensor = node.input[0]
+        return True
+
+    for node in list(ed.model.graph.node):
+        if node.name not in matmuls or node.op_type != "MatMul":
+            continue
+        for i, j in ((0, 1), (1, 0)):
+            src = producer.get(node.input[i])
+            if src is not None and src.op_type == "Softmax" and dequantized(node.input[j]):
+                node.input[i] = _qdq(ed, node.input[i], SOFTMAX_PARAMS, f"{node.name.replace('/', '.').strip('.')}.p")
+
+
+def _quantize_residual_inputs(ed: _Editor, graph: LayerGraph, plan: QuantPlan, active: dict[str, LayerPlan]) -> None:
+    """TensorRT fuses Conv + residual Add when the Add's OTHER input is quantized too: give it a Q/DQ."""
+    conv_out = {graph.nodes[n].output: n for n, lp in active.items()
+                if lp.option.precision == "int8" and graph.nodes[n].op_type == "Conv"}
+    known = _tensor_params(graph, plan)
+    for node in list(ed.model.graph.node):
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        for i, j in ((0, 1), (1, 0)):
+            if node.input[i] in conv_out and node.input[j] not in ed.dq_params:
+                params = known.get(node.input[j])
+                if params is None:
+                    ed.notes.append(f"{node.name}: residual input {node.input[j]} has no calibrated range, left float")
+                    break
+                node.input[j] = _qdq(ed, node.input[j], params, f"{_tag(graph, node.input[j])}.res")
+                break
+
+
+def _quantize_add_outputs(ed: _Editor) -> None:
+    """ONNX Runtime fuses DQ,DQ -> Add -> Q into QLinearAdd, but only with the Q right on the Add's output (its
+    ReLU removal runs too late). When both inputs are dequantized and the (ReLU'd) sum is only ever read by our
+    one Q, put that Q's parameters on the Add's output as well: with a range starting at 0 it clamps like the
+    ReLU, so the values are those the next layer's input Q would produce anyway (the simulation is unchanged)."""
+    readers: dict[str, list[Any]] = {}
+    for node in ed.model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in ed.model.graph.output}
+    for add in [n for n in ed.model.graph.node if n.op_type == "Add"]:
+        if len(add.input) != 2 or not all(i in ed.dq_params for i in add.input) or add.output[0] in outputs:
+            continue
+        after = readers.get(add.output[0], [])
+        relu = after[0] if len(after) == 1 and after[0].op_type == "Relu" else None
+        tensor = relu.output[0] if relu is not None else add.output[0]
+        qs = readers.get(tensor, [])
+        if tensor in outputs or len(qs) != 1 or qs[0].op_type != "QuantizeLinear":
+            continue
+        params = next((p for (t, p), dq in ed.shared.items() if t == tensor and dq in ed.dq_params), None)
+        if params is None or (relu is not None and params.zero_point != params.qmin):
+            continue
+        source = add.output[0]
+        dq = _qdq(ed, source, params, f"{add.name.replace('/', '.').strip('.')}.out")
+        for node in after:
+            node.input[list(node.input).index(source)] = dq
+
+
+def _tensor_params(graph: LayerGraph, plan: QuantPlan) -> dict[str, ActParams]:
+    out: dict[str, ActParams] = {}
+    for name, lp in plan.layers.items():
+        ln = graph.nodes.get(name)
+        if ln is None:
+            continue
+        if lp.act_in is not None:
+            out.setdefault(ln.input, lp.act_in)
+        if lp.act_out is not None:
+            out.setdefault(ln.post, lp.act_out)
+            out.setdefault(ln.output, lp.act_out)
+    return out
+
+
+def _drop_unused_initializers(model: Any) -> None:
+    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+    for init in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(init)
+
+
+def topological_sort(model: Any) -> None:
+    """Reorder nodes so every input is produced before it is read (we appended new nodes at the end)."""
+    graph = model.graph
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError("the edited graph has a cycle or a missing input: " +
+                             ", ".join(sorted({i for n in pending for i in n.input if i not in available})[:5]))
+        ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ids]
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+    del graph.node[:]
+    graph.node.extend(ordered)

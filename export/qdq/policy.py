@@ -1,0 +1,57 @@
+"""One Q/DQ policy per runtime: where Q/DQ pairs go so that each runtime fuses them into low-precision kernels.
+
+- ort-cpu: uint8 asymmetric activations, int8 symmetric per-channel weights (U8S8); a Q on each int8 conv's
+  (post-ReLU) output so DQ->Conv->Q fuses into QLinearConv; int8 Linear without an output Q, which ONNX Runtime
+  runs as MatMulIntegerToFloat (float output, float bias add); int4 weight-only Linear as MatMulNBits.
+- openvino: the same Q/DQ without output Qs (OpenVINO's low-precision transformations turn them into quantized
+  convolutions / FullyConnected); symmetric weights, asymmetric activations; float layers in bf16 where the CPU
+  has it (the runner's precision hint).
+- tensorrt: symmetric int8 activations and weights (zero points 0), per-channel weights on the output-channel
+  axis, Q/DQ on op inputs only, and the residual Add's other input quantized so Conv+Add fuses; LayerNorm,
+  Softmax, GELU and residual Adds of transformers stay float (we only ever quantize the planned layers' inputs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from deploy.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class QdqPolicy:
+    name: str
+    act_signed: bool  # int8 symmetric activations (TensorRT) or uint8 asymmetric
+    output_q_ops: tuple[str, ...] = ()  # op types whose int8 form needs a Q on the output
+    residual_inputs: bool = False  # quantize the other input of an Add fed by an int8 conv
+    int_bias: bool = False  # int32 bias on Conv/Gemm (QLinearConv/QGemm fuse only with it)
+    quantize_adds: bool = False  # a Q on an Add between dequantized inputs, so it fuses into QLinearAdd
+    int4_qdq: bool = False  # int4 weight-only as a blocked int4 DequantizeLinear (TensorRT), not MatMulNBits
+    openvino_ir: bool = False  # also write OpenVINO IR next to the ONNX file
+    attention_matmuls: bool = False  # quantize the inputs of activation x activation MatMuls (attention)
+    runtime: str = "onnxruntime"  # the runtime that reads the file here (for verification)
+    # the layers reading one tensor run in low precision together or not at all (OpenVINO ran a conv planned
+    # int8 in float when its sibling on the same input was float)
+    tie_shared_inputs: bool = False
+
+
+POLICIES = {
+    "ort-cpu": QdqPolicy("ort-cpu", act_signed=False, output_q_ops=("Conv",), int_bias=True, quantize_adds=True),
+    "openvino": QdqPolicy("openvino", act_signed=False, openvino_ir=True, runtime="openvino", attention_matmuls=True,
+                          tie_shared_inputs=True),
+    "tensorrt": QdqPolicy("tensorrt", act_signed=True, residual_inputs=True, runtime="tensorrt", int4_qdq=True),
+}
+
+
+def policy_for(name: str) -> QdqPolicy:
+    if name not in POLICIES:
+        raise ConfigError(f"unknown Q/DQ policy '{name}'", f"known: {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
+def attention_layers(graph: Any, policy: QdqPolicy) -> dict[str, str]:
+    """Layers whose int8 form also quantizes its output because it feeds an attention MatMul (the policy's
+    `attention_matmuls`): layer -> MatMul node. Empty without a graph or for other policies."""
+    if graph is None or not policy.attention_matmuls:
+        return {}
+    return graph.attention_feeders()
