@@ -248,6 +248,8 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
             paths[key] = quantized.export(static, tmp / f"ours{len(paths)}.onnx").onnx
             reports[key] = _slim(report)
             log(f"  {key}: {report['counts']} {report['seconds']}")
+            alloc_key = key.replace("ours@", "allocator@")
+            paths[alloc_key], reports[alloc_key] = allocator_row(problem, cfg, static, tmp / f"{alloc_key}.onnx")
         paths["ort_static_u8s8"] = ort_static(fp32, tmp / "u8s8.onnx", case, signed_acts=False)
         paths["ort_static_s8s8"] = ort_static(fp32, tmp / "s8s8.onnx", case, signed_acts=True)
         if bert:
@@ -277,6 +279,26 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
             "wall_seconds": time.perf_counter() - started, "problem_seconds": problem.seconds, "rows": rows,
             "quantize_reports": reports, "infeasible": infeasible, "threads": threads, "nncf_comparison": comparison,
             "ov_problem_seconds": ov["problem_seconds"]}
+
+
+def allocator_row(problem: Any, config: Any, static: list, path: Path) -> tuple[Path, dict[str, Any]]:
+    """The other searcher, for the comparison that decides which one stays: the allocator's DP plan alone (what
+    `deploy compress` steers onto measured latency), for the same estimated budget as the searched plan."""
+    import time as _time
+
+    from deploy.compress.families import export_labelled
+    from deploy.compress.quant.search import allocator_plan
+
+    started = _time.perf_counter()
+    sp = problem.space
+    budget_ms = config.budget_ms or config.budget * sp.latency(sp.float_labels())
+    labels, _, how = allocator_plan(sp, budget_ms)
+    plan = export_labelled(problem.prep, problem.prep.folded, static, labels, path)
+    counts: dict[str, int] = {}
+    for lp in plan.layers.values():
+        counts[lp.option.label] = counts.get(lp.option.label, 0) + 1
+    return path, {"counts": counts, "how": how, "estimated_ms": sp.latency(labels),
+                  "seconds": {"search": round(_time.perf_counter() - started, 2)}}
 
 
 # --- OpenVINO: NNCF against ours at equal latency and equal fidelity ------------------------------------------------
@@ -464,7 +486,9 @@ def _case_md(name: str, case: dict[str, Any]) -> list[str]:
                         if k in ("QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm",
                                  "MatMulNBits", "DynamicQuantizeMatMul", "QLinearAdd")
                         or k.endswith((" i8", " u8"))) or "none"
-        if key.startswith("ours_ov@") and key not in LABELS:
+        if key.startswith("allocator@"):
+            label = f"ours: the allocator's DP plan alone, budget {key.split('@')[1]}"
+        elif key.startswith("ours_ov@") and key not in LABELS:
             label = f"ours: mixed, budget = {key.split('@')[1].split('x_')[0]} x NNCF's latency"
         else:
             label = LABELS.get(key, f"ours: searched mixed plan, budget {key.split('@')[1]}" if "@" in key else key)
@@ -476,9 +500,27 @@ def _case_md(name: str, case: dict[str, Any]) -> list[str]:
         out += _nncf_md(case["nncf_comparison"], case["rows"], task_cols[0])
     for key, why in case["infeasible"].items():
         out += ["", f"{key}: infeasible here: {why}"]
+    out += _searchers_md(case["rows"], task_cols[0])
     for key, rep in case["quantize_reports"].items():
-        out += _search_md(key, rep)
+        if not key.startswith("allocator@"):
+            out += _search_md(key, rep)
     return out + [""]
+
+
+def _searchers_md(rows: dict[str, Any], metric: str) -> list[str]:
+    """The two quantization searchers at the same estimated budget: the NSGA-II search with its predictor and
+    measured finalists (`solve_budget`), and the allocator's DP plan alone (what `deploy compress` steers)."""
+    pairs = [(k, k.replace("ours@", "allocator@")) for k in rows if k.startswith("ours@")]
+    pairs = [(a, b) for a, b in pairs if b in rows and "ratio" in rows[a] and "ratio" in rows[b]]
+    if not pairs:
+        return []
+    out = ["", "Searchers at the same estimated budget (measured ratio vs ORT fp32; held-out "
+           f"{metric}; SQNR dB):", "", "| budget | NSGA-II + predictor + finalists | allocator alone |", "|---|---|---|"]
+    for a, b in pairs:
+        cell = lambda k: (f"{rows[k]['ratio']:.3f}, {rows[k]['fidelity'][metric]:.4f}, "  # noqa: E731
+                          f"{float(rows[k]['fidelity']['sqnr_db']):.1f}")
+        out.append(f"| {a.split('@')[1]} | {cell(a)} | {cell(b)} |")
+    return out
 
 
 def _nncf_md(cmp: dict[str, Any], rows: dict[str, Any], metric: str) -> list[str]:

@@ -57,6 +57,7 @@ class DistillResult:
     after_sqnr_db: float
     history: list[dict[str, float]] = field(default_factory=list)
     matched_blocks: list[str] = field(default_factory=list)
+    kept_step: int = 0  # the step whose weights were kept (the best held-out score; 0: the starting weights)
 
 
 def _batch(samples: list[tuple[torch.Tensor, ...]], gen: torch.Generator, size: int) -> tuple[torch.Tensor, ...]:
@@ -165,7 +166,7 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     best_score, best_state, bad_evals = _score(first), copy.deepcopy(student.state_dict()), 0
-    best_value, best_sqnr = before, before_sqnr
+    best_value, best_sqnr, kept_step = before, before_sqnr, 0
     history = [{"step": 0, metric: before, "sqnr_db": before_sqnr}]
     start, stopped, step = time.monotonic(), "steps", 0
     s_feat, t_feat = _Features(student, blocks), _Features(teacher, blocks)
@@ -198,7 +199,7 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
                                 "loss": float(loss.detach())})
                 if _score(result) > best_score:
                     best_score, best_state, bad_evals = _score(result), copy.deepcopy(student.state_dict()), 0
-                    best_value, best_sqnr = value, float(result["sqnr_db"])
+                    best_value, best_sqnr, kept_step = value, float(result["sqnr_db"]), step
                 else:
                     bad_evals += 1
                 if bad_evals >= config.patience:
@@ -210,7 +211,7 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
     student.load_state_dict(best_state)
     student.eval()
     return DistillResult(step, round(time.monotonic() - start, 3), stopped, metric, before, best_value,
-                         before_sqnr, best_sqnr, history, blocks)
+                         before_sqnr, best_sqnr, history, blocks, kept_step)
 
 
 def _score(result: dict[str, Any]) -> tuple[float, float]:

@@ -344,7 +344,7 @@ def test_missed_budget_exits_4_and_still_writes_the_model(graph_runs):
 
     cli, outs, _ = graph_runs
     plan = tomllib.loads((outs["size"] / "deploy.toml").read_text())
-    plan["decisions"]["budget"]["value"] = 0.001  # the same model, judged against a budget it cannot meet
+    plan["header"]["budget"]["value"] = 0.001  # the same model, judged against a budget it cannot meet
     edited = cli.root / "missed.toml"
     edited.write_text(tomli_w.dumps(plan))
     out = cli.work / "missed"
@@ -440,14 +440,28 @@ def test_resumed_search_with_another_target_or_model_is_refused(cli, models):
     refused(other_model, 2, "made for another run", "model_sha256")
 
 
-def test_plan_from_another_model_is_refused(cli):
-    plan = cli.root / "deploy.toml"
-    plan.write_text('deploy_plan_version = 1\n[request]\nmodel = "bert.pt"\n'
-                    '[decisions]\nprecision = "mixed"\nlevel = 0.0\n'
-                    '[decisions.quantize.labels]\n"encoder.layer.0.attention.self.query" = "w8a8-pc-sa"\n')
+def test_plan_from_another_model_is_refused(cli, graph_runs):
+    """A deploy.toml names the model it was made for (weights and layers): another model is refused, naming the
+    difference; so is a plan whose passes name layers the model does not have."""
+    import tomllib
+
+    import tomli_w
+
+    _, outs, _ = graph_runs
+    plan = tomllib.loads((outs["size"] / "deploy.toml").read_text())  # made for the bundled example
+    path = cli.root / "deploy.toml"
+    path.write_text(tomli_w.dumps(plan))
     before = cli.snapshot()
-    refused(cli("compress", "--example", "--plan", plan, "-o", cli.work / "out"), 2,
-            "encoder.layer.0.attention.self.query", "another model")
+    other = dict(plan, header={**plan["header"], "layers_digest": "0123456789abcdef"})
+    path.write_text(tomli_w.dumps(other))
+    refused(cli("compress", "--example", "--plan", path, "-o", cli.work / "out"), 2, "other layers", "--plan")
+    quantize = next(p for p in plan["passes"] if p["type"] == "quantize")
+    quantize["data"]["labels"] = {"encoder.layer.0.attention.self.query": "w8a8-pc-sa"}
+    plan["header"].pop("layers_digest")
+    plan["header"].pop("model_sha256")
+    path.write_text(tomli_w.dumps(plan))
+    refused(cli("compress", "--example", "--plan", path, "-o", cli.work / "out"), 2,
+            "encoder.layer.0.attention.self.query", "made for")
     left_nothing(cli, before, cli.work / "out")
 
 

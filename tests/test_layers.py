@@ -170,3 +170,19 @@ def test_light_imports_load_no_runtime(module):
             "if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_only_compress_reaches_into_the_passes():
+    """The compiler weighs candidates through deploy.compress.families and applies plans as pass configs: no module
+    outside compress imports the passes' internals (build_problem, plan_dp, the quantize apply module, distill)."""
+    internals = {"build_problem", "plan_dp", "distill"}
+    found = []
+    for module, path in MODULES.items():
+        if layer_of(module) == 3:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("deploy.compress"):
+                names = {a.name for a in node.names}
+                if names & internals or node.module == "deploy.compress.quant.apply":
+                    found.append(f"{module}:{node.lineno} imports {node.module}: {sorted(names)}")
+    assert not found, found

@@ -26,6 +26,9 @@ class FakePlanner:
         self.candidates.append(cand)
         return cand
 
+    def lowrank_family(self) -> None:  # nothing to factorize here: the pruning and precision levels alone
+        return None
+
     def with_fidelity(self, cand: Candidate) -> Candidate:
         int8 = sum(v == "int8" for v in (cand.labels or {}).values())
         cand.fidelity = 1.0 - self.prune_cost * cand.level - self.int8_cost * int8

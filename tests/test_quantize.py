@@ -262,9 +262,28 @@ def test_the_quantize_pass_runs_in_a_pipeline(digits_model, digits_calibration):
                             search=SearchConfig(enabled=False), measure_finalists=False)
     state = State(digits_model, SPEC, for_profile(CPU))
     state = run_pipeline([make_pass("quantize", config)], state, Context(calibration=digits_calibration))
-    assert hasattr(state.module, "quant_plan") and state.records[-1].source == "quantize"
-    assert state.records[-1].data["search"]["refined"] == []
+    plan = state.attached["quant_plan"]  # what the export pass writes as Q/DQ
+    assert plan.count("int8") >= 1 and not hasattr(state.module, "quant_plan")  # the module: the float one
+    assert state.records[-1].source == "quantize" and state.records[-1].data["search"]["refined"] == []
     json.dumps(state.records[-1].data)
+
+
+def test_the_quantize_pass_applies_labels_without_a_search(digits_model, digits_calibration):
+    """With `labels` the pass calibrates and applies that plan as it is (what a deploy.toml replay runs); a layer
+    the model does not have is refused."""
+    from deploy.core.errors import ConfigError
+    from deploy.core.passes import Context, State, run_pipeline
+
+    labels = {"layer1.conv1": "w8a8-pc-sa", "fc": "w8a8-pc-sa"}
+    config = QuantizeConfig(calibration=CalibrationConfig(batches=1), labels=labels)
+    state = run_pipeline([make_pass("quantize", config)], State(digits_model, SPEC, for_profile(CPU)),
+                         Context(calibration=digits_calibration))
+    plan = state.attached["quant_plan"]
+    assert {n for n, lp in plan.layers.items() if lp.option.precision == "int8"} == set(labels)
+    with pytest.raises(ConfigError, match="encoder.layer.0.attention.self.query"):
+        bad = QuantizeConfig(calibration=CalibrationConfig(batches=1), labels={"encoder.layer.0.attention.self.query": "fp32"})
+        run_pipeline([make_pass("quantize", bad)], State(digits_model, SPEC, for_profile(CPU)),
+                     Context(calibration=digits_calibration))
 
 
 def test_quantize_config_round_trips_and_validates():

@@ -17,6 +17,7 @@ from deploy.compress.distill import DistillConfig, distill
 from deploy.core.metrics import first_tensor
 from deploy.compress.lowrank.factor import (FactorizeConfig, factorizable, factorize, input_covariance, layer_cost,
                                      max_useful_rank, replace_module, round_rank)
+from deploy.core.errors import ConfigError
 from deploy.core.passes import Context, State, register_pass
 from deploy.core.data import CalibrationSet
 
@@ -31,6 +32,9 @@ class LowRankConfig:
     distill: DistillConfig = DistillConfig()
     skip: tuple[str, ...] = ()  # layer names never factorised (e.g. the classifier)
     calibration_batches: int = 4
+    # A plan to apply as it is (layer -> rank, as `deploy compress` found it): factorize those layers, no search
+    # and no recovery here (a recover pass follows in the plan).
+    ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -76,8 +80,20 @@ def _collect_inputs(module: nn.Module, names: list[str], batches: list[tuple[tor
     return inputs, positions
 
 
-def plan_ranks(module: nn.Module, calibration: CalibrationSet, multiple: int, config: LowRankConfig) -> tuple[LowRankPlan, dict]:
-    """Distortion curves per layer, then the allocator's choice under the budget."""
+@dataclass
+class RankCurves:
+    """Every factorizable layer's rank options, each with its cost and measured output distortion (only that layer
+    factorized), and the input covariances the activation-aware SVD whitens by. Measured once; any budget is then
+    an allocation over them."""
+
+    units: list[Unit]
+    covs: dict[str, torch.Tensor | None]
+    total_cost: float
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+
+def rank_curves(module: nn.Module, calibration: CalibrationSet, multiple: int, config: LowRankConfig) -> RankCurves:
+    """Distortion curves per layer over the rank grid (rounded to the device's channel multiple)."""
     module = module.eval()
     names = candidate_layers(module, config)
     batches = calibration.batches("calibration", 16)[: config.calibration_batches]
@@ -87,13 +103,12 @@ def plan_ranks(module: nn.Module, calibration: CalibrationSet, multiple: int, co
     covs = {n: input_covariance(acts[n], module.get_submodule(n)) for n in names} \
         if config.factorize.activation_aware else {n: None for n in names}
     mode = config.factorize.conv_mode
-    units, curves, fixed = [], {}, 0.0
-    total_before = 0.0
+    units, curves, total = [], {}, 0.0
     for name in names:
         layer = module.get_submodule(name)
         scale = positions.get(name, 1) if config.cost == "macs" else 1
         full = layer_cost(layer, None, mode) * scale
-        total_before += full
+        total += full
         limit = max_useful_rank(layer, mode)
         ranks = sorted({round_rank(int(f * limit), multiple, limit) for f in config.rank_fractions})
         ranks = [r for r in ranks if layer_cost(layer, r, mode) < layer_cost(layer, None, mode)]
@@ -107,10 +122,32 @@ def plan_ranks(module: nn.Module, calibration: CalibrationSet, multiple: int, co
             curve.append({"rank": rank, "cost": cost, "distortion": distortion})
         curves[name] = curve
         units.append(Unit(name, tuple(options)))
-    allocation = allocate(units, config.budget * total_before, fixed_cost=fixed, unit_name=f" {config.cost}")
-    ranks = {n: r for n, r in allocation.labels.items() if r is not None}
-    plan = LowRankPlan(ranks, allocation.distortion, total_before, allocation.cost, curves)
-    return plan, covs
+    return RankCurves(units, covs, total, curves)
+
+
+def choose_ranks(curves: RankCurves, budget_fraction: float, unit: str = "cost") -> tuple[dict[str, int], Any]:
+    """The least-distortion ranks whose cost is at most `budget_fraction` of the factorizable layers' cost."""
+    allocation = allocate(curves.units, budget_fraction * curves.total_cost, fixed_cost=0.0, unit_name=f" {unit}")
+    return {n: r for n, r in allocation.labels.items() if r is not None}, allocation
+
+
+def plan_ranks(module: nn.Module, calibration: CalibrationSet, multiple: int, config: LowRankConfig
+               ) -> tuple[LowRankPlan, dict]:
+    """Distortion curves per layer, then the allocator's choice under the budget."""
+    curves = rank_curves(module, calibration, multiple, config)
+    ranks, allocation = choose_ranks(curves, config.budget, config.cost)
+    plan = LowRankPlan(ranks, allocation.distortion, curves.total_cost, allocation.cost, curves.curves)
+    return plan, curves.covs
+
+
+def layer_covariances(module: nn.Module, calibration: CalibrationSet, names: list[str], config: LowRankConfig
+                      ) -> dict[str, torch.Tensor | None]:
+    """The input covariances of the named layers on the calibration batches (what a replay whitens by)."""
+    if not config.factorize.activation_aware:
+        return {n: None for n in names}
+    batches = calibration.batches("calibration", 16)[: config.calibration_batches]
+    acts, _ = _collect_inputs(module.eval(), names, batches)
+    return {n: input_covariance(acts[n], module.get_submodule(n)) for n in names}
 
 
 def _distortion(module: nn.Module, name: str, replacement: nn.Module, batches, reference) -> float:
@@ -153,7 +190,25 @@ class LowRankPass:
         self.config = config
 
     def run(self, state: State, ctx: Context) -> State:
+        if self.config.ranks:  # a plan found before (deploy compress, deploy.toml): apply it as it is
+            names = list(self.config.ranks)
+            unknown = [n for n in names if not _has_layer(state.module, n)]
+            if unknown:
+                raise ConfigError(f"the low-rank plan names layers this model does not have ({', '.join(unknown[:3])})",
+                                  "replay a plan with the model it was made for")
+            covs = layer_covariances(state.module, ctx.calibration, names, self.config)
+            state.module = apply_ranks(state.module, dict(self.config.ranks), covs, self.config.factorize)
+            state.record(self.name, "decision", ranks=dict(self.config.ranks))
+            return state
         module, report = lowrank_model(state.module, ctx.calibration, state.target.profile.channel_multiple, self.config)
         state.module = module
         state.record(self.name, "decision", **report)
         return state
+
+
+def _has_layer(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

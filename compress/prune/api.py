@@ -224,16 +224,28 @@ def replay(module: nn.Module, inputs: Sequence[InputSpec], report: dict[str, Any
     this way (Torch-Pruning chose them)."""
     if report["method"] == "global" and report["mode"] == "structured":
         raise ConfigError("a global-magnitude plan records no per-unit elements", "re-run the prune pass")
+    return apply_removed(module, inputs, report["mode"], report["removed"], report.get("elements", {}))
+
+
+def apply_removed(module: nn.Module, inputs: Sequence[InputSpec], mode: str, removed: dict[str, int],
+                  elements: dict[str, list[int]] | None = None) -> nn.Module:
+    """A physically pruned copy for a plan (unit -> count removed): each unit loses its `count` least important
+    elements by magnitude (or exactly the listed `elements`). Data-free and deterministic: the plan search's
+    candidates and a replayed deploy.toml get the same model."""
     gen = torch.Generator().manual_seed(0)
     example = tuple(spec.example({"batch": 2}, gen) for spec in inputs)
-    config = UnitConfig(report["mode"], 1, (0.0,), sparse_2_4=report["mode"] == "2:4")
-    units = [u for u in all_units(module, example, config) if u.name in report["removed"]]
+    config = UnitConfig(mode, 1, (0.0,), sparse_2_4=mode == "2:4")
+    units = [u for u in all_units(module, example, config) if u.name in removed and int(removed[u.name]) > 0]
+    unknown = sorted(set(n for n, c in removed.items() if int(c) > 0) - {u.name for u in units})
+    if unknown:
+        raise ConfigError(f"the pruning plan names units this model does not have ({', '.join(unknown[:3])})",
+                          "replay a plan with the model it was made for")
     removal: dict[str, torch.Tensor] = {}
     for unit in units:
-        if unit.name in report["elements"]:
-            removal[unit.name] = torch.tensor(report["elements"][unit.name], dtype=torch.long)
+        if elements and unit.name in elements:
+            removal[unit.name] = torch.tensor(elements[unit.name], dtype=torch.long)
         else:
-            removal[unit.name] = ranking(module, unit)[: int(report["removed"][unit.name])]
+            removal[unit.name] = ranking(module, unit)[: int(removed[unit.name])]
     return remove_physically(module, example, units, removal)
 
 
@@ -248,6 +260,10 @@ class PrunePass:
         if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in state.module.modules()):
             raise ConfigError("pruning needs the Python module (state_dict + --arch, or a trusted pickle)",
                               "graph-only models (TorchScript, .pt2) have no layers to edit")
+        if self.config.removed:  # a plan found before (deploy compress, deploy.toml): apply it as it is
+            state.module = apply_removed(state.module, state.inputs, self.config.mode, self.config.removed)
+            state.record(self.name, "decision", removed=dict(self.config.removed), mode=self.config.mode)
+            return state
         pruned, report = prune_model(state.module, state.inputs, ctx.calibration, state.target, self.config,
                                      ctx.cache_dir)
         state.record(self.name, "decision", **report.to_dict())

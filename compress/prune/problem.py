@@ -49,6 +49,8 @@ class PruneConfig:
     probe_macs: float = 6e11
     latency_threads: int = 1
     dp_steps: int = DEFAULT_STEPS
+    # A plan to apply as it is (unit -> elements removed, as `deploy compress` found it): no search, no curves.
+    removed: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (self.budget > 0 and math.isfinite(self.budget)):

@@ -12,7 +12,8 @@ or optuna at module level.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import torch
@@ -23,6 +24,7 @@ from deploy.export.qdq.plan import QuantPlan
 from deploy.compress.quant.prepare import CalibrationConfig
 from deploy.compress.quant.search import SearchConfig
 from deploy.compress.quant.space import SpaceConfig
+from deploy.core.errors import ConfigError
 from deploy.core.passes import Context, State, register_pass
 from deploy.core.spec import InputSpec
 from deploy.core.data import CalibrationSet
@@ -48,6 +50,8 @@ class QuantizeConfig:
     skip: tuple[str, ...] = ()  # layers never quantized
     recover: bool = False  # distill through the fake quantization afterwards
     distill: DistillConfig = DistillConfig()
+    # A plan to apply as it is (layer -> option label, as `deploy compress` found it): calibrate, no search.
+    labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.budget <= 2.0:
@@ -205,7 +209,7 @@ def solve_budget(problem: QuantProblem, calibration: CalibrationSet, inputs: Seq
     sens, table = sp.sensitivity, sp.table
     report = {
         "policy": plan.policy, "float_precision": plan.float_precision, "cost_model": table.source,
-        "budget_ms": budget_ms, "labels": plan.labels(), "counts": _counts(plan),
+        "budget_ms": budget_ms, "labels": plan.labels(), "counts": dict(Counter(plan.labels().values())),
         "spaces": {n: [o.label for o in opts] for n, opts in prep.spaces.items()},
         "calibration": prep.calibration, "sensitivity": sens, "price_table": table.to_dict(),
         "search": result.to_dict(), "finalists": finals_report, "chosen": final.to_dict(),
@@ -296,23 +300,46 @@ class _Clock:
         self._last = now
 
 
-def _counts(plan: QuantPlan) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for lp in plan.layers.values():
-        counts[lp.option.label] = counts.get(lp.option.label, 0) + 1
-    return counts
+def weights_key(module: nn.Module) -> str:
+    """The key under which a plan search hands its calibrated problem to the quantize pass: the same weights."""
+    from deploy.compress.prune.sensitivity import model_hash
+
+    return f"quantize:{model_hash(module)}"
 
 
 @register_pass("quantize", QuantizeConfig, needs_calibration=True, invalidates=("sensitivity",))
 class QuantizePass:
-    """Replaces the module by its fake-quantized twin (carrying `quant_plan`); export writes the Q/DQ model."""
+    """Quantizes the module: with `labels`, calibrates and applies that per-layer plan (reusing a calibration the
+    plan search made on the same weights, if the context holds one); without, searches a plan under the budget.
+    Afterwards `state.module` is the float model the plan was calibrated on (BatchNorm folded, any recovered
+    weights) and `state.attached["quant_plan"]` the plan the export pass writes as Q/DQ."""
 
     def __init__(self, config: QuantizeConfig):
         self.config = config
 
     def run(self, state: State, ctx: Context) -> State:
+        from deploy.compress.quant.fold import unwrap
+
+        if self.config.labels:
+            from deploy.compress.quant.apply import plan_for
+            from deploy.compress.quant.prepare import prepare
+
+            prep = ctx.prebuilt.get(weights_key(state.module))
+            if prep is None:
+                prep = prepare(state.module, state.inputs, ctx.calibration, state.target, self.config.space,
+                               self.config.calibration, self.config.skip)
+            unknown = sorted(set(self.config.labels) - set(prep.spaces))
+            if unknown:
+                raise ConfigError(f"the precision plan names layers this model does not have "
+                                  f"({', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''})",
+                                  "replay a plan with the model it was made for")
+            plan = plan_for(prep, self.config.labels)
+            state.module, state.attached["quant_plan"] = prep.folded, plan
+            state.record(self.name, "decision", policy=plan.policy, float_precision=plan.float_precision,
+                         labels=plan.labels(), counts=dict(Counter(plan.labels().values())), notes=list(prep.notes))
+            return state
         quantized, report = quantize_model(state.module, state.inputs, ctx.calibration, state.target, self.config)
-        state.module = quantized.module
+        state.module, state.attached["quant_plan"] = unwrap(quantized.module), quantized.plan
         ctx.stats[self.name] = {"plan": quantized.plan}
         state.record(self.name, "decision", **report)
         return state

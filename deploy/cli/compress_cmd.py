@@ -36,6 +36,7 @@ def compress_cmd(
     plan: Optional[Path] = typer.Option(None, "--plan", help="Replay a deploy.toml from an earlier run (no search)."),
     precision: List[str] = typer.Option([], "--precision", help="Precisions layers may take (default fp32 and int8; add int4 for weight-only int4 where the target has it); repeat."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Do not prune."),
+    no_lowrank: bool = typer.Option(False, "--no-lowrank", help="Do not factorize layers (low rank)."),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size latency is measured at (and a TensorRT plan built for); needs a dynamic batch axis."),
     recover_steps: int = typer.Option(200, "--recover-steps", min=0, help="Distillation steps after pruning (0: none)."),
     recover_minutes: float = typer.Option(1.0, "--recover-minutes", callback=finite, help="Time budget for distillation."),
@@ -57,7 +58,7 @@ def compress_cmd(
         calib=calib, tokenizer=str(tokenizer) if tokenizer else None,
         budget=from_flags(budget_ms, speedup, size_mb, max_drop), out=str(output), force=force,
         plan=str(plan) if plan else None, precisions=tuple(precision) or ("fp32", "int8"), prune=not no_prune,
-        recover_steps=recover_steps, recover_minutes=recover_minutes, eval_hook=eval_hook, threads=threads,
+        lowrank=not no_lowrank, recover_steps=recover_steps, recover_minutes=recover_minutes, eval_hook=eval_hook, threads=threads,
         measure_seconds=measure_seconds, seed=seed, batch=batch)
     with job_progress(err_console, "compress", not as_json) as progress:
         report = compress(request, progress)
@@ -110,6 +111,7 @@ def search_cmd(
     study_name: str = typer.Option("deploy-search", "--study-name", help="Study name inside the storage."),
     precision: List[str] = typer.Option([], "--precision", help="Precisions layers may take (default fp32 and int8)."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Do not prune."),
+    no_lowrank: bool = typer.Option(False, "--no-lowrank", help="Do not factorize layers (low rank)."),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size latency is measured at; needs a dynamic batch axis."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for measurement."),
     measure_seconds: float = typer.Option(1.0, "--measure-seconds", callback=positive, help="Seconds per trial measurement."),
@@ -126,7 +128,8 @@ def search_cmd(
         model=str(model) if model else None, example=example, arch=arch, trust_pickle=trust_pickle,
         input_shapes=tuple(input_shape), target=target, profile_path=str(profile) if profile else None,
         calib=calib, tokenizer=str(tokenizer) if tokenizer else None, out=str(output), force=True,
-        precisions=tuple(precision) or ("fp32", "int8"), prune=not no_prune, recover_steps=0, threads=threads,
+        precisions=tuple(precision) or ("fp32", "int8"), prune=not no_prune, lowrank=not no_lowrank,
+        recover_steps=0, threads=threads,
         measure_seconds=measure_seconds, seed=seed, batch=batch)
     try:
         config = StudyConfig(trials=trials, timeout_s=timeout, storage=storage, study_name=study_name, seed=seed)

@@ -16,34 +16,15 @@ import torch
 from deploy.core.errors import BudgetInfeasibleError, UserInputError
 
 
-class Family:
-    """Models from one pruning problem: level 0 is dense, level 1 the most the allocator may remove."""
+def pruning_family(setup: Any, enabled: bool = True) -> Any:
+    """The model's pruning family, or None where nothing may be pruned (a graph model, or pruning off)."""
+    if not (enabled and setup.loaded.structural):
+        return None
+    from deploy.compress.families import PruneFamily
+    from deploy.core.cache import cache_dir
 
-    def __init__(self, setup: Any, enabled: bool = True):
-        self.setup = setup
-        self.problem = None
-        if enabled and setup.loaded.structural:
-            from deploy.core.cache import cache_dir
-            from deploy.compress.prune.api import PruneConfig, build_problem
-
-            samples = list(setup.calibration.calibration)
-            self.problem = build_problem(setup.loaded.module, setup.loaded.inputs, samples,
-                                         setup.target, PruneConfig(budget_kind="macs", samples=64),
-                                         cache_dir() / "sensitivity")
-
-    def removed(self, level: float) -> dict[str, int]:
-        if self.problem is None or level <= 0:
-            return {}
-        from deploy.compress.prune.api import plan_dp
-
-        least = self.problem.cost.of_plan(self.problem.max_plan())
-        base = self.problem.costs.base
-        return plan_dp(self.problem, least + (base - least) * (1.0 - min(level, 1.0)))
-
-    def build(self, removed: dict[str, int]) -> torch.nn.Module:
-        if not removed:
-            return copy.deepcopy(self.setup.loaded.module).eval()
-        return self.problem.build(removed).eval()
+    return PruneFamily(setup.loaded.module, setup.loaded.inputs, setup.calibration, setup.target,
+                       cache_dir() / "sensitivity")
 
 
 def export_fp32(module: torch.nn.Module, setup: Any, path: Path) -> Path:
@@ -59,10 +40,9 @@ def export_candidate(module: torch.nn.Module, setup: Any, labels: dict[str, str]
     if labels is None:
         export_fp32(module, setup, path)
         return None
-    from deploy.compress.quant.apply import export_labels, plan_for
+    from deploy.compress.families import export_labelled
 
-    export_labels(prep, module, setup.loaded.inputs, labels, path)
-    return plan_for(prep, labels)
+    return export_labelled(prep, module, setup.loaded.inputs, labels, path)
 
 
 def prepare_run(setup: Any, path: Path) -> Callable[[], object]:
@@ -100,10 +80,10 @@ def predicted_latency(setup: Any, path: Path, module: torch.nn.Module | None, pl
 
     if plan is None or module is None:
         return predict_onnx(path, setup.target, setup.measure_specs)
-    from deploy.compress.quant.apply import precision_map
+    from deploy.compress.families import precisions_of
 
     float_path = export_fp32(module, setup, setup.workdir / f"{path.stem}.float.onnx")
-    return predict_onnx(path, setup.target, setup.measure_specs, float_path, precision_map(plan))
+    return predict_onnx(path, setup.target, setup.measure_specs, float_path, precisions_of(plan))
 
 
 def outputs_finite(setup: Any, path: Path) -> bool:
@@ -134,6 +114,7 @@ class Candidate:
     band_ms: tuple[float, float] | None = None  # predicted latency's error band
     origin: str = ""
     chosen: bool = False
+    ranks: dict[str, int] = dataclasses.field(default_factory=dict)  # low rank: layer -> rank (float layers)
 
     def row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
@@ -166,6 +147,7 @@ class Planner:
         self.request, self.setup = request, setup
         self.candidates: list[Candidate] = []
         self._family: Any = None
+        self._lowrank: Any = None
         self._modules: dict[float, torch.nn.Module] = {}
         self._quant: dict[float, Any] = {}
         self._fastest: dict[float, dict[str, str]] = {}
@@ -185,12 +167,43 @@ class Planner:
     # --- the two knobs ----------------------------------------------------------------------------------------
 
     def family(self) -> Any:
+        """The pruning family (built on first use), or None where the model cannot be pruned."""
         if self._family is None:
-            self._family = Family(self.setup, True)
-        return self._family
+            self._family = pruning_family(self.setup, True) or False
+        return self._family or None
+
+    def lowrank_family(self) -> Any:
+        """The low-rank family of the dense model (built on first use), or None where nothing may be factorized."""
+        if self._lowrank is None:
+            family = None
+            if getattr(self.request, "lowrank", True) and self.setup.loaded.structural:
+                from deploy.compress.families import LowRankFamily
+
+                family = LowRankFamily(self.setup.loaded.module, self.setup.calibration, self.setup.target)
+                family = None if family.empty else family
+            self._lowrank = family or False
+        return self._lowrank or None
+
+    def evaluate_ranks(self, ranks: dict[str, int], origin: str, fidelity: bool = False) -> Candidate:
+        """A low-rank candidate of the dense model, in float: exported, timed against the dense model, maybe
+        scored."""
+        module = self.lowrank_family().build(ranks)
+        path = self._path(len(self.candidates))
+        export_fp32(module, self.setup, path)
+        timing = latency(self.setup, path, self.request.measure_seconds, module, None, self._baseline)
+        value = None
+        if fidelity:
+            from deploy.core.metrics import primary_metric
+
+            value = primary_metric(fidelity_of(self.setup, path))[1]
+        candidate = Candidate("fp32", 0.0, {}, timing["latency_ms"], value, path.stat().st_size / 1e6, None,
+                              timing.get("band_ms"), origin, ranks=dict(ranks))
+        self.candidates.append(candidate)
+        return candidate
 
     def removed(self, level: float) -> dict[str, int]:
-        return self.family().removed(level) if level > 0 else {}
+        family = self.family() if level > 0 else None
+        return family.removed(level) if family is not None else {}
 
     def module(self, level: float) -> torch.nn.Module:
         if level not in self._modules:
@@ -200,6 +213,17 @@ class Planner:
                                     else self.family().build(self.removed(level)))
         return self._modules[level]
 
+    def prebuilt(self, decisions: dict[str, Any]) -> dict[str, Any]:
+        """What the apply step may reuse: the calibrated precision problem of the chosen level, keyed by the
+        weights it was calibrated on (a recovered model has other weights, so it calibrates afresh)."""
+        level = float(decisions.get("level", 0.0))
+        built = self.built_quant(level)
+        if built is None:
+            return {}
+        from deploy.compress.quant.api import weights_key
+
+        return {weights_key(self.module(level)): built.prep}
+
     def built_quant(self, level: float) -> Any | None:
         """The precision problem already built for `level`, if any."""
         return self._quant.get(level)
@@ -207,13 +231,13 @@ class Planner:
     def quant(self, level: float) -> Any:
         """The precision problem (calibration, sensitivities, prices) of the model at `level`."""
         if level not in self._quant:
-            from deploy.compress.quant.api import build_problem
+            from deploy.compress.families import precision_problem
 
             config = quant_config(self.request, self.setup)
             sibling = self.quant(0.0) if level > 0 else None  # a pruned model's prices: the dense one's, rescaled
-            self._quant[level] = build_problem(self.module(level), self.setup.loaded.inputs,
-                                               self.setup.calibration, self.setup.target, config,
-                                               prices_from=sibling)
+            self._quant[level] = precision_problem(self.module(level), self.setup.loaded.inputs,
+                                                   self.setup.calibration, self.setup.target, config,
+                                                   prices_from=sibling)
         return self._quant[level]
 
     def time_against_dense(self) -> None:
@@ -288,9 +312,9 @@ class Planner:
 def _precision_name(labels: dict[str, str] | None, prep: Any) -> str:
     if labels is None:
         return "fp32"
-    from deploy.compress.quant.apply import options_for
+    from deploy.compress.families import options_of
 
-    options = options_for(prep.spaces, labels).values()
+    options = options_of(prep.spaces, labels).values()
     low = [o for o in options if not o.is_float]
     if not low:
         return "fp32"

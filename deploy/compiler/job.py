@@ -44,6 +44,7 @@ class CompressRequest:
     precisions: tuple[str, ...] = ("fp32", "int8")  # precisions layers may take (the profile may drop some)
     batch: int = 1  # the batch size latency is measured (and a TensorRT plan built) at
     prune: bool = True
+    lowrank: bool = True  # low-rank factorization as a knob of the plan (float layers)
     recover_steps: int = 200
     recover_minutes: float = 1.0
     eval_hook: str | None = None
@@ -66,32 +67,40 @@ class Setup:
 
 
 def compress(request: CompressRequest, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Run the job; the output folder appears complete (model, report.json, report.html, deploy.toml) or not at all."""
+    """Run the job; the output folder appears complete (model, report.json, report.html, deploy.toml) or not at all.
+    The plan (searched for the budget, or read from --plan) is a list of passes applied through run_pipeline."""
+    import shutil
+
+    from deploy.compiler.apply import apply_plan
+    from deploy.compiler.report import build_result
     from deploy.core.atomic_io import atomic_output_dir
 
-    note = progress or (lambda phase, fraction: None)
-    with atomic_output_dir(request.out, request.force) as tmp:
+    note = progress or (lambda phase, fraction, *rest, **kw: None)
+    with atomic_output_dir(request.out, request.force, inputs_of(request)) as tmp:
         setup = _setup(request, tmp / ".work")
         note("dense model", 0.05)
-        from deploy.compiler.plan import search
-        from deploy.compiler.apply import build_result, run_plan
-
         planner = None
         if request.plan:
-            decisions = _replay_decisions(request.plan, setup)
+            budget, passes = _replayed(request.plan, setup)
+            decisions: dict[str, Any] = {"budget": budget, "replayed_from": str(request.plan)}
+            prebuilt: dict[str, Any] = {}
         else:
+            from deploy.compiler.plan import search
+            from deploy.compiler.to_passes import plan_passes
+
             decisions, planner = search(request, setup, note)
-        result = run_plan(request, setup, decisions, tmp, note, planner)
+            passes, prebuilt = plan_passes(decisions, request, setup), planner.prebuilt(decisions)
+        result, state = apply_plan(passes, request, setup, tmp, note, prebuilt)
         if planner is not None and result["latency"]["source"] == "measured":
             from deploy.compiler.plan import replan_after_miss
+            from deploy.compiler.to_passes import plan_passes
 
             again = replan_after_miss(planner, decisions, result["latency"]["result"]["summary"]["p50"])
             if again is not None:
                 note("re-planning after a miss", 0.9)
-                decisions, result = again, run_plan(request, setup, again, tmp, note, planner)
-        report = build_result(request, setup, decisions, result, tmp)
-        import shutil
-
+                decisions, passes = again, plan_passes(again, request, setup)
+                result, state = apply_plan(passes, request, setup, tmp, note, planner.prebuilt(again))
+        report = build_result(request, setup, decisions, result, passes, state, tmp)
         shutil.rmtree(tmp / ".work", ignore_errors=True)
     report["output"] = str(Path(request.out).resolve())
     return report
@@ -107,33 +116,14 @@ def inputs_of(request: CompressRequest) -> list[str]:
     return [p for p in named if p]
 
 
-def _replay_decisions(path: str, setup: Setup) -> dict[str, Any]:
-    """A deploy.toml's decisions, refused (exit 2) when it was written for another model."""
-    from deploy.core.errors import ConfigError
-    from deploy.core.model.load import layer_digest, layer_names
-    from deploy.compiler.plan_file import load_plan
+def _replayed(path: str, setup: Setup) -> tuple[dict[str, Any], list[Any]]:
+    """A deploy.toml's budget and passes, refused (exit 2) when it was made for another model or target."""
+    from deploy.compiler.plan_file import check_header, load_plan
+    from deploy.core.model.load import layer_digest
 
-    plan = load_plan(path)
-    asked = plan["request"]
-    module = setup.loaded.module
-    named = set(plan["decisions"].get("quantize", {}).get("labels", {})) | \
-        set(plan["decisions"].get("prune", {}).get("removed", {}))
-    known = set(layer_names(module)) | {n for n, _ in module.named_modules()}
-    missing = sorted(n for n in named if n.rsplit(":", 1)[-1] not in known)  # prune units: "channels:layer1.conv1"
-    if missing:
-        raise ConfigError(f"{path} names layers this model does not have ({', '.join(missing[:3])}"
-                          f"{' ...' if len(missing) > 3 else ''}): it was written for another model",
-                          "replay a deploy.toml with the model it was made for, or run without --plan")
-    digest = asked.get("layers_digest")
-    if digest and digest != layer_digest(module):
-        raise ConfigError(f"{path} was written for a model with other layers (layer digest {digest}, this model "
-                          f"{layer_digest(module)})", "replay it with the model it was made for, or run without --plan")
-    sha = asked.get("model_sha256")
-    if sha and setup.loaded.sha256 and sha != setup.loaded.sha256:
-        raise ConfigError(f"{path} was written for model file sha256 {sha[:12]}..., this one is "
-                          f"{setup.loaded.sha256[:12]}...", "replay it with the model it was made for, or run "
-                          "without --plan")
-    return plan["decisions"]
+    header, passes = load_plan(path)
+    check_header(path, header, setup.loaded.sha256, layer_digest(setup.loaded.module), setup.target.profile.name)
+    return dict(header.get("budget", {})), passes
 
 
 def _setup(request: CompressRequest, workdir: Path) -> Setup:

@@ -37,11 +37,32 @@ ALTERNATE = 0.8  # the alternation's deeper pruning step: fastest precisions at 
 # --- latency budgets --------------------------------------------------------------------------------------------
 
 def meet_latency(planner: Planner, budget: float, dense: Candidate) -> Candidate:
-    """The most faithful candidate measured inside [FILL, SAFE] x budget (or the best below it)."""
+    """The most faithful candidate measured inside [FILL, SAFE] x budget (or the best below it): the precision and
+    pruning levels' answer, or a low-rank one where the model factorizes well and its exported model is more
+    faithful at the budget."""
     window = (FILL * budget, SAFE * budget)
-    target = window[1]
-    if dense.latency_ms <= target and "fp32" in planner.request.precisions:
+    if dense.latency_ms <= window[1] and "fp32" in planner.request.precisions:
         return dense
+    try:
+        structured = _levels_for_latency(planner, budget, window, dense)
+    except BudgetInfeasibleError:
+        lowrank = _lowrank_for_latency(planner, window, dense)
+        if lowrank is None:
+            raise
+        return lowrank
+    # precision alone fits (nothing pruned): the most faithful way to the budget, nothing is cut or factorized
+    lowrank = _lowrank_for_latency(planner, window, dense) if structured.level > 0 else None
+    if lowrank is None:
+        return structured
+    planner.with_fidelity(structured)
+    planner.with_fidelity(lowrank)
+    return lowrank if (lowrank.fidelity or 0.0) > (structured.fidelity or 0.0) else structured
+
+
+def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate
+                        ) -> Candidate:
+    """Precision first (the dense model's fastest plan, then the budget filled back), else pruning."""
+    target = window[1]
     fast0 = None
     if planner.quantizes:
         fast0 = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer")
@@ -61,6 +82,38 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate) -> Candidate
         return pruned
     filled = _precision_at(planner, pruned, window)
     return _alternate(planner, filled, pruned, most, labels, window)
+
+
+def _lowrank_for_latency(planner: Planner, window: tuple[float, float], dense: Candidate) -> Candidate | None:
+    """The least factorization (in float) whose measured latency fits: regula falsi on the fraction of the
+    factorizable layers' MACs kept, each fraction's ranks the allocator's least-distortion choice. None where the
+    model has nothing to factorize or even its lowest ranks do not fit."""
+    family = planner.lowrank_family()
+    if family is None or "fp32" not in planner.request.precisions:
+        return None
+    least = family.least_fraction()
+    most = planner.evaluate_ranks(family.ranks(least), "low rank: lowest ranks")
+    if most.latency_ms > window[1]:
+        return None
+    aim, best = sum(window) / 2, most
+    lo, f_lo = 1.0, dense.latency_ms - aim  # fraction 1: nothing factorized (too slow)
+    hi, f_hi = least, most.latency_ms - aim
+    for _ in range(LEVEL_STEPS - 1):
+        fraction = hi - f_hi * (hi - lo) / (f_hi - f_lo) if f_hi != f_lo else (lo + hi) / 2
+        fraction = min(max(fraction, hi + 0.02 * (lo - hi)), lo - 0.02 * (lo - hi))
+        ranks = family.ranks(fraction)
+        if ranks == best.ranks:
+            break
+        cand = planner.evaluate_ranks(ranks, f"low rank: {fraction:.2f} of the MACs kept")
+        if cand.latency_ms <= window[1] and family.distortion(cand.ranks) < family.distortion(best.ranks):
+            best = cand
+        if window[0] <= cand.latency_ms <= window[1]:
+            return cand
+        if cand.latency_ms > aim:
+            lo, f_lo = fraction, cand.latency_ms - aim
+        else:
+            hi, f_hi = fraction, cand.latency_ms - aim
+    return best
 
 
 def _precision_at(planner: Planner, pruned: Candidate, window: tuple[float, float]) -> Candidate:
@@ -166,9 +219,9 @@ def fill_precision(planner: Planner, level: float, window: tuple[float, float], 
 
 def _distortion(sp: Any, labels: dict[str, str]) -> float:
     """The allocator's additive distortion of `labels` on `sp` (labels from a sibling model map by name)."""
-    from deploy.compress.quant.apply import options_for
+    from deploy.compress.families import options_of
 
-    return sum(sp.sensitivity[n].get(o.label, 0.0) for n, o in options_for(sp.spaces, labels).items())
+    return sum(sp.sensitivity[n].get(o.label, 0.0) for n, o in options_of(sp.spaces, labels).items())
 
 
 def _infeasible(budget: float, fastest: float, dense: Candidate) -> None:
@@ -314,7 +367,7 @@ def _decisions(planner: Planner, choice: Candidate, budget: dict[str, Any]) -> d
     request = planner.request
     return {
         "precision": choice.precision, "level": choice.level, "prune": {"removed": choice.removed},
-        "quantize": {"labels": choice.labels} if choice.labels else {},
+        "lowrank": {"ranks": choice.ranks}, "quantize": {"labels": choice.labels} if choice.labels else {},
         "budget": budget, "dense_latency_ms": planner.dense.latency_ms,
         "candidates": [c.row() for c in planner.candidates],
         "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed},

@@ -23,11 +23,12 @@ class SearchRequest:
 
 
 class PlanSpace:
-    """Precision x pruning level (x mix for mixed plans); allocator solutions at several budgets seed the study."""
+    """Precision x pruning level (x mix for mixed plans), or low rank (float, `level` = how much of the
+    factorizable MACs it cuts); allocator solutions at several budgets seed the study."""
 
     def __init__(self, precisions: list[str], can_prune: bool):
         self.precisions = precisions
-        self.can_prune = can_prune
+        self.can_prune = can_prune or "lowrank" in precisions
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         precision = trial.suggest_categorical("precision", self.precisions)
@@ -93,24 +94,31 @@ def _run(request: SearchRequest, out: Path, progress: Callable[..., None] | None
     setup = _setup(request.compress, out / ".work")
     identity = {"model_sha256": setup.loaded.sha256, "layers_digest": layer_digest(setup.loaded.module),
                 "target": setup.target.profile.name, "batch": str(request.compress.batch),
-                "precisions": ",".join(request.compress.precisions), "prune": str(request.compress.prune)}
+                "precisions": ",".join(request.compress.precisions), "prune": str(request.compress.prune),
+                "lowrank": str(request.compress.lowrank)}
     check_identity(open_study(request.search, out), identity)  # before any measuring
     planner = Planner(request.compress, setup)
     planner.time_against_dense()
     precisions = (["fp32"] if "fp32" in request.compress.precisions else []) + \
         (["int8", "mixed"] if planner.quantizes else [])
+    lowrank = planner.lowrank_family() if "fp32" in request.compress.precisions else None
+    precisions += ["lowrank"] if lowrank is not None else []
 
     def evaluate(params: dict[str, Any], folder: Path) -> TrialOutcome:
         setup.workdir = folder
-        cand = planner.evaluate(float(params["level"]), _labels(planner, params), "search trial", fidelity=True)
+        if params["precision"] == "lowrank":
+            fraction = 1.0 - float(params["level"]) * (1.0 - lowrank.least_fraction())
+            cand = planner.evaluate_ranks(lowrank.ranks(fraction), "search trial", fidelity=True)
+        else:
+            cand = planner.evaluate(float(params["level"]), _labels(planner, params), "search trial", fidelity=True)
         model = folder / "model.onnx"
         (folder / f"candidate-{len(planner.candidates) - 1}.onnx").rename(model)
-        details = {"removed": cand.removed, "size_mb": cand.size_mb, "band_ms": cand.band_ms}
+        details = {"removed": cand.removed, "ranks": cand.ranks, "size_mb": cand.size_mb, "band_ms": cand.band_ms}
         (folder / "trial.json").write_text(json.dumps({**params, **details, "latency_ms": cand.latency_ms,
                                                        "fidelity": cand.fidelity}, indent=2))
         return TrialOutcome(cand.latency_ms, cand.fidelity, str(folder), details)
 
-    space = PlanSpace(precisions, planner.can_prune and planner.family().problem is not None)
+    space = PlanSpace(precisions, bool(planner.can_prune and planner.family() is not None))
     summary = run_study(space, evaluate, out, request.search, progress, identity)
     summary["target"] = setup.target.profile.name
     summary["latency_source"] = "measured" if setup.target.measured else "predicted"

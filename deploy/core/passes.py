@@ -55,8 +55,10 @@ class State:
     module: torch.nn.Module
     inputs: list[InputSpec]
     target: TargetLike
+    original: torch.nn.Module | None = None  # the model before any pass: the teacher recovery distils from
     records: list[Record] = field(default_factory=list)
-    artifacts: dict[str, Path] = field(default_factory=dict)
+    artifacts: dict[str, Path] = field(default_factory=dict)  # files the passes wrote (export: model.onnx, ...)
+    attached: dict[str, Any] = field(default_factory=dict)  # what a pass hands the next (quantize: the Q/DQ plan)
 
     def record(self, source: str, kind: str, **data: Any) -> None:
         self.records.append(Record(source, kind, data))
@@ -83,6 +85,8 @@ class Context:
 
     calibration: CalibrationSet | None = None
     cache_dir: Path | None = None
+    out_dir: Path | None = None  # where an export pass writes
+    prebuilt: dict[str, Any] = field(default_factory=dict)  # what the plan search built, keyed "<pass>:<weights>"
     instruments: list[Instrument] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -109,7 +113,8 @@ class Pass(Protocol):
 PASSES: dict[str, type] = {}
 
 # The modules that define the built-in passes, imported on first use of the registry (explicit, no discovery).
-BUILTIN_PASS_MODULES = ("deploy.compress.prune.api", "deploy.compress.lowrank.api", "deploy.compress.quant.api")
+BUILTIN_PASS_MODULES = ("deploy.compress.prune.api", "deploy.compress.lowrank.api", "deploy.compress.recover",
+                        "deploy.compress.quant.api", "deploy.export.export_pass")
 
 
 def load_builtin_passes() -> dict[str, type]:

@@ -1,0 +1,38 @@
+"""The `recover` pass: distillation from the original model after the structural passes (deploy.compress.distill).
+
+It records the steps it ran and the step whose weights it kept, so that a plan replayed from deploy.toml runs
+exactly that many steps with the same seed and no time limit, and gets the same weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from deploy.compress.distill import DistillConfig, distill
+from deploy.core.errors import ConfigError
+from deploy.core.passes import Context, State, register_pass
+
+UNLIMITED_MINUTES = 1e6  # a replay is bound by its step count, never by the clock
+
+
+def replay_config(config: DistillConfig, kept_step: int) -> DistillConfig | None:
+    """The config that reproduces a run whose best weights were those of step `kept_step` (None: it kept the
+    weights it started from, so replaying it changes nothing)."""
+    if kept_step < 1:
+        return None
+    return dataclasses.replace(config, steps=kept_step, recover_minutes=UNLIMITED_MINUTES,
+                               patience=kept_step + 1)
+
+
+@register_pass("recover", DistillConfig, needs_calibration=True, invalidates=("sensitivity", "quantize"))
+class RecoverPass:
+    """Distils the compressed module towards the original (the state's `original`) on calibration data."""
+
+    def __init__(self, config: DistillConfig):
+        self.config = config
+
+    def run(self, state: State, ctx: Context) -> State:
+        if state.original is None:
+            raise ConfigError("the recover pass needs the original model to distil from", "run it through deploy")
+        result = distill(state.module, state.original, ctx.calibration, self.config)
+        state.record(self.name, "decision", **dataclasses.asdict(result))
+        return state
