@@ -88,7 +88,7 @@ def _matched_blocks(student: nn.Module, teacher: nn.Module, config: DistillConfi
                     example: tuple[torch.Tensor, ...]) -> list[str]:
     """Blocks present in both models whose outputs have the same shape (pruned widths can differ)."""
     names = list(config.blocks) or [n for n, m in teacher.named_children() if any(True for _ in m.parameters())]
-    names = [n for n in names if _has(student, n) and _has(teacher, n)]
+    names = [n for n in names if has_module(student, n) and has_module(teacher, n)]
     s_feat, t_feat = _Features(student, names), _Features(teacher, names)
     try:
         with torch.no_grad():
@@ -101,7 +101,8 @@ def _matched_blocks(student: nn.Module, teacher: nn.Module, config: DistillConfi
             and s_feat.values[n].shape == t_feat.values[n].shape]
 
 
-def _has(model: nn.Module, name: str) -> bool:
+def has_module(model: nn.Module, name: str) -> bool:
+    """`model` has a submodule at `name`."""
     try:
         model.get_submodule(name)
         return True
@@ -121,7 +122,7 @@ def _perturbation(student: nn.Module, teacher: nn.Module) -> torch.Tensor:
     """Relative distance of each low-rank product from the teacher weight it replaced."""
     terms = []
     for name, module in student.named_modules():
-        if not isinstance(module, (LowRankLinear, LowRankConv2d)) or not _has(teacher, name):
+        if not isinstance(module, (LowRankLinear, LowRankConv2d)) or not has_module(teacher, name):
             continue
         original = teacher.get_submodule(name)
         if isinstance(original, nn.Linear):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from deploy.compress.allocate import Option, Unit, allocate
-from deploy.compress.distill import DistillConfig, distill
+from deploy.compress.distill import DistillConfig, distill, has_module
 from deploy.core.metrics import first_tensor
 from deploy.compress.lowrank.factor import (FactorizeConfig, factorizable, factorize, input_covariance, layer_cost,
                                      max_useful_rank, replace_module, round_rank)
@@ -192,7 +192,7 @@ class LowRankPass:
     def run(self, state: State, ctx: Context) -> State:
         if self.config.ranks:  # a plan found before (deploy compress, deploy.toml): apply it as it is
             names = list(self.config.ranks)
-            unknown = [n for n in names if not _has_layer(state.module, n)]
+            unknown = [n for n in names if not has_module(state.module, n)]
             if unknown:
                 raise ConfigError(f"the low-rank plan names layers this model does not have ({', '.join(unknown[:3])})",
                                   "replay a plan with the model it was made for")
@@ -205,10 +205,3 @@ class LowRankPass:
         state.record(self.name, "decision", **report)
         return state
 
-
-def _has_layer(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-        return True
-    except AttributeError:
-        return False

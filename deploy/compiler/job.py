@@ -1,9 +1,11 @@
-"""`deploy compress` as one library call: load, plan under one budget, apply, recover, export, measure, report.
+"""`deploy compress` as one library call: load, plan under one budget, apply, measure, report.
 
-The plan is found in a closed loop on the real target (deploy.compiler.plan): pruning levels from the DP allocator
-and per-layer precisions from the quantization allocator, every candidate exported and measured in the target's
-runtime (or predicted, with its error band, for a device not at hand). The plan is then applied once (deploy.compiler.apply):
-prune, recover by distillation, quantize on the final weights, export, measure against the original.
+The plan is found in a closed loop on the real target (deploy.compiler.plan): pruning levels and low-rank factors
+from the DP allocator and per-layer precisions from the quantization allocator, every candidate exported and
+measured in the target's runtime (or predicted, with its error band, for a device not at hand). The plan becomes a
+list of pass configs (deploy.compiler.to_passes) applied once through run_pipeline (deploy.compiler.apply): prune,
+lowrank, recover by distillation, quantize on the final weights, export; then measured against the original.
+`--plan deploy.toml` replays such a list instead of searching.
 """
 from __future__ import annotations
 

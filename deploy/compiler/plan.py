@@ -12,7 +12,9 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
 3. else pruning: the level is found by regula falsi on the measured latency of the fastest precisions, then the
    precision allocator runs again on the pruned model (sensitivities measured on it, the dense model's prices
    rescaled to its layer sizes) to fill the budget; then one alternation: a step more pruning with more layers
-   back in float, kept if its exported model is more faithful on held-out data.
+   back in float, kept if its exported model is more faithful on held-out data;
+4. and, where pruning was needed, the low-rank family (per-layer ranks from the allocator for a share of the
+   factorizable MACs, in float) at the least factorization that fits; the more faithful exported model wins.
 
 A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early; the final model is measured once
 more against the original, interleaved. Fidelity floors bisect the same knobs on the exported model's held-out

@@ -1,16 +1,6 @@
-"""The export of a quantization plan as a Q/DQ ONNX file (plus OpenVINO IR), in the target runtime's policy
-(export.qdq.policy):
-
-- ort-cpu: uint8 asymmetric activations, int8 symmetric per-channel weights (U8S8); a Q on each int8 conv's
-  (post-ReLU) output so DQ->Conv->Q fuses into QLinearConv; int8 Linear without an output Q, which ONNX Runtime
-  runs as MatMulIntegerToFloat (float output, float bias add); int4 weight-only Linear as MatMulNBits.
-- openvino: the same Q/DQ without output Qs (OpenVINO's low-precision transformations turn them into quantized
-  convolutions / FullyConnected); symmetric weights, asymmetric activations; float layers in bf16 where the CPU
-  has it (the runner's precision hint).
-- tensorrt: symmetric int8 activations and weights (zero points 0), per-channel weights on the output-channel
-  axis, Q/DQ on op inputs only, and the residual Add's other input quantized so Conv+Add fuses; LayerNorm,
-  Softmax, GELU and residual Adds of transformers stay float (we only ever quantize the planned layers' inputs).
-"""
+"""The export of a quantization plan as a Q/DQ ONNX file (plus OpenVINO IR): the float model (BatchNorm folded, the
+plan's bias corrections applied) is exported, then Q/DQ pairs, integer weights and int32 biases are inserted where
+the target runtime's policy (export.qdq.policy) says its kernels fuse them."""
 from __future__ import annotations
 
 import tempfile
