@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["peers", "latency_prediction", "regress_validation", "pruning", "quantization", "lowrank", "pipeline"]
+ORDER = ["peers", "latency_prediction", "reference_fit", "regress_validation", "pruning", "quantization", "lowrank",
+         "pipeline"]
 
 HEADER = """# Benchmarks
 

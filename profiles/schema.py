@@ -24,6 +24,18 @@ CPU_ALIASES = {"cpu": ("cpu-avx512-vnni", "cpu-avx2"), "cpu-openvino": ("cpu-avx
 
 
 @dataclass(frozen=True)
+class PublishedFit:
+    """The roofline efficiency fitted on published batch-1 latencies of this device (written by
+    benchmarks/reference_fit.py), so a device nobody here can measure gets the band its published numbers support."""
+
+    efficiency: float  # share of peak: the roofline bound is divided by it
+    band: float  # ln of the 90% quantile of |leave-one-model-out error| ratios
+    points: int  # published latencies the fit used
+    architectures: int  # architecture families among them
+    source: str = ""  # where the published figures and their citations are
+
+
+@dataclass(frozen=True)
 class Profile:
     """One device. Peak ops are dense tera-operations per second per precision: for the whole device on GPUs and
     edge SoCs, per core on CPUs (kind = "cpu"), where the latency model scales them by the thread count."""
@@ -43,6 +55,7 @@ class Profile:
     cores: int = 0
     sparse_2_4: bool = False
     required_cpu_flags: tuple[str, ...] = ()
+    published_fit: PublishedFit | None = None  # absent: the default efficiency and the unverified band
     source: str = ""  # where the numbers came from; "builtin" or a path, set by the loader
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +70,8 @@ class Profile:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, PublishedFit):
+        return dataclasses.asdict(value)
     if isinstance(value, tuple):
         return list(value)
     if isinstance(value, dict):
@@ -80,6 +95,14 @@ _FIELD_TYPES: dict[str, tuple[type, str]] = {
     "cores": (int, "a non-negative integer"),
     "sparse_2_4": (bool, "true or false"),
     "required_cpu_flags": (list, "a list of CPU flag names"),
+    "published_fit": (dict, "a table: efficiency, band, points, architectures, source"),
+}
+_FIT_FIELDS: dict[str, tuple[type, str]] = {
+    "efficiency": (float, "a number in (0, 1]: the share of peak"),
+    "band": (float, "a positive number: ln of the error ratio"),
+    "points": (int, "a positive integer"),
+    "architectures": (int, "a positive integer"),
+    "source": (str, "a string"),
 }
 _CHOICES = {
     "kind": ("cpu", "gpu", "edge"),
@@ -98,7 +121,7 @@ def parse_profile(data: dict[str, Any], source: str) -> Profile:
             close = nearest(key, known)
             hint = f"did you mean '{close}'?" if close else f"known fields: {', '.join(sorted(known))}"
             raise ProfileError(f"{source}: unknown field '{key}'", hint)
-    optional = {"cores", "sparse_2_4", "required_cpu_flags"}
+    optional = {"cores", "sparse_2_4", "required_cpu_flags", "published_fit"}
     values: dict[str, Any] = {}
     for key, (typ, expected) in _FIELD_TYPES.items():
         if key not in data:
@@ -120,6 +143,8 @@ def parse_profile(data: dict[str, Any], source: str) -> Profile:
             value = tuple(value)
         if key == "required_cpu_flags":
             value = tuple(str(v) for v in value)
+        if key == "published_fit":
+            value = _published_fit(value, source)
         if key == "channel_multiple" and value < 1:
             raise ProfileError(f"{source}: field '{key}' must be {expected}, got {value!r}")
         if key in ("memory_bandwidth_gbs",) and value <= 0:
@@ -138,6 +163,31 @@ def parse_profile(data: dict[str, Any], source: str) -> Profile:
         raise ProfileError(f"{source}: field 'peak_tops' has no entry for precision '{missing_peak[0]}'",
                            "give every listed precision its peak")
     return Profile(**values, source=source)
+
+
+def _published_fit(data: dict[str, Any], source: str) -> PublishedFit:
+    values: dict[str, Any] = {}
+    for key in data:
+        if key not in _FIT_FIELDS:
+            raise ProfileError(f"{source}: unknown field 'published_fit.{key}'",
+                               f"known fields: {', '.join(_FIT_FIELDS)}")
+    for key, (typ, expected) in _FIT_FIELDS.items():
+        if key not in data:
+            if key == "source":
+                continue
+            raise ProfileError(f"{source}: missing field 'published_fit.{key}'", f"add it: {expected}")
+        value = data[key]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, typ) and not isinstance(value, bool)
+        if ok and key == "efficiency":
+            ok = 0 < value <= 1
+        elif ok and typ is not str:
+            ok = value > 0
+        if not ok:
+            raise ProfileError(f"{source}: field 'published_fit.{key}' must be {expected}, got {data[key]!r}")
+        values[key] = value
+    return PublishedFit(**values)
 
 
 def load_profile_file(path: str | Path) -> Profile:

@@ -4,7 +4,9 @@ Per executed node: the roofline bound max(2 * MACs / peak ops at its precision, 
 profile's per-op overhead. Where this device was measured (its layer tables fitted into a `Calibration`, see
 `latency.fit`), per-op-kind correction factors and an end-to-end step turn that into a prediction whose band comes
 from held-out residuals. Where it never was (Jetson, A100, H100, Raspberry Pi 5), the bound is divided by a default
-efficiency and the band is wide and labelled "not yet verified against hardware".
+efficiency and the band is wide and labelled "not yet verified against hardware", unless the profile carries a fit on
+published latencies of the device (`latency.published`): then its efficiency and its leave-one-model-out band apply,
+still unverified here.
 """
 from __future__ import annotations
 
@@ -76,6 +78,8 @@ def predict_nodes(nodes: Sequence[NodeRecord], profile: Profile, threads: int,
     from deploy.targets.latency.graph import precision_for
     from deploy.targets.latency.roofline import roofline
 
+    fit = profile.published_fit if calibration is None else None
+    efficiency = fit.efficiency if fit is not None else DEFAULT_EFFICIENCY
     priced = []
     for node in nodes:
         prec = precision_for(node.module, precision_map, node.precision) if precision_map is not None else None
@@ -83,7 +87,7 @@ def predict_nodes(nodes: Sequence[NodeRecord], profile: Profile, threads: int,
         if calibration is not None:
             ms = calibration.node_ms(node, profile, prec)
         else:
-            ms = max(roof.compute_ms, roof.memory_ms) / DEFAULT_EFFICIENCY + roof.overhead_ms
+            ms = max(roof.compute_ms, roof.memory_ms) / efficiency + roof.overhead_ms
         priced.append((node, roof, ms, prec or node.precision))
     node_total = sum(p[2] for p in priced)
     if calibration is not None:
@@ -91,6 +95,10 @@ def predict_nodes(nodes: Sequence[NodeRecord], profile: Profile, threads: int,
         band, verified = calibration.band_for(nodes), True
         label = (f"calibrated on this machine ({calibration.n_models} models); band {_pct(band)}: 90% of "
                  f"leave-one-model-out errors")
+    elif fit is not None:
+        from deploy.targets.latency.published import fit_label
+
+        total, band, verified, label = node_total, fit.band, False, fit_label(fit)
     else:
         total, band, verified = node_total, UNVERIFIED_BAND, False
         label = f"{UNVERIFIED}: roofline at {DEFAULT_EFFICIENCY:.0%} of peak, band x/÷ {math.exp(band):.0f}"
