@@ -74,9 +74,9 @@ class Exported:
         return get_runner("onnxruntime", THREADS).prepare(path, make_feeds(self.timing_specs))
 
     def latency(self, base_run: Any, path: Path) -> dict[str, Any]:
-        from deploy.targets.measure.loop import measure_interleaved
+        from deploy.targets.measure.paired import measure_blocks, reuse
 
-        _, var, cmp = measure_interleaved(base_run, self.runner(path), self.config)
+        _, var, cmp = measure_blocks(reuse(base_run), reuse(self.runner(path)), self.config)
         return {"p50_ms": var.summary["p50"], "base_p50_ms": cmp.median_a, "ratio": cmp.ratio,
                 "ratio_ci": [cmp.ci_low, cmp.ci_high], "n": var.summary["n"]}
 

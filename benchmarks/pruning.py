@@ -62,9 +62,9 @@ class LatencyBench:
         return {"p50_ms": summary["p50"], "ci_ms": summary["median_ci"], "cov": summary["cov"], "n": summary["n"]}
 
     def against_base(self, module: Any) -> dict[str, Any]:
-        from deploy.targets.measure.loop import measure_interleaved
+        from deploy.targets.measure.paired import measure_blocks, reuse
 
-        _, pruned, comparison = measure_interleaved(self.base_run, self._prepare(module, "variant"), self.config)
+        _, pruned, comparison = measure_blocks(reuse(self.base_run), reuse(self._prepare(module, "variant")), self.config)
         return {"p50_ms": pruned.summary["p50"], "base_p50_ms": comparison.median_a, "ratio": comparison.ratio,
                 "ratio_ci": [comparison.ci_low, comparison.ci_high], "n": pruned.summary["n"]}
 

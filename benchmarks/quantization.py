@@ -1,11 +1,12 @@
 """Mixed-precision quantization benchmark: fp32 vs ONNX Runtime's quantize_static (all ops; U8S8 and S8S8) vs our
-searched mixed plan, on the bundled digits CNN (real held-out accuracy) and the pretrained all-MiniLM-L6-v2 on
+allocator's mixed plan, on the bundled digits CNN (real held-out accuracy) and the pretrained all-MiniLM-L6-v2 on
 English docstrings. Latency: ONNX Runtime, batch 1, the same run, each model timed A/B against fp32 (ratios).
 Fidelity: every model run by ONNX Runtime on the same held-out samples.
 
     .venv/bin/python benchmarks/quantization.py [--quick] [--models digits,minilm] [--threads 1]
 
-Writes benchmarks/results/quantization.json (raw) and quantization.md (generated from it).
+Writes benchmarks/results/quantization.json (raw) and quantization.md (generated from it, with the record of the
+searcher comparison in quantization_searchers.json).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results"
+SEARCHERS = RESULTS / "quantization_searchers.json"  # the comparison that left one searcher (the allocator)
 SEQ = 128
 ORT = ("onnxruntime", None)
 
@@ -131,7 +133,7 @@ def timed(paths: dict[str, Path], case: dict[str, Any], threads: int, seconds: f
     `runtimes` names the (runtime, precision hint) of rows not run by ONNX Runtime."""
     from deploy.core.spec import InputSpec
     from deploy.targets.measure.feeds import make_feeds
-    from deploy.targets.measure.loop import measure_interleaved
+    from deploy.targets.measure.paired import measure_blocks, reuse
     from deploy.targets.runners.registry import get_runner
 
     feeds = make_feeds([InputSpec(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]])
@@ -143,7 +145,7 @@ def timed(paths: dict[str, Path], case: dict[str, Any], threads: int, seconds: f
         if name == "fp32":
             continue
         runtime, precision = runtimes.get(name, ORT)
-        a, b, cmp = measure_interleaved(base, get_runner(runtime, threads, precision).prepare(path, feeds), config)
+        a, b, cmp = measure_blocks(reuse(base), reuse(get_runner(runtime, threads, precision).prepare(path, feeds)), config)
         out[name] = {"fp32_ms": cmp.median_a, "ms": cmp.median_b, "ratio": cmp.ratio,
                      "ratio_ci": [cmp.ci_low, cmp.ci_high], "p_value": cmp.p_value,
                      "cov": [a.summary.get("cov"), b.summary.get("cov")], "samples": [cmp.n_a, cmp.n_b]}
@@ -162,12 +164,12 @@ def head_to_head(a: Path, b: Path, case: dict[str, Any], threads: int, seconds: 
     """b against a, both on OpenVINO, interleaved: the ratio of medians with its CI (ours vs NNCF)."""
     from deploy.core.spec import InputSpec
     from deploy.targets.measure.feeds import make_feeds
-    from deploy.targets.measure.loop import measure_interleaved
+    from deploy.targets.measure.paired import measure_blocks, reuse
     from deploy.targets.runners.registry import get_runner
 
     feeds = make_feeds([InputSpec(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]])
     runner = get_runner("openvino", threads, precision)
-    _, _, cmp = measure_interleaved(runner.prepare(a, feeds), runner.prepare(b, feeds), timing_config(seconds))
+    _, _, cmp = measure_blocks(reuse(runner.prepare(a, feeds)), reuse(runner.prepare(b, feeds)), timing_config(seconds))
     return {"a_ms": cmp.median_a, "b_ms": cmp.median_b, "ratio": cmp.ratio, "ratio_ci": [cmp.ci_low, cmp.ci_high]}
 
 
@@ -206,7 +208,6 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
     import dataclasses
 
     from deploy.compress.quant.prepare import CalibrationConfig
-    from deploy.compress.quant.search import SearchConfig
     from deploy.compress.quant.space import SpaceConfig
     from deploy.compress.quant.api import QuantizeConfig, build_problem, solve_budget
     from deploy.core.errors import BudgetInfeasibleError
@@ -223,8 +224,7 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
         price_seconds=(0.6 if bert else 0.3) if quick else 0.8,
         calibration=CalibrationConfig(batches=4, batch_size=(4 if quick else 8) if bert else 32,
                                       probe_samples=8 if bert else 16, smoothquant=case.get("smoothquant", False)),
-        sensitivity_batches=1, noise_draws=1 if bert else 2,
-        search=SearchConfig(trials=40 if quick else 80, predictor_samples=16 if quick else 24, finalists=2))
+        sensitivity_batches=1, noise_draws=1 if bert else 2)
     problem = build_problem(case["module"], case["inputs"], case["calibration"], profile, config)
     log(f"  problem built in {time.perf_counter() - started:.0f} s {problem.seconds}")
     static = [type(s)(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]]
@@ -237,7 +237,7 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
         while budgets:
             key, cfg = budgets.pop(0)
             try:
-                quantized, report = solve_budget(problem, case["calibration"], case["inputs"], profile, cfg)
+                quantized, report = solve_budget(problem, case["calibration"], cfg)
             except BudgetInfeasibleError as exc:
                 infeasible[key] = exc.one_line()
                 log(f"  {key}: {exc.one_line()}")
@@ -248,8 +248,6 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
             paths[key] = quantized.export(static, tmp / f"ours{len(paths)}.onnx").onnx
             reports[key] = _slim(report)
             log(f"  {key}: {report['counts']} {report['seconds']}")
-            alloc_key = key.replace("ours@", "allocator@")
-            paths[alloc_key], reports[alloc_key] = allocator_row(problem, cfg, static, tmp / f"{alloc_key}.onnx")
         paths["ort_static_u8s8"] = ort_static(fp32, tmp / "u8s8.onnx", case, signed_acts=False)
         paths["ort_static_s8s8"] = ort_static(fp32, tmp / "s8s8.onnx", case, signed_acts=True)
         if bert:
@@ -279,26 +277,6 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
             "wall_seconds": time.perf_counter() - started, "problem_seconds": problem.seconds, "rows": rows,
             "quantize_reports": reports, "infeasible": infeasible, "threads": threads, "nncf_comparison": comparison,
             "ov_problem_seconds": ov["problem_seconds"]}
-
-
-def allocator_row(problem: Any, config: Any, static: list, path: Path) -> tuple[Path, dict[str, Any]]:
-    """The other searcher, for the comparison that decides which one stays: the allocator's DP plan alone (what
-    `deploy compress` steers onto measured latency), for the same estimated budget as the searched plan."""
-    import time as _time
-
-    from deploy.compress.families import export_labelled
-    from deploy.compress.quant.search import allocator_plan
-
-    started = _time.perf_counter()
-    sp = problem.space
-    budget_ms = config.budget_ms or config.budget * sp.latency(sp.float_labels())
-    labels, _, how = allocator_plan(sp, budget_ms)
-    plan = export_labelled(problem.prep, problem.prep.folded, static, labels, path)
-    counts: dict[str, int] = {}
-    for lp in plan.layers.values():
-        counts[lp.option.label] = counts.get(lp.option.label, 0) + 1
-    return path, {"counts": counts, "how": how, "estimated_ms": sp.latency(labels),
-                  "seconds": {"search": round(_time.perf_counter() - started, 2)}}
 
 
 # --- OpenVINO: NNCF against ours at equal latency and equal fidelity ------------------------------------------------
@@ -354,7 +332,7 @@ def openvino_part(case: dict[str, Any], config: Any, static: list, fp32: Path, t
         key = "ours_ov@nncf_latency" if i == 0 else f"ours_ov@{factor:.2f}x_nncf_latency"
         cfg = dataclasses.replace(config, budget=min(2.0, budget * factor))
         try:
-            quantized, report = solve_budget(problem, case["calibration"], case["inputs"], profile, cfg)
+            quantized, report = solve_budget(problem, case["calibration"], cfg)
         except BudgetInfeasibleError as exc:
             infeasible[key] = exc.one_line()
             log(f"  {key}: {exc.one_line()}")
@@ -362,7 +340,7 @@ def openvino_part(case: dict[str, Any], config: Any, static: list, fp32: Path, t
                 continue
             # NNCF's ratio is below what our estimate allows: take the tightest estimated-feasible budget
             cfg = dataclasses.replace(config, budget_ms=exc.least_achievable * 1.01)
-            quantized, report = solve_budget(problem, case["calibration"], case["inputs"], profile, cfg)
+            quantized, report = solve_budget(problem, case["calibration"], cfg)
             infeasible[key] += " Solved at the tightest estimated-feasible budget instead."
         paths[key] = quantized.export(static, tmp / f"{key.replace('@', '_')}.onnx").openvino_xml
         reports[key] = _slim(report)
@@ -410,14 +388,10 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _slim(report: dict[str, Any]) -> dict[str, Any]:
-    """The quantize report without the bulky per-tensor calibration and candidate lists."""
+    """The quantize report without the bulky per-tensor calibration."""
     keep = ("policy", "cost_model", "budget_ms", "labels", "counts", "sensitivity", "price_table", "chosen",
-            "finalists", "additivity", "notes", "seconds")
+            "allocation", "additivity", "notes", "seconds")
     out = {k: report[k] for k in keep}
-    search = report["search"]
-    out["search"] = {"allocation": search["allocation"], "predictor": search["predictor"], "trials": search["trials"],
-                     "allocator": search["allocator"], "refined": search["refined"],
-                     "measured_candidates": len(search["measured"])}
     out["calibration_methods"] = {}
     for info in report["calibration"].values():
         out["calibration_methods"][info["method"]] = out["calibration_methods"].get(info["method"], 0) + 1
@@ -428,7 +402,7 @@ def _slim(report: dict[str, Any]) -> dict[str, Any]:
 
 LABELS = {"fp32": "fp32", "ov_fp32": "OpenVINO float", "nncf_int8": "NNCF int8 (OpenVINO)",
           "ours_ov_int8": "ours: pure int8, openvino policy", "ours_ov@nncf_latency": "ours: mixed, budget = NNCF's latency",
-          "ours": "ours: searched mixed plan", "ort_static_u8s8": "ORT quantize_static, all ops, U8S8",
+          "ours": "ours: allocator's mixed plan", "ort_static_u8s8": "ORT quantize_static, all ops, U8S8",
           "ort_static_s8s8": "ORT quantize_static, all ops, S8S8", "ort_dynamic": "ORT quantize_dynamic (int8)"}
 
 
@@ -436,9 +410,9 @@ def markdown(results: dict[str, Any]) -> str:
     machine = results["machine"]
     lines = ["## Quantization", "",
              "Mixed precision from an elastic space (int8 per-channel/per-tensor W8A8, int4 weight-only "
-             "MatMulNBits, fp32), QuantNAS noise sensitivities, the knapsack allocator under a latency budget, "
-             "then an optuna NSGA-II refinement scored by a ridge accuracy predictor (EQ-Net's CQAP idea); "
-             "the allocator's plan and the best refined ones exported as Q/DQ and measured for real. Two targets: "
+             "MatMulNBits, fp32), QuantNAS noise sensitivities, the knapsack allocator under a latency budget "
+             "(estimated from prices measured on the runtime); its plan exported as Q/DQ and measured for real. "
+             "Two targets: "
              "`cpu-avx512-vnni` (ONNX Runtime, ort-cpu policy) and `cpu-avx512-vnni-openvino` (OpenVINO, openvino "
              "policy: int8 FullyConnected/Convolution plus int8 attention MatMuls, float layers in bf16 where the "
              "CPU has it), each priced and measured on its own runtime. Peers: ORT quantize_static / "
@@ -462,6 +436,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"wall time {results['wall_seconds']:.0f} s", ""]
     for name, case in results["models"].items():
         lines += _case_md(name, case)
+    lines += _searchers_record_md()
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -470,7 +445,7 @@ def _case_md(name: str, case: dict[str, Any]) -> list[str]:
     budgets = ", ".join(f"{b:.0%}" for b in case["budgets"])
     out = [f"### {case['title']}", "", f"Command: `{case.get('command', '')}`, {case.get('date', '')}.", "",
            f"Data: {case['data']}. Our budgets: {budgets} of the fp32 latency (as "
-           "estimated by the cost model; the final pick is checked against the measured ratio). Wall time "
+           "estimated by the cost model; the rows below are measured). Wall time "
            f"{case['wall_seconds']:.0f} s (shared work: {_phases(case['problem_seconds'])}).", "",
            f"| model | runtime | median ms | ratio vs ORT fp32 (95% CI) | {' | '.join(task_cols)} | SQNR dB "
            "| low-precision kernels |",
@@ -486,12 +461,10 @@ def _case_md(name: str, case: dict[str, Any]) -> list[str]:
                         if k in ("QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm",
                                  "MatMulNBits", "DynamicQuantizeMatMul", "QLinearAdd")
                         or k.endswith((" i8", " u8"))) or "none"
-        if key.startswith("allocator@"):
-            label = f"ours: the allocator's DP plan alone, budget {key.split('@')[1]}"
-        elif key.startswith("ours_ov@") and key not in LABELS:
+        if key.startswith("ours_ov@") and key not in LABELS:
             label = f"ours: mixed, budget = {key.split('@')[1].split('x_')[0]} x NNCF's latency"
         else:
-            label = LABELS.get(key, f"ours: searched mixed plan, budget {key.split('@')[1]}" if "@" in key else key)
+            label = LABELS.get(key, f"ours: allocator's mixed plan, budget {key.split('@')[1]}" if "@" in key else key)
         label = label.replace("budget fastest", "the tightest estimated-feasible budget")
         runtime = row.get("runtime", ["onnxruntime", None])
         where = "ORT" if runtime[0] == "onnxruntime" else f"OpenVINO ({runtime[1] or 'f32'} float)"
@@ -500,27 +473,47 @@ def _case_md(name: str, case: dict[str, Any]) -> list[str]:
         out += _nncf_md(case["nncf_comparison"], case["rows"], task_cols[0])
     for key, why in case["infeasible"].items():
         out += ["", f"{key}: infeasible here: {why}"]
-    out += _searchers_md(case["rows"], task_cols[0])
     for key, rep in case["quantize_reports"].items():
-        if not key.startswith("allocator@"):
-            out += _search_md(key, rep)
+        out += _search_md(key, rep)
     return out + [""]
 
 
-def _searchers_md(rows: dict[str, Any], metric: str) -> list[str]:
-    """The two quantization searchers at the same estimated budget: the NSGA-II search with its predictor and
-    measured finalists (`solve_budget`), and the allocator's DP plan alone (what `deploy compress` steers)."""
-    pairs = [(k, k.replace("ours@", "allocator@")) for k in rows if k.startswith("ours@")]
-    pairs = [(a, b) for a, b in pairs if b in rows and "ratio" in rows[a] and "ratio" in rows[b]]
-    if not pairs:
+def _searchers_record_md() -> list[str]:
+    """The comparison that left one quantization searcher, from its saved record: the rows it was measured on
+    are no longer produced, so the record outlives reruns of this benchmark."""
+    if not SEARCHERS.exists():
         return []
-    out = ["", "Searchers at the same estimated budget (measured ratio vs ORT fp32; held-out "
-           f"{metric}; SQNR dB):", "", "| budget | NSGA-II + predictor + finalists | allocator alone |", "|---|---|---|"]
-    for a, b in pairs:
-        cell = lambda k: (f"{rows[k]['ratio']:.3f}, {rows[k]['fidelity'][metric]:.4f}, "  # noqa: E731
-                          f"{float(rows[k]['fidelity']['sqnr_db']):.1f}")
-        out.append(f"| {a.split('@')[1]} | {cell(a)} | {cell(b)} |")
-    return out
+    rec = json.loads(SEARCHERS.read_text())
+    machine = rec["machine"]
+    out = ["### One quantization searcher", "",
+           f"{rec['decision']} Decided {rec['decided']}, from `{rec['command']}` ({rec['date']}; "
+           f"{machine.get('cpu', '?')}, {machine.get('usable_cores', '?')} usable cores, {rec['threads']} thread(s)).",
+           "", "ONNX Runtime, the same estimated budget (measured ratio vs ORT fp32, 95% CI):", "",
+           "| model | budget | searcher | measured ratio | held-out metric | SQNR dB | seconds "
+           "| refinement beat the allocator |",
+           "|---|---|---|---|---|---|---|---|"]
+    for e in rec["onnxruntime"]:
+        for side, name in (("searched", "NSGA-II + predictor + finalists"), ("allocator", "allocator alone")):
+            r = e[side]
+            beat = ("yes" if e["refinement_beat_allocator"] else "no") if side == "searched" else ""
+            out.append(f"| {e['model']} | {e['budget']} | {name} | {_ci(r['ratio_vs_fp32'], r['ratio_ci'])} | "
+                       f"{e['metric']} {r['value']:.4f} | {_num(r['sqnr_db'], '.1f')} | {r['seconds']:.1f} | {beat} |")
+    out += ["", "OpenVINO, the finalists of NSGA-II + predictor (measured ratio vs OpenVINO float, 95% CI):", "",
+            "| model | budget (ratio) | plan | measured ratio | held-out metric | SQNR dB |",
+            "|---|---|---|---|---|---|"]
+    for e in rec["openvino_finalists"]:
+        picked = [("allocator", e["allocator"])]
+        if e["refinement_beat_allocator"]:
+            picked.append((f"{e['chosen_origin']} (picked)", e["chosen"]))
+        for name, r in picked:
+            out.append(f"| {e['model']} | {e['budget']} ({e['budget_ratio_vs_float']:.3f}) | {name} | "
+                       f"{_ci(r['ratio_vs_float'], r['ratio_ci'])} | {e['metric']} {r['value']:.5f} | "
+                       f"{_num(r['sqnr_db'], '.1f')} |")
+    return out + [""]
+
+
+def _ci(ratio: float, ci: list[float]) -> str:
+    return f"{ratio:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"
 
 
 def _nncf_md(cmp: dict[str, Any], rows: dict[str, Any], metric: str) -> list[str]:
@@ -554,26 +547,12 @@ def _phases(seconds: dict[str, float]) -> str:
 
 
 def _search_md(key: str, rep: dict[str, Any]) -> list[str]:
-    pred, fin, alloc = rep["search"]["predictor"], rep["finalists"], rep["search"]["allocation"]
-    out = ["", f"**{key}** (budget {rep['budget_ms']:.3f} ms by the `{rep['cost_model']}` cost model): chosen "
-           f"{_counts(rep['counts'])}, from the {fin['chosen_origin']}"
-           f"{'' if fin['within_budget'] else ' (no finalist met the budget as measured: the fastest was taken)'}. "
-           f"Allocator: {alloc['how']}, estimated "
-           f"{alloc['estimated_ms']:.3f} ms. Calibration methods per tensor: {rep['calibration_methods']}. "
-           f"Accuracy predictor (ridge, {pred.get('train')} train / {pred.get('test')} held-out candidates): "
-           f"Spearman {_num(pred.get('spearman_test'))} on the held-out candidates (plain additive sum of "
-           f"sensitivities: {_num(pred.get('spearman_additive_test'))}). Refinement beat the allocator: "
-           f"**{'yes' if fin['refinement_beat_allocator'] else 'no'}** (by {fin['compared_by']}). "
-           f"Additivity of the chosen plan: predicted {rep['additivity']['predicted']:.3g}, simulated "
-           f"{rep['additivity']['simulated']:.3g}. Time: "
-           f"{_phases({k: v for k, v in rep['seconds'].items() if k in ('search', 'finalists')})}.",
-           "", "| finalist | estimated ms | measured ratio | sim held-out MSE | runtime held-out MSE | plan honoured |",
-           "|---|---|---|---|---|---|"]
-    for row in fin["rows"]:
-        honoured = "yes" if not row.get("precision_mismatches") else f"no ({len(row['precision_mismatches'])})"
-        out.append(f"| {row['origin']} | {row['estimated_ms']:.3f} | {_num(row.get('ratio'))} | "
-                   f"{row['sim_heldout_mse']:.3g} | {_num(row.get('runtime_mse'), '.3g')} | {honoured} |")
-    return out
+    alloc = rep["allocation"]
+    return ["", f"**{key}** (budget {rep['budget_ms']:.3f} ms by the `{rep['cost_model']}` cost model): "
+            f"{_counts(rep['counts'])}; allocator: {alloc['how']}, estimated {alloc['estimated_ms']:.3f} ms. "
+            f"Calibration methods per tensor: {rep['calibration_methods']}. Additivity of the plan: predicted "
+            f"{rep['additivity']['predicted']:.3g}, simulated {rep['additivity']['simulated']:.3g}. Time: "
+            f"{_phases({k: v for k, v in rep['seconds'].items() if k == 'search'})}."]
 
 
 def _num(value: Any, fmt: str = ".3f") -> str:
@@ -595,7 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON results")
     args = parser.parse_args(argv)
     if args.render_only:
-        (RESULTS / "quantization.md").write_text(markdown(json.loads((RESULTS / "quantization.json").read_text())))
+        results = json.loads((RESULTS / "quantization.json").read_text())
+        stale = [name for name, case in results["models"].items() if _predates_one_searcher(case)]
+        if stale:
+            print(f"results for {', '.join(stale)} predate the single searcher: rerun them", file=sys.stderr)
+            return 2
+        (RESULTS / "quantization.md").write_text(markdown(results))
         return 0
     torch.set_num_threads(2)
     import logging
@@ -611,7 +595,10 @@ def main(argv: list[str] | None = None) -> int:
                                "threads": args.threads, "quick": args.quick, "models": {}}
     previous = RESULTS / "quantization.json"
     if previous.exists() and args.models != "digits,minilm":  # a partial run keeps the other models' results
-        results["models"] = json.loads(previous.read_text()).get("models", {})
+        kept = json.loads(previous.read_text()).get("models", {})
+        results["models"] = {k: v for k, v in kept.items() if not _predates_one_searcher(v)}
+        for name in sorted(set(kept) - set(results["models"])):
+            print(f"dropped the saved {name} results: they predate the single searcher", flush=True)
     builders = {"digits": digits_case, "minilm": minilm_case}
     for name in args.models.split(","):
         print(f"{name} ...", flush=True)
@@ -624,6 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "quantization.md").write_text(text)
     print(text)
     return 0
+
+
+def _predates_one_searcher(case: dict[str, Any]) -> bool:
+    """Saved rows from the NSGA-II searcher (removed): their `ours` plans were not all the allocator's."""
+    return any("allocation" not in rep for rep in case.get("quantize_reports", {}).values())
 
 
 def _now() -> str:

@@ -79,14 +79,14 @@ def _versions() -> dict[str, str]:
 def _measure(base_run: Any, path: Path, runtime: str, precision: str | None, case: Any, config: Any,
              threads: int) -> dict[str, Any]:
     """Time the artifact interleaved against the ORT fp32 baseline; score it when the case has held-out data."""
-    from deploy.targets.measure.loop import measure_interleaved
+    from deploy.targets.measure.paired import measure_blocks, reuse
     from deploy.targets.runners.registry import get_runner
     from peer_eval import score
     from peers import artifact_bytes
 
     runner = get_runner(runtime, threads, precision)
     run = runner.prepare(path, case.timing_feeds)
-    base, row, comparison = measure_interleaved(base_run, run, config)
+    base, row, comparison = measure_blocks(reuse(base_run), reuse(run), config)
     return {
         "status": "ok",
         "runtime_info": runner.describe(),

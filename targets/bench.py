@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from deploy.core.errors import UserInputError
-from deploy.targets.measure.loop import MeasureConfig, Measurement, ProgressFn, measure, measure_interleaved
+from deploy.targets.measure.loop import MeasureConfig, Measurement, ProgressFn, measure
+from deploy.targets.measure.clock import check_clock, timed
+from deploy.targets.measure.paired import measure_blocks
 from deploy.targets.measure.stats import Comparison
 from deploy.targets.target import Target
 
@@ -35,6 +37,7 @@ class BenchRequest:
     precision: str | None = None
     runner: str | None = None  # ssh://user@host[:port]: measure on that device instead (see targets.runners.remote)
     trust_pickle: bool = False  # the torch runtime may unpickle a model file (runs code from it)
+    clock: str = "wall"  # wall | cpu (thread CPU time of one inference thread; see measure.clock)
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,12 @@ class BenchResult:
 def bench(model_path: str | Path, *, target: str | None = None, profile_path: str | Path | None = None,
           runtime: str | None = None, threads: int | None = None, input_shapes: Sequence[str] = (),
           config: MeasureConfig | None = None, compare: str | Path | None = None, precision: str | None = None,
-          progress: bool | ProgressFn = False, runner: str | None = None) -> dict[str, Any]:
+          progress: bool | ProgressFn = False, runner: str | None = None, clock: str = "wall") -> dict[str, Any]:
     """Measure a model's latency on this machine for a target; returns the JSON-ready result (see measure.py)."""
     request = BenchRequest(
         model_path=Path(model_path), target=target, profile_path=Path(profile_path) if profile_path else None,
         runtime=runtime, threads=threads, input_shapes=tuple(input_shapes), measure=config or MeasureConfig(),
-        compare=Path(compare) if compare else None, precision=precision, runner=runner,
+        compare=Path(compare) if compare else None, precision=precision, runner=runner, clock=clock,
     )
     if progress is True:
         from deploy.targets.measure.progress import progress_bar
@@ -86,22 +89,27 @@ def run_bench(request: BenchRequest, progress: ProgressFn | None = None) -> Benc
     if request.runner:  # the device is elsewhere: none of this machine's checks apply
         return _remote_bench(request, target, progress)
     target.require_measurable()
+    check_clock(request.clock, target.threads)
     model, model_info, feeds = load_for_bench(request.model_path, target.runtime, request.input_shapes,
                                               request.trust_pickle)
     runner = target.runner(request.precision)
-    run_a = runner.prepare(model, feeds)
     context = {"target": target.name, "fingerprint": fingerprint(target.threads, target.name)}
     if request.compare is None:
-        result = measure(run_a, request.measure, progress)
-        return BenchResult(_with(result, model_info, runner.describe(), context), note=target.note)
+        result = measure(timed(runner.prepare(model, feeds), request.clock), request.measure, progress)
+        return BenchResult(_with(result, model_info, _described(runner, request.clock), context), note=target.note)
     other, other_info, other_feeds = load_for_bench(request.compare, target.runtime, request.input_shapes,
                                                     request.trust_pickle)
     _check_same_inputs(model_info, other_info)
     runner_b = target.runner(request.precision)
-    run_b = runner_b.prepare(other, other_feeds)
-    a, b, comparison = measure_interleaved(run_a, run_b, request.measure, progress)
-    return BenchResult(_with(a, model_info, runner.describe(), context),
-                       _with(b, other_info, runner_b.describe(), context), comparison, target.note)
+    a, b, comparison = measure_blocks(lambda: timed(runner.prepare(model, feeds), request.clock),
+                                      lambda: timed(runner_b.prepare(other, other_feeds), request.clock),
+                                      request.measure, progress)
+    return BenchResult(_with(a, model_info, _described(runner, request.clock), context),
+                       _with(b, other_info, _described(runner_b, request.clock), context), comparison, target.note)
+
+
+def _described(runner: Any, clock: str) -> dict[str, Any]:
+    return {**runner.describe(), "clock": clock}
 
 
 def _remote_bench(request: BenchRequest, target: Target, progress: ProgressFn | None) -> BenchResult:
@@ -111,6 +119,9 @@ def _remote_bench(request: BenchRequest, target: Target, progress: ProgressFn | 
     from deploy.targets.runners.remote import measure_remote, remote_config_for
     from deploy.targets.runners.ssh import parse_ssh_url
 
+    if request.clock != "wall":
+        raise UserInputError("--clock cpu times inferences on this machine, not on a remote device",
+                             "drop --clock with --runner ssh://")
     if request.compare is not None:
         raise UserInputError("--compare is not supported with --runner ssh://",
                              "measure each model remotely with --json and compare the files with `deploy regress`")

@@ -107,10 +107,35 @@ def test_tensorrt_runtime_without_tensorrt_exits_2(model):
 def test_library_bench_compare_returns_the_comparison(model):
     data = bench(model, target="cpu", config=MeasureConfig.quick(), compare=model, input_shapes=["x:2x32"],
                  threads=1)
-    assert data["schema"] == "deploy.comparison" and set(data["a"]) == SCHEMA_KEYS
+    assert data["schema"] == "deploy.comparison" and set(data["a"]) == SCHEMA_KEYS | {"structure"}
     assert data["a"]["lock"] == data["b"]["lock"]
     c = data["comparison"]
     assert c["ci_low"] <= c["ratio"] <= c["ci_high"] and 0 <= c["p_value"] <= 1
+
+
+def test_bench_compare_runs_in_blocks_and_keeps_their_structure(model):
+    """Blocks with fresh sessions, the order alternated, a >= 1 ms sample from an inner loop: all in the JSON."""
+    result = run_cli("bench", model, "--compare", model, "--target", "cpu", "--threads", "1", "--blocks", "3",
+                     "--min-seconds", "0.3", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    c, structure = data["comparison"], data["b"]["structure"]
+    assert c["method"] == "blocks" and len(c["block_ratios"]) == 3
+    assert [b["first"] for b in structure["blocks"]] == ["a", "b", "a"]
+    p50 = data["a"]["summary"]["p50"]
+    assert all(b["inner_loop"] * p50 >= 0.5 for b in structure["blocks"])  # a sample covers about 1 ms
+    assert sum(b["n"] for b in structure["blocks"]) == len(data["b"]["samples_ms"])
+    assert c["ci_low"] <= c["ratio"] <= c["ci_high"]
+
+
+def test_cpu_clock_needs_one_thread_and_is_recorded(model):
+    refused = run_cli("bench", model, "--compare", model, "--target", "cpu", "--threads", "2", "--clock", "cpu")
+    assert refused.returncode == 2 and "threads=1" in _one_line_error(refused)
+    result = run_cli("bench", model, "--compare", model, "--target", "cpu", "--threads", "1", "--clock", "cpu",
+                     "--quick", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["a"]["runtime"]["clock"] == "cpu" and min(data["a"]["samples_ms"]) > 0
 
 
 def test_library_bench_refuses_bad_input_shape_and_trt_target(model, tmp_path):

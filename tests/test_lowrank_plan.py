@@ -33,7 +33,7 @@ def _setup(tmp_path) -> tuple[CompressRequest, Setup]:
     gen = torch.Generator().manual_seed(1)
     calibration = from_tensors([(torch.randn(1, TOKENS, WIDTH, generator=gen),) for _ in range(48)])
     loaded = from_module(model, [spec])
-    request = CompressRequest(precisions=("fp32",), budget=Budget("speedup", 2.0), measure_seconds=0.3,
+    request = CompressRequest(precisions=("fp32",), lowrank=True, budget=Budget("speedup", 2.0), measure_seconds=0.3,
                               recover_steps=0, out=str(tmp_path / "out"))
     setup = Setup(loaded, calibration, resolve("cpu", threads=1), tmp_path / "work",
                   [InputSpec("x", (1, TOKENS, WIDTH))])

@@ -17,7 +17,8 @@ import torch
 from deploy.core.errors import ConfigError, UserInputError
 from deploy.targets.measure import stats
 from deploy.targets.measure.lock import LOCK_ENV, measurement_lock
-from deploy.targets.measure.loop import MeasureConfig, Measurement, measure, measure_interleaved
+from deploy.targets.measure.loop import MeasureConfig, Measurement, measure
+from deploy.targets.measure.paired import measure_blocks, reuse
 from deploy.targets.runners.registry import DeviceTimed
 
 
@@ -243,7 +244,7 @@ def test_a_a_comparison_contains_one(mlps):
     run_a, run_b = _ort(mlps["small"]), _ort(mlps["small"])
 
     def once():
-        a, b, c = measure_interleaved(run_a, run_b, MeasureConfig.quick(min_samples=200))
+        a, b, c = measure_blocks(reuse(run_a), reuse(run_b), MeasureConfig.quick(min_samples=200))
         assert a.summary["n"] == b.summary["n"] >= 200 and a.lock == b.lock
         # the same model against itself: the ratio CI holds 1.0 (a 3% tolerance absorbs a noisy shared host)
         return c.ci_low <= 1.03 and c.ci_high >= 0.97 and 0.9 < c.ratio < 1.1, c
@@ -255,7 +256,7 @@ def test_heavier_model_is_measurably_slower(mlps):
     run_a, run_b = _ort(mlps["small"]), _ort(mlps["large"])
 
     def once():
-        _, _, c = measure_interleaved(run_a, run_b, MeasureConfig.quick(min_samples=100))
+        _, _, c = measure_blocks(reuse(run_a), reuse(run_b), MeasureConfig.quick(min_samples=100))
         return c.ci_low > 1.5 and c.excludes_one and c.p_value < 0.01, c
 
     c = _attempts(3, once)

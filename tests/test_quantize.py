@@ -1,5 +1,5 @@
 """Mixed-precision quantization: the elastic space, simulation against ONNX Runtime, calibration, sensitivity,
-the allocator under a latency budget, the accuracy predictor, and the pass config round trip."""
+the allocator under a latency budget, the API that applies its plan, and the pass config round trip."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,13 +19,12 @@ from deploy.compress.quant.calib import TensorStats, candidate_params, choose_pa
 from deploy.compress.quant.cost import Boundaries, PriceTable
 from deploy.export.qdq.graph import LayerGraph, LayerNode
 from deploy.export.qdq.plan import QuantPlan
-from deploy.compress.quant.predictor import AccuracyPredictor, spearman
 from deploy.compress.quant.prepare import CalibrationConfig, prepare
-from deploy.compress.quant.search import SearchConfig, SearchSpace, allocator_plan, search
+from deploy.compress.quant.search import SearchSpace, allocator_plan
 from deploy.compress.quant.sensitivity import option_distortions, run
 from deploy.compress.quant.sim import quantize_weight, set_mode, set_options
 from deploy.compress.quant.space import LayerShape, QuantOption, layer_space, option_by_label
-from deploy.compress.quant.api import QuantizeConfig, quantize_model
+from deploy.compress.quant.api import QuantizeConfig, build_problem, quantize_model, solve_budget
 from deploy.core.data import from_tensors
 from deploy.core.errors import BudgetInfeasibleError, ConfigError
 from deploy.core.passes import config_from_dict, config_to_dict, make_pass
@@ -161,7 +160,7 @@ def test_sensitivity_ranks_4bit_worse_than_8bit(digits_prepared, digits_calibrat
     assert hard["fc"]["w4-g32-a"] > hard["fc"]["w8a8-pc-sa"]
 
 
-# --- the allocator and the search (synthetic, exact numbers) ---------------------------------------------------------
+# --- the allocator (synthetic, exact numbers) ---------------------------------------------------------
 
 def _synthetic_space(n_layers: int = 6, boundary: float = 0.4) -> SearchSpace:
     """A chain of convs: int8 saves 1 ms each; each Q/DQ boundary costs `boundary` ms; layer i is i+1 times as
@@ -210,43 +209,16 @@ def test_allocator_says_how_far_an_infeasible_budget_is():
     assert info.value.least_achievable == pytest.approx(4.4)
 
 
-def test_search_reports_the_predictor_spearman_and_the_comparison():
-    sp = _synthetic_space()
-
-    def evaluate(labels):  # additive plus an interaction the additive model cannot see
-        d = sp.distortion(labels)
-        return d * (1.5 if labels["l0"] != "fp32" and labels["l1"] != "fp32" else 1.0)
-
-    result = search(sp, evaluate, 7.0, SearchConfig(trials=30, predictor_samples=16, seed=1))
-    report = result.predictor
-    assert report["test"] >= 3 and math.isfinite(report["spearman_test"]) and report["spearman_test"] > 0.5
-    assert all(c.latency_ms <= 7.0 + 1e-9 for c in result.refined)
-    assert result.allocator.distortion == pytest.approx(evaluate(result.allocator.labels))
-
-
-def test_predictor_learns_an_interaction():
-    spaces = {f"l{i}": ("fp32", "int8") for i in range(4)}
-    sens = {n: {"fp32": 0.0, "int8": 1.0} for n in spaces}
-    predictor = AccuracyPredictor(spaces, sens, ridge=1e-4)
-    rng = np.random.default_rng(0)
-    cands = [{n: ("int8" if rng.random() < 0.5 else "fp32") for n in spaces} for _ in range(40)]
-    truth = [1e-3 + sum(c[n] == "int8" for n in spaces) + 3.0 * (c["l3"] == "int8") for c in cands]
-    predictor.fit(cands, truth)
-    assert spearman(truth, [predictor.predict(c) for c in cands]) > 0.95
-
-
 # --- the end-to-end API and the pass config ------------------------------------------------------------------------
 
 def test_quantize_model_end_to_end_on_the_digits_cnn(digits_model, digits_calibration):
     config = QuantizeConfig(budget=0.85, cost="proxy", calibration=CalibrationConfig(batches=1),
-                            sensitivity_batches=1, noise_draws=1,
-                            search=SearchConfig(trials=16, predictor_samples=10, finalists=2), measure_finalists=False)
+                            sensitivity_batches=1, noise_draws=1)
     quantized, report = quantize_model(digits_model, SPEC, digits_calibration, CPU, config)
-    assert report["cost_model"] == "proxy:roofline" and report["search"]["allocation"]["estimated_ms"] <= \
+    assert report["cost_model"] == "proxy:roofline" and report["allocation"]["estimated_ms"] <= \
         report["budget_ms"] + 1e-9
-    assert math.isfinite(report["search"]["predictor"]["spearman_test"])
-    assert isinstance(report["finalists"]["refinement_beat_allocator"], bool)
-    assert report["chosen"]["latency_ms"] <= report["budget_ms"] + 1e-9
+    assert report["chosen"]["origin"] == "allocator" and report["chosen"]["latency_ms"] <= report["budget_ms"] + 1e-9
+    assert math.isfinite(report["additivity"]["simulated"]) and report["additivity"]["simulated"] > 0
     assert quantized.module.quant_plan is quantized.plan and quantized.plan.count("int8") >= 1
     json.dumps(report)  # the report is plain data
     x = torch.cat([s[0] for s in digits_calibration.held_out])
@@ -255,16 +227,37 @@ def test_quantize_model_end_to_end_on_the_digits_cnn(digits_model, digits_calibr
     assert agree > 0.9
 
 
+def test_solve_budget_applies_the_allocators_plan_for_each_budget(digits_model, digits_calibration):
+    """One problem, several budgets: each solve applies exactly the allocator's plan for that budget (the ort-cpu
+    policy ties no layers) and re-points the one fake-quantized model."""
+    config = QuantizeConfig(cost="proxy", calibration=CalibrationConfig(batches=1), sensitivity_batches=1,
+                            noise_draws=1, cache=False)
+    problem = build_problem(digits_model, SPEC, digits_calibration, CPU, config)
+    sp, modules = problem.space, []
+    for budget in (0.95, 0.8):
+        quantized, report = solve_budget(problem, digits_calibration, dataclasses.replace(config, budget=budget))
+        labels, _, how = allocator_plan(sp, report["budget_ms"])
+        assert report["budget_ms"] == pytest.approx(budget * sp.latency(sp.float_labels()))
+        assert report["chosen"]["labels"] == labels and report["allocation"]["how"] == how
+        assert report["allocation"]["estimated_ms"] == pytest.approx(sp.latency(labels))
+        assert sp.latency(labels) <= report["budget_ms"] + 1e-9
+        assert quantized.plan.labels() == labels and quantized.module.quant_plan is quantized.plan
+        modules.append(quantized.module)
+    assert modules[0] is modules[1]
+
+
 def test_the_quantize_pass_runs_in_a_pipeline(digits_model, digits_calibration):
     from deploy.core.passes import Context, State, run_pipeline
 
-    config = QuantizeConfig(budget=0.9, cost="proxy", calibration=CalibrationConfig(batches=1), noise_draws=1,
-                            search=SearchConfig(enabled=False), measure_finalists=False)
+    config = QuantizeConfig(budget=0.9, cost="proxy", calibration=CalibrationConfig(batches=1), noise_draws=1)
     state = State(digits_model, SPEC, for_profile(CPU))
     state = run_pipeline([make_pass("quantize", config)], state, Context(calibration=digits_calibration))
     plan = state.attached["quant_plan"]  # what the export pass writes as Q/DQ
     assert plan.count("int8") >= 1 and not hasattr(state.module, "quant_plan")  # the module: the float one
-    assert state.records[-1].source == "quantize" and state.records[-1].data["search"]["refined"] == []
+    record = state.records[-1]
+    assert record.source == "quantize" and record.data["chosen"]["origin"] == "allocator"
+    assert {n for n, lbl in record.data["chosen"]["labels"].items() if lbl != "fp32"} <= \
+        {n for n, lp in plan.layers.items() if lp.option.precision == "int8"}
     json.dumps(state.records[-1].data)
 
 
@@ -287,7 +280,7 @@ def test_the_quantize_pass_applies_labels_without_a_search(digits_model, digits_
 
 
 def test_quantize_config_round_trips_and_validates():
-    pass_ = make_pass("quantize", QuantizeConfig(budget=0.6, skip=("fc",), search=SearchConfig(trials=9)))
+    pass_ = make_pass("quantize", QuantizeConfig(budget=0.6, skip=("fc",)))
     entry = config_to_dict(pass_)
     assert config_from_dict(json.loads(json.dumps(entry))).config == pass_.config
     assert config_from_dict(tomllib.loads(tomli_w.dumps(entry))).config == pass_.config
@@ -295,6 +288,13 @@ def test_quantize_config_round_trips_and_validates():
         config_from_dict({**entry, "data": {**entry["data"], "budget": 0.0}})
     with pytest.raises(ConfigError):
         config_from_dict({**entry, "data": {**entry["data"], "bugdet": 0.5}})
+    # the NSGA-II search's fields are gone: a deploy.toml written before (version 1, which always carried them)
+    # is refused by its version, and the fields are refused in a current entry
+    old = {**entry, "version": 1, "data": {**entry["data"], "search": {"trials": 60}, "measure_finalists": True}}
+    with pytest.raises(ConfigError, match="version 1"):
+        config_from_dict(old)
+    with pytest.raises(ConfigError, match="measure_finalists"):
+        config_from_dict({**entry, "data": {**entry["data"], "measure_finalists": False}})
     with pytest.raises(ValueError):
         CalibrationConfig(methods=("entropy",))
 
@@ -307,7 +307,7 @@ def test_plan_round_trips_through_json(digits_prepared):
 
 def test_quantization_modules_import_no_runtime():
     code = ("import sys, deploy.compress.quant.api, deploy.compress.quant.cost, deploy.compress.quant.search, "
-            "deploy.compress.quant.finalists, deploy.export.qdq.writer, deploy.export.qdq.insert, deploy.export.qdq.int4, "
+            "deploy.export.qdq.writer, deploy.export.qdq.insert, deploy.export.qdq.int4, "
             "deploy.export.qdq.verify, deploy.export.openvino; "
             "print([m for m in ('onnxruntime', 'openvino', 'optuna', 'tensorrt') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -315,11 +315,9 @@ def test_quantization_modules_import_no_runtime():
 
 
 def test_fast_preset_and_the_sensitivity_cache(digits_model, digits_calibration, tmp_path, monkeypatch):
-    from deploy.compress.quant.api import build_problem
-
     fast = QuantizeConfig.fast(budget=0.6, cost="proxy")
     assert fast.budget == 0.6 and fast.sensitivity_samples == 4 and fast.noise_draws == 1
-    assert fast.search.trials < QuantizeConfig().search.trials
+    assert fast.price_seconds < QuantizeConfig().price_seconds
     monkeypatch.setenv("DEPLOY_CACHE_DIR", str(tmp_path))
     first = build_problem(digits_model, SPEC, digits_calibration, CPU, fast)
     files = list((tmp_path / "sensitivity").glob("quant-*.json"))

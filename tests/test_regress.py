@@ -197,6 +197,24 @@ def test_slower_model_is_exit_1(chains):
     assert data["outcome"] == "regression" and data["verdict"]["ratio"] > 1.5
 
 
+def test_blocks_and_the_cpu_clock_reach_the_verdict(chains, tmp_path):
+    """The slower model in 8 blocks on the cpu clock: a regression whose ratio, CI and p come from the blocks, with
+    the clock recorded, and a baseline file that remembers the clock for the next run. Fewer blocks than the sign
+    test needs to reach --alpha are refused."""
+    result = run_cli("regress", chains["slow"], "--baseline-model", chains["fast"], "--threads", "1",
+                     "--clock", "cpu", "--blocks", "8", "--min-seconds", "0.8", *LENIENT, "--json")
+    assert result.returncode == 1, result.stderr
+    data = json.loads(result.stdout)
+    assert data["outcome"] == "regression" and data["new"]["runtime"]["clock"] == "cpu"
+    assert len(data["new"]["structure"]["blocks"]) == 8 and data["verdict"]["ci"][0] > 1.5
+    few = run_cli("regress", chains["slow"], "--baseline-model", chains["fast"], "--blocks", "3", "--quick")
+    assert few.returncode == 2 and "--blocks" in few.stderr and "at least 8" in few.stderr
+    baseline = tmp_path / "latency.json"
+    run_cli("regress", chains["fast"], "--baseline", baseline, "--update", "--threads", "1", "--clock", "cpu", "--quick")
+    again = run_cli("regress", chains["fast"], "--baseline", baseline, "--quick", *LENIENT, "--json")
+    assert json.loads(again.stdout)["new"]["runtime"]["clock"] == "cpu"
+
+
 def test_too_noisy_is_exit_3(chains):
     result = run_cli("regress", chains["fast"], "--baseline-model", chains["fast"], *QUICK, "--max-cov", "0.00001")
     assert result.returncode == 3, result.stderr

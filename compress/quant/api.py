@@ -6,9 +6,9 @@ its Python API.
 
 Phases (DESIGN 3.2): prepare + calibrate (prepare: fold BN, per-tensor ranges, SmoothQuant), sensitivity
 (sensitivity: QuantNAS noise per layer and option), price (cost: measured on the real runtime, or a
-labelled roofline proxy), search (search: allocator, then predictor + NSGA-II), and the finalists measured
-for real (finalists: exported Q/DQ models timed and run on held-out data). Nothing here imports a runtime
-or optuna at module level.
+labelled roofline proxy), then the allocator's plan for the budget (search.allocator_plan), applied. The plan
+meets the budget on the cost model's estimate (`deploy compress` calls the same allocator and steers the estimate
+onto measured latency). Nothing here imports a runtime at module level.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from torch import nn
 from deploy.compress.distill import DistillConfig
 from deploy.export.qdq.plan import QuantPlan
 from deploy.compress.quant.prepare import CalibrationConfig
-from deploy.compress.quant.search import SearchConfig
 from deploy.compress.quant.space import SpaceConfig
 from deploy.core.errors import ConfigError
 from deploy.core.passes import Context, State, register_pass
@@ -44,9 +43,7 @@ class QuantizeConfig:
     noise_draws: int = 2
     sensitivity_batches: int = 2
     sensitivity_samples: int = 0  # samples per sensitivity batch; 0: the calibration batch size
-    search: SearchConfig = SearchConfig()
     cache: bool = True  # reuse sensitivities from deploy.core.cache.cache_dir() / "sensitivity" when nothing changed
-    measure_finalists: bool = True  # export the allocator's and the refined plans and measure them for real
     skip: tuple[str, ...] = ()  # layers never quantized
     recover: bool = False  # distill through the fake quantization afterwards
     distill: DistillConfig = DistillConfig()
@@ -72,14 +69,12 @@ class QuantizeConfig:
         """The preset for `deploy compress` and other interactive use (about 5x faster to build than the default
         on a BERT-small encoder): sensitivities from one batch of 4 samples and one noise draw; calibration on 2
         batches of 8 samples (min-max or MSE per tensor, probes of 8); int4 offered in one form (group 128,
-        asymmetric) instead of four; 0.15 s per pricing A/B; 32 NSGA-II trials scored by a predictor fitted on 12
-        simulated candidates; 2 finalists measured. `overrides` replace any field, e.g.
+        asymmetric) instead of four; 0.15 s per pricing A/B. `overrides` replace any field, e.g.
         `QuantizeConfig.fast(budget=0.6)`."""
         fields = dict(
             price_seconds=0.15, noise_draws=1, sensitivity_batches=1, sensitivity_samples=4,
             space=SpaceConfig(group_sizes=(128,), int4_symmetric=(False,)),
-            calibration=CalibrationConfig(methods=("minmax", "mse"), batches=2, batch_size=8, probe_samples=8),
-            search=SearchConfig(trials=32, predictor_samples=12, finalists=2))
+            calibration=CalibrationConfig(methods=("minmax", "mse"), batches=2, batch_size=8, probe_samples=8))
         fields.update(overrides)
         return cls(**fields)
 
@@ -178,30 +173,23 @@ def _rescaled_table(sibling: QuantProblem, prep: Any) -> Any:
                    source=f"{table.source}+rescaled", notes=[*table.notes, note])
 
 
-def solve_budget(problem: QuantProblem, calibration: CalibrationSet, inputs: Sequence[InputSpec], target: Target | Profile,
-                 config: QuantizeConfig) -> tuple[QuantizedModel, dict[str, Any]]:
-    """Search the plan for `config`'s budget, measure the finalists, apply the chosen plan. The returned module
-    is the problem's one fake-quantized model: solving again for another budget re-points it."""
-    target = as_target(target)
-    from deploy.compress.quant.finalists import choose_final
-    from deploy.compress.quant.search import search
+def solve_budget(problem: QuantProblem, calibration: CalibrationSet, config: QuantizeConfig
+                 ) -> tuple[QuantizedModel, dict[str, Any]]:
+    """The allocator's plan for `config`'s budget, applied to the problem's one fake-quantized model (solving again
+    for another budget re-points it); the report says how the plan was found and how additive its distortion was."""
+    from deploy.compress.quant.apply import tied_labels
+    from deploy.compress.quant.search import allocator_plan
     from deploy.compress.quant.sensitivity import plan_distortion
     from deploy.compress.quant.sim import set_mode, set_options
 
     prep, sp = problem.prep, problem.space
     clock = _Clock()
     budget_ms = config.budget_ms or config.budget * sp.latency(sp.float_labels())
-
-    def evaluate(labels: dict[str, str]) -> float:
-        return plan_distortion(prep.qmodel, sp.options(labels), problem.batches, problem.reference)
-
-    result = search(sp, evaluate, budget_ms, config.search)
+    labels, alloc, how = allocator_plan(sp, budget_ms)
+    estimated_ms = sp.latency(labels)
     clock.lap("search")
-    final, finals_report = choose_final(prep, sp, result, calibration, inputs, target, config, budget_ms)
-    clock.lap("finalists")
-    from deploy.compress.quant.apply import tied_labels
-
-    options = sp.options(tied_labels(prep, final.labels))
+    simulated = plan_distortion(prep.qmodel, sp.options(labels), problem.batches, problem.reference)
+    options = sp.options(tied_labels(prep, labels))
     plan = prep.plan.with_options(options)
     set_options(prep.qmodel, options)
     set_mode(prep.qmodel, "quant")
@@ -212,9 +200,10 @@ def solve_budget(problem: QuantProblem, calibration: CalibrationSet, inputs: Seq
         "budget_ms": budget_ms, "labels": plan.labels(), "counts": dict(Counter(plan.labels().values())),
         "spaces": {n: [o.label for o in opts] for n, opts in prep.spaces.items()},
         "calibration": prep.calibration, "sensitivity": sens, "price_table": table.to_dict(),
-        "search": result.to_dict(), "finalists": finals_report, "chosen": final.to_dict(),
-        "additivity": {"predicted": sum(sens[n][lbl] for n, lbl in final.labels.items()),
-                       "simulated": evaluate(final.labels)},
+        "allocation": {"how": how, "dp_cost_ms": alloc.cost, "dp_distortion": alloc.distortion,
+                       "estimated_ms": estimated_ms},
+        "chosen": {"labels": labels, "latency_ms": estimated_ms, "origin": "allocator", "distortion": simulated},
+        "additivity": {"predicted": sp.distortion(labels), "simulated": simulated},
         "notes": prep.notes + table.notes, "plan": plan.to_dict(), "seconds": {**problem.seconds, **clock.laps},
     }
     if config.recover and any(not o.is_float for o in options.values()):
@@ -226,10 +215,11 @@ def solve_budget(problem: QuantProblem, calibration: CalibrationSet, inputs: Seq
 
 def quantize_model(module: nn.Module, inputs: Sequence[InputSpec], calibration: CalibrationSet, target: Target | Profile,
                    config: QuantizeConfig = QuantizeConfig()) -> tuple[QuantizedModel, dict[str, Any]]:
-    """Plan, search and apply mixed precision for `target`; returns the quantized model and a JSON-able report."""
+    """Plan and apply mixed precision for `target` under the budget; returns the quantized model and a JSON-able
+    report."""
     target = as_target(target)
     problem = build_problem(module, inputs, calibration, target, config)
-    return solve_budget(problem, calibration, inputs, target, config)
+    return solve_budget(problem, calibration, config)
 
 
 SENSITIVITY_CACHE_VERSION = 1
@@ -307,7 +297,8 @@ def weights_key(module: nn.Module) -> str:
     return f"quantize:{model_hash(module)}"
 
 
-@register_pass("quantize", QuantizeConfig, needs_calibration=True, invalidates=("sensitivity",))
+# version 2: no `search` / `measure_finalists` fields (the NSGA-II refinement was removed); version 1 entries refused
+@register_pass("quantize", QuantizeConfig, version=2, needs_calibration=True, invalidates=("sensitivity",))
 class QuantizePass:
     """Quantizes the module: with `labels`, calibrates and applies that per-layer plan (reusing a calibration the
     plan search made on the same weights, if the context holds one); without, searches a plan under the budget.

@@ -5,7 +5,7 @@ against float, and per tensor the time of one Q plus one DQ on it. A plan's late
     base + sum(kernel deltas of non-float layers) + the Q and DQ ops that do not fuse away,
 where a Q/DQ fuses away when both sides of the tensor are int8 (QLinearConv -> QLinearConv): int8 islands between
 float ops pay both ends. The allocator needs additive costs, so it prices each option as an island (both ends
-paid); the refinement and the final check use the non-additive estimate, and the finalists are measured for real.
+paid); its re-planning at marginal prices and the final check use the non-additive estimate.
 
 Cost models are pluggable (`CostModel.price`): `MeasuredCost` times the real runtime (every layer of one shape
 switched at once, interleaved A/B with the float model; Q/DQ pairs timed as micro-graphs), `ProxyCost` is a
@@ -231,7 +231,7 @@ class MeasuredCost:
         from deploy.targets.measure.loop import MeasureConfig
 
         return MeasureConfig(warmup_min_s=0.05, warmup_min_runs=5, min_samples=self.min_samples,
-                             min_seconds=self.min_seconds, max_seconds=max(10.0, 4 * self.min_seconds))
+                             min_seconds=self.min_seconds, max_seconds=max(10.0, 4 * self.min_seconds), blocks=1)
 
     def price(self, data: PricingInput) -> PriceTable:
         from deploy.targets.measure.feeds import make_feeds
@@ -325,9 +325,9 @@ class _Timer:
         return float(measure(run_once, self.config).summary["p50"])
 
     def delta(self, base_run: Any, path: Path) -> float:
-        from deploy.targets.measure.loop import measure_interleaved
+        from deploy.targets.measure.paired import measure_blocks, reuse
 
-        _, _, cmp = measure_interleaved(base_run, self.prepare(path), self.config)
+        _, _, cmp = measure_blocks(reuse(base_run), reuse(self.prepare(path)), self.config)
         return float(cmp.median_b - cmp.median_a)
 
     def qdq_cost(self, shape: tuple[int, ...], signed: bool) -> float:
@@ -337,9 +337,9 @@ class _Timer:
         feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
         ident = self.prepare(self.save(_micro_graph(shape, None), f"id{len(self.saved)}"), feeds)
         qdq = self.prepare(self.save(_micro_graph(shape, signed), f"qdq{len(self.saved)}"), feeds)
-        from deploy.targets.measure.loop import measure_interleaved
+        from deploy.targets.measure.paired import measure_blocks, reuse
 
-        _, _, cmp = measure_interleaved(ident, qdq, self.config)
+        _, _, cmp = measure_blocks(reuse(ident), reuse(qdq), self.config)
         return float(cmp.median_b - cmp.median_a)
 
 

@@ -1,59 +1,23 @@
-"""Searching the per-layer precision assignment under a latency budget.
+"""The per-layer precision assignment under a latency budget: the allocator, the one quantization searcher.
 
-1. The allocator (the shared multiple-choice knapsack) gives the additive optimum: per layer, options priced as
-   islands (kernel delta + both Q/DQ ends) with their QuantNAS sensitivities.
-2. Candidates around it (the allocator at a sweep of budgets, its neighbours, random points) are simulated for
-   real; an accuracy predictor is fitted on them (EQ-Net's CQAP), its Spearman measured on held-out candidates.
-3. NSGA-II (optuna, seeded) explores latency (the non-additive estimate, boundaries fused where both sides are
-   int8) against predicted distortion, under the budget as a constraint; the best few feasible points go back
-   to the caller to be measured for real next to the allocator's.
+The shared multiple-choice knapsack (deploy.compress.allocate) gives the additive optimum: each option priced as an
+island (kernel delta + both Q/DQ ends) with its QuantNAS sensitivity. The latency estimate is not additive (a Q/DQ
+between two int8 layers fuses away), so a plan that misses the budget on it is re-planned at marginal prices, then
+repaired greedily. An NSGA-II refinement with an accuracy predictor was removed: at the same budgets it returned the
+allocator's plan on ONNX Runtime and at most marginally better ones on OpenVINO, for seconds more per budget
+(benchmarks/results/quantization_searchers.json).
 """
 from __future__ import annotations
 
 import math
-import random
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
 
 from deploy.compress.allocate import Allocation, Option, Unit, allocate
 from deploy.compress.quant.cost import Boundaries, PriceTable, option_cost, plan_latency
-from deploy.compress.quant.predictor import AccuracyPredictor, holdout_split, spearman
 from deploy.export.qdq.option import QuantOption, option_by_label
 from deploy.core.errors import BudgetInfeasibleError
 
 Labels = dict[str, str]
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    enabled: bool = True  # False: the allocator's plan only
-    trials: int = 60  # NSGA-II trials (each scored by the predictor, not simulated)
-    predictor_samples: int = 24  # candidates simulated to fit the predictor
-    test_fraction: float = 0.25  # of those, held out to report the predictor's Spearman
-    finalists: int = 3  # refined candidates handed back to be measured for real
-    ridge: float = 1e-2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.trials < 1 or self.finalists < 1:
-            raise ValueError("trials and finalists must be >= 1")
-        if self.predictor_samples < 8:
-            raise ValueError(f"predictor_samples must be >= 8 (train and held-out), got {self.predictor_samples}")
-        if not 0.1 <= self.test_fraction <= 0.5:
-            raise ValueError(f"test_fraction must be in [0.1, 0.5], got {self.test_fraction}")
-
-
-@dataclass
-class Candidate:
-    labels: Labels
-    latency_ms: float  # estimated (price table + boundaries)
-    origin: str  # allocator | sweep | neighbour | random | nsga2
-    distortion: float | None = None  # simulated output MSE
-    predicted: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"labels": self.labels, "latency_ms": self.latency_ms, "origin": self.origin,
-                "distortion": self.distortion, "predicted": self.predicted}
 
 
 @dataclass
@@ -104,21 +68,6 @@ class SearchSpace:
         def kernel(name: str, o: QuantOption) -> float:
             return 0.0 if o.is_float else self.table.kernel.get(name, {}).get(o.kernel_class, 0.0)
         return {n: min(opts, key=lambda o: kernel(n, o)).label for n, opts in self.spaces.items()}
-
-
-@dataclass
-class SearchResult:
-    allocator: Candidate
-    allocation: dict[str, Any]
-    refined: list[Candidate] = field(default_factory=list)
-    measured: list[Candidate] = field(default_factory=list)  # the predictor's training + held-out candidates
-    predictor: dict[str, Any] = field(default_factory=dict)
-    trials: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"allocator": self.allocator.to_dict(), "allocation": self.allocation,
-                "refined": [c.to_dict() for c in self.refined], "measured": [c.to_dict() for c in self.measured],
-                "predictor": self.predictor, "trials": self.trials}
 
 
 def _dp(sp: SearchSpace, budget_ms: float, context: Labels | None) -> tuple[Labels, Allocation] | None:
@@ -209,116 +158,6 @@ def allocator_plan(sp: SearchSpace, budget_ms: float, rounds: int = 3) -> tuple[
                                     least_achievable=least)
     alloc = last[1] if last else Allocation({}, sp.latency(fixed), sp.distortion(fixed), budget_ms)
     return fixed, alloc, how
-
-
-def training_candidates(sp: SearchSpace, budget_ms: float, count: int, seed: int) -> list[tuple[Labels, str]]:
-    """Diverse candidates near the frontier: the allocator at budgets from the fastest plan to the float model,
-    one-layer neighbours of the allocator's plan, and a few random points."""
-    rng = random.Random(seed)
-    units, fixed = sp.units()
-    low = fixed + sum(min(o.cost for o in u.options) for u in units)
-    high = max(sp.table.base_ms, budget_ms, low) * 1.02
-    seen: set[tuple[str, ...]] = set()
-    out: list[tuple[Labels, str]] = []
-
-    def add(labels: Labels, origin: str) -> None:
-        key = tuple(labels[n] for n in sp.spaces)
-        if key not in seen:
-            seen.add(key)
-            out.append((labels, origin))
-
-    sweep = max(4, count // 3)
-    for i in range(sweep):
-        found = _dp(sp, low + (high - low) * (i + 0.5) / sweep, None)
-        if found is not None:
-            add(found[0], "sweep")
-    base = allocator_plan(sp, budget_ms)[0]
-    names = list(sp.spaces)
-    tries = 0
-    while len(out) < count and tries < 50 * count:
-        tries += 1
-        labels = dict(base)
-        if rng.random() < 0.7:  # neighbours: change one or two layers
-            for name in rng.sample(names, min(len(names), rng.choice((1, 2)))):
-                labels[name] = rng.choice(sp.spaces[name]).label
-            add(labels, "neighbour")
-        else:
-            add({n: rng.choice(sp.spaces[n]).label for n in names}, "random")
-    return out[:count]
-
-
-def fit_predictor(sp: SearchSpace, measured: Sequence[Candidate], config: SearchConfig
-                  ) -> tuple[AccuracyPredictor, dict[str, Any]]:
-    """Fit on a training split, report Spearman on the held-out split, then refit on everything."""
-    spaces = {n: tuple(o.label for o in opts) for n, opts in sp.spaces.items()}
-    train, test = holdout_split(len(measured), config.test_fraction, config.seed)
-    predictor = AccuracyPredictor(spaces, sp.sensitivity, config.ridge)
-    predictor.fit([measured[i].labels for i in train], [measured[i].distortion for i in train])
-    truth = [measured[i].distortion for i in test]
-    predicted = [predictor.predict(measured[i].labels) for i in test]
-    additive = [predictor.additive(measured[i].labels) for i in test]
-    report = {"model": "ridge on per-layer option indicators + log additive sensitivity",
-              "train": len(train), "test": len(test), "spearman_test": spearman(truth, predicted),
-              "spearman_additive_test": spearman(truth, additive)}
-    predictor.fit([c.labels for c in measured], [c.distortion for c in measured])
-    return predictor, report
-
-
-def nsga2(sp: SearchSpace, predictor: AccuracyPredictor, budget_ms: float, seeds: Sequence[Labels],
-          config: SearchConfig) -> list[Candidate]:
-    """Optuna NSGA-II over per-layer options: minimise (estimated latency, predicted distortion), latency within
-    the budget as a constraint. Returns feasible distinct candidates, best predicted first."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.NSGAIISampler(population_size=max(8, min(24, config.trials // 3)), seed=config.seed)
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-    for labels in seeds:
-        study.enqueue_trial(labels)
-    choices = {n: [o.label for o in opts] for n, opts in sp.spaces.items()}
-
-    def objective(trial: Any) -> tuple[float, float]:
-        labels = {n: trial.suggest_categorical(n, c) for n, c in choices.items()}
-        latency = sp.latency(labels)
-        trial.set_user_attr("latency_ms", latency)
-        trial.set_constraint("latency_budget", latency - budget_ms)  # feasible when <= 0
-        return latency, predictor.predict(labels)
-
-    study.optimize(objective, n_trials=config.trials + len(seeds))
-    found: dict[tuple[str, ...], Candidate] = {}
-    for t in study.trials:
-        if t.values is None or t.user_attrs["latency_ms"] > budget_ms:
-            continue
-        labels = {n: t.params[n] for n in choices}
-        key = tuple(labels.values())
-        if key not in found:
-            found[key] = Candidate(labels, t.user_attrs["latency_ms"], "nsga2", predicted=t.values[1])
-    return sorted(found.values(), key=lambda c: (c.predicted, c.latency_ms))
-
-
-def search(sp: SearchSpace, evaluate: Callable[[Labels], float], budget_ms: float, config: SearchConfig
-           ) -> SearchResult:
-    """Allocator first; then, if enabled, predictor + NSGA-II refinement. `evaluate` simulates one candidate."""
-    labels, alloc, how = allocator_plan(sp, budget_ms)
-    allocator = Candidate(labels, sp.latency(labels), "allocator", evaluate(labels))
-    result = SearchResult(allocator, {"how": how, "dp_cost_ms": alloc.cost, "dp_distortion": alloc.distortion,
-                                      "additive_distortion": sp.distortion(labels), "budget_ms": budget_ms,
-                                      "estimated_ms": allocator.latency_ms})
-    if not config.enabled:
-        return result
-    measured = [allocator]
-    for cand, origin in training_candidates(sp, budget_ms, config.predictor_samples - 1, config.seed):
-        if cand != labels:
-            measured.append(Candidate(cand, sp.latency(cand), origin, evaluate(cand)))
-    predictor, report = fit_predictor(sp, measured, config)
-    feasible = sorted((c for c in measured if c.latency_ms <= budget_ms), key=lambda c: c.distortion)
-    seeds = [labels] + [c.labels for c in feasible[:5] if c.labels != labels]
-    refined = [c for c in nsga2(sp, predictor, budget_ms, seeds, config) if c.labels != labels]
-    result.refined = refined[: config.finalists]
-    result.measured = measured
-    result.predictor = report
-    result.trials = config.trials + len(seeds)
-    return result
 
 
 def finite(value: float | None) -> bool:

@@ -16,14 +16,20 @@ MODEL_HELP = ("The exported model: .onnx, an OpenVINO IR .xml (--runtime openvin
               "torch.")
 
 
+CLOCK_HELP = ("wall (default) or cpu: the thread CPU time of each inference, which a neighbour's time slices do not "
+              "inflate (needs --threads 1).")
+BLOCKS_HELP = ("A comparison runs in this many independent blocks (fresh sessions, alternated order); its interval "
+               "comes from their spread (default 12).")
+
+
 def _measure_config(quick: bool, min_seconds: Optional[float], min_samples: Optional[int],
-                    max_seconds: Optional[float], quick_samples: int = 0):
+                    max_seconds: Optional[float], quick_samples: int = 0, blocks: Optional[int] = None):
     from deploy.targets.measure.loop import MeasureConfig
 
     config = MeasureConfig.quick(min_samples=quick_samples) if quick and quick_samples else (
         MeasureConfig.quick() if quick else MeasureConfig())
     changes = {k: v for k, v in (("min_seconds", min_seconds), ("min_samples", min_samples),
-                                 ("max_seconds", max_seconds)) if v is not None}
+                                 ("max_seconds", max_seconds), ("blocks", blocks)) if v is not None}
     if max_seconds is None and min_seconds is not None and min_seconds > config.max_seconds:
         changes["max_seconds"] = 2 * min_seconds
     return dataclasses.replace(config, **changes), bool(quick or changes)
@@ -43,6 +49,8 @@ def bench(
     min_samples: Optional[int] = typer.Option(None, "--min-samples", min=1, help="Take at least this many samples (default 64)."),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", callback=positive, help="Stop after this long whatever the counts (default 60)."),
     compare: Optional[Path] = typer.Option(None, "--compare", help="A second model to measure interleaved with MODEL (ratio = OTHER / MODEL)."),
+    blocks: Optional[int] = typer.Option(None, "--blocks", min=1, help=BLOCKS_HELP),
+    clock: str = typer.Option("wall", "--clock", help=CLOCK_HELP),
     runner: Optional[str] = typer.Option(None, "--runner", help="ssh://user@host:port (user and port optional): measure on that device over SSH (onnxruntime there, or trtexec for a TensorRT target)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help=PICKLE_HELP + " (--runtime torch)"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (schema deploy.measurement)."),
@@ -56,10 +64,10 @@ def bench(
 
     if output is not None:
         check_writable_file(output, "--output")
-    config, _ = _measure_config(quick, min_seconds, min_samples, max_seconds)
+    config, _ = _measure_config(quick, min_seconds, min_samples, max_seconds, blocks=blocks)
     request = BenchRequest(model_path=model, target=target, profile_path=profile, runtime=runtime, threads=threads,
                            input_shapes=tuple(input_shape), measure=config, compare=compare, precision=precision,
-                           runner=runner, trust_pickle=trust_pickle)
+                           runner=runner, trust_pickle=trust_pickle, clock=clock)
     with (contextlib.nullcontext(None) if as_json else progress_bar(err_console)) as report:
         result = run_bench(request, report)
     if result.note:
@@ -100,6 +108,8 @@ def regress(
     min_seconds: Optional[float] = typer.Option(None, "--min-seconds", callback=non_negative, help="Sample for at least this long (default: the baseline's, else 3)."),
     min_samples: Optional[int] = typer.Option(None, "--min-samples", min=1, help="Take at least this many samples (default: the baseline's, else 64)."),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", callback=positive, help="Stop after this long whatever the counts."),
+    blocks: Optional[int] = typer.Option(None, "--blocks", min=1, help=BLOCKS_HELP + " With --baseline-model."),
+    clock: Optional[str] = typer.Option(None, "--clock", help=CLOCK_HELP + " Default: the baseline's, else wall."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help=PICKLE_HELP + " (--runtime torch)"),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the markdown summary to this file (also appended to $GITHUB_STEP_SUMMARY when set)."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase) to this file."),
@@ -116,11 +126,11 @@ def regress(
         if path is not None:
             check_writable_file(path, flag)
     gate = GateConfig(threshold=threshold, alpha=alpha, max_cov=max_cov, min_samples=require_samples)
-    config, changed = _measure_config(quick, min_seconds, min_samples, max_seconds, max(16, require_samples))
+    config, changed = _measure_config(quick, min_seconds, min_samples, max_seconds, max(16, require_samples), blocks)
     request = RegressRequest(model_path=model, baseline=baseline, baseline_model=baseline_model, update=update,
                              gate=gate, measure=config if changed else None, target=target, profile_path=profile,
                              runtime=runtime, threads=threads, input_shapes=tuple(input_shape), precision=precision,
-                             trust_pickle=trust_pickle)
+                             trust_pickle=trust_pickle, clock=clock)
     with progress_bar(err_console, "regress") as report:
         result = run_regress(request, report)
     data = result.to_dict()

@@ -13,6 +13,8 @@ from deploy.cli.app import ARCH_HELP, PICKLE_HELP, SHAPE_HELP, app, console, emi
 from deploy.cli.progress import job_progress
 from deploy.cli.tables import id_column
 
+LOWRANK_HELP = ("Also try low-rank factorization where pruning is needed; kept when more faithful before recovery "
+                "(off by default: see CLI.md).")
 CALIB_HELP = "Calibration data: image folder, .npy/.npz, .txt (+ --tokenizer), module:function, or 'random'."
 
 
@@ -36,7 +38,7 @@ def compress_cmd(
     plan: Optional[Path] = typer.Option(None, "--plan", help="Replay a deploy.toml from an earlier run (no search)."),
     precision: List[str] = typer.Option([], "--precision", help="Precisions layers may take (default fp32 and int8; add int4 for weight-only int4 where the target has it); repeat."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Do not prune."),
-    no_lowrank: bool = typer.Option(False, "--no-lowrank", help="Do not factorize layers (low rank)."),
+    lowrank: bool = typer.Option(False, "--lowrank/--no-lowrank", help=LOWRANK_HELP),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size latency is measured at (and a TensorRT plan built for); needs a dynamic batch axis."),
     recover_steps: int = typer.Option(200, "--recover-steps", min=0, help="Distillation steps after pruning (0: none)."),
     recover_minutes: float = typer.Option(1.0, "--recover-minutes", callback=finite, help="Time budget for distillation."),
@@ -47,8 +49,8 @@ def compress_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Compress a model for a target under one budget, export it, and measure the result.
-    Exit 0: budget met; 3: uncertain (a predicted band straddles the budget); 4: budget missed (the model and
-    report are still written)."""
+    Exit 0: budget met; 3: uncertain (the measured p50's interval or a predicted band straddles the budget);
+    4: budget missed (the model and report are still written)."""
     from deploy.compiler.budget import from_flags
     from deploy.compiler.job import CompressRequest, compress
 
@@ -58,7 +60,7 @@ def compress_cmd(
         calib=calib, tokenizer=str(tokenizer) if tokenizer else None,
         budget=from_flags(budget_ms, speedup, size_mb, max_drop), out=str(output), force=force,
         plan=str(plan) if plan else None, precisions=tuple(precision) or ("fp32", "int8"), prune=not no_prune,
-        lowrank=not no_lowrank, recover_steps=recover_steps, recover_minutes=recover_minutes, eval_hook=eval_hook, threads=threads,
+        lowrank=lowrank, recover_steps=recover_steps, recover_minutes=recover_minutes, eval_hook=eval_hook, threads=threads,
         measure_seconds=measure_seconds, seed=seed, batch=batch)
     with job_progress(err_console, "compress", not as_json) as progress:
         report = compress(request, progress)
@@ -79,7 +81,7 @@ def _print_report(report: dict) -> None:
         table.add_column(col, justify="right")
     source = "" if report["latency_source"] == "measured" else " (predicted)"
     table.add_row("original", f"{o['latency_ms']:.4g}{source}", f"{o['size_mb']:.3g}", "1.0")
-    band = r.get("band_ms")
+    band = r.get("band_ms") or r.get("interval_ms")
     extra = f" [{band[0]:.3g}-{band[1]:.3g}]" if band else ""
     table.add_row(f"compressed ({r['precision']})", f"{r['latency_ms']:.4g}{extra}{source}", f"{r['size_mb']:.3g}",
                   f"{r['fidelity']:.4g}")
@@ -111,7 +113,7 @@ def search_cmd(
     study_name: str = typer.Option("deploy-search", "--study-name", help="Study name inside the storage."),
     precision: List[str] = typer.Option([], "--precision", help="Precisions layers may take (default fp32 and int8)."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Do not prune."),
-    no_lowrank: bool = typer.Option(False, "--no-lowrank", help="Do not factorize layers (low rank)."),
+    lowrank: bool = typer.Option(False, "--lowrank/--no-lowrank", help=LOWRANK_HELP),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size latency is measured at; needs a dynamic batch axis."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for measurement."),
     measure_seconds: float = typer.Option(1.0, "--measure-seconds", callback=positive, help="Seconds per trial measurement."),
@@ -128,7 +130,7 @@ def search_cmd(
         model=str(model) if model else None, example=example, arch=arch, trust_pickle=trust_pickle,
         input_shapes=tuple(input_shape), target=target, profile_path=str(profile) if profile else None,
         calib=calib, tokenizer=str(tokenizer) if tokenizer else None, out=str(output), force=True,
-        precisions=tuple(precision) or ("fp32", "int8"), prune=not no_prune, lowrank=not no_lowrank,
+        precisions=tuple(precision) or ("fp32", "int8"), prune=not no_prune, lowrank=lowrank,
         recover_steps=0, threads=threads,
         measure_seconds=measure_seconds, seed=seed, batch=batch)
     try:

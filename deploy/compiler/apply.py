@@ -12,6 +12,8 @@ from deploy.compiler.candidates import export_fp32, fidelity_of, predicted_laten
 from deploy.compiler.to_passes import precision_name
 from deploy.core.passes import Context, PassTiming, State, run_pipeline
 
+FINAL_BLOCKS = 6  # the final original-vs-result measurement: enough blocks for a 97% order-statistic interval
+
 
 def apply_plan(passes: list[Any], request: Any, setup: Any, out_dir: Path, note: Callable[..., None],
                prebuilt: dict[str, Any] | None = None) -> tuple[dict[str, Any], State]:
@@ -74,14 +76,16 @@ def _final_latency(setup: Any, dense: Path, final: Path, seconds: float, module:
         return {"source": "predicted", "original": predicted_latency(setup, dense, None, None),
                 "result": predicted_latency(setup, final, module, plan), "shapes": _shapes(setup)}
     from deploy.targets.measure.feeds import make_feeds
-    from deploy.targets.measure.loop import MeasureConfig, measure_interleaved
+    from deploy.targets.measure.loop import MeasureConfig
+    from deploy.targets.measure.paired import measure_blocks, median_interval
     feeds = make_feeds(setup.measure_specs)
     runner = setup.target.runner()
-    run_a, run_b = runner.prepare(dense, feeds), runner.prepare(final, feeds)
-    config = MeasureConfig(min_samples=64, min_seconds=seconds, max_seconds=max(20.0, 4 * seconds))
-    a, b, comparison = measure_interleaved(run_a, run_b, config)
+    config = MeasureConfig(min_samples=64, min_seconds=seconds, max_seconds=max(20.0, 4 * seconds),
+                           blocks=FINAL_BLOCKS)
+    a, b, comparison = measure_blocks(lambda: runner.prepare(dense, feeds), lambda: runner.prepare(final, feeds),
+                                      config)
     return {"source": "measured", "original": a.to_dict(), "result": b.to_dict(), "comparison": comparison.to_dict(),
-            "shapes": _shapes(setup), "runtime": runner.describe()}
+            "result_interval_ms": list(median_interval(b)), "shapes": _shapes(setup), "runtime": runner.describe()}
 
 
 def _shapes(setup: Any) -> dict[str, list[int]]:

@@ -15,6 +15,8 @@ import torch
 
 from deploy.core.errors import BudgetInfeasibleError, UserInputError
 
+CANDIDATE_BLOCKS = 3  # blocks per candidate-vs-dense comparison (each compiles both models afresh)
+
 
 def pruning_family(setup: Any, enabled: bool = True) -> Any:
     """The model's pruning family, or None where nothing may be pruned (a graph model, or pruning off)."""
@@ -52,25 +54,41 @@ def prepare_run(setup: Any, path: Path) -> Callable[[], object]:
 
 
 def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | None = None, plan: Any = None,
-            baseline: Callable[[], object] | None = None) -> dict[str, Any]:
+            baseline: Path | None = None) -> dict[str, Any]:
     """p50 measured in the target's runtime here, or predicted (with its band) for a device not at hand.
-    Measured interleaved with `baseline` (the dense model) when given: the same protocol as the final report's, so
-    a candidate's p50 is what the report will say (a small model timed alone keeps its weights in cache and looks
-    faster than it does next to anything else)."""
+    Measured against `baseline` (the dense model's file) when given, in the blocks of the final report
+    (targets.measure.paired): a candidate's p50 is what the report will say (a small model timed alone keeps its
+    weights in cache and looks faster than it does next to anything else), and its ratio to the dense model has
+    an interval that covers a session's placement."""
     if not setup.target.measured:
         return predicted_latency(setup, path, module, plan)
-    from deploy.targets.measure.loop import MeasureConfig, measure, measure_interleaved
+    from deploy.targets.measure.loop import MeasureConfig, measure
+    from deploy.targets.measure.paired import measure_blocks
 
-    run_once = prepare_run(setup, path)
     config = MeasureConfig(warmup_min_s=0.1, warmup_min_runs=5, min_samples=32, min_seconds=seconds,
-                           max_seconds=max(10.0, seconds * 4))
+                           max_seconds=max(10.0, seconds * 4), blocks=CANDIDATE_BLOCKS)
     if baseline is None:
-        result = measure(run_once, config).to_dict()
+        result = measure(prepare_run(setup, path), config).to_dict()
         return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result}
-    _, candidate, comparison = measure_interleaved(baseline, run_once, config)
+    _, candidate, comparison = measure_blocks(lambda: prepare_run(setup, baseline), lambda: prepare_run(setup, path),
+                                              config)
     result = candidate.to_dict()
+    ratio = comparison.to_dict()
     return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result,
-            "ratio_to_dense": comparison.to_dict()["ratio"]}
+            "ratio_to_dense": ratio["ratio"], "ratio_ci": [ratio["ci_low"], ratio["ci_high"]],
+            "block_ratios": ratio["block_ratios"]}
+
+
+def planned_ms(timing: dict[str, Any]) -> float:
+    """The latency a plan is judged by: the measured p50, or for a device not at hand the upper end of the predicted
+    band, so that "met" holds wherever in its band the device turns out to be."""
+    if timing.get("source") == "predicted" and timing.get("band_ms"):
+        return float(timing["band_ms"][1])
+    return float(timing["latency_ms"])
+
+
+def _point(timing: dict[str, Any]) -> float | None:
+    return float(timing["latency_ms"]) if timing.get("source") == "predicted" else None
 
 
 def predicted_latency(setup: Any, path: Path, module: torch.nn.Module | None, plan: Any) -> dict[str, Any]:
@@ -107,7 +125,7 @@ class Candidate:
     precision: str  # fp32 | int8 (every quantizable layer low precision) | mixed
     level: float  # 0 = dense, 1 = the most the pruning allocator may remove
     removed: dict[str, int]
-    latency_ms: float
+    latency_ms: float  # what the planner plans on: the measured p50, or the upper end of a predicted band
     fidelity: float | None  # held-out fidelity of the exported model; None where the search did not need it
     size_mb: float
     labels: dict[str, str] | None = None  # per-layer precision option; None: every layer in float
@@ -115,6 +133,7 @@ class Candidate:
     origin: str = ""
     chosen: bool = False
     ranks: dict[str, int] = dataclasses.field(default_factory=dict)  # low rank: layer -> rank (float layers)
+    predicted_ms: float | None = None  # a predicted target's point estimate (latency_ms is its band's upper end)
 
     def row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
@@ -136,8 +155,7 @@ def quant_config(request: Any, setup: Any) -> Any:
     grans = fast.space.granularities
     if "per-channel" in setup.target.profile.weight_granularities:
         grans = tuple(g for g in grans if g != "per-tensor")
-    return QuantizeConfig.fast(measure_finalists=False,
-                               space=dc.replace(fast.space, weight_bits=bits, granularities=grans))
+    return QuantizeConfig.fast(space=dc.replace(fast.space, weight_bits=bits, granularities=grans))
 
 
 class Planner:
@@ -151,7 +169,7 @@ class Planner:
         self._modules: dict[float, torch.nn.Module] = {}
         self._quant: dict[float, Any] = {}
         self._fastest: dict[float, dict[str, str]] = {}
-        self._baseline: Callable[[], object] | None = None  # the dense model, every candidate is timed against
+        self._baseline: Path | None = None  # the dense model's file, every candidate is timed against
         self.dense: Candidate | None = None
         allowed = set(setup.target.profile.precisions)
         self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
@@ -196,8 +214,8 @@ class Planner:
             from deploy.core.metrics import primary_metric
 
             value = primary_metric(fidelity_of(self.setup, path))[1]
-        candidate = Candidate("fp32", 0.0, {}, timing["latency_ms"], value, path.stat().st_size / 1e6, None,
-                              timing.get("band_ms"), origin, ranks=dict(ranks))
+        candidate = Candidate("fp32", 0.0, {}, planned_ms(timing), value, path.stat().st_size / 1e6, None,
+                              timing.get("band_ms"), origin, ranks=dict(ranks), predicted_ms=_point(timing))
         self.candidates.append(candidate)
         return candidate
 
@@ -243,8 +261,8 @@ class Planner:
     def time_against_dense(self) -> None:
         """Time every later candidate interleaved with the dense model (as the final report does)."""
         if self.setup.target.measured:
-            path = export_fp32(self.setup.loaded.module, self.setup, self.setup.workdir / "dense-baseline.onnx")
-            self._baseline = prepare_run(self.setup, path)
+            self._baseline = export_fp32(self.setup.loaded.module, self.setup,
+                                         self.setup.workdir / "dense-baseline.onnx")
 
     def fastest(self, level: float = 0.0) -> dict[str, str]:
         """The plan the price table estimates fastest: every layer at its fastest kernel, or every layer in low
@@ -292,8 +310,8 @@ class Planner:
 
             value = primary_metric(fidelity_of(self.setup, path))[1]
         candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level),
-                              timing["latency_ms"], value, path.stat().st_size / 1e6, labels,
-                              timing.get("band_ms"), origin)
+                              planned_ms(timing), value, path.stat().st_size / 1e6, labels,
+                              timing.get("band_ms"), origin, predicted_ms=_point(timing))
         self.candidates.append(candidate)
         return candidate
 

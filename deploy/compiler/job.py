@@ -46,7 +46,7 @@ class CompressRequest:
     precisions: tuple[str, ...] = ("fp32", "int8")  # precisions layers may take (the profile may drop some)
     batch: int = 1  # the batch size latency is measured (and a TensorRT plan built) at
     prune: bool = True
-    lowrank: bool = True  # low-rank factorization as a knob of the plan (float layers)
+    lowrank: bool = False  # low-rank factorization as a knob of the plan (float layers); opt-in, see CLI.md
     recover_steps: int = 200
     recover_minutes: float = 1.0
     eval_hook: str | None = None

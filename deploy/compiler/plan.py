@@ -233,6 +233,13 @@ def _infeasible(budget: float, fastest: float, dense: Candidate) -> None:
         raise MeasurementError("every faster candidate gives NaN or infinite outputs, so none can be used",
                                "try --precision fp32, or a looser budget")
     least = fastest / SAFE  # the margin the search keeps for measurement noise
+    if dense.predicted_ms is not None:  # a device not at hand: the plan must fit with its whole band
+        raise BudgetInfeasibleError(
+            f"the latency budget {budget:.3g} ms is below the upper end of the fastest candidate's predicted band, "
+            f"{fastest:.3g} ms, plus a {(1 - SAFE):.0%} margin (dense fp32: predicted {dense.predicted_ms:.3g} ms, "
+            f"band up to {dense.latency_ms:.3g} ms)",
+            f"raise the budget to at least {least:.3g} ms, or measure on the device (deploy bench --runner "
+            "ssh://...) and calibrate its profile to narrow the band", least_achievable=least)
     raise BudgetInfeasibleError(
         f"the latency budget {budget:.3g} ms is below the fastest achievable {fastest:.3g} ms plus a "
         f"{(1 - SAFE):.0%} noise margin (dense fp32: {dense.latency_ms:.3g} ms)",

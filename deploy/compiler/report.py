@@ -20,7 +20,7 @@ def _verdict(budget: dict[str, Any], result_ms: float, size_mb: float, timing: d
     from deploy.compiler.verdict import latency_verdict, size_verdict
 
     if budget.get("target_ms") is not None:
-        band = timing["result"].get("band_ms") if timing["source"] == "predicted" else None
+        band = timing["result"].get("band_ms") if timing["source"] == "predicted" else timing.get("result_interval_ms")
         return latency_verdict(result_ms, budget["target_ms"], band)
     if budget.get("kind") == "size_mb":
         return size_verdict(size_mb, budget["value"])
@@ -125,6 +125,14 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
     if timing["source"] == "predicted":
         report["result"]["band_ms"] = timing["result"].get("band_ms")
         report["result"]["verified"] = timing["result"].get("verified")
+        report["result"]["latency_label"] = timing["result"].get("label")
+        if not timing["result"].get("verified"):
+            warnings.append(f"latency on {setup.target.profile.name} is predicted, {timing['result'].get('label')}")
+    elif timing.get("result_interval_ms"):
+        report["result"]["interval_ms"] = timing["result_interval_ms"]
+        comparison = timing.get("comparison") or {}
+        if comparison.get("ci_low"):
+            report["result"]["speedup_ci"] = [1.0 / comparison["ci_high"], 1.0 / comparison["ci_low"]]
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.html", render_html(report))
     from deploy.core.model.load import layer_digest

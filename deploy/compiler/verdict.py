@@ -1,8 +1,8 @@
 """The answer to "was the budget met?", the same word and exit code everywhere (CLI, report.json, report.html).
 
-met (exit 0): the measured p50, or the whole predicted band, is within the budget; uncertain (exit 3): a predicted
-band straddles the budget; missed (exit 4): the measured p50, or the whole band, is over it. The model and the
-report are written in every case.
+met (exit 0): the whole interval of the measured p50 (over the blocks of the final measurement), or the whole
+predicted band, is within the budget; uncertain (exit 3): that interval or band straddles the budget; missed
+(exit 4): all of it is over. The model and the report are written in every case.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ EXIT_CODES = {"met": EXIT_OK, "uncertain": EXIT_INCONCLUSIVE, "missed": EXIT_MIS
 
 
 def latency_verdict(p50_ms: float, budget_ms: float, band_ms: Sequence[float] | None = None) -> str:
+    """`band_ms`: the predicted band, or the measured p50's interval; without one the p50 alone decides."""
     if band_ms:
         low, high = band_ms
         if high <= budget_ms:

@@ -1,6 +1,6 @@
 """The measurement loop: warm up, then time one inference at a time until there are enough samples AND enough
-seconds, all under the host-wide lock; keep every raw sample. `measure_interleaved` times two models A B B A ...
-so that drift (thermal, frequency, neighbours) hits both alike, and compares them.
+seconds, all under the host-wide lock; keep every raw sample. Two models are compared in independent blocks of
+interleaved rounds (measure.paired), built on the round loop here.
 
 `Measurement.to_dict()` is the JSON of `deploy bench --json` and of regression baselines (schema below, version 1).
 """
@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from deploy.core.errors import ConfigError, UserInputError
 from deploy.targets.measure.lock import LockRecord, measurement_lock
-from deploy.targets.measure.stats import Comparison, compare, summarize
+from deploy.targets.measure.stats import summarize
 
 SCHEMA = "deploy.measurement"
 SCHEMA_VERSION = 1
@@ -42,12 +42,16 @@ class MeasureConfig:
     confidence: float = 0.95
     cov_warn: float = 0.10
     lock_timeout_s: float = 600.0
+    blocks: int = 12  # a comparison of two models: independent blocks (measure.paired), each with fresh sessions
+    min_sample_ms: float = 1.0  # in a comparison, a sample is the mean of k inferences covering at least this
 
     def __post_init__(self) -> None:
         for name in ("warmup_min_s", "min_seconds", "lock_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"measure config: {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("warmup_min_runs", "min_samples"):
+        if self.min_sample_ms < 0:
+            raise ConfigError(f"measure config: min_sample_ms must be >= 0, got {self.min_sample_ms}")
+        for name in ("warmup_min_runs", "min_samples", "blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"measure config: {name} must be a positive integer, got {value!r}")
@@ -63,7 +67,7 @@ class MeasureConfig:
     def quick(cls, **changes: Any) -> "MeasureConfig":
         """A sub-second budget (tests, smoke runs); `changes` override fields, e.g. quick(min_samples=200)."""
         base = cls(warmup_min_s=0.02, warmup_min_runs=3, min_samples=16, min_seconds=0.1, max_seconds=10.0,
-                   is_quick=True)
+                   is_quick=True, blocks=1)
         return dataclasses.replace(base, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +95,7 @@ class Measurement:
     runtime: dict[str, Any] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    structure: dict[str, Any] = field(default_factory=dict)  # a comparison's blocks: order, inner loop k, samples
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +111,7 @@ class Measurement:
             "lock": self.lock.to_dict(),
             "warnings": list(self.warnings),
             "created": self.created,
+            **({"structure": self.structure} if self.structure else {}),
         }
 
     @classmethod
@@ -128,13 +134,14 @@ class Measurement:
                 runtime=dict(data.get("runtime") or {}),
                 fingerprint=dict(data.get("fingerprint") or {}),
                 created=str(data.get("created", "")),
+                structure=dict(data.get("structure") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UserInputError(f"{SCHEMA} document is incomplete or malformed",
                                  f"{type(exc).__name__}: {exc}") from None
 
 
-def _timer(run_once: Callable[[], object]) -> Callable[[], float]:
+def sample_timer(run_once: Callable[[], object]) -> Callable[[], float]:
     """A function returning one sample in ms: host perf_counter_ns around the call, or the device time it reports."""
     if getattr(run_once, "returns_ms", False):
         return lambda: float(run_once())  # type: ignore[arg-type]
@@ -148,7 +155,7 @@ def _timer(run_once: Callable[[], object]) -> Callable[[], float]:
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Like timeit: a collection of the harness's garbage is not the model's latency."""
     was_enabled = gc.isenabled()
     gc.disable()
@@ -159,7 +166,7 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-class _Progress:
+class RateLimited:
     """Rate-limited progress reports, so the callback never sits between every pair of samples."""
 
     def __init__(self, fn: ProgressFn | None):
@@ -172,8 +179,8 @@ class _Progress:
             self.fn(phase, min(max(fraction, 0.0), 1.0))
 
 
-def _rounds(timers: Sequence[Callable[[], float]], config: MeasureConfig, deadline: float, progress: _Progress,
-            warmup: bool) -> list[list[float]]:
+def timed_rounds(timers: Sequence[Callable[[], float]], config: MeasureConfig, deadline: float,
+                 progress: RateLimited, warmup: bool) -> list[list[float]]:
     """Run rounds of every timer (order reversed every other round) until the phase's stop rule holds."""
     samples: list[list[float]] = [[] for _ in timers]
     start = time.perf_counter()
@@ -196,11 +203,11 @@ def _rounds(timers: Sequence[Callable[[], float]], config: MeasureConfig, deadli
 
 def _run(timers: Sequence[Callable[[], float]], config: MeasureConfig,
          progress: ProgressFn | None) -> tuple[list[list[float]], LockRecord]:
-    report = _Progress(progress)
-    with _gc_paused(), measurement_lock(config.lock_timeout_s) as lock:
+    report = RateLimited(progress)
+    with gc_paused(), measurement_lock(config.lock_timeout_s) as lock:
         begin = time.perf_counter()
-        _rounds(timers, config, begin + config.max_seconds / 2, report, warmup=True)
-        samples = _rounds(timers, config, begin + config.max_seconds, report, warmup=False)
+        timed_rounds(timers, config, begin + config.max_seconds / 2, report, warmup=True)
+        samples = timed_rounds(timers, config, begin + config.max_seconds, report, warmup=False)
     return samples, lock
 
 
@@ -225,13 +232,5 @@ def measurement_from(samples: list[float], config: MeasureConfig, lock: LockReco
 def measure(run_once: Callable[[], object], config: MeasureConfig = MeasureConfig(),
             progress: ProgressFn | None = None) -> Measurement:
     """Time `run_once` (one inference) under the host lock: warm-up, then samples until the config's stop rule."""
-    samples, lock = _run([_timer(run_once)], config, progress)
+    samples, lock = _run([sample_timer(run_once)], config, progress)
     return measurement_from(samples[0], config, lock)
-
-
-def measure_interleaved(run_a: Callable[[], object], run_b: Callable[[], object],
-                        config: MeasureConfig = MeasureConfig(),
-                        progress: ProgressFn | None = None) -> tuple[Measurement, Measurement, Comparison]:
-    """Time A and B alternately (A B, then B A, ...) so drift cancels; compare B against A (ratio b/a)."""
-    (a, b), lock = _run([_timer(run_a), _timer(run_b)], config, progress)
-    return measurement_from(a, config, lock), measurement_from(b, config, lock), compare(a, b, config.confidence)

@@ -125,6 +125,9 @@ class Comparison:
     median_b: float
     n_a: int
     n_b: int
+    method: str = "pooled"  # "pooled": one interleaved run; "blocks": independent blocks (measure.paired)
+    block_ratios: tuple[float, ...] = ()
+    between_block_sd: float | None = None  # of the blocks' log-ratios
 
     @property
     def excludes_one(self) -> bool:
@@ -132,11 +135,17 @@ class Comparison:
         return self.ci_low > 1.0 or self.ci_high < 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["block_ratios"] = list(self.block_ratios)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Comparison":
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        optional = {"method", "block_ratios", "between_block_sd"}
+        values = {k: data[k] for k in cls.__dataclass_fields__ if k not in optional or k in data}
+        if "block_ratios" in values:
+            values["block_ratios"] = tuple(values["block_ratios"])
+        return cls(**values)
 
 
 def compare(a_ms: Sequence[float], b_ms: Sequence[float], confidence: float = 0.95) -> Comparison:

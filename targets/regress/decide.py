@@ -6,7 +6,13 @@ The rule (documented in docs/ci-gate.md), with r = median(new) / median(old) and
 2. r > 1 + threshold:  p < alpha and the ratio's CI excludes 1 -> regression; otherwise -> inconclusive;
 3. r < 1 / (1 + threshold) (the same factor, the other way): p < alpha and the CI excludes 1 -> pass, reported as
    an improvement; otherwise a plain pass (an unconfirmed speed-up is no reason to fail a build);
-4. anything else -> pass (a significant change inside the threshold is noted, not failed).
+4. the ratio's CI reaches past (1 + threshold)^2, a slowdown of twice the threshold (the blocks of an interleaved
+   run disagree, or there are too few samples) -> inconclusive: the data cannot rule out a clear regression;
+5. anything else -> pass (a significant change inside the threshold is noted, not failed).
+
+An interleaved run (--baseline-model) is measured in independent blocks (measure.paired): its ratio, CI and p-value
+come from the blocks (their median, its order-statistic interval, a sign test), so a bias that lasts one
+session shows as spread.
 
 The threshold applies to the point estimate, not to the CI's lower end: asking for the whole CI above 1 + threshold
 would need several times more samples to catch a slowdown just past the threshold. The tests guard against noise.
@@ -126,7 +132,7 @@ def _refusal(old: np.ndarray, new: np.ndarray, config: GateConfig) -> list[str]:
 def decide(old_ms: Sequence[float], new_ms: Sequence[float], config: GateConfig = GateConfig(),
            comparison: Any = None) -> Verdict:
     """Judge new latency samples against old ones by the rule in this module's docstring. `comparison`: a
-    stats.Comparison of these same samples (new against old) already made, e.g. by measure_interleaved, so the
+    stats.Comparison of these same samples (new against old) already made, e.g. by measure.paired, so the
     bootstrap (linear in the sample count) is not run twice."""
     from deploy.targets.measure.stats import compare
 
@@ -143,22 +149,29 @@ def decide(old_ms: Sequence[float], new_ms: Sequence[float], config: GateConfig 
     same = comparison is not None and comparison.confidence == config.confidence and \
         (comparison.n_a, comparison.n_b) == (old.size, new.size)
     cmp = comparison if same else compare(old, new, config.confidence)
-    outcome, improvement, reasons = _judge(cmp.ratio, cmp.p_value, cmp.excludes_one, config)
+    outcome, improvement, reasons = _judge(cmp, config)
     hint = RERUN_HINT if outcome == INCONCLUSIVE else None
     return Verdict(outcome, improvement, cmp.ratio, (cmp.ci_low, cmp.ci_high), cmp.p_value,
                    reasons=tuple(reasons), hint=hint, **base)
 
 
-def _judge(ratio: float, p: float, excludes_one: bool, config: GateConfig) -> tuple[str, bool, list[str]]:
-    """Steps 2-4 of the rule, on numbers that passed the noise and sample-count checks."""
-    significant = p < config.alpha and excludes_one
+def _judge(cmp: Any, config: GateConfig) -> tuple[str, bool, list[str]]:
+    """Steps 2-5 of the rule, on numbers that passed the noise and sample-count checks."""
+    ratio, p = cmp.ratio, cmp.p_value
+    significant = p < config.alpha and cmp.excludes_one
     slow_limit, fast_limit = 1.0 + config.threshold, 1.0 / (1.0 + config.threshold)
-    evidence = f"Mann-Whitney p = {p:.2g} (alpha {config.alpha:g}), ratio CI {'excludes' if excludes_one else 'includes'} 1"
+    test = "sign test over blocks" if getattr(cmp, "method", "pooled") == "blocks" else "Mann-Whitney"
+    evidence = (f"{test} p = {p:.2g} (alpha {config.alpha:g}), ratio CI {cmp.ci_low:.3f}-{cmp.ci_high:.3f} "
+                f"{'excludes' if cmp.excludes_one else 'includes'} 1")
     if ratio > slow_limit:
         if significant:
             return REGRESSION, False, [f"slower by {ratio - 1:.1%} > threshold {config.threshold:.0%}; {evidence}"]
         return INCONCLUSIVE, False, [f"slower by {ratio - 1:.1%} > threshold {config.threshold:.0%}, "
                                      f"but not significant: {evidence}"]
+    if cmp.ci_high > slow_limit ** 2:
+        blocks = ", ".join(f"{r:.3f}" for r in getattr(cmp, "block_ratios", ()))
+        return INCONCLUSIVE, False, [f"the measurement cannot rule out a slowdown of {slow_limit ** 2 - 1:.0%}: "
+                                     f"{'the blocks disagree (' + blocks + '); ' if blocks else ''}{evidence}"]
     if ratio < fast_limit:
         if significant:
             return PASS, True, [f"faster by {1 - ratio:.1%} (beyond the threshold); {evidence}"]

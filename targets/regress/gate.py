@@ -37,6 +37,7 @@ class RegressRequest:
     input_shapes: tuple[str, ...] = ()
     precision: str | None = None
     trust_pickle: bool = False
+    clock: str | None = None  # wall | cpu; None: the baseline file's, else wall
 
     def __post_init__(self) -> None:
         if self.update and self.baseline is None:
@@ -105,7 +106,7 @@ def _bench_request(request: RegressRequest, model: Path, baseline: Any = None, c
         profile_path=request.profile_path, runtime=request.runtime or stored_runtime.get("runtime"),
         threads=request.threads if request.threads is not None else stored_runtime.get("threads"),
         input_shapes=shapes, measure=measure, compare=compare, precision=request.precision,
-        trust_pickle=request.trust_pickle,
+        trust_pickle=request.trust_pickle, clock=request.clock or stored_runtime.get("clock") or "wall",
     )
 
 
@@ -136,12 +137,14 @@ def _update(request: RegressRequest, progress: Any) -> RegressResult:
 
 
 def _interleaved(request: RegressRequest, progress: Any) -> RegressResult:
-    """A B A B in one run: the old model is A, the new model B; drift hits both alike."""
+    """Old and new in independent blocks in one run (measure.paired): the old model is A, the new model B."""
     from deploy.targets.bench import run_bench
     from deploy.targets.regress.baseline import read_baseline
 
     stored = read_baseline(request.baseline) if request.baseline is not None else None
-    bench = run_bench(_bench_request(request, request.baseline_model, stored, compare=request.model_path), progress)
+    bench_request = _bench_request(request, request.baseline_model, stored, compare=request.model_path)
+    _check_blocks(bench_request.measure.blocks, request.gate.alpha)
+    bench = run_bench(bench_request, progress)
     old, new = bench.measurement, bench.other
     warnings = _measurement_warnings(("baseline model", old), ("new", new))
     stored_sha = ((_get(stored, "model") or {}).get("sha256"))
@@ -152,6 +155,16 @@ def _interleaved(request: RegressRequest, progress: Any) -> RegressResult:
     return RegressResult(verdict.outcome, "interleaved", new, old, verdict, request.gate,
                          str(request.baseline) if request.baseline else None, str(request.baseline_model),
                          warnings=tuple(warnings))
+
+
+def _check_blocks(blocks: int, alpha: float) -> None:
+    """With n blocks the sign test's smallest p-value is 2 / 2^n: fewer blocks could never flag a regression."""
+    import math
+
+    least = max(2, math.ceil(math.log2(2 / alpha) + 1e-9))
+    if 1 < blocks < least:
+        raise UserInputError(f"--blocks {blocks} can never reach --alpha {alpha:g}: the sign test over n blocks "
+                             f"gives p >= 2/2^n", f"use --blocks 1 or at least {least} blocks")
 
 
 def _against_file(request: RegressRequest, progress: Any) -> RegressResult:

@@ -56,11 +56,15 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += _numbers_table(result) + [""]
     if verdict and verdict.get("ratio") is not None:
         lo, hi = verdict["ci"]
+        blocks = ((result.get("new") or {}).get("structure") or {}).get("blocks") or []
+        how = (f"{len(blocks)} blocks with fresh sessions; sign test over blocks" if len(blocks) > 1 else
+               "Mann-Whitney")
         lines.append(f"Ratio of medians new/old **x{verdict['ratio']:.3f}** ({gate['confidence']:.0%} CI {lo:.3f} - "
-                     f"{hi:.3f}), Mann-Whitney p = {verdict['p_value']:.2g}.")
+                     f"{hi:.3f}), {how} p = {verdict['p_value']:.2g}.")
     lines.append(f"Rule: regression when the median is more than {gate['threshold']:.0%} slower AND p < "
-                 f"{gate['alpha']:g}; inconclusive when a robust CoV > {gate['max_cov']:.0%} or fewer than "
-                 f"{gate['min_samples']} samples. Mode: {result['mode']}.")
+                 f"{gate['alpha']:g}; inconclusive when a robust CoV > {gate['max_cov']:.0%}, fewer than "
+                 f"{gate['min_samples']} samples, or a CI that reaches past twice the threshold. "
+                 f"Mode: {result['mode']}.")
     for reason in (verdict or {}).get("reasons", []):
         lines.append(f"- {reason}")
     if verdict and verdict.get("hint"):

@@ -1,6 +1,14 @@
 """ONNX Runtime on the CPU, set up for repeatable latency: a fixed intra-op thread count, one inter-op thread,
 sequential execution, all graph optimisations, no spin-waiting, and inputs/outputs bound once (io_binding) so a
-timed call does no copies."""
+timed call does no copies.
+
+Each session has its own intra-op pool, and where the OS puts its worker thread lasts the session: on a 2-core
+machine with one busy neighbour, two sessions of the same file differed by 14-30% (A/A ratios 0.70-0.86 over six
+pairs of fresh sessions, an 8-layer 1024-wide MLP at 2 threads). ONNX Runtime's global thread pool removed most of
+that (0.985-1.039), but from Python it binds the whole process: every later session must use it, at one size, and
+it spin-waits; a tool that measures several thread counts in one process cannot make it the standard. Comparisons
+instead run in blocks with fresh sessions and take medians over them (targets.measure.paired): same-file A/A on the
+digits CNN under that load gave 95% intervals of 0.94-1.02, 0.99-1.03 and 0.99-1.06."""
 from __future__ import annotations
 
 from pathlib import Path

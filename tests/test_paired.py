@@ -1,0 +1,104 @@
+"""The block design of a two-model comparison (targets.measure.paired) and the gate's reading of it."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from deploy.targets.measure.loop import MeasureConfig
+from deploy.targets.measure.paired import combine, inner_loop, measure_blocks
+from deploy.targets.measure.stats import Comparison
+from deploy.targets.regress.decide import INCONCLUSIVE, PASS, REGRESSION, GateConfig, decide
+
+
+def _noisy(rng: np.random.Generator, median: float, n: int = 200, cov: float = 0.02) -> list[float]:
+    return list(median * np.exp(rng.normal(0.0, cov, n)))
+
+
+def test_inner_loop_makes_a_sample_cover_the_minimum():
+    assert inner_loop([0.1] * 5, [0.3] * 5, 1.0) == 10  # the faster model sets k
+    assert inner_loop([2.0] * 5, [3.0] * 5, 1.0) == 1
+    assert inner_loop([0.1] * 5, [0.1] * 5, 0.0) == 1
+
+
+def test_a_session_bias_widens_the_interval_instead_of_faking_a_difference():
+    """A/A blocks, each with a persistent bias of up to 13% and a tight within-block spread: one pooled
+    comparison would call that a difference; the blocks' interval must hold 1.0."""
+    rng = np.random.default_rng(1)
+    biases = [1.13, 0.97, 1.0, 0.92, 1.08, 1.02, 0.95, 1.05]
+    blocks = [(_noisy(rng, 1.0), _noisy(rng, bias)) for bias in biases]
+    c = combine(blocks)
+    assert c.method == "blocks" and len(c.block_ratios) == 8
+    assert c.ci_low < 1.0 < c.ci_high
+    assert c.between_block_sd == pytest.approx(float(np.std(np.log(c.block_ratios), ddof=1)))
+    pooled_a = [x for a, _ in blocks for x in a]
+    pooled_b = [x for _, b in blocks for x in b]
+    from deploy.targets.measure.stats import compare
+
+    pooled = compare(pooled_a, pooled_b)
+    assert (pooled.ci_high - pooled.ci_low) < (c.ci_high - c.ci_low)  # the pooled interval is the overconfident one
+
+
+def test_a_consistent_slowdown_is_found_with_its_size_despite_a_bad_block():
+    """Twelve blocks of a 20% slowdown, one of which drew a bad schedule (B looked 30% faster): still a regression,
+    of the right size."""
+    rng = np.random.default_rng(2)
+    biases = (1.01, 0.99, 1.0, 1.02, 0.98, 1.0, 1.01, 0.99, 0.55, 1.0, 1.02, 0.98)
+    blocks = [(_noisy(rng, 1.0), _noisy(rng, 1.2 * bias)) for bias in biases]
+    c = combine(blocks)
+    assert c.excludes_one and c.ci_low > 1.1 and c.p_value < 0.01
+    assert c.ratio == pytest.approx(math.exp(np.median(np.log(c.block_ratios))))
+    assert decide(blocks[0][0], blocks[0][1], GateConfig(), c).outcome == REGRESSION
+
+
+def test_the_interval_is_never_narrower_than_the_blocks_own_precision():
+    """Blocks that agree by chance must not claim more precision than each block's samples give."""
+    rng = np.random.default_rng(3)
+    blocks = [(_noisy(rng, 1.0, 30, 0.2), _noisy(rng, 1.0, 30, 0.2)) for _ in range(3)]
+    tight = combine([(a, list(np.asarray(b) * (np.median(a) / np.median(b)))) for a, b in blocks])
+    assert tight.between_block_sd == pytest.approx(0.0, abs=1e-9)
+    assert tight.ci_high / tight.ci_low > 1.02
+
+
+def test_disagreeing_blocks_make_the_gate_inconclusive_not_a_regression():
+    c = Comparison(ratio=1.02, ci_low=0.9, ci_high=1.16, confidence=0.95, p_value=0.5, median_a=1.0, median_b=1.02,
+                   n_a=100, n_b=100, method="blocks", block_ratios=(1.13, 0.92, 1.02), between_block_sd=0.1)
+    old, new = [1.0] * 50 + [1.01] * 50, [1.02] * 50 + [1.03] * 50
+    verdict = decide(old, new, GateConfig(), c)
+    assert verdict.outcome == INCONCLUSIVE and "blocks disagree" in verdict.reasons[0]
+    agreeing = Comparison(ratio=1.01, ci_low=0.99, ci_high=1.03, confidence=0.95, p_value=0.3, median_a=1.0,
+                          median_b=1.01, n_a=100, n_b=100, method="blocks", block_ratios=(1.0, 1.02, 1.01))
+    assert decide(old, new, GateConfig(), agreeing).outcome == PASS
+    assert Comparison.from_dict(c.to_dict()) == c
+
+
+def _device_timed(ms: float, rng: np.random.Generator):
+    """A run that reports its own time (as a GPU runner does): the loop's logic without the host's noise."""
+    from deploy.targets.runners.registry import DeviceTimed
+
+    return DeviceTimed(lambda: ms * float(np.exp(rng.normal(0.0, 0.02))))
+
+
+def test_measure_blocks_prepares_fresh_runs_alternates_order_and_records_the_structure():
+    made = {"a": 0, "b": 0}
+    rng = np.random.default_rng(4)
+
+    def prepare(side: str, ms: float):
+        def make():
+            made[side] += 1
+            return _device_timed(ms, rng)
+        return make
+
+    config = MeasureConfig(warmup_min_s=0.01, warmup_min_runs=3, min_samples=24, min_seconds=0.15, max_seconds=5.0,
+                           blocks=3, min_sample_ms=1.0)
+    a, b, c = measure_blocks(prepare("a", 0.2), prepare("b", 0.4), config)
+    assert made == {"a": 3, "b": 3}  # one fresh run per side per block
+    blocks = a.structure["blocks"]
+    assert [blk["first"] for blk in blocks] == ["a", "b", "a"]
+    assert all(4 <= blk["inner_loop"] <= 6 for blk in blocks)  # 0.2 ms per inference: k = 5 for a 1 ms sample
+    assert sum(blk["n"] for blk in blocks) == a.summary["n"] == len(a.samples_ms)
+    assert c.method == "blocks" and len(c.block_ratios) == 3 and c.ci_low < 2.0 < c.ci_high
+    assert 1.9 < c.ratio < 2.1 and c.excludes_one
+    data = a.to_dict()
+    assert data["structure"]["design"] == "blocks" and len(data["samples_ms"]) == a.summary["n"]
