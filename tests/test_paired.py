@@ -102,3 +102,16 @@ def test_measure_blocks_prepares_fresh_runs_alternates_order_and_records_the_str
     assert 1.9 < c.ratio < 2.1 and c.excludes_one
     data = a.to_dict()
     assert data["structure"]["design"] == "blocks" and len(data["samples_ms"]) == a.summary["n"]
+
+
+def test_noise_is_judged_within_blocks_not_across_their_sessions():
+    """Two blocks whose sessions run 30% apart: pooled, that looks like a noisy measurement; within each block the
+    samples are tight, and the gate judges them."""
+    rng = np.random.default_rng(5)
+    a = np.array(_noisy(rng, 1.0, 100, 0.01) + _noisy(rng, 1.3, 100, 0.01))
+    from deploy.targets.regress.decide import block_noise, robust_cov
+
+    assert robust_cov(a) > 0.1 and block_noise(a, [100, 100]) < 0.02
+    c = combine([(list(a[:100]), list(a[:100])), (list(a[100:]), list(a[100:]))])
+    assert decide(a, a, GateConfig(), c, [100, 100]).outcome == PASS
+    assert decide(a, a, GateConfig(), c).outcome == INCONCLUSIVE  # pooled: too noisy

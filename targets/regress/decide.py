@@ -116,24 +116,34 @@ def robust_cov(samples: Sequence[float]) -> float:
     return 1.4826 * float(np.median(np.abs(x - median))) / median if median > 0 else math.inf
 
 
-def _refusal(old: np.ndarray, new: np.ndarray, config: GateConfig) -> list[str]:
+def block_noise(samples: np.ndarray, blocks: Sequence[int] | None) -> float:
+    """Robust CoV; over the blocks of a comparison, the median of each block's own (a block's sessions may run a few
+    percent apart from another's: that is the design's between-block spread, judged by the CI, not noise)."""
+    if not blocks or len(blocks) < 2 or sum(blocks) != samples.size:
+        return robust_cov(samples)
+    edges = np.cumsum([0, *blocks])
+    return float(np.median([robust_cov(samples[a:b]) for a, b in zip(edges[:-1], edges[1:])]))
+
+
+def _refusal(old: np.ndarray, new: np.ndarray, config: GateConfig, noise: tuple[float, float]) -> list[str]:
     """Why the samples cannot be judged at all (empty list: they can)."""
     reasons = []
     for side, x in (("baseline", old), ("new", new)):
         if x.size < config.min_samples:
             reasons.append(f"too few samples: {side} has {x.size}, the gate needs at least {config.min_samples}")
-    for side, x in (("baseline", old), ("new", new)):
-        noise = robust_cov(x)
+    for side, x, level in (("baseline", old, noise[0]), ("new", new, noise[1])):
+        noise = level
         if x.size >= 2 and noise > config.max_cov:
             reasons.append(f"too noisy: {side} robust CoV {noise:.1%} is above --max-cov {config.max_cov:.0%}")
     return reasons
 
 
 def decide(old_ms: Sequence[float], new_ms: Sequence[float], config: GateConfig = GateConfig(),
-           comparison: Any = None) -> Verdict:
+           comparison: Any = None, blocks: Sequence[int] | None = None) -> Verdict:
     """Judge new latency samples against old ones by the rule in this module's docstring. `comparison`: a
     stats.Comparison of these same samples (new against old) already made, e.g. by measure.paired, so the
-    bootstrap (linear in the sample count) is not run twice."""
+    bootstrap (linear in the sample count) is not run twice; `blocks`: the samples per block of such a comparison
+    (noise is then judged within blocks)."""
     from deploy.targets.measure.stats import compare
 
     old = np.asarray(old_ms, dtype=np.float64).ravel()
@@ -141,9 +151,10 @@ def decide(old_ms: Sequence[float], new_ms: Sequence[float], config: GateConfig 
     if old.size == 0 or new.size == 0 or not (np.all(np.isfinite(old)) and np.all(np.isfinite(new))):
         raise UserInputError("the gate needs finite latency samples on both sides",
                              "re-create the baseline with --update")
-    base = dict(noise_old=robust_cov(old), noise_new=robust_cov(new), n_old=int(old.size), n_new=int(new.size),
+    noise = (block_noise(old, blocks), block_noise(new, blocks))
+    base = dict(noise_old=noise[0], noise_new=noise[1], n_old=int(old.size), n_new=int(new.size),
                 median_old=float(np.median(old)), median_new=float(np.median(new)))
-    refusal = _refusal(old, new, config)
+    refusal = _refusal(old, new, config, noise)
     if refusal:
         return Verdict(INCONCLUSIVE, False, None, None, None, reasons=tuple(refusal), hint=RERUN_HINT, **base)
     same = comparison is not None and comparison.confidence == config.confidence and \

@@ -151,7 +151,8 @@ def _interleaved(request: RegressRequest, progress: Any) -> RegressResult:
     if stored_sha and stored_sha != (old.model or {}).get("sha256"):
         warnings.append(f"the baseline file {request.baseline} was measured on another model file than "
                         f"--baseline-model {request.baseline_model}; the verdict uses --baseline-model")
-    verdict = decide(old.samples_ms, new.samples_ms, request.gate, bench.comparison)
+    blocks = [blk["n"] for blk in (new.structure or {}).get("blocks", [])]
+    verdict = decide(old.samples_ms, new.samples_ms, request.gate, bench.comparison, blocks)
     return RegressResult(verdict.outcome, "interleaved", new, old, verdict, request.gate,
                          str(request.baseline) if request.baseline else None, str(request.baseline_model),
                          warnings=tuple(warnings))
