@@ -82,9 +82,14 @@ def transformer():
 
 
 def trtexec(onnx: Path, flags: list[str], tag: str) -> dict:
+    """Build and time with trtexec: the command `deploy compress` prints for the device (export.trtexec), plus
+    layer info and profiling flags."""
+    from deploy.export.trtexec import trtexec_command
+
     info = OUT / f"{tag}.layers.json"
-    cmd = [TRTEXEC, f"--onnx={onnx}", f"--saveEngine={OUT / (tag + '.engine')}", f"--exportLayerInfo={info}",
-           "--profilingVerbosity=detailed", "--separateProfileRun", *flags]
+    precisions = {"FP16": "fp16", "INT8": "int8"}
+    argv = trtexec_command(onnx, [], {precisions[f] for f in flags}, engine_path=OUT / f"{tag}.engine")
+    cmd = [TRTEXEC, *argv[1:], f"--exportLayerInfo={info}", "--profilingVerbosity=detailed", "--separateProfileRun"]
     log = subprocess.run(cmd, capture_output=True, text=True)
     (OUT / f"{tag}.trtexec.log").write_text(log.stdout + log.stderr)
     if log.returncode != 0:
@@ -153,9 +158,8 @@ for name, module, spec, calib in (digits(), transformer()):
     int8 = QuantOption("int8", 8, 8, "per-channel", 0, True, True)  # the tensorrt policy's int8 form
     pure = export_quantized(quantized.plan.with_options({n: int8 for n in quantized.plan.layers}), quantized.module,
                             static, folder / "int8_qdq.onnx", "tensorrt").onnx
-    qflags = ["--int8", "--fp16"] if TRTEXEC else ["INT8", "FP16"]
-    engines = {"fp32": build(fp32, [], f"{name}_fp32"), "fp16": build(fp32, ["--fp16"] if TRTEXEC else ["FP16"],
-                                                                      f"{name}_fp16"),
+    qflags = ["INT8", "FP16"]  # trtexec: a Q/DQ file is built --stronglyTyped (export.trtexec)
+    engines = {"fp32": build(fp32, [], f"{name}_fp32"), "fp16": build(fp32, ["FP16"], f"{name}_fp16"),
                "ours_pure_int8": build(pure, qflags, f"{name}_int8"),
                "ours_mixed": build(mixed, qflags, f"{name}_mixed")}
     rows.append((name, report["counts"], engines))

@@ -6,7 +6,7 @@ variant). The slower variant is honest extra work (a chain of 1x1 convolutions i
 measuring; its measured ratio is reported.
 
 Writes benchmarks/results/regress_validation.json (raw) and regress_validation.md (generated from that JSON).
-Usage: .venv/bin/python benchmarks/regress_validation.py [--runs 20] [--compares 10] [--arms quiet,loaded]
+Usage: .venv/bin/python benchmarks/regress_validation.py [--runs 20] [--compares 10] [--arms 'quiet;loaded']
 """
 from __future__ import annotations
 
@@ -161,6 +161,7 @@ ARMS = (
 
 
 def run_arm(arm: dict[str, Any], folder: Path, base: Path, runs: int, compares: int) -> dict[str, Any]:
+    begin = time.time()
     slow, trials = calibrate(folder, base, arm)
     rows: list[dict[str, Any]] = []
     budget = 90.0 * (2 * runs + compares) + 60.0
@@ -178,6 +179,8 @@ def run_arm(arm: dict[str, Any], folder: Path, base: Path, runs: int, compares: 
             rows.append(compare_row(i + 1, data, seconds))
             print(f"{arm['name']} compare {i + 1}: x{rows[-1]['ratio']:.3f} {rows[-1]['ci']}", file=sys.stderr)
     return {**arm, "slow_variant": {"file": slow.name, "calibration": trials},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": round(time.time() - begin, 1),
             "load_average_before": [round(x, 2) for x in load_before], "rows": rows}
 
 
@@ -187,12 +190,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from deploy.targets.regress.decide import GateConfig
 
     started = time.time()
-    wanted = [a for a in ARMS if not args.arms or a["name"].split(",")[0] in args.arms.split(",")
-              or a["name"] in args.arms.split(",")]
+    chosen = [w.strip() for w in args.arms.split(";") if w.strip()]
+    wanted = [a for a in ARMS if not chosen or any(a["name"] == w or a["name"].startswith(w + ",") for w in chosen)]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         base = export(slowed_cnn(0), folder / "base.onnx")
         arms = [run_arm(arm, folder, base, args.runs, args.compares) for arm in wanted]
+    if chosen and JSON_PATH.exists():  # a partial run keeps the other arms' results, in the order of ARMS
+        kept = {a["name"]: a for a in json.loads(JSON_PATH.read_text()).get("arms", [])}
+        kept.update({a["name"]: a for a in arms})
+        arms = [kept[a["name"]] for a in ARMS if a["name"] in kept]
     return {
         "benchmark": "regress_validation", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python", "benchmarks/regress_validation.py", *sys.argv[1:]]),
@@ -270,7 +277,8 @@ def render_markdown(data: dict[str, Any]) -> str:
               f"Machine: {fp['cpu']}, {fp['usable_cores']} usable cores "
               f"({'virtualized' if fp['virtualized'] else 'bare metal'}), onnxruntime "
               f"{fp['versions'].get('onnxruntime', '?')}, Python {data['python']}; load average before each arm: "
-              + ", ".join(f"{a['name']} {a['load_average_before'][0]:.2f}" for a in data["arms"])
+              + ", ".join(f"{a['name']} {a['load_average_before'][0]:.2f} ({a.get('created', data['created'])[:16]})"
+                          for a in data["arms"])
               + f". Date: {data['created'][:10]}; {data['wall_seconds']:.0f} s wall.",
               f"Command: `{data['command']}`"]
     return "\n".join(lines) + "\n"
@@ -280,7 +288,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="A/A and A/B gate runs per arm")
     parser.add_argument("--compares", type=int, default=10, help="same-file bench --compare runs per arm")
-    parser.add_argument("--arms", default="", help="comma-separated arm names (quiet, loaded, ...); default all")
+    parser.add_argument("--arms", default="", help="';'-separated arm names or prefixes ('quiet', 'loaded', "
+                                                   "'loaded, 2 threads'); the others' results are kept; default all")
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing JSON")
     args = parser.parse_args()
     from deploy.core.atomic_io import atomic_write_json, atomic_write_text

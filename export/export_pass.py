@@ -1,6 +1,7 @@
 """The `export` pass, always last: the module (and the Q/DQ plan a quantize pass attached) written in the target's
 formats: model.onnx (Q/DQ in the target's policy where there is a plan), OpenVINO IR beside it for OpenVINO
-targets, a TensorRT engine where TensorRT runs here (else a warning record says how to build it on the device).
+targets, a TensorRT engine where TensorRT runs here (else a warning record gives the trtexec command that builds it on the
+device, export.trtexec, and the `deploy bench --runner ssh://` line that measures it from here).
 """
 from __future__ import annotations
 
@@ -57,9 +58,19 @@ class ExportPass:
         from deploy.targets.runners.tensorrt import save_engine, tensorrt_available
 
         if not tensorrt_available():
-            state.record(self.name, "warning", message="no TensorRT here: model.plan not built (build it on the "
-                                                       "device from model.onnx)")
+            from deploy.export.trtexec import hand_off
+
+            plan = state.attached.get("quant_plan")
+            precisions = {_float_kind(label) for label in plan.labels().values()} if plan is not None else set()
+            steps = hand_off(path, state.inputs, precisions, state.target.profile.name, {"batch": self.config.batch})
+            state.record(self.name, "warning", message="no TensorRT here, so model.plan was not built; " +
+                         "; ".join(steps), trtexec=steps[0])
             return
         specs = [s.__class__(s.name, s.concrete_shape({"batch": self.config.batch}), s.dtype) for s in state.inputs]
         state.artifacts["model.plan"] = save_engine(path, ctx.out_dir / "model.plan", make_feeds(specs),
                                                     state.target.profile)
+
+
+def _float_kind(label: str) -> str:
+    """The float precision a layer label names (fp16, bf16), or the label itself."""
+    return "fp16" if label.startswith(("fp16", "f16")) else "bf16" if label.startswith("bf16") else label

@@ -49,3 +49,23 @@ def test_the_hand_off_names_the_command_and_the_ssh_check(tmp_path):
     assert "trtexec --onnx=model.onnx --saveEngine=model.plan --minShapes=" in lines[0]
     assert lines[1].startswith(f"to measure it from here: deploy bench {path} --target jetson-orin-nano")
     assert "--input-shape input_ids:1x64" in lines[1] and "--runner ssh://" in lines[1]
+
+
+def test_reduced_floats_are_in_the_default_precisions_and_fp32_opts_out():
+    """fp16 (and bf16) are offered where the profile runs them unless --precision leaves them out; an unknown
+    precision is refused."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from deploy.compiler.candidates import quant_config
+    from deploy.compiler.job import CompressRequest
+    from deploy.core.errors import UserInputError
+    from deploy.profiles import load_builtin
+
+    setup = SimpleNamespace(target=SimpleNamespace(profile=load_builtin("jetson-orin-nano")))
+    default = quant_config(CompressRequest(), setup).space.float_precisions
+    explicit = quant_config(CompressRequest(precisions=("fp32", "int8")), setup).space.float_precisions
+    assert "fp16" in default and explicit == ("fp32",)
+    with pytest.raises(UserInputError, match="unknown precision 'int9'"):
+        CompressRequest(precisions=("fp32", "int9"))

@@ -36,7 +36,7 @@ def compress_cmd(
     output: Path = typer.Option(Path("out"), "--output", "-o", help="Output folder (refused if it exists, unless --force)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Replay a deploy.toml from an earlier run (no search)."),
-    precision: List[str] = typer.Option([], "--precision", help="Precisions layers may take (default fp32 and int8; add int4 for weight-only int4 where the target has it); repeat."),
+    precision: List[str] = typer.Option([], "--precision", help="Precisions layers may take (default fp32, fp16 and bf16 where the target runs them, int8; add int4 for weight-only int4 where the target has it); repeat."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Do not prune."),
     lowrank: bool = typer.Option(False, "--lowrank/--no-lowrank", help=LOWRANK_HELP),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size latency is measured at (and a TensorRT plan built for); needs a dynamic batch axis."),
@@ -52,14 +52,14 @@ def compress_cmd(
     Exit 0: budget met; 3: uncertain (the measured p50's interval or a predicted band straddles the budget);
     4: budget missed (the model and report are still written)."""
     from deploy.compiler.budget import from_flags
-    from deploy.compiler.job import CompressRequest, compress
+    from deploy.compiler.job import DEFAULT_PRECISIONS, CompressRequest, compress
 
     request = CompressRequest(
         model=str(model) if model else None, example=example, arch=arch, trust_pickle=trust_pickle,
         input_shapes=tuple(input_shape), target=target, profile_path=str(profile) if profile else None,
         calib=calib, tokenizer=str(tokenizer) if tokenizer else None,
         budget=from_flags(budget_ms, speedup, size_mb, max_drop), out=str(output), force=force,
-        plan=str(plan) if plan else None, precisions=tuple(precision) or ("fp32", "int8"), prune=not no_prune,
+        plan=str(plan) if plan else None, precisions=tuple(precision) or DEFAULT_PRECISIONS, prune=not no_prune,
         lowrank=lowrank, recover_steps=recover_steps, recover_minutes=recover_minutes, eval_hook=eval_hook, threads=threads,
         measure_seconds=measure_seconds, seed=seed, batch=batch)
     with job_progress(err_console, "compress", not as_json) as progress:
@@ -111,7 +111,7 @@ def search_cmd(
     timeout: Optional[float] = typer.Option(None, "--timeout", callback=positive, help="Stop this worker after this many seconds."),
     storage: Optional[str] = typer.Option(None, "--storage", help="optuna storage URL (default sqlite:///OUT/study.db; postgresql://... for many workers)."),
     study_name: str = typer.Option("deploy-search", "--study-name", help="Study name inside the storage."),
-    precision: List[str] = typer.Option([], "--precision", help="Precisions layers may take (default fp32 and int8)."),
+    precision: List[str] = typer.Option([], "--precision", help="Precisions layers may take (default fp32, fp16/bf16 where the target runs them, int8)."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Do not prune."),
     lowrank: bool = typer.Option(False, "--lowrank/--no-lowrank", help=LOWRANK_HELP),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size latency is measured at; needs a dynamic batch axis."),
@@ -123,14 +123,14 @@ def search_cmd(
     """The latency-vs-fidelity Pareto front: a resumable, multi-worker optuna study with every trial measured."""
     from deploy.compress.study import StudyConfig
     from deploy.core.errors import UserInputError
-    from deploy.compiler.job import CompressRequest
+    from deploy.compiler.job import DEFAULT_PRECISIONS, CompressRequest
     from deploy.compiler.search import SearchRequest, search
 
     request = CompressRequest(
         model=str(model) if model else None, example=example, arch=arch, trust_pickle=trust_pickle,
         input_shapes=tuple(input_shape), target=target, profile_path=str(profile) if profile else None,
         calib=calib, tokenizer=str(tokenizer) if tokenizer else None, out=str(output), force=True,
-        precisions=tuple(precision) or ("fp32", "int8"), prune=not no_prune, lowrank=lowrank,
+        precisions=tuple(precision) or DEFAULT_PRECISIONS, prune=not no_prune, lowrank=lowrank,
         recover_steps=0, threads=threads,
         measure_seconds=measure_seconds, seed=seed, batch=batch)
     try:

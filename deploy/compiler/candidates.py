@@ -155,7 +155,9 @@ def quant_config(request: Any, setup: Any) -> Any:
     grans = fast.space.granularities
     if "per-channel" in setup.target.profile.weight_granularities:
         grans = tuple(g for g in grans if g != "per-tensor")
-    return QuantizeConfig.fast(space=dc.replace(fast.space, weight_bits=bits, granularities=grans))
+    floats = ("fp32",) + tuple(p for p in ("fp16", "bf16") if p in request.precisions)
+    return QuantizeConfig.fast(space=dc.replace(fast.space, weight_bits=bits, granularities=grans,
+                                                float_precisions=floats))
 
 
 class Planner:

@@ -26,6 +26,11 @@ from deploy.targets.target import Target
 ProgressFn = Callable[[str, float], None]
 
 
+# fp16 / bf16 count only where the profile runs them (TensorRT GPUs, AVX-512 BF16 CPUs); --precision fp32 opts out
+DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+KNOWN_PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
+
+
 @dataclass(frozen=True)
 class CompressRequest:
     """The whole of `deploy compress`'s command line as one config."""
@@ -43,7 +48,7 @@ class CompressRequest:
     out: str = "out"
     force: bool = False
     plan: str | None = None  # a deploy.toml to replay
-    precisions: tuple[str, ...] = ("fp32", "int8")  # precisions layers may take (the profile may drop some)
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS  # precisions layers may take (the profile may drop some)
     batch: int = 1  # the batch size latency is measured (and a TensorRT plan built) at
     prune: bool = True
     lowrank: bool = False  # low-rank factorization as a knob of the plan (float layers); opt-in, see CLI.md
@@ -53,6 +58,11 @@ class CompressRequest:
     threads: int | None = None
     measure_seconds: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.precisions if p not in KNOWN_PRECISIONS]
+        if unknown:
+            raise UserInputError(f"unknown precision '{unknown[0]}'", f"use one of {', '.join(KNOWN_PRECISIONS)}")
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 The rule (documented in docs/ci-gate.md), with r = median(new) / median(old) and p the Mann-Whitney U p-value:
 
-1. either side has fewer than `min_samples` samples, or a noise level above `max_cov` -> inconclusive (refuse);
+1. either side has fewer than `min_samples` samples, or (against a baseline file, or in one interleaved run) a
+   noise level above `max_cov` -> inconclusive (refuse); a comparison in blocks is judged by its interval instead,
+   which widens with the noise, and rule 4 refuses what it cannot resolve;
 2. r > 1 + threshold:  p < alpha and the ratio's CI excludes 1 -> regression; otherwise -> inconclusive;
 3. r < 1 / (1 + threshold) (the same factor, the other way): p < alpha and the CI excludes 1 -> pass, reported as
    an improvement; otherwise a plain pass (an unconfirmed speed-up is no reason to fail a build);
@@ -125,13 +127,14 @@ def block_noise(samples: np.ndarray, blocks: Sequence[int] | None) -> float:
     return float(np.median([robust_cov(samples[a:b]) for a, b in zip(edges[:-1], edges[1:])]))
 
 
-def _refusal(old: np.ndarray, new: np.ndarray, config: GateConfig, noise: tuple[float, float]) -> list[str]:
-    """Why the samples cannot be judged at all (empty list: they can)."""
+def _refusal(old: np.ndarray, new: np.ndarray, config: GateConfig, noise: tuple[float, float] | None) -> list[str]:
+    """Why the samples cannot be judged at all (empty list: they can). `noise` None: not judged here (a comparison
+    in blocks, whose interval already widens with the noise, and rule 4 refuses what it cannot resolve)."""
     reasons = []
     for side, x in (("baseline", old), ("new", new)):
         if x.size < config.min_samples:
             reasons.append(f"too few samples: {side} has {x.size}, the gate needs at least {config.min_samples}")
-    for side, x, level in (("baseline", old, noise[0]), ("new", new, noise[1])):
+    for side, x, level in (() if noise is None else (("baseline", old, noise[0]), ("new", new, noise[1]))):
         noise = level
         if x.size >= 2 and noise > config.max_cov:
             reasons.append(f"too noisy: {side} robust CoV {noise:.1%} is above --max-cov {config.max_cov:.0%}")
@@ -154,7 +157,8 @@ def decide(old_ms: Sequence[float], new_ms: Sequence[float], config: GateConfig 
     noise = (block_noise(old, blocks), block_noise(new, blocks))
     base = dict(noise_old=noise[0], noise_new=noise[1], n_old=int(old.size), n_new=int(new.size),
                 median_old=float(np.median(old)), median_new=float(np.median(new)))
-    refusal = _refusal(old, new, config, noise)
+    in_blocks = comparison is not None and getattr(comparison, "method", "pooled") == "blocks"
+    refusal = _refusal(old, new, config, None if in_blocks else noise)
     if refusal:
         return Verdict(INCONCLUSIVE, False, None, None, None, reasons=tuple(refusal), hint=RERUN_HINT, **base)
     same = comparison is not None and comparison.confidence == config.confidence and \
