@@ -131,6 +131,8 @@ def test_device_not_at_hand_gets_predicted_latency_with_a_band(tmp_path, env):
     assert report["result"]["verified"] is False
     assert "published latencies" in report["latency"]["result"]["label"]  # fitted, yet not verified here
     assert any("is predicted" in w for w in report["warnings"])
+    hand_off = next(w for w in report["warnings"] if "trtexec" in w)  # no TensorRT here: the device's command
+    assert "--onnx=model.onnx --saveEngine=model.plan" in hand_off and "--runner ssh://" in hand_off
     if report["decisions"].get("quantize"):  # a per-layer plan is priced layer by layer
         assert report["latency"]["result"]["precision"] == "mixed"
         assert report["quantization"]["policy"] == "tensorrt"

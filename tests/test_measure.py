@@ -261,3 +261,15 @@ def test_heavier_model_is_measurably_slower(mlps):
 
     c = _attempts(3, once)
     assert 1.5 < c.ratio < 6.0
+
+
+def test_ort_sessions_pin_their_workers_to_the_same_processors(monkeypatch):
+    """Two sessions' worker threads sit on the same processors (the last ones this process may use), so where the
+    OS put one session's worker cannot make it faster or slower than another's."""
+    import os
+
+    from deploy.targets.runners.ort import worker_affinity
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert worker_affinity(1) == "" and worker_affinity(2) == "4" and worker_affinity(3) == "3;4"
+    assert worker_affinity(4) == "2;3;4" and worker_affinity(5) == ""  # more threads than processors: unpinned

@@ -116,3 +116,21 @@ def test_noise_is_judged_within_blocks_not_across_their_sessions():
     verdict = decide(a, a, GateConfig(), c, [100, 100])
     assert verdict.outcome == PASS and verdict.noise_old < 0.02  # the noise reported is the blocks' own
     assert decide(a, a, GateConfig()).outcome == INCONCLUSIVE  # the same samples pooled: too noisy to judge
+
+
+def test_the_p50_interval_over_blocks_is_a_t_interval_around_the_p50():
+    """Six blocks whose medians spread by a few percent: the verdict's interval holds the p50, is wider than the
+    pooled order-statistic interval, and narrower than the blocks' whole range."""
+    from deploy.targets.measure.loop import measurement_from
+    from deploy.targets.measure.lock import LockRecord
+    from deploy.targets.measure.paired import median_interval
+
+    rng = np.random.default_rng(6)
+    levels = [1.0, 1.03, 0.98, 1.06, 0.99, 1.01]
+    samples = [x for level in levels for x in _noisy(rng, level, 50, 0.01)]
+    m = measurement_from(samples, MeasureConfig(), LockRecord.from_dict({}))
+    m = type(m)(**{**m.__dict__, "structure": {"blocks": [{"n": 50} for _ in levels]}})
+    low, high = median_interval(m)
+    pooled = m.summary["median_ci"]
+    assert low < m.summary["p50"] < high and low <= pooled[0] and high >= pooled[1]
+    assert low > min(levels) * 0.97 and high < max(levels)

@@ -6,9 +6,12 @@ Each session has its own intra-op pool, and where the OS puts its worker thread 
 machine with one busy neighbour, two sessions of the same file differed by 14-30% (A/A ratios 0.70-0.86 over six
 pairs of fresh sessions, an 8-layer 1024-wide MLP at 2 threads). ONNX Runtime's global thread pool removed most of
 that (0.985-1.039), but from Python it binds the whole process: every later session must use it, at one size, and
-it spin-waits; a tool that measures several thread counts in one process cannot make it the standard. Comparisons
-instead run in blocks with fresh sessions and take medians over them (targets.measure.paired): same-file A/A on the
-digits CNN under that load gave 95% intervals of 0.94-1.02, 0.99-1.03 and 0.99-1.06."""
+it spin-waits; a tool that measures several thread counts in one process cannot make it the standard. What does:
+every session pins its worker threads to the same processors (the last threads - 1 this process may use; the
+calling thread stays free), so two sessions' threads sit where the other's would. Same-file A/A on the digits CNN
+at 2 threads beside a busy loop, 12 blocks of fresh sessions each: unpinned, the blocks' ratios fell near 0.8 or
+1.25 (whichever session's worker shared the busy core) and 8 of 20 runs could not be judged or were judged wrong;
+pinned, every block was within 0.96-1.05."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,6 +52,7 @@ class OrtRunner:
             "execution_mode": "sequential",
             "graph_optimization": "all",
             "spinning": False,
+            "worker_affinity": worker_affinity(self.config.threads) or None,
             "precision": "as-exported",
             **self._session_info,
         }
@@ -66,6 +70,9 @@ class OrtRunner:
         # Spinning worker threads turn any other load on the host into multi-ms outliers, and two sessions timed
         # in turn (--compare, regress) steal each other's cores while they spin: off, for repeatable numbers.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        pinned = worker_affinity(self.config.threads)
+        if pinned:
+            options.add_session_config_entry("session.intra_op_thread_affinities", pinned)
         try:
             return ort.InferenceSession(str(model), sess_options=options, providers=[PROVIDER])
         except Exception as exc:
@@ -107,6 +114,21 @@ class OrtRunner:
             sess.run_with_iobinding(binding)
 
         return run_once
+
+
+def worker_affinity(threads: int) -> str:
+    """ONNX Runtime's affinity string for the threads - 1 workers of a session (1-based processor ids, ';' between
+    threads): the last processors this process may run on, the same for every session. '' when there are no
+    workers or too few processors to give each its own."""
+    import os
+
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux: leave placement to the OS
+        return ""
+    if threads < 2 or threads > len(cpus):
+        return ""
+    return ";".join(str(cpu + 1) for cpu in cpus[-(threads - 1):])
 
 
 def _first_line(exc: Exception) -> str:
