@@ -280,7 +280,8 @@ def render_markdown(data: dict[str, Any]) -> str:
               + ", ".join(f"{a['name']} {a['load_average_before'][0]:.2f} ({a.get('created', data['created'])[:16]})"
                           for a in data["arms"])
               + f". Date: {data['created'][:10]}; {data['wall_seconds']:.0f} s wall.",
-              f"Command: `{data['command']}`"]
+              f"Command: `{data['command']}`" if data["command"].startswith(".venv") else
+              f"Command: {data['command']}."]
     return "\n".join(lines) + "\n"
 
 
