@@ -273,3 +273,19 @@ def test_ort_sessions_pin_their_workers_to_the_same_processors(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert worker_affinity(1) == "" and worker_affinity(2) == "4" and worker_affinity(3) == "3;4"
     assert worker_affinity(4) == "2;3;4" and worker_affinity(5) == ""  # more threads than processors: unpinned
+
+
+def test_a_swallowed_stop_request_still_stops_measuring_and_publishing(tmp_path, monkeypatch):
+    """A Ctrl-C raised inside a finalizer is swallowed by Python; the request it left stops the measurement loop
+    and keeps the run's output folder from being published."""
+    from deploy.core import stop
+    from deploy.core.atomic_io import atomic_output_dir
+
+    monkeypatch.setattr(stop, "requested", None)
+    with pytest.raises(stop.Stopped):
+        with atomic_output_dir(tmp_path / "out", False, []) as tmp:
+            (tmp / "model.onnx").write_text("x")
+            stop.request("SIGINT")  # what the handler records before its raise is lost
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(stop.Stopped):
+        measure(lambda: None, MeasureConfig.quick())

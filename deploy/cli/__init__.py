@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from deploy.cli import bench_cmd, cache_cmd, compress_cmd, inspect_cmd, profiles_cmd  # noqa: F401  (commands)
 from deploy.cli.app import app, err_console
 from deploy.core.errors import EXIT_FAILURE, EXIT_USAGE, DeployError
+from deploy.core.stop import Stopped
 
 EXIT_INTERRUPTED = 130
 SIGNAL_EXITS = {"SIGTERM": 143, "SIGHUP": 129}
@@ -31,7 +32,17 @@ class Terminated(BaseException):
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    from deploy.core import stop
+
+    stop.request(signal.Signals(signum).name)
     raise Terminated(signal.Signals(signum).name)
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    from deploy.core import stop
+
+    stop.request("SIGINT")
+    raise KeyboardInterrupt
 
 
 def _click_exceptions() -> list[Any]:
@@ -75,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in SIGNAL_EXITS:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _on_signal)
+    signal.signal(signal.SIGINT, _on_interrupt)
     sys.exit(_run(args, debug))
 
 
@@ -88,7 +100,10 @@ def _run(args: list[str], debug: bool) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted", highlight=False)
         return EXIT_INTERRUPTED
-    except Terminated as exc:
+    except (Terminated, Stopped) as exc:
+        if exc.name == "SIGINT":
+            err_console.print("interrupted", highlight=False)
+            return EXIT_INTERRUPTED
         err_console.print(f"stopped by {exc.name}", highlight=False)
         return SIGNAL_EXITS[exc.name]
     except BaseException as exc:  # noqa: BLE001 - every other outcome is one line and a documented code

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from deploy.core import stop
 from deploy.core.errors import OutputExistsError, UserInputError
 
 PARTIAL = ".partial-"
@@ -203,6 +204,7 @@ def atomic_output_dir(path: str | Path, force: bool = False, inputs: Iterable[st
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent))
         try:
             yield tmp
+            stop.check()  # a stop request that was swallowed on the way: never publish that run's output
             give_umask_mode(tmp)
             _publish(tmp, path, force)
         except BaseException:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Sequence
 
+from deploy.core import stop
 from deploy.core.errors import ConfigError, UserInputError
 from deploy.targets.measure.lock import LockRecord, measurement_lock
 from deploy.targets.measure.stats import summarize
@@ -190,6 +191,7 @@ def timed_rounds(timers: Sequence[Callable[[], float]], config: MeasureConfig, d
     order = list(range(len(timers)))
     round_no = 0
     while True:
+        stop.check()  # a Ctrl-C swallowed in a session's finalizer still stops the measurement here
         for i in (order if round_no % 2 == 0 else order[::-1]):
             samples[i].append(timers[i]())
         round_no += 1
