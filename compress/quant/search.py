@@ -158,7 +158,3 @@ def allocator_plan(sp: SearchSpace, budget_ms: float, rounds: int = 3) -> tuple[
                                     least_achievable=least)
     alloc = last[1] if last else Allocation({}, sp.latency(fixed), sp.distortion(fixed), budget_ms)
     return fixed, alloc, how
-
-
-def finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)

@@ -22,20 +22,12 @@ EXIT_INTERRUPTED = 130
 SIGNAL_EXITS = {"SIGTERM": 143, "SIGHUP": 129}
 
 
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised in the main thread so that every `with` block (the output folder's among them)
-    unwinds and cleans up exactly as for Ctrl-C."""
-
-    def __init__(self, name: str):
-        super().__init__(name)
-        self.name = name
-
-
 def _on_signal(signum: int, frame: Any) -> None:
     from deploy.core import stop
 
-    stop.request(signal.Signals(signum).name)
-    raise Terminated(signal.Signals(signum).name)
+    name = signal.Signals(signum).name
+    stop.request(name)
+    raise Stopped(name)  # raised in the main thread: every `with` block unwinds and cleans up as for Ctrl-C
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:
@@ -100,7 +92,7 @@ def _run(args: list[str], debug: bool) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted", highlight=False)
         return EXIT_INTERRUPTED
-    except (Terminated, Stopped) as exc:
+    except Stopped as exc:
         if exc.name == "SIGINT":
             err_console.print("interrupted", highlight=False)
             return EXIT_INTERRUPTED

@@ -135,9 +135,8 @@ def _refusal(old: np.ndarray, new: np.ndarray, config: GateConfig, noise: tuple[
         if x.size < config.min_samples:
             reasons.append(f"too few samples: {side} has {x.size}, the gate needs at least {config.min_samples}")
     for side, x, level in (() if noise is None else (("baseline", old, noise[0]), ("new", new, noise[1]))):
-        noise = level
-        if x.size >= 2 and noise > config.max_cov:
-            reasons.append(f"too noisy: {side} robust CoV {noise:.1%} is above --max-cov {config.max_cov:.0%}")
+        if x.size >= 2 and level > config.max_cov:
+            reasons.append(f"too noisy: {side} robust CoV {level:.1%} is above --max-cov {config.max_cov:.0%}")
     return reasons
 
 
