@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo: a ResNet at ResNet's widths (64/128/256) trained on scikit-learn's digits, compressed for this CPU
+# under OpenVINO to 1.6x the speed of the original, calibrated on held-out images.
 demo: $(STAMP)
-	$(BIN)/deploy compress --example --target cpu -o out/ --force
+	$(BIN)/deploy compress examples/digits_resnet64.pt --arch deploy.examples.digits_cnn:digits_resnet64 \
+		--input-shape image:1x1x32x32:float32 --calib deploy.examples.digits_data:held_out_images \
+		--target cpu-openvino --speedup 1.6 -o out/ --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q; status=$$?; \

@@ -57,7 +57,8 @@ class DistillResult:
     after_sqnr_db: float
     history: list[dict[str, float]] = field(default_factory=list)
     matched_blocks: list[str] = field(default_factory=list)
-    kept_step: int = 0  # the step whose weights were kept (the best held-out score; 0: the starting weights)
+    kept_step: int = 0  # the step whose weights were kept (the best validation score; 0: the starting weights)
+    scored_on: str = "validation"  # before/after/history: the split early stopping looked at (not the held-out one)
 
 
 def _batch(samples: list[tuple[torch.Tensor, ...]], gen: torch.Generator, size: int) -> tuple[torch.Tensor, ...]:
@@ -135,19 +136,23 @@ def _perturbation(student: nn.Module, teacher: nn.Module) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
-def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration: CalibrationSet, batch_size: int = 64
-             ) -> dict[str, Any]:
-    """Held-out fidelity of `model` against precomputed teacher outputs."""
+def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration: CalibrationSet, batch_size: int = 64,
+             split: str = "validation") -> dict[str, Any]:
+    """Fidelity of `model` against precomputed teacher outputs on `split` (validation: what early stopping may
+    look at; the held-out split is left to the report)."""
+    batches = calibration.batches(split, batch_size)
     with torch.no_grad():
-        outs = [first_tensor(model(*b)) for b in calibration.batches("held_out", batch_size)]
-    mask = _held_out_mask(calibration)
-    return fidelity(teacher_outputs, outs, labels=calibration.held_out_labels, attention_mask=mask)
+        outs = [first_tensor(model(*b)) for b in batches]
+    masks = [_mask(b) for b in batches]
+    mask = torch.cat(masks) if masks and masks[0] is not None else None
+    labels = calibration.held_out_labels if split == "held_out" else None
+    return fidelity(teacher_outputs, outs, labels=labels, attention_mask=mask)
 
 
-def _held_out_mask(calibration: CalibrationSet) -> torch.Tensor | None:
-    samples = calibration.held_out
-    if len(samples[0]) >= 2 and samples[0][1].dtype in (torch.int64, torch.int32) and samples[0][1].dim() == 2:
-        return torch.cat([s[1] for s in samples])
+def _mask(batch: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The attention mask of a (input_ids, attention_mask, ...) batch, None for other inputs."""
+    if len(batch) >= 2 and batch[1].dtype in (torch.int64, torch.int32) and batch[1].dim() == 2:
+        return batch[1]
     return None
 
 
@@ -158,7 +163,7 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
     gen = torch.Generator().manual_seed(config.seed)
     teacher = teacher.eval()  # only ever run under no_grad below; its parameters are left as they were
     with torch.no_grad():
-        teacher_held = [first_tensor(teacher(*b)) for b in calibration.batches("held_out", 64)]
+        teacher_held = [first_tensor(teacher(*b)) for b in calibration.batches("validation", 64)]
     student.eval()
     first = evaluate(student, teacher_held, calibration)
     metric, before = primary_metric(first)

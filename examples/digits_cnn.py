@@ -107,3 +107,13 @@ def _prep_x(images) -> torch.Tensor:
 
 def _prep_y(labels) -> torch.Tensor:
     return torch.as_tensor(labels, dtype=torch.int64)
+
+
+DEMO_WIDTH = 64  # ResNet's base width: the demo model, big enough that compute (not call overhead) is timed
+DEMO_WEIGHTS_PATH = Path(__file__).parent / "digits_resnet64.pt"
+
+
+def digits_resnet64(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """Factory for the demo model (`--arch deploy.examples.digits_cnn:digits_resnet64`, weights
+    `digits_resnet64.pt`): the same three BasicBlock stages at ResNet's widths 64/128/256."""
+    return DigitsCNN(num_classes=num_classes, width=DEMO_WIDTH)

@@ -23,3 +23,9 @@ def export_calibration_npz(path: str | Path, n: int = 128, seed: int = 0) -> Pat
            "labels": test_y[:n].numpy().astype(np.int64)},
     )
     return path
+
+
+def held_out_images(n: int = 256, seed: int = 0):
+    """`--calib deploy.examples.digits_data:held_out_images`: the first n held-out images, one per sample."""
+    _, _, test_x, _ = load_digits_split(seed)
+    return [test_x[i:i + 1] for i in range(min(n, len(test_x)))]

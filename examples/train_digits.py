@@ -1,7 +1,8 @@
 """Train the bundled digits CNN deterministically on CPU and write `digits_cnn.pt`.
 
 Run as `python -m deploy.examples.train_digits` (or `python examples/train_digits.py`);
-it prints the held-out accuracy. About half a minute with 2 threads.
+it prints the held-out accuracy. About half a minute with 2 threads. The demo model:
+`--width 64 --fp16 --out examples/digits_resnet64.pt` (about 4.5 minutes).
 """
 
 from __future__ import annotations
@@ -69,12 +70,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, default=16, help="first stage's channels (the demo model: 64)")
     parser.add_argument("--out", type=Path, default=WEIGHTS_PATH)
+    parser.add_argument("--fp16", action="store_true",
+                        help="store the weights in half precision (the demo model's file: 2.5 MB instead of 4.9)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
-    model, acc = train(args.epochs, args.seed)
-    torch.save(model.state_dict(), args.out)
+    model, acc = train(args.epochs, args.seed, args.width)
+    state = model.state_dict()
+    if args.fp16:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, args.out)
     print(f"held-out test accuracy {acc:.4f} ({time.perf_counter() - start:.1f}s); "
           f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
 

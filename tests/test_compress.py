@@ -47,7 +47,7 @@ def test_example_writes_every_output(example_run):
     assert report["latency"]["comparison"]["ratio"] > 0
     assert report["candidates"] and any(c["chosen"] for c in report["candidates"])
     assert report["layers"] and "environment" in report
-    assert "Latency vs fidelity" in (out / "report.html").read_text()
+    assert "<h2>Candidates</h2>" in (out / "report.html").read_text()
 
 
 def test_existing_output_is_refused_without_force(example_run, env):

@@ -19,7 +19,10 @@ def test_npz_with_labels_splits_deterministically(tmp_path):
     np.savez(tmp_path / "d.npz", image=x, labels=np.arange(40) % 10)
     a = load_calibration(tmp_path / "d.npz", IMAGE)
     b = load_calibration(tmp_path / "d.npz", IMAGE)
-    assert len(a.calibration) == 30 and len(a.held_out) == 10
+    # 25% held out; of the rest 20% validation (early stopping, the planner's choices), the remainder calibration
+    assert len(a.calibration) == 24 and len(a.validation) == 6 and len(a.held_out) == 10
+    assert not {id(s) for s in a.validation} & ({id(s) for s in a.calibration} | {id(s) for s in a.held_out})
+    assert len(a.batches("validation", 4)) == 2
     assert a.data_hash == b.data_hash and torch.equal(a.held_out_labels, b.held_out_labels)
     assert all(torch.equal(p[0], q[0]) for p, q in zip(a.held_out, b.held_out))
     held = {tuple(s[0].flatten()[:3].tolist()) for s in a.held_out}

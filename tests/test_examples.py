@@ -112,3 +112,15 @@ def test_corpus_is_deterministic_and_substantial(tmp_path):
     assert docstring_corpus(max_items=10) == corpus[:10]
     lines = write_corpus(tmp_path / "corpus.txt", 20).read_text(encoding="utf-8").splitlines()
     assert lines == corpus[:20]
+
+
+def test_demo_weights_are_trained_and_small(digits):
+    """The demo model (`make demo`): ResNet widths, committed half-precision weights, accurate on held-out digits."""
+    model = dc.digits_resnet64()
+    state = torch.load(dc.DEMO_WEIGHTS_PATH, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    _, _, test_x, test_y = digits
+    with torch.no_grad():
+        acc = (model.eval()(test_x).argmax(1) == test_y).float().mean().item()
+    assert acc >= 0.95 and model.layer3.conv2.out_channels == 256
+    assert dc.DEMO_WEIGHTS_PATH.stat().st_size < 3_000_000

@@ -29,6 +29,14 @@ class FakePlanner:
     def lowrank_family(self) -> None:  # nothing to factorize here: the pruning and precision levels alone
         return None
 
+    def layer_prices(self, cand: Candidate) -> dict[str, float]:
+        return {name: -0.05 * self.dense_ms for name, label in (cand.labels or {}).items() if label == "int8"}
+
+    def score_all(self) -> None:
+        for cand in self.candidates:
+            if cand.fidelity is None:
+                self.with_fidelity(cand)
+
     def with_fidelity(self, cand: Candidate) -> Candidate:
         int8 = sum(v == "int8" for v in (cand.labels or {}).values())
         cand.fidelity = 1.0 - self.prune_cost * cand.level - self.int8_cost * int8

@@ -86,6 +86,10 @@ def _print_report(report: dict) -> None:
     table.add_row(f"compressed ({r['precision']})", f"{r['latency_ms']:.4g}{extra}{source}", f"{r['size_mb']:.3g}",
                   f"{r['fidelity']:.4g}")
     console.print(table)
+    if r.get("speedup"):
+        ci = r.get("speedup_ci")
+        how = f" (95% CI {ci[0]:.3g}-{ci[1]:.3g}x, measured interleaved)" if ci else f"{source}"
+        console.print(f"speed-up {r['speedup']:.3g}x{how}", highlight=False)
     if report.get("verdict"):
         word = {"met": "met", "uncertain": "UNCERTAIN", "missed": "MISSED"}[report["verdict"]]
         budget = report["budget"]
@@ -152,4 +156,5 @@ def search_cmd(
     console.print(table)
     for row in summary["front"]:  # whole paths, never cut by a table column
         console.print(f"trial {row['number']}: {row['artifact']}/model.onnx", highlight=False, soft_wrap=True)
-    console.print(f"front: {output}/front.json, {output}/front.png", highlight=False, soft_wrap=True)
+    console.print(f"front: {output}/front.json, {output}/front.png, {output}/report.html", highlight=False,
+                  soft_wrap=True)

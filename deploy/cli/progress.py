@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
-HEARTBEAT_S = 10.0
+HEARTBEAT_S = 10.0  # the longest silence in a log; DEPLOY_PROGRESS_SECONDS may shorten it, never lengthen it
 ProgressFn = Callable[..., None]  # (step, fraction, done=None, total=None, extra="")
 
 
@@ -64,6 +64,17 @@ class PlainProgress:
                     self._print()
 
 
+def heartbeat_seconds() -> float:
+    """HEARTBEAT_S, or DEPLOY_PROGRESS_SECONDS where that is a shorter positive number of seconds."""
+    import os
+
+    try:
+        asked = float(os.environ.get("DEPLOY_PROGRESS_SECONDS", HEARTBEAT_S))
+    except ValueError:
+        return HEARTBEAT_S
+    return min(HEARTBEAT_S, asked) if asked > 0 else HEARTBEAT_S
+
+
 @contextlib.contextmanager
 def job_progress(console: Any, label: str, enabled: bool = True) -> Iterator[Optional[ProgressFn]]:
     """A progress callback for a long job, or None when disabled (JSON output)."""
@@ -85,7 +96,7 @@ def job_progress(console: Any, label: str, enabled: bool = True) -> Iterator[Opt
 
             yield update
         return
-    plain = PlainProgress(console, label)
+    plain = PlainProgress(console, label, heartbeat_seconds())
     plain.thread.start()
     try:
         yield plain

@@ -113,11 +113,14 @@ def outputs_finite(setup: Any, path: Path) -> bool:
     return bool(torch.isfinite(run(batch)).all())
 
 
-def fidelity_of(setup: Any, path: Path) -> dict[str, Any]:
+def fidelity_of(setup: Any, path: Path, split: str = "held_out") -> dict[str, Any]:
+    """The exported file's fidelity on the held-out split (the report's number) or the validation split (what the
+    search chooses by: choosing on held-out data would make the reported number optimistic)."""
     from deploy.compiler.evaluate import exported_fidelity
 
+    reference = setup.validation_reference if split == "validation" else setup.reference
     return exported_fidelity(setup.loaded.module, path, setup.calibration, [s.name for s in setup.loaded.inputs],
-                             setup.target, setup.reference)
+                             setup.target, reference or None, split)
 
 
 @dataclass
@@ -126,7 +129,7 @@ class Candidate:
     level: float  # 0 = dense, 1 = the most the pruning allocator may remove
     removed: dict[str, int]
     latency_ms: float  # what the planner plans on: the measured p50, or the upper end of a predicted band
-    fidelity: float | None  # held-out fidelity of the exported model; None where the search did not need it
+    fidelity: float | None  # validation fidelity of the exported model (the planner's split); None until scored
     size_mb: float
     labels: dict[str, str] | None = None  # per-layer precision option; None: every layer in float
     band_ms: tuple[float, float] | None = None  # predicted latency's error band
@@ -173,6 +176,9 @@ class Planner:
         self._fastest: dict[float, dict[str, str]] = {}
         self._baseline: Path | None = None  # the dense model's file, every candidate is timed against
         self.dense: Candidate | None = None
+        self.note: Callable[..., None] = lambda *args, **kwargs: None  # progress: one call per candidate measured
+        self.expected = 1  # how many candidates the search may measure at most (for N/M and the ETA)
+        self.split = "validation"  # candidates are compared on validation data; the held-out split is the report's
         allowed = set(setup.target.profile.precisions)
         self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
         self.can_prune = request.prune and setup.loaded.structural
@@ -215,11 +221,10 @@ class Planner:
         if fidelity:
             from deploy.core.metrics import primary_metric
 
-            value = primary_metric(fidelity_of(self.setup, path))[1]
+            value = primary_metric(fidelity_of(self.setup, path, self.split))[1]
         candidate = Candidate("fp32", 0.0, {}, planned_ms(timing), value, path.stat().st_size / 1e6, None,
                               timing.get("band_ms"), origin, ranks=dict(ranks), predicted_ms=_point(timing))
-        self.candidates.append(candidate)
-        return candidate
+        return self._keep(candidate)
 
     def removed(self, level: float) -> dict[str, int]:
         family = self.family() if level > 0 else None
@@ -290,6 +295,21 @@ class Planner:
         self._fastest[level] = min(plans, key=sp.latency)
         return self._fastest[level]
 
+    def smallest(self) -> dict[str, str]:
+        """Every layer at its fewest weight bits (a size budget's plan: how fast a kernel runs does not matter)."""
+        sp = self.quant(0.0).space
+        return {n: min(opts, key=lambda o: (o.weight_bits, o.is_float)).label for n, opts in sp.spaces.items()}
+
+    def layer_prices(self, choice: Candidate) -> dict[str, float]:
+        """Each low-precision layer's estimated change of latency from its precision (the measured price table of
+        the chosen pruning level; < 0 is faster): the report's per-layer view."""
+        problem = self.built_quant(choice.level)
+        if problem is None or not choice.labels:
+            return {}
+        sp = problem.space
+        return {name: sp.table.kernel.get(name, {}).get(option.kernel_class, 0.0)
+                for name, option in sp.options(choice.labels).items() if not option.is_float}
+
     # --- one candidate ------------------------------------------------------------------------------------------
 
     def evaluate(self, level: float, labels: dict[str, str] | None, origin: str, fidelity: bool = False
@@ -303,26 +323,40 @@ class Planner:
         if not outputs_finite(self.setup, path):  # rejected: it can never be chosen, whatever the budget
             candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level), math.inf,
                                   0.0, math.inf, labels, None, f"{origin} (rejected: NaN or infinite outputs)")
-            self.candidates.append(candidate)
-            return candidate
+            return self._keep(candidate)
         timing = latency(self.setup, path, self.request.measure_seconds, module, plan, self._baseline)
         value = None
         if fidelity:
             from deploy.core.metrics import primary_metric
 
-            value = primary_metric(fidelity_of(self.setup, path))[1]
+            value = primary_metric(fidelity_of(self.setup, path, self.split))[1]
         candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level),
                               planned_ms(timing), value, path.stat().st_size / 1e6, labels,
                               timing.get("band_ms"), origin, predicted_ms=_point(timing))
+        return self._keep(candidate)
+
+    def _keep(self, candidate: Candidate) -> Candidate:
         self.candidates.append(candidate)
+        done = len(self.candidates)
+        self.expected = max(self.expected, done + 1)
+        last = f"last {candidate.latency_ms:.3g} ms ({candidate.origin})" if math.isfinite(candidate.latency_ms) \
+            else f"last rejected ({candidate.origin})"
+        self.note("measuring candidates", 0.1 + 0.5 * done / self.expected, done, self.expected, last)
         return candidate
+
+    def score_all(self) -> None:
+        """Held-out fidelity for every candidate not yet scored, so the report can plot what the search measured."""
+        for index, candidate in enumerate(self.candidates):
+            if candidate.fidelity is None and math.isfinite(candidate.latency_ms):
+                self.note("scoring candidates", 0.6, index + 1, len(self.candidates))
+                self.with_fidelity(candidate)
 
     def with_fidelity(self, candidate: Candidate) -> Candidate:
         if candidate.fidelity is None:
             from deploy.core.metrics import primary_metric
 
             index = next(i for i, c in enumerate(self.candidates) if c is candidate)
-            candidate.fidelity = primary_metric(fidelity_of(self.setup, self._path(index)))[1]
+            candidate.fidelity = primary_metric(fidelity_of(self.setup, self._path(index), self.split))[1]
         return candidate
 
     def _path(self, index: int) -> Path:

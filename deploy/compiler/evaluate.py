@@ -22,11 +22,11 @@ def torch_outputs(module: torch.nn.Module, batches: Sequence[tuple[torch.Tensor,
 
 
 def exported_fidelity(original: torch.nn.Module, path: str | Path, calibration: CalibrationSet,
-                      input_names: Sequence[str], target: Target, reference: list[torch.Tensor] | None = None
-                      ) -> dict[str, Any]:
-    """Held-out fidelity of the exported file, run in the target's runtime, against the original module (labels and
-    masks used when present)."""
-    batches = calibration.batches("held_out", 32)
+                      input_names: Sequence[str], target: Target, reference: list[torch.Tensor] | None = None,
+                      split: str = "held_out") -> dict[str, Any]:
+    """Fidelity of the exported file on `split` (held-out for what a report says, validation for what a search
+    chooses), run in the target's runtime, against the original module (labels and masks used when present)."""
+    batches = calibration.batches(split, 32)
     reference = reference if reference is not None else torch_outputs(original, batches)
     runtime = "openvino" if target.runtime == "openvino" else "onnxruntime"
     run = runtime_predictor(target, path, input_names, runtime)
@@ -35,8 +35,10 @@ def exported_fidelity(original: torch.nn.Module, path: str | Path, calibration: 
     if "attention_mask" in input_names:
         index = list(input_names).index("attention_mask")
         mask = torch.cat([b[index] for b in batches])
-    result = fidelity(reference, candidate, labels=calibration.held_out_labels, attention_mask=mask)
+    labels = calibration.held_out_labels if split == "held_out" else None
+    result = fidelity(reference, candidate, labels=labels, attention_mask=mask)
     result["runtime"] = runtime
+    result["split"] = split
     if target.runtime_precision:
         result["runtime_precision"] = target.runtime_precision
     return result

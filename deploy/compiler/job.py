@@ -74,8 +74,9 @@ class Setup:
     target: Target
     workdir: Path
     measure_specs: list[InputSpec] = field(default_factory=list)  # the inputs at the shapes latency is measured at
-    reference: list[torch.Tensor] = field(default_factory=list)
+    reference: list[torch.Tensor] = field(default_factory=list)  # the original's outputs on the held-out split
     warnings: list[str] = field(default_factory=list)
+    validation_reference: list[torch.Tensor] = field(default_factory=list)  # ... and on the validation split
 
 
 def compress(request: CompressRequest, progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -162,6 +163,7 @@ def _setup(request: CompressRequest, workdir: Path) -> Setup:
     from deploy.compiler.evaluate import torch_outputs
 
     setup.reference = torch_outputs(loaded.module, calibration.batches("held_out", 32))
+    setup.validation_reference = torch_outputs(loaded.module, calibration.batches("validation", 32))
     if not all(bool(torch.isfinite(r).all()) for r in setup.reference):
         from deploy.core.errors import DataError
 

@@ -301,14 +301,15 @@ def meet_floor(planner: Planner, metric: str, minimum: float, dense: Candidate) 
 # --- size budgets ---------------------------------------------------------------------------------------------------
 
 def meet_size(planner: Planner, size_mb: float, dense: Candidate) -> Candidate:
-    """The most faithful candidate whose exported file fits: float or fastest precision, pruned as little as fits."""
+    """The most faithful candidate whose exported file fits: float or the smallest precisions, pruned as little as
+    fits."""
     fits = lambda c: c.size_mb <= size_mb  # noqa: E731
     families: list[tuple[dict[str, str] | None, Candidate]] = []
     if "fp32" in planner.request.precisions:
         families.append((None, dense))
     if planner.quantizes:
-        fast = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer")
-        families.append((fast.labels, fast))
+        small = planner.evaluate(0.0, planner.smallest(), "dense, fewest bits per layer")
+        families.append((small.labels, small))
     feasible, smallest = [], min(c.size_mb for _, c in families)
     for labels, start in families:
         if fits(start):
@@ -337,10 +338,12 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
     from deploy.core.metrics import task_of
 
     planner = Planner(request, setup)
+    planner.note = note
+    lowrank = LEVEL_STEPS + 1 if getattr(request, "lowrank", False) else 0
+    planner.expected = 3 + LEVEL_STEPS + 2 * PRECISION_STEPS + lowrank  # an upper bound, for N/M and the ETA
     planner.time_against_dense()
     dense = planner.evaluate(0.0, None, "dense fp32")
     planner.dense = dense
-    note("searching", 0.2)
     target = latency_target_ms(request.budget, dense.latency_ms)
     floor = fidelity_floor(request.budget, task_of(setup.reference[0]))
     if target is not None:
@@ -349,6 +352,7 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
         choice = meet_floor(planner, floor[0], floor[1], dense)
     else:
         choice = meet_size(planner, request.budget.value, dense)
+    planner.score_all()  # every measured candidate gets its held-out fidelity: the report plots them all
     budget = {"kind": request.budget.kind, "value": request.budget.value, "target_ms": target,
               "floor": list(floor) if floor else None, "described": request.budget.describe()}
     return _decisions(planner, choice, budget), planner
@@ -366,6 +370,7 @@ def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: 
         choice = meet_latency(planner, tighter, planner.dense)
     except BudgetInfeasibleError:
         return None
+    planner.score_all()
     retried = {"measured_ms": measured_ms, "searched_for_ms": tighter}
     return {**_decisions(planner, choice, budget), "retried_after_miss": retried}
 
@@ -381,7 +386,9 @@ def _decisions(planner: Planner, choice: Candidate, budget: dict[str, Any]) -> d
         "candidates": [c.row() for c in planner.candidates],
         "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed},
         "quant_problems": {str(level): _problem_summary(problem) for level, problem in planner._quant.items()},
+        "layer_price_ms": planner.layer_prices(choice),
     }
+
 
 
 def _problem_summary(problem: Any) -> dict[str, Any]:

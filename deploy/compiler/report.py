@@ -12,7 +12,7 @@ def _p50(entry: dict[str, Any]) -> float:
 
 def _plan_only(decisions: dict[str, Any]) -> dict[str, Any]:
     """The decisions without the search's own records (what deploy.toml keeps)."""
-    return {k: v for k, v in decisions.items() if k not in ("candidates", "quant_problems")}
+    return {k: v for k, v in decisions.items() if k not in ("candidates", "quant_problems", "layer_price_ms")}
 
 
 def _verdict(budget: dict[str, Any], result_ms: float, size_mb: float, timing: dict[str, Any]) -> str | None:
@@ -47,15 +47,16 @@ def _floor_warning(metric: str, value: float, budget: dict[str, Any]) -> str | N
     return None
 
 
-def _layer_row(name: str, layer: Any, after: dict[str, Any], labels: dict[str, str], ranks: dict[str, int]
-               ) -> dict[str, Any]:
+def _layer_row(name: str, layer: Any, after: dict[str, Any], labels: dict[str, str], ranks: dict[str, int],
+               prices: dict[str, float]) -> dict[str, Any]:
     """One layer before and after: a factorized layer counts its two thin layers (and says its rank)."""
     parts = [after[name]] if name in after else [a for k, a in after.items() if k.startswith(name + ".")]
-    precision = labels.get(name, "float" if parts else "removed")
+    precision = labels.get(name, "float" if parts else ("folded" if "Norm" in layer.type else "removed"))
     if name in ranks:
         precision = f"float, rank {ranks[name]}"
     return {"layer": name, "type": layer.type, "params": layer.params, "params_after": sum(p.params for p in parts),
-            "macs": layer.macs, "macs_after": sum(p.macs for p in parts), "precision": precision}
+            "macs": layer.macs, "macs_after": sum(p.macs for p in parts), "precision": precision,
+            "latency_delta_ms": prices.get(name)}
 
 
 def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: dict[str, Any], passes: list[Any],
@@ -82,8 +83,11 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
     labels = (result.get("quantization") or {}).get("labels", {})
     ranks = {k: v for k, v in (decisions.get("lowrank") or {}).get("ranks", {}).items()}
     ranks.update(summary_of(passes)["lowrank"]["ranks"])
-    layers = [_layer_row(n, l, after, labels, ranks) for n, l in before.items()]
-    warnings = list(setup.warnings)
+    prices = decisions.get("layer_price_ms", {})
+    layers = [_layer_row(n, l, after, labels, ranks, prices) for n, l in before.items()]
+    # the run works in a partial folder renamed to -o at the end: a warning naming a file names it where it will be
+    final = str(Path(request.out).resolve())
+    warnings = [w.replace(str(out_dir.resolve()), final).replace(str(out_dir), final) for w in setup.warnings]
     if setup.calibration.is_random:
         warnings.append("calibration data is random (--calib random): the fidelity numbers mean nothing")
     verdict = _verdict(budget, result_ms, result["size_mb"], timing)

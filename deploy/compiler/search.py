@@ -79,8 +79,12 @@ def search(request: SearchRequest, progress: Callable[..., None] | None = None) 
         raise
     finally:
         shutil.rmtree(out / ".work", ignore_errors=True)
+    from deploy.compiler.search_html import render_search_html, write_front_png
+    from deploy.core.atomic_io import atomic_write_text
+
     atomic_write_json(out / "front.json", summary)
-    _plot_front(summary, out / "front.png")
+    write_front_png(summary, out / "front.png")
+    atomic_write_text(out / "report.html", render_search_html(summary))
     return summary
 
 
@@ -98,6 +102,7 @@ def _run(request: SearchRequest, out: Path, progress: Callable[..., None] | None
                 "lowrank": str(request.compress.lowrank)}
     check_identity(open_study(request.search, out), identity)  # before any measuring
     planner = Planner(request.compress, setup)
+    planner.split = "held_out"  # each trial is scored for the person choosing from the front; nothing is tuned on it
     planner.time_against_dense()
     precisions = (["fp32"] if "fp32" in request.compress.precisions else []) + \
         (["int8", "mixed"] if planner.quantizes else [])
@@ -122,22 +127,16 @@ def _run(request: SearchRequest, out: Path, progress: Callable[..., None] | None
     summary = run_study(space, evaluate, out, request.search, progress, identity)
     summary["target"] = setup.target.profile.name
     summary["latency_source"] = "measured" if setup.target.measured else "predicted"
+    summary.update(_labels_of(request.compress, setup))
     return summary
 
 
-def _plot_front(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def _labels_of(request: CompressRequest, setup: Any) -> dict[str, Any]:
+    """What the front is drawn against: the fidelity metric, and the budget or floor the request named."""
+    from deploy.compiler.budget import DEFAULT_FLOORS, fidelity_floor
+    from deploy.core.metrics import task_of
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    trials = summary["trials"]
-    ax.scatter([t["latency_ms"] for t in trials], [t["fidelity"] for t in trials], c="tab:gray", label="trials")
-    front = summary["front"]
-    ax.plot([t["latency_ms"] for t in front], [t["fidelity"] for t in front], "o-", c="tab:red", label="Pareto front")
-    ax.set_xlabel("latency p50 (ms)" + (", predicted" if summary.get("latency_source") == "predicted" else ""))
-    ax.set_ylabel("held-out fidelity")
-    ax.legend()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    task = task_of(setup.reference[0])
+    floor = fidelity_floor(request.budget, task)
+    return {"fidelity_metric": DEFAULT_FLOORS[task][0], "floor": floor[1] if floor else None,
+            "budget_ms": request.budget.value if request.budget.kind == "latency_ms" else None}

@@ -24,7 +24,8 @@ RANDOM_WARNING = "calibration data is random (--calib random): fidelity numbers 
 class DataConfig:
     """How to read and split the data. Image options apply to image folders only."""
 
-    held_out_fraction: float = 0.25
+    held_out_fraction: float = 0.25  # scored only: what a report says about the result
+    validation_fraction: float = 0.2  # of the rest: early stopping and the plan's choices, never reported as held-out
     max_samples: int = 512
     seed: int = 0
     image_mean: tuple[float, ...] = (0.0,)
@@ -41,7 +42,10 @@ class DataConfig:
 
 @dataclass
 class CalibrationSet:
-    """Samples (each a tuple of tensors with batch 1, in input-spec order), split into calibration and held-out."""
+    """Samples (each a tuple of tensors with batch 1, in input-spec order), split three ways: calibration (ranges,
+    sensitivities, distillation steps), validation (recovery's early stop and the planner's choices between
+    candidates) and held-out (only the numbers a report gives; nothing is tuned on it). Where the data are too few
+    for a validation split, validation is the calibration part."""
 
     calibration: list[tuple[torch.Tensor, ...]]
     held_out: list[tuple[torch.Tensor, ...]]
@@ -51,11 +55,15 @@ class CalibrationSet:
     is_random: bool = False
     warnings: list[str] = field(default_factory=list)
     fixed_batch: int | None = None  # the model's batch axis is fixed at this size: every batch has exactly it
+    validation: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
     def batches(self, which: str = "calibration", batch_size: int = 16) -> list[tuple[torch.Tensor, ...]]:
         """Concatenate samples into batches (the model's batch axis is dimension 0). A model with a fixed batch
         size gets batches of exactly that size (the split holds a multiple of it, so none is short)."""
-        samples = self.calibration if which == "calibration" else self.held_out
+        if which not in ("calibration", "validation", "held_out"):
+            raise ValueError(f"no split named {which!r}")
+        samples = {"calibration": self.calibration, "held_out": self.held_out,
+                   "validation": self.validation or self.calibration}[which]
         if self.fixed_batch:
             batch_size = self.fixed_batch
         out = []
@@ -120,6 +128,7 @@ def with_fixed_batch(split: CalibrationSet, batch: int | None) -> CalibrationSet
                         f"give at least {4 * batch} samples, or a dynamic batch axis (--input-shape NAME:batchx...)")
     held = len(split.held_out) // batch * batch
     split.calibration = split.calibration[: len(split.calibration) // batch * batch]
+    split.validation = split.validation[: len(split.validation) // batch * batch]
     split.held_out = split.held_out[:held]
     if split.held_out_labels is not None:
         split.held_out_labels = split.held_out_labels[:held]
@@ -132,7 +141,9 @@ def _split(samples: list[tuple[torch.Tensor, ...]], labels: np.ndarray | None, s
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed)).tolist()
     order = order[: config.max_samples]
     n_held = max(1, int(round(len(order) * config.held_out_fraction)))
-    held_idx, calib_idx = order[:n_held], order[n_held:]
+    held_idx, rest = order[:n_held], order[n_held:]
+    n_val = int(round(len(rest) * config.validation_fraction)) if len(rest) >= 5 else 0
+    val_idx, calib_idx = rest[:n_val], rest[n_val:]
     held_labels = None
     if labels is not None:
         if len(labels) != len(samples):
@@ -143,7 +154,7 @@ def _split(samples: list[tuple[torch.Tensor, ...]], labels: np.ndarray | None, s
         for tensor in sample:
             digest.update(tensor.contiguous().numpy().tobytes())
     return CalibrationSet([samples[i] for i in calib_idx], [samples[i] for i in held_idx], held_labels, source,
-                          digest.hexdigest()[:16], is_random, warnings)
+                          digest.hexdigest()[:16], is_random, warnings, validation=[samples[i] for i in val_idx])
 
 
 def _np_load(path: Path) -> Any:

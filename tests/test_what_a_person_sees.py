@@ -1,0 +1,265 @@
+"""What a person sees: progress lines in a CI log, report.html in a real browser, tables at 80 columns.
+
+The browser checks open each report.html in headless Chromium (Debian's package; .ci/run installs it): they skip
+where Chromium is absent, and fail when CI=true and it is absent."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+FAST = ("--measure-seconds", "0.2", "--recover-steps", "16")
+PROGRESS_S = 2.0  # DEPLOY_PROGRESS_SECONDS for these runs: the lines' spacing is checked against it
+SLACK_S = 2.5  # a line is due every PROGRESS_S; the job's own step may hold the printing lock a little longer
+LINE = re.compile(r"^(compress|search): (?P<step>[a-z ,-]+?)(?: (?P<done>\d+)/(?P<total>\d+))? \[(?P<pct>\d+)%\] "
+                  r"(?P<elapsed>\d+ s|\d+:\d\d) elapsed(?P<rest>.*)$")
+
+
+class Run:
+    def __init__(self, returncode: int, stdout: str, lines: list[tuple[float, str]], out: Path):
+        self.returncode, self.stdout, self.lines, self.out = returncode, stdout, lines, out
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+def timed_cli(*args: object, env: dict[str, str]) -> tuple[int, str, list[tuple[float, str]]]:
+    """The CLI with stderr piped (not a terminal), each stderr line stamped with when it arrived."""
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    lines: list[tuple[float, str]] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append((time.monotonic() - start, line.rstrip("\n")))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    stdout = proc.stdout.read()
+    proc.wait(timeout=600)
+    reader.join()
+    return proc.returncode, stdout, lines
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Run]:
+    """A latency-budget run, a predicted-target run, a fidelity-floor run and a search, as a CI log would see them
+    (stderr piped, 80 columns)."""
+    root = tmp_path_factory.mktemp("person")
+    env = {"DEPLOY_CACHE_DIR": str(root / "cache"), "DEPLOY_MEASURE_LOCK": str(root / "measure.lock"),
+           "DEPLOY_PROGRESS_SECONDS": str(PROGRESS_S), "COLUMNS": "80"}
+    commands = {
+        "budget": ("compress", "--example", "--target", "cpu", "--speedup", "1.05", *FAST),
+        "predicted": ("compress", "--example", "--target", "jetson", "--no-prune", *FAST),
+        "floor": ("compress", "--example", "--target", "cpu", "--max-drop", "0.01", "--no-prune", *FAST),
+        "search": ("search", "--example", "--trials", "5", "--measure-seconds", "0.2"),
+    }
+    done = {}
+    for name, args in commands.items():
+        out = root / name
+        code, stdout, lines = timed_cli(*args, "-o", out, env=env)
+        done[name] = Run(code, stdout, lines, out)
+    return done
+
+
+def progress_lines(run: Run, label: str) -> list[tuple[float, re.Match]]:
+    return [(t, m) for t, line in run.lines if (m := LINE.match(line)) and m.group(1) == label]
+
+
+@pytest.mark.parametrize("name", ["budget", "search"])
+def test_plain_progress_lines_in_a_pipe(runs, name):
+    run = runs[name]
+    assert run.returncode in (0, 3, 4), run.stderr
+    label = "search" if name == "search" else "compress"
+    lines = progress_lines(run, label)
+    end = run.lines[-1][0] if run.lines else 0.0
+    assert len(lines) >= 2, f"too few progress lines in {end:.0f} s:\n{run.stderr}"
+    counted = [m for _, m in lines if m.group("done")]
+    assert counted, "no N/M count in any progress line"
+    assert all(int(m.group("done")) <= int(m.group("total")) for m in counted)
+    assert any("left" in m.group("rest") for _, m in lines), "no estimate of the time left"
+    if name == "search":
+        assert any("best so far" in m.group("rest") for _, m in lines)
+    else:
+        assert any(m.group("step") == "measuring candidates" for _, m in lines)
+    stamps = [t for t, _ in lines]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert stamps[0] <= PROGRESS_S + SLACK_S + 5.0  # the interpreter's start-up comes first
+    assert max(gaps) <= PROGRESS_S + SLACK_S, f"a silence of {max(gaps):.1f} s:\n{run.stderr}"
+
+
+def test_heartbeat_is_at_most_ten_seconds(monkeypatch):
+    from deploy.cli.progress import heartbeat_seconds
+
+    monkeypatch.setenv("DEPLOY_PROGRESS_SECONDS", "60")
+    assert heartbeat_seconds() == 10.0
+    monkeypatch.setenv("DEPLOY_PROGRESS_SECONDS", "not a number")
+    assert heartbeat_seconds() == 10.0
+    monkeypatch.delenv("DEPLOY_PROGRESS_SECONDS")
+    assert heartbeat_seconds() == 10.0
+
+
+def test_candidates_carry_validation_fidelity(runs):
+    """A budget run's report plots what the search measured: every candidate measured has a fidelity, on the
+    validation split (the held-out split is the result's alone)."""
+    report = json.loads((runs["budget"].out / "report.json").read_text())
+    measured = [c for c in report["candidates"] if c["latency_ms"] != float("inf")]
+    assert len(measured) >= 2 and all(c["fidelity"] is not None for c in measured)
+    assert 0.0 <= min(c["fidelity"] for c in measured) <= max(c["fidelity"] for c in measured) <= 1.0
+    assert report["result"]["fidelity_detail"]["split"] == "held_out"
+
+
+# --- report.html in a browser -------------------------------------------------------------------------------------
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    if os.environ.get("CI") == "true":
+        pytest.fail("Chromium is not installed, and CI=true: .ci/run installs Debian's chromium package")
+    pytest.skip("Chromium is not installed (apt-get install chromium): the browser checks need it")
+
+
+class Rendered(HTMLParser):
+    """The rendered DOM's text (identifiers in <code class='id'>, scripts and styles left out), images, headings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: list[str] = []
+        self.images: list[dict[str, str]] = []
+        self.headings: list[str] = []
+        self.classes: list[str] = []
+        self.ready = False
+        self._skip = 0
+        self._heading = False
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attrs = dict(attrs)
+        if tag == "body" and attrs.get("data-ready") == "true":
+            self.ready = True
+        if tag == "img":
+            self.images.append(attrs)
+        if tag in ("script", "style") or (tag == "code" and "id" in (attrs.get("class") or "").split()):
+            self._skip += 1
+        if tag in ("h1", "h2"):
+            self._heading = True
+            self.headings.append("")
+        self.classes += (attrs.get("class") or "").split()
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style", "code") and self._skip:
+            self._skip -= 1
+        if tag in ("h1", "h2"):
+            self._heading = False
+
+    def handle_data(self, data: str) -> None:
+        if self._heading:
+            self.headings[-1] += data
+        if not self._skip:
+            self.text.append(data)
+
+
+def render(path: Path) -> tuple[Rendered, float]:
+    browser = chromium()
+    start = time.monotonic()
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", path.resolve().as_uri()], capture_output=True, text=True, timeout=60)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    parsed = Rendered()
+    parsed.feed(dom.stdout)
+    return parsed, time.monotonic() - start
+
+
+def significant_digits(number: str) -> int:
+    digits = number.replace("-", "").replace(".", "").lstrip("0")
+    if "." not in number:
+        digits = digits.rstrip("0")
+    return max(1, len(digits))
+
+
+def check_numbers(page: Rendered) -> None:
+    text = " ".join(page.text)
+    long = [n for n in re.findall(r"\d+(?:\.\d+)?", text) if significant_digits(n) > 4]
+    assert not long, f"numbers with more than 4 significant digits: {long[:10]}"
+
+
+@pytest.mark.parametrize("name", ["budget", "predicted", "floor"])
+def test_compress_report_renders_in_chromium(runs, name):
+    run = runs[name]
+    assert run.returncode in (0, 3, 4), run.stderr
+    page, seconds = render(run.out / "report.html")
+    assert seconds < 30 and page.ready
+    report = json.loads((run.out / "report.json").read_text())
+    text = " ".join(page.text)
+    word = f"budget {report['verdict']}" if report["verdict"] else "floor held"
+    assert word in text and f"exit code {report['exit_code']}" in text and "verdict" in page.classes
+    assert {"Latency", "Candidates", "Per layer"} <= set(page.headings)
+    assert len(page.images) >= 3 and all(img.get("data-loaded") == "true" for img in page.images)
+    assert "speed-up" in text and report["fidelity_metric"] in text
+    if name == "predicted":
+        assert "not verified against hardware" in text and "band" in text
+    else:
+        assert "95% CI" in text
+    check_numbers(page)
+
+
+def test_search_report_renders_in_chromium(runs):
+    run = runs["search"]
+    assert run.returncode == 0, run.stderr
+    page, _ = render(run.out / "report.html")
+    text = " ".join(page.text)
+    assert page.ready and page.images and all(img.get("data-loaded") == "true" for img in page.images)
+    assert "top1_agreement" in text and "Trials" in page.headings
+    check_numbers(page)
+
+
+def test_significant_digit_rule_catches_raw_floats():
+    page = Rendered()
+    page.feed("<body><p>0.13391821176470586</p><code class='id'>2.13.0 9f86d081884c</code></body>")
+    with pytest.raises(AssertionError):
+        check_numbers(page)
+    page = Rendered()
+    page.feed("<body><p>1.97x (95% CI 1.911-2.034x), 36.86 k, 1000 runs</p><code class='id'>2.13.0</code></body>")
+    check_numbers(page)
+
+
+# --- 80 columns -------------------------------------------------------------------------------------------------
+
+def test_tables_keep_identifiers_whole_at_80_columns(runs, tmp_path):
+    from deploy.profiles import builtin_names
+
+    env = {"COLUMNS": "80", "DEPLOY_CACHE_DIR": str(tmp_path / "cache"),
+           "DEPLOY_MEASURE_LOCK": str(tmp_path / "measure.lock")}
+    listed = run_cli("profiles", "list", env=env)
+    assert listed.returncode == 0
+    for name in builtin_names():
+        assert name in listed.stdout, name
+    search = runs["search"]
+    for trial in json.loads((search.out / "front.json").read_text())["front"]:
+        assert str(Path(trial["artifact"]) / "model.onnx") in search.stdout
+    model = runs["budget"].out / "model.onnx"
+    bench = run_cli("bench", model, "--target", "cpu", "--min-seconds", "0.2", "--max-seconds", "1", env=env)
+    assert bench.returncode == 0 and "model.onnx" in bench.stdout and "cpu-avx" in bench.stdout
+    baseline = tmp_path / "latency.json"
+    update = run_cli("regress", model, "--baseline", baseline, "--update", "--min-seconds", "0.2", env=env)
+    assert update.returncode == 0, update.stderr
+    assert str(baseline) in update.stdout + update.stderr or baseline.name in update.stdout
+    inspect = run_cli("inspect", "--example", env=env)
+    assert inspect.returncode == 0
+    for layer in ("stem.0", "layer1.conv1", "layer2.downsample.0", "layer3.downsample.0", "fc"):
+        assert re.search(rf"\b{re.escape(layer)}\b", inspect.stdout), layer
+    assert "…" not in bench.stdout + inspect.stdout + listed.stdout + search.stdout
