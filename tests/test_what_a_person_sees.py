@@ -263,3 +263,17 @@ def test_tables_keep_identifiers_whole_at_80_columns(runs, tmp_path):
     for layer in ("stem.0", "layer1.conv1", "layer2.downsample.0", "layer3.downsample.0", "fc"):
         assert re.search(rf"\b{re.escape(layer)}\b", inspect.stdout), layer
     assert "…" not in bench.stdout + inspect.stdout + listed.stdout + search.stdout
+
+
+def test_a_speedup_budget_is_judged_by_the_measured_speedup():
+    """The verdict of --speedup comes from the final interleaved comparison, not from a target computed from an
+    earlier (maybe slow) measurement of the original: 0.99x is not 1.6x, whatever the target in ms said."""
+    from deploy.compiler.report import _verdict
+
+    budget = {"kind": "speedup", "value": 1.6, "target_ms": 1.076}
+    timing = {"source": "measured", "comparison": {"ci_low": 0.98, "ci_high": 1.05}, "result_interval_ms": [0.91, 0.98]}
+    assert _verdict(budget, 0.946, 4.9, timing) == "missed"
+    timing["comparison"] = {"ci_low": 0.58, "ci_high": 0.61}
+    assert _verdict(budget, 0.6, 4.9, timing) == "met"
+    timing["comparison"] = {"ci_low": 0.6, "ci_high": 0.65}
+    assert _verdict(budget, 0.62, 4.9, timing) == "uncertain"

@@ -94,6 +94,8 @@ def _print_report(report: dict) -> None:
         word = {"met": "met", "uncertain": "UNCERTAIN", "missed": "MISSED"}[report["verdict"]]
         budget = report["budget"]
         goal = f"{budget['target_ms']:.4g} ms" if budget.get("target_ms") is not None else f"{budget['value']:g} MB"
+        if budget.get("kind") == "speedup" and r.get("speedup_ci"):
+            goal = f"speed-up {budget['value']:g}x, judged by the measured speed-up's interval"
         console.print(f"budget {word}: target {goal}", highlight=False)
     console.print(f"wrote {report['output']}/model.onnx, report.json, report.html, deploy.toml", highlight=False,
                   soft_wrap=True)

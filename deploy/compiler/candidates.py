@@ -374,3 +374,10 @@ def _precision_name(labels: dict[str, str] | None, prep: Any) -> str:
         return "fp32"
     kinds = {o.precision for o in low}
     return kinds.pop() if len(low) == len(options) and len(kinds) == 1 else "mixed"
+
+
+def problem_summary(problem: Any) -> dict[str, Any]:
+    """A precision problem in the report: its size, its cost model, where its time went, its latency range."""
+    sp = problem.space
+    return {"layers": len(sp.spaces), "cost_model": sp.table.source, "seconds": problem.seconds,
+            "estimated_float_ms": sp.latency(sp.float_labels()), "estimated_fastest_ms": sp.latency(sp.fastest())}

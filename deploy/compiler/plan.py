@@ -26,7 +26,7 @@ import math
 from typing import Any, Callable
 
 
-from deploy.compiler.candidates import Candidate, Planner
+from deploy.compiler.candidates import Candidate, Planner, problem_summary
 from deploy.core.errors import BudgetInfeasibleError
 
 FILL = 0.85  # a latency budget is met when FILL x budget <= p50 <= budget, where the model family allows
@@ -358,11 +358,15 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
     return _decisions(planner, choice, budget), planner
 
 
-def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: float) -> dict[str, Any] | None:
+def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: float,
+                      original_ms: float | None = None) -> dict[str, Any] | None:
     """The final measurement of the applied plan missed the latency budget (the machine drifted, or recovery and
-    re-calibration moved it): search once more against a budget shrunk by the miss. None when nothing faster fits."""
+    re-calibration moved it): search once more against a budget shrunk by the miss. None when nothing faster fits.
+    A speed-up budget is re-read from the final measurement of the original (`original_ms`), timed beside it."""
     budget = decisions["budget"]
     target = budget.get("target_ms")
+    if budget.get("kind") == "speedup" and original_ms:
+        target = original_ms / budget["value"]
     if target is None or measured_ms <= target:
         return None
     tighter = target * target / measured_ms
@@ -385,14 +389,6 @@ def _decisions(planner: Planner, choice: Candidate, budget: dict[str, Any]) -> d
         "budget": budget, "dense_latency_ms": planner.dense.latency_ms,
         "candidates": [c.row() for c in planner.candidates],
         "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed},
-        "quant_problems": {str(level): _problem_summary(problem) for level, problem in planner._quant.items()},
+        "quant_problems": {str(level): problem_summary(problem) for level, problem in planner._quant.items()},
         "layer_price_ms": planner.layer_prices(choice),
     }
-
-
-
-def _problem_summary(problem: Any) -> dict[str, Any]:
-    sp = problem.space
-    return {"layers": len(sp.spaces), "cost_model": sp.table.source, "seconds": problem.seconds,
-            "estimated_float_ms": sp.latency(sp.float_labels()), "estimated_fastest_ms": sp.latency(sp.fastest())}
-

@@ -2,7 +2,8 @@
 
 met (exit 0): the whole interval of the measured p50 (over the blocks of the final measurement), or the whole
 predicted band, is within the budget; uncertain (exit 3): that interval or band straddles the budget; missed
-(exit 4): all of it is over. The model and the report are written in every case.
+(exit 4): all of it is over. A speed-up budget measured here is judged the same way on the interval of the
+speed-up from the final interleaved comparison. The model and the report are written in every case.
 """
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ def latency_verdict(p50_ms: float, budget_ms: float, band_ms: Sequence[float] | 
             return "met"
         return "missed" if low > budget_ms else "uncertain"
     return "met" if p50_ms <= budget_ms else "missed"
+
+
+def speedup_verdict(speedup_ci: Sequence[float], asked: float) -> str:
+    """A speed-up budget judged by the final interleaved comparison's interval of the speed-up (drift-free: the
+    original's own p50 from an earlier measurement never enters it)."""
+    low, high = speedup_ci
+    if low >= asked:
+        return "met"
+    return "missed" if high < asked else "uncertain"
 
 
 def size_verdict(size_mb: float, budget_mb: float) -> str:
