@@ -33,6 +33,7 @@ FILL = 0.85  # a latency budget is met when FILL x budget <= p50 <= budget, wher
 SAFE = 0.95  # while searching a candidate fits at <= SAFE x budget: the final measurement repeats it with noise
 LEVEL_STEPS = 6  # regula falsi / bisection steps on the pruning level
 PRECISION_STEPS = 4  # closed-loop steps of the precision allocator's budget
+NEAR = 0.04  # the level search stops early within this share below the fitting edge (SAFE x budget)
 ALTERNATE = 0.8  # the alternation's deeper pruning step: fastest precisions at about this share of the budget
 
 
@@ -149,10 +150,12 @@ def _alternate(planner: Planner, first: Candidate, pruned: Candidate, most: Cand
 
 def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: tuple[float, float],
                        low: Candidate, high: Candidate) -> Candidate:
-    """Regula falsi (Illinois) on the pruning level: the least pruning whose measured latency fits, stopping
-    early inside the window. `low` does not fit (level 0), `high` does (level 1)."""
+    """Regula falsi (Illinois) on the pruning level: the least pruning whose measured latency fits. It aims at the
+    upper part of the window and stops early only there (within NEAR of the fitting edge): latency is flat in level
+    over wide spans, so stopping anywhere in the window let the same code prune 0.39 in one run and 0.76 in the
+    next. `low` does not fit (level 0), `high` does (level 1)."""
     target = window[1]
-    aim = sum(window) / 2
+    aim = target - 0.25 * (window[1] - window[0])
     best = high
     f_low, f_high = low.latency_ms - aim, high.latency_ms - aim
     a, b = low.level, high.level
@@ -163,7 +166,7 @@ def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: 
         cand = planner.evaluate(level, labels, "pruning level for the budget")
         if cand.latency_ms <= target and cand.level < best.level:
             best = cand
-        if window[0] <= cand.latency_ms <= target:
+        if target * (1 - NEAR) <= cand.latency_ms <= target:
             return cand
         value = cand.latency_ms - aim
         if value > 0:  # still too slow: more pruning
