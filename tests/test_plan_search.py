@@ -100,3 +100,22 @@ def test_a_final_miss_is_planned_again_against_a_tighter_budget():
     chosen = [c for c in planner.candidates if c.chosen]
     assert len(chosen) == 1 and chosen[0].latency_ms <= SAFE * tighter and again["level"] == chosen[0].level
     assert replan_after_miss(planner, decisions, measured_ms=1000.0) is None  # nothing that fast: keep the first
+
+
+def test_a_speedup_budget_plans_on_ratios_to_the_dense_model():
+    """A first measurement of the dense model that came out slow (1.72 ms for a 0.94 ms model) scales the target
+    and every candidate alike: a candidate is planned on its interleaved ratio x the dense p50."""
+    from types import SimpleNamespace as NS
+
+    from deploy.compiler.budget import Budget
+    from deploy.compiler.candidates import Planner
+
+    setup = NS(target=NS(profile=NS(precisions=["fp32"], name="cpu")), loaded=NS(structural=False), warnings=[])
+    timing = {"latency_ms": 0.95, "ratio_to_dense": 0.55, "source": "measured"}
+    relative = Planner(NS(precisions=("fp32",), prune=False, budget=Budget("speedup", 1.6)), setup)
+    relative.dense = Candidate("fp32", 0.0, {}, 1.72, None, 1.0)
+    assert relative._planned(timing) == pytest.approx(0.55 * 1.72)
+    assert relative._planned(timing) <= relative.dense.latency_ms / 1.6  # fits 1.6x, as its ratio says
+    absolute = Planner(NS(precisions=("fp32",), prune=False, budget=Budget("latency_ms", 1.0)), setup)
+    absolute.dense = relative.dense
+    assert absolute._planned(timing) == 0.95

@@ -179,6 +179,7 @@ class Planner:
         self.note: Callable[..., None] = lambda *args, **kwargs: None  # progress: one call per candidate measured
         self.expected = 1  # how many candidates the search may measure at most (for N/M and the ETA)
         self.split = "validation"  # candidates are compared on validation data; the held-out split is the report's
+        self.relative = getattr(getattr(request, "budget", None), "kind", None) == "speedup"  # plan on ratios
         allowed = set(setup.target.profile.precisions)
         self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
         self.can_prune = request.prune and setup.loaded.structural
@@ -222,7 +223,7 @@ class Planner:
             from deploy.core.metrics import primary_metric
 
             value = primary_metric(fidelity_of(self.setup, path, self.split))[1]
-        candidate = Candidate("fp32", 0.0, {}, planned_ms(timing), value, path.stat().st_size / 1e6, None,
+        candidate = Candidate("fp32", 0.0, {}, self._planned(timing), value, path.stat().st_size / 1e6, None,
                               timing.get("band_ms"), origin, ranks=dict(ranks), predicted_ms=_point(timing))
         return self._keep(candidate)
 
@@ -331,9 +332,17 @@ class Planner:
 
             value = primary_metric(fidelity_of(self.setup, path, self.split))[1]
         candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level),
-                              planned_ms(timing), value, path.stat().st_size / 1e6, labels,
+                              self._planned(timing), value, path.stat().st_size / 1e6, labels,
                               timing.get("band_ms"), origin, predicted_ms=_point(timing))
         return self._keep(candidate)
+
+    def _planned(self, timing: dict[str, Any]) -> float:
+        """The latency a candidate is planned on. For a speed-up budget: its interleaved ratio to the dense model
+        times the dense model's p50, so that a dense measurement that came out slow or fast (a shared machine in
+        its first seconds) scales the target and every candidate alike; else the measured p50 (or a band's top)."""
+        if self.relative and self.dense is not None and timing.get("ratio_to_dense"):
+            return float(timing["ratio_to_dense"]) * self.dense.latency_ms
+        return planned_ms(timing)
 
     def _keep(self, candidate: Candidate) -> Candidate:
         self.candidates.append(candidate)
