@@ -3,8 +3,9 @@
 PELA's intermediate training: the frozen original is the teacher; the student (pruned, factorised or fake-quantised)
 matches the teacher's block outputs (feature MSE per block) and final outputs (soft-target KL for logits, as in
 MEAL V2; MSE for embeddings), optionally with PELA's weight-perturbation regulariser that keeps each low-rank
-product near the weight it replaced. Bounded by a step budget AND a time budget; stops early when held-out fidelity
-stops improving and returns the best student seen.
+product near the weight it replaced. Bounded by a step budget AND a time budget; stops early when fidelity on the
+validation split stops improving and returns the best student seen. The learning rate warms up over the first
+steps and then decays (cosine) over the planned steps; text batches are cut to their longest unpadded sequence.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from deploy.core.data import CalibrationSet
 class DistillConfig:
     steps: int = 300
     recover_minutes: float = 2.0
-    lr: float = 1e-3
+    lr: float = 1e-4
     batch_size: int = 32
     feature_weight: float = 1.0
     output_weight: float = 1.0
@@ -37,12 +38,22 @@ class DistillConfig:
     eval_every: int = 25
     patience: int = 4
     seed: int = 0
+    warmup: float = 0.05  # share of the horizon over which the learning rate rises from 10% to lr
+    final_lr: float = 0.05  # the cosine decay ends at this share of lr
+    horizon: int = 0  # steps the schedule spans (0: `steps`); a replay runs fewer steps on the same schedule
+    trim_padding: bool = True  # cut (input_ids, attention_mask, ...) batches to their longest real sequence
+    backoffs: int = 2  # times the rate is cut (x BACKOFF, from the best weights) when an evaluation did not improve
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.patience < 1:
             raise ValueError("steps, batch_size, eval_every and patience must be >= 1")
+        if not (0.0 <= self.warmup < 1.0 and 0.0 < self.final_lr <= 1.0 and self.horizon >= 0):
+            raise ValueError("warmup must be in [0, 1), final_lr in (0, 1], horizon >= 0")
         if self.recover_minutes <= 0 or self.lr <= 0 or self.temperature <= 0:
             raise ValueError("recover_minutes, lr and temperature must be positive")
+
+
+BACKOFF = 0.3  # the rate's cut when an evaluation is no better than the best: it was too high for these weights
 
 
 @dataclass
@@ -58,7 +69,36 @@ class DistillResult:
     history: list[dict[str, float]] = field(default_factory=list)
     matched_blocks: list[str] = field(default_factory=list)
     kept_step: int = 0  # the step whose weights were kept (the best validation score; 0: the starting weights)
+    trimmed_padding: bool = False  # whether text batches were cut to their longest real sequence
+    lr: float = 0.0  # the peak learning rate in use at the end (config.lr x BACKOFF per backoff)
     scored_on: str = "validation"  # before/after/history: the split early stopping looked at (not the held-out one)
+
+
+def lr_factor(step: int, config: DistillConfig) -> float:
+    """The learning rate at `step` (1-based) as a share of config.lr: a linear warm-up from 10%, then a cosine decay
+    to `final_lr` at the end of the horizon."""
+    import math
+
+    horizon = config.horizon or config.steps
+    warm = max(1, round(config.warmup * horizon)) if config.warmup else 0
+    if step <= warm:
+        return 0.1 + 0.9 * step / warm
+    progress = min(1.0, (step - warm) / max(1, horizon - warm))
+    return config.final_lr + (1.0 - config.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def trimmed(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A text batch (input_ids, attention_mask, ...) cut to its longest real sequence: padding costs as much
+    compute as text and teaches nothing."""
+    mask = _mask(batch)
+    if mask is None:
+        return batch
+    length = int(mask.sum(1).max())
+    if length <= 0 or length >= mask.shape[1]:
+        return batch
+    width = mask.shape[1]
+    return tuple(t[:, :length] if t.dim() == 2 and t.shape[1] == width and not t.is_floating_point() else t
+                 for t in batch)
 
 
 def _batch(samples: list[tuple[torch.Tensor, ...]], gen: torch.Generator, size: int) -> tuple[torch.Tensor, ...]:
@@ -87,8 +127,15 @@ class _Features:
 
 def _matched_blocks(student: nn.Module, teacher: nn.Module, config: DistillConfig,
                     example: tuple[torch.Tensor, ...]) -> list[str]:
-    """Blocks present in both models whose outputs have the same shape (pruned widths can differ)."""
+    """Blocks present in both models whose outputs have the same shape (pruned widths can differ). By default the
+    top-level children and the repeated blocks (the longest ModuleList: a transformer's layers), whose outputs
+    keep their width when heads and FFN channels are pruned."""
     names = list(config.blocks) or [n for n, m in teacher.named_children() if any(True for _ in m.parameters())]
+    if not config.blocks:
+        lists = [(n, m) for n, m in teacher.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+        if lists:
+            prefix, longest = max(lists, key=lambda item: len(item[1]))
+            names += [f"{prefix}.{i}" for i in range(len(longest))]
     names = [n for n in names if has_module(student, n) and has_module(teacher, n)]
     s_feat, t_feat = _Features(student, names), _Features(teacher, names)
     try:
@@ -111,12 +158,21 @@ def has_module(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _output_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: float) -> torch.Tensor:
+def _output_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: float,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft targets for logits; MSE for other outputs, plus for token outputs (with an attention mask) the cosine
+    distance of the mean-pooled embeddings, the quantity an embedding model is used (and judged) by."""
     if student_out.dim() == 2 and student_out.shape[1] > 1:  # logits: soft targets
         t = temperature
         return F.kl_div(F.log_softmax(student_out / t, 1), F.log_softmax(teacher_out / t, 1),
                         log_target=True, reduction="batchmean") * t * t
-    return F.mse_loss(student_out, teacher_out)
+    loss = F.mse_loss(student_out, teacher_out)
+    if student_out.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(student_out.shape[:2]):
+        weights = mask.unsqueeze(-1).to(student_out.dtype)
+        count = weights.sum(1).clamp(min=1.0)
+        pooled_s, pooled_t = (student_out * weights).sum(1) / count, (teacher_out * weights).sum(1) / count
+        loss = loss + (1.0 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
+    return loss
 
 
 def _perturbation(student: nn.Module, teacher: nn.Module) -> torch.Tensor:
@@ -180,13 +236,18 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
         stack.callback(s_feat.close)
         stack.callback(t_feat.close)
         bar = _progress_bar(stack, progress, config.steps)
+        trim, rate, backoffs = config.trim_padding, config.lr, 0
         for step in range(1, config.steps + 1):
             student.train()
             batch = _batch(calibration.calibration, gen, config.batch_size)
+            if trim and step == 1 and trimmed(batch) is not batch:
+                trim = _runs_trimmed(student, trimmed(batch))  # a model with a fixed sequence length cannot
+            if trim:
+                batch = trimmed(batch)
             with torch.no_grad():
                 t_out = first_tensor(teacher(*batch))
             s_out = first_tensor(student(*batch))
-            loss = config.output_weight * _output_loss(s_out, t_out, config.temperature)
+            loss = config.output_weight * _output_loss(s_out, t_out, config.temperature, _mask(batch))
             if blocks and config.feature_weight:
                 feats = [F.mse_loss(s_feat.values[n], t_feat.values[n]) for n in blocks]
                 loss = loss + config.feature_weight * torch.stack(feats).mean()
@@ -194,6 +255,8 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
                 loss = loss + config.perturbation_weight * _perturbation(student, teacher)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = rate * lr_factor(step, config)
             optimizer.step()
             if bar is not None:
                 bar[0].update(bar[1], advance=1)
@@ -202,10 +265,14 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
                 result = evaluate(student, teacher_held, calibration)
                 value = primary_metric(result)[1]
                 history.append({"step": step, metric: value, "sqnr_db": float(result["sqnr_db"]),
-                                "loss": float(loss.detach())})
+                                "loss": float(loss.detach()), "lr": rate})
                 if _score(result) > best_score:
                     best_score, best_state, bad_evals = _score(result), copy.deepcopy(student.state_dict()), 0
                     best_value, best_sqnr, kept_step = value, float(result["sqnr_db"]), step
+                elif backoffs < config.backoffs:  # no better than the best: back to the best weights, at a
+                    student.load_state_dict(best_state)  # lower rate (a fine-tuned transformer wants ~1e-4)
+                    optimizer = torch.optim.AdamW(params, lr=rate * BACKOFF, weight_decay=0.0)
+                    rate, backoffs, bad_evals = rate * BACKOFF, backoffs + 1, 0
                 else:
                     bad_evals += 1
                 if bad_evals >= config.patience:
@@ -217,7 +284,20 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
     student.load_state_dict(best_state)
     student.eval()
     return DistillResult(step, round(time.monotonic() - start, 3), stopped, metric, before, best_value,
-                         before_sqnr, best_sqnr, history, blocks, kept_step)
+                         before_sqnr, best_sqnr, history, blocks, kept_step, trimmed_padding=trim, lr=rate)
+
+
+def _runs_trimmed(student: nn.Module, batch: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the student takes a shorter sequence than it was given (a model with a fixed length raises)."""
+    try:
+        with torch.no_grad():
+            student.eval()
+            student(*batch)
+        return True
+    except (RuntimeError, ValueError, IndexError):
+        return False
+    finally:
+        student.train()
 
 
 def _score(result: dict[str, Any]) -> tuple[float, float]:

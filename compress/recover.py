@@ -20,10 +20,15 @@ def replay_config(config: DistillConfig, kept_step: int) -> DistillConfig | None
     if kept_step < 1:
         return None
     return dataclasses.replace(config, steps=kept_step, recover_minutes=UNLIMITED_MINUTES,
-                               patience=kept_step + 1)
+                               patience=kept_step + 1, horizon=config.horizon or config.steps)
 
 
-@register_pass("recover", DistillConfig, needs_calibration=True, invalidates=("sensitivity", "quantize"))
+def default_minutes(macs: int) -> float:
+    """Recovery's time budget when none is asked: 2 minutes per GMAC of one sample, at least 1, at most 10."""
+    return min(10.0, max(1.0, 2.0 * macs / 1e9))
+
+
+@register_pass("recover", DistillConfig, version=2, needs_calibration=True, invalidates=("sensitivity", "quantize"))
 class RecoverPass:
     """Distils the compressed module towards the original (the state's `original`) on calibration data."""
 

@@ -120,6 +120,9 @@ def test_candidates_carry_validation_fidelity(runs):
     assert len(measured) >= 2 and all(c["fidelity"] is not None for c in measured)
     assert 0.0 <= min(c["fidelity"] for c in measured) <= max(c["fidelity"] for c in measured) <= 1.0
     assert report["result"]["fidelity_detail"]["split"] == "held_out"
+    if report["recovery"]:  # a pruned plan: the output says what recovery did, on which split
+        assert "recovery:" in runs["budget"].stdout and "validation" in runs["budget"].stdout
+        assert report["recovery"]["scored_on"] == "validation"
 
 
 # --- report.html in a browser -------------------------------------------------------------------------------------

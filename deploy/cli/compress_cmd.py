@@ -41,7 +41,7 @@ def compress_cmd(
     lowrank: bool = typer.Option(False, "--lowrank/--no-lowrank", help=LOWRANK_HELP),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size latency is measured at (and a TensorRT plan built for); needs a dynamic batch axis."),
     recover_steps: int = typer.Option(200, "--recover-steps", min=0, help="Distillation steps after pruning (0: none)."),
-    recover_minutes: float = typer.Option(1.0, "--recover-minutes", callback=finite, help="Time budget for distillation."),
+    recover_minutes: Optional[float] = typer.Option(None, "--recover-minutes", callback=finite, help="Time budget for distillation (default: 2 minutes per GMAC of one sample, 1 to 10)."),
     eval_hook: Optional[str] = typer.Option(None, "--eval", help="module:function(onnx_path) -> dict of your own metrics (imports your code)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for measurement; default: physical cores."),
     measure_seconds: float = typer.Option(1.0, "--measure-seconds", callback=positive, help="Seconds per candidate measurement."),
@@ -86,6 +86,13 @@ def _print_report(report: dict) -> None:
     table.add_row(f"compressed ({r['precision']})", f"{r['latency_ms']:.4g}{extra}{source}", f"{r['size_mb']:.3g}",
                   f"{r['fidelity']:.4g}")
     console.print(table)
+    recovery = report.get("recovery")
+    if recovery:
+        minutes = report["decisions"].get("recover", {}).get("minutes")
+        limit = f" of a {minutes:g}-minute budget" if minutes else ""
+        console.print(f"recovery: {recovery['steps']} steps in {recovery['seconds']:.0f} s{limit} ({recovery['stopped']}, "
+                      f"kept step {recovery['kept_step']}); validation {recovery['metric']} {recovery['before']:.4g} -> "
+                      f"{recovery['after']:.4g}", highlight=False)
     if r.get("speedup"):
         ci = r.get("speedup_ci")
         how = f" (95% CI {ci[0]:.3g}-{ci[1]:.3g}x, measured interleaved)" if ci else f"{source}"

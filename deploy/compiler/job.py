@@ -53,7 +53,7 @@ class CompressRequest:
     prune: bool = True
     lowrank: bool = False  # low-rank factorization as a knob of the plan (float layers); opt-in, see CLI.md
     recover_steps: int = 200
-    recover_minutes: float = 1.0
+    recover_minutes: float | None = None  # None: compress.recover.default_minutes of the model's MACs
     eval_hook: str | None = None
     threads: int | None = None
     measure_seconds: float = 1.0
@@ -91,6 +91,13 @@ def compress(request: CompressRequest, progress: ProgressFn | None = None) -> di
     note = progress or (lambda phase, fraction, *rest, **kw: None)
     with atomic_output_dir(request.out, request.force, inputs_of(request)) as tmp:
         setup = _setup(request, tmp / ".work")
+        if request.recover_minutes is None:
+            import dataclasses
+
+            from deploy.compress.recover import default_minutes
+            from deploy.core.analysis import analyze
+
+            request = dataclasses.replace(request, recover_minutes=default_minutes(analyze(setup.loaded).total_macs))
         note("dense model", 0.05)
         planner = None
         if request.plan:

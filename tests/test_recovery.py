@@ -1,0 +1,61 @@
+"""Recovery's pieces: the learning-rate schedule (and its replay), trimmed text batches, the default time budget,
+the embedding loss, and the blocks whose features are matched."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from deploy.compress.distill import DistillConfig, _matched_blocks, _output_loss, lr_factor, trimmed
+from deploy.compress.recover import default_minutes, replay_config
+
+
+def test_learning_rate_warms_up_then_decays_and_a_replay_keeps_the_schedule():
+    config = DistillConfig(steps=200, warmup=0.05, final_lr=0.05)
+    factors = [lr_factor(s, config) for s in range(1, 201)]
+    peak = factors.index(max(factors)) + 1
+    assert peak == 10 and factors[0] < 0.2 and max(factors) == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[peak - 1:], factors[peak:]))  # decays after the warm-up
+    assert factors[-1] == pytest.approx(0.05)
+    replay = replay_config(config, kept_step=75)
+    assert replay.steps == 75 and replay.horizon == 200
+    assert [lr_factor(s, replay) for s in range(1, 76)] == factors[:75]  # the same weights come back
+
+
+def test_text_batches_are_cut_to_their_longest_sequence():
+    ids = torch.arange(24).reshape(2, 12)
+    mask = torch.tensor([[1] * 5 + [0] * 7, [1] * 8 + [0] * 4])
+    cut = trimmed((ids, mask))
+    assert cut[0].shape == (2, 8) and cut[1].shape == (2, 8) and torch.equal(cut[0], ids[:, :8])
+    image = (torch.randn(2, 1, 8, 8),)
+    assert trimmed(image) is image
+    full = (ids, torch.ones(2, 12, dtype=torch.int64))
+    assert trimmed(full) is full
+
+
+def test_default_recovery_minutes_grow_with_the_work_of_one_sample():
+    assert default_minutes(8_000_000) == 1.0  # the digits CNN
+    assert default_minutes(2_800_000_000) == pytest.approx(5.6)  # about all-MiniLM-L6-v2 at 128 tokens
+    assert default_minutes(40_000_000_000) == 10.0
+
+
+def test_embedding_loss_counts_the_pooled_direction():
+    teacher = torch.randn(2, 6, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    assert _output_loss(teacher.clone(), teacher, 2.0, mask) == pytest.approx(0.0, abs=1e-6)
+    flipped = teacher.clone()
+    flipped[0, :3] = -flipped[0, :3]  # the same MSE as a flipped padding position would give, but a new direction
+    padded = teacher.clone()
+    padded[0, 3:] = -padded[0, 3:]
+    assert _output_loss(flipped, teacher, 2.0, mask) > _output_loss(padded, teacher, 2.0, mask)
+
+
+def test_transformer_layers_are_matched_block_by_block():
+    from deploy.examples.tiny_bert import example_inputs, tiny_bert
+
+    teacher = tiny_bert().eval()
+    student = copy.deepcopy(teacher)
+    blocks = _matched_blocks(student, teacher, DistillConfig(), example_inputs())
+    layers = [b for b in blocks if b.rsplit(".", 1)[-1].isdigit()]
+    assert len(layers) >= 2 and all(b.rsplit(".", 1)[0] == layers[0].rsplit(".", 1)[0] for b in layers)
