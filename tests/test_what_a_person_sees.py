@@ -280,3 +280,17 @@ def test_a_speedup_budget_is_judged_by_the_measured_speedup():
     assert _verdict(budget, 0.6, 4.9, timing) == "met"
     timing["comparison"] = {"ci_low": 0.6, "ci_high": 0.65}
     assert _verdict(budget, 0.62, 4.9, timing) == "uncertain"
+
+
+def test_the_summary_says_what_recovery_did(runs, capsys):
+    from deploy.cli.compress_cmd import _print_report
+
+    report = json.loads((runs["budget"].out / "report.json").read_text())
+    report["output"] = str(runs["budget"].out)
+    report["decisions"]["recover"] = {"steps": 200, "minutes": 1.0, "seed": 0}
+    report["recovery"] = {"steps": 132, "seconds": 60.4, "stopped": "time", "kept_step": 25,
+                          "metric": "pooled_cosine", "before": 0.7418, "after": 0.8618}
+    _print_report(report)
+    out = capsys.readouterr().out
+    assert "recovery: 132 steps in 60 s of a 1-minute budget (time, kept step 25)" in out
+    assert "validation pooled_cosine 0.7418 -> 0.8618" in out
