@@ -16,8 +16,8 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
 4. and, where pruning was needed, the low-rank family (per-layer ranks from the allocator for a share of the
    factorizable MACs, in float) at the least factorization that fits; the more faithful exported model wins.
 
-A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only near
-0.95); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The final model is measured
+A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only within
+3% of 0.9); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The final model is measured
 again against the original, interleaved. Fidelity floors bisect the same knobs on validation fidelity.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ FILL = 0.85  # a latency budget is met when FILL x budget <= p50 <= budget, wher
 SAFE = 0.95  # while searching a candidate fits at <= SAFE x budget: the final measurement repeats it with noise
 LEVEL_STEPS = 6  # regula falsi / bisection steps on the pruning level
 PRECISION_STEPS = 4  # closed-loop steps of the precision allocator's budget
-NEAR = 0.04  # the level search stops early within this share below the fitting edge (SAFE x budget)
+NEAR = 0.03  # the level search stops early within this share of SAFE x budget around the window's middle
 ALTERNATE = 0.8  # the alternation's deeper pruning step: fastest precisions at about this share of the budget
 
 
@@ -150,10 +150,10 @@ def _alternate(planner: Planner, first: Candidate, pruned: Candidate, most: Cand
 def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: tuple[float, float],
                        low: Candidate, high: Candidate) -> Candidate:
     """Regula falsi (Illinois) on the pruning level for the least pruning that fits, stopping early only within NEAR
-    of the fitting edge (latency is flat in level over wide spans: stopping anywhere in the window pruned MiniLM 0.39
-    in one run, 0.76 in the next). `low` does not fit (level 0), `high` does (level 1)."""
+    of the window's middle (latency is flat in level over wide spans: stopping anywhere in the window pruned MiniLM
+    0.39 in one run, 0.76 in the next). `low` does not fit (level 0), `high` does (level 1)."""
     target = window[1]
-    aim = target - 0.25 * (window[1] - window[0])
+    aim = sum(window) / 2
     best = high
     f_low, f_high = low.latency_ms - aim, high.latency_ms - aim
     a, b = low.level, high.level
@@ -164,7 +164,7 @@ def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: 
         cand = planner.evaluate(level, labels, "pruning level for the budget")
         if cand.latency_ms <= target and cand.level < best.level:
             best = cand
-        if target * (1 - NEAR) <= cand.latency_ms <= target:
+        if abs(cand.latency_ms - aim) <= NEAR * target:
             return cand
         value = cand.latency_ms - aim
         if value > 0:  # still too slow: more pruning
