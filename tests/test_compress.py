@@ -166,8 +166,15 @@ def test_latency_budget_is_met_with_a_per_layer_precision_plan(tmp_path, env):
     out = tmp_path / "budget"
     result = run_cli("compress", "--example", "--target", "cpu", "--speedup", "1.25", "--threads", "1", "-o", out,
                      *FAST, "--json", env=env)
-    assert result.returncode == 0, result.stderr
+    # On a loaded machine the final interleaved comparison of a 0.1 ms model can straddle 1.25x: deploy then says
+    # "uncertain" (exit 3) and still writes the model; anything else is a failure.
+    assert result.returncode in (0, 3), result.stderr
     report = json.loads(result.stdout)
+    low, high = report["result"]["speedup_ci"]
+    if result.returncode == 3:
+        assert report["verdict"] == "uncertain" and low < 1.25 <= high
+    else:
+        assert report["verdict"] == "met" and low >= 1.25
     target = report["budget"]["target_ms"]
     assert target == pytest.approx(report["decisions"]["dense_latency_ms"] / 1.25)
     chosen = [c for c in report["candidates"] if c["chosen"]]
