@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["peers", "latency_prediction", "reference_fit", "regress_validation", "pruning", "quantization", "lowrank",
-         "pipeline"]
+ORDER = ["peers", "latency_prediction", "reference_fit", "regress_validation", "pruning", "quantization",
+         "int8_fidelity", "lowrank", "pipeline"]
 
 HEADER = """# Benchmarks
 

@@ -53,6 +53,14 @@ def precision_problem(module: torch.nn.Module, inputs: Sequence[InputSpec], cali
     return build_problem(module, inputs, calibration, target, config, prices_from=prices_from)
 
 
+def calibrated(module: torch.nn.Module, inputs: Sequence[InputSpec], calibration: CalibrationSet, target: Target,
+               config: Any) -> Any:
+    """The quantize pass's calibration of `module` alone (no sensitivities, no prices)."""
+    from deploy.compress.quant.prepare import prepare
+
+    return prepare(module, inputs, calibration, target, config.space, config.calibration, config.skip)
+
+
 def options_of(spaces: dict[str, tuple[Any, ...]], labels: Labels) -> dict[str, Any]:
     """Each layer's option for `labels` (a layer not named keeps its float option)."""
     from deploy.compress.quant.apply import options_for

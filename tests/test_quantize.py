@@ -134,6 +134,46 @@ def test_calibration_picks_the_method_with_the_least_layer_error():
     assert chosen.method != "minmax" and errors["minmax"] > 2 * errors[chosen.method]
 
 
+def test_mean_minmax_is_the_mean_of_each_samples_extremes():
+    from deploy.compress.quant.calib import TensorSource, collect
+
+    x = torch.rand(40, 8) * 2.0 - 1.0  # each sample within [-1, 1] ...
+    x[7, 2] = 50.0  # ... but one sample reaches 50: min-max spends the range on it, the mean of extremes does not
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    st = collect(model, [TensorSource("x", "0", "in")], [(x[:20],), (x[20:],)])["x"]
+    assert len(st.sample_hi) == 40
+    got = candidate_params(st, symmetric=False, methods=("minmax", "mean_minmax"))
+    expected_hi = x.amax(1).mean().item()
+    expected_lo = x.amin(1).mean().item()
+    assert got["mean_minmax"].scale == pytest.approx((expected_hi - expected_lo) / 255.0, rel=1e-5)
+    assert got["minmax"].scale > 10 * got["mean_minmax"].scale
+
+
+def test_smoothing_is_chosen_per_tensor_by_the_readers_error():
+    """An outlier input channel that the layer uses (a transformer's FFN input): clipping it is wrong, a min-max
+    range wastes int8 on it, SmoothQuant moves it into the per-channel weights. The search takes the alpha (or
+    none) whose readers err least."""
+    from deploy.compress.quant.calib import TensorSource, collect, search_smoothing
+
+    class TwoReaders(nn.Module):  # two linears, each reading the input
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 32), nn.Linear(64, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.b(x)
+
+    torch.manual_seed(0)
+    model = TwoReaders().eval()
+    x = torch.randn(256, 64)
+    x[:, 5] *= 80.0
+    stats = collect(model, [TensorSource("x", "a", "in")], [(x,)], probe_samples=64)["x"]
+    s, alpha, errors = search_smoothing(model, stats, ["a"], (0.5, 0.85), symmetric=False)
+    assert set(errors) == {"0", "0.5", "0.85"} and alpha > 0 and s is not None
+    assert errors[f"{alpha:g}"] < errors["0"] / 4
+    assert alpha == min((float(k) for k in errors), key=lambda k: errors[f"{k:g}"])
+
+
 def test_calibrated_ranges_are_per_tensor_and_shared(digits_prepared):
     prep = digits_prepared
     plan = prep.plan

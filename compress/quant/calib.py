@@ -18,7 +18,7 @@ from deploy.export.qdq.plan import ActParams, act_params_from_range
 from deploy.compress.quant.sim import dequantized_weight, fake_quant_act
 from deploy.export.qdq.option import QuantOption
 
-METHODS = ("minmax", "percentile", "mse")
+METHODS = ("minmax", "mean_minmax", "percentile", "mse")
 SAMPLE_CAP = 1 << 16
 MSE_GRID = tuple(0.30 + 0.05 * i for i in range(15))  # fractions of the min-max range tried by the MSE search
 PROBE_WEIGHTS = QuantOption("int8", 8, 8, "per-channel", 0, True, False)  # consumers' weights while choosing
@@ -31,6 +31,10 @@ class TensorStats:
     samples: list[torch.Tensor] = field(default_factory=list)
     probe: torch.Tensor | None = None
     channel_absmax: torch.Tensor | None = None  # per last-dim channel, for SmoothQuant
+    channel_lo: torch.Tensor | None = None  # per last-dim channel minimum and maximum: a smoothed tensor's range
+    channel_hi: torch.Tensor | None = None
+    sample_lo: list[float] = field(default_factory=list)  # each sample's minimum and maximum (mean_minmax)
+    sample_hi: list[float] = field(default_factory=list)
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.samples) if self.samples else torch.zeros(1)
@@ -78,14 +82,21 @@ def collect(model: nn.Module, sources: Sequence[TensorSource], batches: Sequence
             value = value / smooth[src.tensor]
         st = stats[src.tensor]
         st.lo, st.hi = min(st.lo, value.min().item()), max(st.hi, value.max().item())
+        per_sample = value.reshape(value.shape[0], -1)
+        st.sample_lo.extend(per_sample.amin(1).tolist())
+        st.sample_hi.extend(per_sample.amax(1).tolist())
         flat = value.reshape(-1)
         idx = torch.randint(flat.numel(), (min(per_batch, flat.numel()),), generator=gen)
         st.samples.append(flat[idx])
         if st.probe is None:
             st.probe = value[:probe_samples].clone()
         if value.dim() >= 2:
-            cmax = value.abs().reshape(-1, value.shape[-1]).amax(0)
+            rows = value.reshape(-1, value.shape[-1])
+            lo, hi = rows.amin(0), rows.amax(0)
+            cmax = torch.maximum(lo.abs(), hi)
             st.channel_absmax = cmax if st.channel_absmax is None else torch.maximum(st.channel_absmax, cmax)
+            st.channel_lo = lo if st.channel_lo is None else torch.minimum(st.channel_lo, lo)
+            st.channel_hi = hi if st.channel_hi is None else torch.maximum(st.channel_hi, hi)
 
     for src in sources:
         mod = model.get_submodule(src.layer)
@@ -110,6 +121,11 @@ def candidate_params(st: TensorStats, symmetric: bool, methods: Sequence[str] = 
     if "minmax" in methods:
         out["minmax"] = act_params_from_range(st.lo, st.hi, symmetric, "minmax")
     values = st.sample()
+    if "mean_minmax" in methods and st.sample_lo:
+        # the mean of each sample's extremes: one rare sample no longer sets the range for all (NNCF's
+        # activation range for transformers is of this kind)
+        lo, hi = sum(st.sample_lo) / len(st.sample_lo), sum(st.sample_hi) / len(st.sample_hi)
+        out["mean_minmax"] = act_params_from_range(min(lo, 0.0), max(hi, 0.0), symmetric, "mean_minmax")
     if "percentile" in methods and values.numel() > 1:
         q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0])
         lo, hi = torch.quantile(values[: 1 << 24], q).tolist()
@@ -170,3 +186,50 @@ def smooth_factors(model: nn.Module, st: TensorStats, consumers: Sequence[str], 
     wmax = torch.stack([m.weight.detach().abs().amax(0) for m in layers]).amax(0)
     s = st.channel_absmax.clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1.0 - alpha)
     return s.clamp(min=1e-5)
+
+
+def search_smoothing(model: nn.Module, st: TensorStats, consumers: Sequence[str], alphas: Sequence[float],
+                     symmetric: bool) -> tuple[torch.Tensor | None, float, dict[str, float]]:
+    """Per tensor: no smoothing, or SmoothQuant at one of `alphas`, whichever leaves the consuming linears' outputs
+    closest to float with int8 weights and an int8 activation range (min-max or clipped, the better of the two).
+    One alpha for the whole model under-smooths the tensors with outlier channels (a transformer's FFN input)
+    and over-smooths the rest; a per-tensor choice on the layer-output error costs a few probe evaluations.
+    Returns the factors (None: leave the tensor alone), the alpha (0: none) and each alpha's error."""
+    layers = [model.get_submodule(n) for n in consumers]
+    if (not layers or not all(isinstance(m, nn.Linear) for m in layers) or st.probe is None
+            or st.channel_lo is None or st.channel_lo.numel() != layers[0].in_features):
+        return None, 0.0, {}
+    x = st.probe
+    errors: dict[str, float] = {}
+    best: tuple[float, float, torch.Tensor | None] = (float("inf"), 0.0, None)
+    with torch.no_grad():
+        refs = [torch.nn.functional.linear(x, m.weight, m.bias) for m in layers]
+        for alpha in (0.0, *alphas):
+            s = smooth_factors(model, st, consumers, alpha) if alpha > 0 else None
+            xs = x if s is None else x / s
+            lo = st.lo if s is None else (st.channel_lo / s).min().item()
+            hi = st.hi if s is None else (st.channel_hi / s).max().item()
+            err = min(_consumers_error(layers, refs, xs, params, s) for params in _ranges(xs, lo, hi, symmetric))
+            errors[f"{alpha:g}"] = err
+            if err < best[0]:
+                best = (err, alpha, s)
+    return best[2], best[1], errors
+
+
+def _ranges(x: torch.Tensor, lo: float, hi: float, symmetric: bool) -> list[ActParams]:
+    """The min-max range and the clipped range with the least error on `x` itself."""
+    minmax = act_params_from_range(lo, hi, symmetric, "minmax")
+    clipped = min((act_params_from_range(lo * f, hi * f, symmetric, "mse") for f in MSE_GRID),
+                  key=lambda p: torch.mean((fake_quant_act(x, p) - x) ** 2).item())
+    return [minmax, clipped]
+
+
+def _consumers_error(layers: Sequence[nn.Linear], refs: Sequence[torch.Tensor], xs: torch.Tensor,
+                     params: ActParams, s: torch.Tensor | None) -> float:
+    xq = fake_quant_act(xs, params)
+    err = 0.0
+    for layer, ref in zip(layers, refs):
+        w = layer.weight if s is None else layer.weight * s
+        out = torch.nn.functional.linear(xq, dequantized_weight(w, PROBE_WEIGHTS), layer.bias)
+        err += torch.mean((out - ref) ** 2).item() / max(torch.mean(ref ** 2).item(), 1e-12)
+    return err

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from deploy.compress.quant.calib import (TensorStats, candidate_params, choose_params, collect, smooth_factors,
-                                         tensor_sources)
+from deploy.compress.quant.calib import (METHODS, TensorStats, candidate_params, choose_params, collect, search_smoothing,
+                                         smooth_factors, tensor_sources)
 from deploy.compress.quant.fold import fold_batchnorm, layer_shapes, wrap
 from deploy.export.qdq.graph import LayerGraph, layer_graph
 from deploy.export.qdq.plan import ActParams, LayerPlan, QuantPlan
@@ -32,19 +32,27 @@ class CalibrationConfig:
     percentile: float = 99.99
     smoothquant: bool = False  # SmoothQuant factors for linears that share an input (transformers)
     smooth_alpha: float = 0.5
+    # Non-empty: each smoothable tensor picks no smoothing or one of these alphas by its readers' output error
+    # (calib.search_smoothing); empty: every tensor is smoothed at `smooth_alpha`.
+    smooth_alphas: tuple[float, ...] = ()
+    bias_samples: int = 0  # samples the bias correction measures on; 0: every calibration sample
     batches: int = 4
     batch_size: int = 32
     probe_samples: int = 16
     bias_correction: bool = True  # subtract each low-precision option's mean output shift from the bias
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in ("minmax", "percentile", "mse")]
+        bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
-            raise ValueError(f"calibration methods must be drawn from minmax, percentile, mse; got {bad}")
+            raise ValueError(f"calibration methods must be drawn from {', '.join(METHODS)}; got {bad}")
         if not 90.0 < self.percentile < 100.0:
             raise ValueError(f"percentile must be in (90, 100), got {self.percentile}")
         if not 0.0 < self.smooth_alpha < 1.0:
             raise ValueError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
+        if any(not 0.0 < a < 1.0 for a in self.smooth_alphas):
+            raise ValueError(f"smooth_alphas must each be in (0, 1), got {self.smooth_alphas}")
+        if self.bias_samples < 0:
+            raise ValueError(f"bias_samples must be >= 0, got {self.bias_samples}")
         if self.batches < 1 or self.batch_size < 1 or self.probe_samples < 1:
             raise ValueError("batches, batch_size and probe_samples must be >= 1")
 
@@ -95,9 +103,18 @@ def calibrate_tensors(folded: nn.Module, graph: LayerGraph | None, layers: Seque
         readers[tensor].append(name)
     stats = collect(folded, sources, batches, probe_samples=config.probe_samples)
     smooth: dict[str, torch.Tensor] = {}
+    alphas: dict[str, Any] = {}
     if config.smoothquant:
         for tensor, consumers in readers.items():
-            s = smooth_factors(folded, stats[tensor], consumers, config.smooth_alpha) if consumers else None
+            if not consumers:
+                continue
+            if config.smooth_alphas:
+                s, alpha, errors = search_smoothing(folded, stats[tensor], consumers, config.smooth_alphas,
+                                                    symmetric)
+                if errors:
+                    alphas[tensor] = {"alpha": alpha, "errors": errors}
+            else:
+                s = smooth_factors(folded, stats[tensor], consumers, config.smooth_alpha)
             if s is not None:
                 smooth[tensor] = s
         if smooth:
@@ -108,6 +125,8 @@ def calibrate_tensors(folded: nn.Module, graph: LayerGraph | None, layers: Seque
         params[tensor], errors = _choose(folded, tensor, readers[tensor], st, sym, config, smooth.get(tensor))
         report[tensor] = {"method": params[tensor].method, "errors": errors, "range": [st.lo, st.hi],
                           "readers": readers[tensor], "smoothed": tensor in smooth}
+        if tensor in alphas:
+            report[tensor]["smooth_alpha"] = alphas[tensor]
     return params, smooth, report
 
 
@@ -115,6 +134,20 @@ def _choose(folded: nn.Module, tensor: str, readers: list[str], st: TensorStats,
             config: CalibrationConfig, smooth: torch.Tensor | None) -> tuple[ActParams, dict[str, float]]:
     candidates = candidate_params(st, symmetric, config.methods, config.percentile)
     return choose_params(folded, tensor, readers, st, candidates, smooth)
+
+
+def _first_samples(batches: list[tuple[torch.Tensor, ...]], n: int) -> list[tuple[torch.Tensor, ...]]:
+    """The batches holding the first `n` samples (0: all): a mean shift per channel settles long before a
+    range does, and every option of every layer costs a pass over them."""
+    if n <= 0:
+        return batches
+    out, seen = [], 0
+    for batch in batches:
+        if seen >= n:
+            break
+        out.append(batch)
+        seen += batch[0].shape[0]
+    return out
 
 
 def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: CalibrationSet, target: Target | Profile,
@@ -160,7 +193,7 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Calibra
 
         from deploy.compress.quant.bias import install_shifts, measure_shifts
 
-        shifts = measure_shifts(qmodel, spaces, batches)
+        shifts = measure_shifts(qmodel, spaces, _first_samples(batches, config.bias_samples))
         install_shifts(qmodel, shifts)
         plan = replace(plan, shifts=shifts)
         qmodel.quant_plan = plan

@@ -173,6 +173,7 @@ class Planner:
         self._lowrank: Any = None
         self._modules: dict[float, torch.nn.Module] = {}
         self._quant: dict[float, Any] = {}
+        self._preps: dict[float, Any] = {}  # calibrations of levels whose precision problem is not built
         self._fastest: dict[float, dict[str, str]] = {}
         self._baseline: Path | None = None  # the dense model's file, every candidate is timed against
         self.dense: Candidate | None = None
@@ -254,6 +255,15 @@ class Planner:
         """The precision problem already built for `level`, if any."""
         return self._quant.get(level)
 
+    def calibrated(self, level: float) -> Any:
+        """The calibration of the model at `level` (its SmoothQuant factors fit its pruned layers), built alone
+        where its precision problem is not (a size budget may export a level the search never priced)."""
+        if level not in self._quant and level not in self._preps:
+            from deploy.compress.families import calibrated
+            self._preps[level] = calibrated(self.module(level), self.setup.loaded.inputs, self.setup.calibration,
+                                            self.setup.target, quant_config(self.request, self.setup))
+        return self._quant[level].prep if level in self._quant else self._preps[level]
+
     def quant(self, level: float) -> Any:
         """The precision problem (calibration, sensitivities, prices) of the model at `level`."""
         if level not in self._quant:
@@ -317,9 +327,7 @@ class Planner:
                  ) -> Candidate:
         module = self.module(level)
         path = self._path(len(self.candidates))
-        prep = None
-        if labels is not None:
-            prep = (self._quant.get(level) or self.quant(0.0)).prep
+        prep = self.calibrated(level) if labels is not None else None
         plan = export_candidate(module, self.setup, labels, prep, path)
         if not outputs_finite(self.setup, path):  # rejected: it can never be chosen, whatever the budget
             candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level), math.inf,

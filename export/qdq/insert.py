@@ -130,8 +130,11 @@ def _smooth_input(ed: _Editor, node: Any, ln: LayerNode, lp: LayerPlan) -> None:
         ed.node("Mul", [node.input[0], inv], [f"{lp.name}.smoothed"], f"{lp.name}/SmoothQuant/Mul")
         ed.smoothed[key] = f"{lp.name}.smoothed"
     node.input[0] = ed.smoothed[key]
-    b = ed.array(node.input[1])  # B is [K, N]: row k belongs to input channel k
-    node.input[1] = ed.add_init(f"{lp.name}.weight_smoothed", (b * s[:, None]).astype(np.float32))
+    b = ed.array(node.input[1])
+    # MatMul (and Gemm without transB) hold B as [K, N], row k for input channel k; Gemm with transB (as a
+    # TorchScript Linear exports) holds it as [N, K], column k
+    scaled = b * (s[:, None] if _transposed(node) else s[None, :])
+    node.input[1] = ed.add_init(f"{lp.name}.weight_smoothed", scaled.astype(np.float32))
 
 
 def _weight_dq(ed: _Editor, node: Any, ln: LayerNode, lp: LayerPlan, int_bias: bool) -> None:
