@@ -207,6 +207,7 @@ def kernels(path: Path, threads: int) -> dict[str, int]:
 def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
     import dataclasses
 
+    from deploy.compress.quant.api import SMOOTH_ALPHAS
     from deploy.compress.quant.prepare import CalibrationConfig
     from deploy.compress.quant.space import SpaceConfig
     from deploy.compress.quant.api import QuantizeConfig, build_problem, solve_budget
@@ -223,7 +224,8 @@ def run_case(case: dict[str, Any], quick: bool, threads: int, log: Callable[[str
         cost="measured", space=SpaceConfig(**case["space"]),
         price_seconds=(0.6 if bert else 0.3) if quick else 0.8,
         calibration=CalibrationConfig(batches=4, batch_size=(4 if quick else 8) if bert else 32,
-                                      probe_samples=8 if bert else 16, smoothquant=case.get("smoothquant", False)),
+                                      probe_samples=8 if bert else 16, smoothquant=case.get("smoothquant", False),
+                                      smooth_alphas=SMOOTH_ALPHAS if case.get("smoothquant") else ()),
         sensitivity_batches=1, noise_draws=1 if bert else 2)
     problem = build_problem(case["module"], case["inputs"], case["calibration"], profile, config)
     log(f"  problem built in {time.perf_counter() - started:.0f} s {problem.seconds}")
