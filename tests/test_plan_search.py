@@ -119,3 +119,20 @@ def test_a_speedup_budget_plans_on_ratios_to_the_dense_model():
     absolute = Planner(NS(precisions=("fp32",), prune=False, budget=Budget("latency_ms", 1.0)), setup)
     absolute.dense = relative.dense
     assert absolute._planned(timing) == 0.95
+
+
+def test_the_most_faithful_candidate_inside_the_budget_is_chosen():
+    """A precision fill ranks by estimated distortion; a candidate measured on the way may fit and be more
+    faithful. One that is more faithful but over the limit is not taken; on a tie the search's choice stays."""
+    from deploy.compiler.plan import most_faithful
+
+    planner = FakePlanner(prune_cost=0.5, int8_cost=0.05)
+    early = planner.evaluate(0.3, None, "pruning level")  # 7.6 ms, fidelity 0.85
+    over = planner.evaluate(0.1, None, "pruning level")  # 9.2 ms, 0.95: over the limit
+    chosen = planner.evaluate(0.35, {"a": "int8", "b": "int8"}, "filled")  # 6.5 ms, 0.725
+    assert most_faithful(planner, chosen, limit=8.0) is early
+    assert over.fidelity > early.fidelity and over.latency_ms > 8.0
+    assert most_faithful(planner, early, limit=8.0) is early
+    twin = planner.evaluate(0.3, None, "pruning level again")  # same fidelity as `early`: no reason to switch
+    assert most_faithful(planner, early, limit=8.0) is early and twin.fidelity == early.fidelity
+    assert most_faithful(planner, chosen, limit=7.0) is chosen  # nothing more faithful fits 7 ms

@@ -18,7 +18,8 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
 
 A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only within
 3% of 0.9); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The final model is measured
-again against the original, interleaved. Fidelity floors bisect the same knobs on validation fidelity.
+again against the original, interleaved. Of every candidate measured inside 0.95 x budget, the most faithful on the
+validation split is the answer (`most_faithful`). Fidelity floors and size budgets: `floor_and_size`.
 """
 from __future__ import annotations
 
@@ -59,6 +60,18 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate) -> Candidate
     planner.with_fidelity(structured)
     planner.with_fidelity(lowrank)
     return lowrank if (lowrank.fidelity or 0.0) > (structured.fidelity or 0.0) else structured
+
+
+def most_faithful(planner: Planner, choice: Candidate, limit: float) -> Candidate:
+    """The most faithful candidate measured within `limit` (validation fidelity, every one before recovery);
+    `choice` unless another is better at 4 decimals. The search's steps aim at the budget's window, but a step on
+    the way may have measured inside the budget and more faithful (the precision fill ranks plans by the
+    allocator's distortion estimate, not by measured fidelity)."""
+    planner.score_all()
+    fits = [c for c in planner.candidates if c.latency_ms <= limit and c.fidelity is not None
+            and math.isfinite(c.fidelity)]
+    best = max(fits, key=lambda c: round(c.fidelity, 4), default=choice)
+    return best if round(best.fidelity or 0.0, 4) > round(choice.fidelity or 0.0, 4) else choice
 
 
 def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate
@@ -247,95 +260,11 @@ def _infeasible(budget: float, fastest: float, dense: Candidate) -> None:
         f"raise the budget to at least {least:.3g} ms", least_achievable=least)
 
 
-# --- fidelity floors ----------------------------------------------------------------------------------------------
-
-def _bisect(evaluate: Callable[[float], Candidate], ok: Callable[[Candidate], bool], low: float, high: float,
-            prefer_low: bool, steps: int = LEVEL_STEPS) -> Candidate | None:
-    """Bisect a knob in [low, high]. prefer_low: the smallest value that is ok; else the largest."""
-    best = None
-    for _ in range(steps):
-        mid = (low + high) / 2
-        cand = evaluate(mid)
-        if ok(cand) == prefer_low:
-            if ok(cand):
-                best = cand
-            high = mid
-        else:
-            if ok(cand):
-                best = cand
-            low = mid
-    return best
-
-
-def meet_floor(planner: Planner, metric: str, minimum: float, dense: Candidate) -> Candidate:
-    """The fastest candidate whose held-out fidelity (exported model, in its runtime) stays above the floor."""
-    from deploy.compress.quant.search import allocator_plan
-
-    ok = lambda c: c.fidelity is not None and c.fidelity >= minimum  # noqa: E731
-    planner.with_fidelity(dense)
-    feasible = [dense] if ok(dense) and "fp32" in planner.request.precisions else []
-    labels = None
-    if planner.quantizes:
-        fast = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer", fidelity=True)
-        if ok(fast):
-            feasible.append(fast)
-            labels = fast.labels
-        else:  # the least estimated latency whose precision plan keeps the floor
-            sp = planner.quant(0.0).space
-            lo, hi = sp.latency(fast.labels), sp.latency(sp.float_labels())
-
-            def at(estimate: float) -> Candidate:
-                plan = allocator_plan(sp, estimate)[0]
-                return planner.evaluate(0.0, plan, f"precision allocator at {estimate:.4g} ms", fidelity=True)
-
-            found = _bisect(at, ok, lo, hi, prefer_low=True, steps=PRECISION_STEPS + 1)
-            feasible += [found] if found else []
-    if planner.can_prune and (labels is not None or "fp32" in planner.request.precisions):
-        found = _bisect(lambda lv: planner.evaluate(lv, labels, "pruning level for the floor", fidelity=True),
-                        ok, 0.0, 1.0, prefer_low=False)
-        feasible += [found] if found else []
-    if not feasible:
-        raise BudgetInfeasibleError(f"no candidate keeps {metric} >= {minimum:.4g}", "lower the floor (--max-drop)")
-    return min(feasible, key=lambda c: (c.latency_ms, -(c.fidelity or 0.0)))
-
-
-# --- size budgets ---------------------------------------------------------------------------------------------------
-
-def meet_size(planner: Planner, size_mb: float, dense: Candidate) -> Candidate:
-    """The most faithful candidate whose exported file fits: float or the smallest precisions, pruned as little as
-    fits."""
-    fits = lambda c: c.size_mb <= size_mb  # noqa: E731
-    families: list[tuple[dict[str, str] | None, Candidate]] = []
-    if "fp32" in planner.request.precisions:
-        families.append((None, dense))
-    if planner.quantizes:
-        small = planner.evaluate(0.0, planner.smallest(), "dense, fewest bits per layer")
-        families.append((small.labels, small))
-    feasible, smallest = [], min(c.size_mb for _, c in families)
-    for labels, start in families:
-        if fits(start):
-            feasible.append(start)
-            continue
-        if planner.can_prune:
-            end = planner.evaluate(1.0, labels, "most pruning")
-            smallest = min(smallest, end.size_mb)
-            if fits(end):
-                found = _bisect(lambda lv: planner.evaluate(lv, labels, "pruning level for the size"), fits,
-                                0.0, 1.0, prefer_low=True)
-                feasible.append(found or end)
-    if not feasible:
-        raise BudgetInfeasibleError(f"the size budget {size_mb:g} MB is below the smallest achievable "
-                                    f"{smallest:.3g} MB", f"raise --size-mb to at least {smallest:.3g}",
-                                    least_achievable=smallest)
-    for cand in feasible:
-        planner.with_fidelity(cand)
-    return max(feasible, key=lambda c: (round(c.fidelity or 0.0, 4), -c.size_mb))
-
-
 def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tuple[dict[str, Any], Planner]:
     """The decisions for `request`'s budget (see the module docstring), and the planner that holds what was built
     on the way (the pruning problem, the precision problems) for applying them."""
     from deploy.compiler.budget import fidelity_floor, latency_target_ms
+    from deploy.compiler.floor_and_size import meet_floor, meet_size
     from deploy.core.metrics import task_of
 
     planner = Planner(request, setup)
@@ -348,7 +277,7 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
     target = latency_target_ms(request.budget, dense.latency_ms)
     floor = fidelity_floor(request.budget, task_of(setup.reference[0]))
     if target is not None:
-        choice = meet_latency(planner, target, dense)
+        choice = most_faithful(planner, meet_latency(planner, target, dense), SAFE * target)
     elif floor is not None:
         choice = meet_floor(planner, floor[0], floor[1], dense)
     else:
@@ -377,7 +306,7 @@ def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: 
     else:
         tighter = target * target / measured_ms
     try:
-        choice = meet_latency(planner, tighter, planner.dense)
+        choice = most_faithful(planner, meet_latency(planner, tighter, planner.dense), SAFE * tighter)
     except BudgetInfeasibleError:
         return None
     planner.score_all()
