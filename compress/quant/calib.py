@@ -30,14 +30,19 @@ class TensorStats:
     hi: float = float("-inf")
     samples: list[torch.Tensor] = field(default_factory=list)
     probe: torch.Tensor | None = None
-    channel_absmax: torch.Tensor | None = None  # per last-dim channel, for SmoothQuant
-    channel_lo: torch.Tensor | None = None  # per last-dim channel minimum and maximum: a smoothed tensor's range
+    channel_lo: torch.Tensor | None = None  # per last-dim channel minimum and maximum (SmoothQuant)
     channel_hi: torch.Tensor | None = None
     sample_lo: list[float] = field(default_factory=list)  # each sample's minimum and maximum (mean_minmax)
     sample_hi: list[float] = field(default_factory=list)
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.samples) if self.samples else torch.zeros(1)
+
+    @property
+    def channel_absmax(self) -> torch.Tensor | None:
+        if self.channel_lo is None or self.channel_hi is None:
+            return None
+        return torch.maximum(self.channel_lo.abs(), self.channel_hi.abs())
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,6 @@ def collect(model: nn.Module, sources: Sequence[TensorSource], batches: Sequence
         if value.dim() >= 2:
             rows = value.reshape(-1, value.shape[-1])
             lo, hi = rows.amin(0), rows.amax(0)
-            cmax = torch.maximum(lo.abs(), hi)
-            st.channel_absmax = cmax if st.channel_absmax is None else torch.maximum(st.channel_absmax, cmax)
             st.channel_lo = lo if st.channel_lo is None else torch.minimum(st.channel_lo, lo)
             st.channel_hi = hi if st.channel_hi is None else torch.maximum(st.channel_hi, hi)
 
@@ -134,14 +137,14 @@ def candidate_params(st: TensorStats, symmetric: bool, methods: Sequence[str] = 
             lo, hi = -bound, bound
         out["percentile"] = act_params_from_range(min(lo, 0.0) if st.lo < 0 else 0.0, hi, symmetric, "percentile")
     if "mse" in methods and values.numel() > 1:
-        best, best_err = None, float("inf")
-        for frac in MSE_GRID:
-            params = act_params_from_range(st.lo * frac, st.hi * frac, symmetric, "mse")
-            err = torch.mean((fake_quant_act(values, params) - values) ** 2).item()
-            if err < best_err:
-                best, best_err = params, err
-        out["mse"] = best
+        out["mse"] = mse_clipped(values, st.lo, st.hi, symmetric)
     return out
+
+
+def mse_clipped(values: torch.Tensor, lo: float, hi: float, symmetric: bool) -> ActParams:
+    """The range [lo, hi] shrunk by the MSE_GRID fraction that quantizes `values` with the least squared error."""
+    return min((act_params_from_range(lo * frac, hi * frac, symmetric, "mse") for frac in MSE_GRID),
+               key=lambda p: torch.mean((fake_quant_act(values, p) - values) ** 2).item())
 
 
 def _layer_output(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -218,10 +221,7 @@ def search_smoothing(model: nn.Module, st: TensorStats, consumers: Sequence[str]
 
 def _ranges(x: torch.Tensor, lo: float, hi: float, symmetric: bool) -> list[ActParams]:
     """The min-max range and the clipped range with the least error on `x` itself."""
-    minmax = act_params_from_range(lo, hi, symmetric, "minmax")
-    clipped = min((act_params_from_range(lo * f, hi * f, symmetric, "mse") for f in MSE_GRID),
-                  key=lambda p: torch.mean((fake_quant_act(x, p) - x) ** 2).item())
-    return [minmax, clipped]
+    return [act_params_from_range(lo, hi, symmetric, "minmax"), mse_clipped(x, lo, hi, symmetric)]
 
 
 def _consumers_error(layers: Sequence[nn.Linear], refs: Sequence[torch.Tensor], xs: torch.Tensor,
