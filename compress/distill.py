@@ -129,14 +129,16 @@ def _matched_blocks(student: nn.Module, teacher: nn.Module, config: DistillConfi
                     example: tuple[torch.Tensor, ...]) -> list[str]:
     """Blocks present in both models whose outputs have the same shape (pruned widths can differ). By default the
     top-level children and the repeated blocks (the longest ModuleList: a transformer's layers), whose outputs
-    keep their width when heads and FFN channels are pruned."""
+    keep their width when heads and FFN channels are pruned. A dropped block is not matched: the student's next
+    block learns to stand in for it, matched to the teacher's block of the same name."""
     names = list(config.blocks) or [n for n, m in teacher.named_children() if any(True for _ in m.parameters())]
     if not config.blocks:
         lists = [(n, m) for n, m in teacher.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
         if lists:
             prefix, longest = max(lists, key=lambda item: len(item[1]))
             names += [f"{prefix}.{i}" for i in range(len(longest))]
-    names = [n for n in names if has_module(student, n) and has_module(teacher, n)]
+    names = [n for n in names if has_module(student, n) and has_module(teacher, n)
+             and any(True for _ in student.get_submodule(n).parameters())]  # a dropped block (Skip) has none
     s_feat, t_feat = _Features(student, names), _Features(teacher, names)
     try:
         with torch.no_grad():

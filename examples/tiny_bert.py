@@ -62,8 +62,8 @@ def build_tokenizer(directory: str | Path, num_words: int = NUM_WORDS):
     return tokenizer
 
 
-def tiny_bert(seed: int = 0, vocab_size: int | None = None) -> EncoderWrapper:
-    """A 2-layer, 64-wide BERT encoder with fixed random weights, in eval mode.
+def tiny_bert(seed: int = 0, vocab_size: int | None = None, layers: int = 2) -> EncoderWrapper:
+    """A `layers`-layer (default 2), 64-wide BERT encoder with fixed random weights, in eval mode.
 
     vocab_size defaults to the size of build_tokenizer's vocabulary.
     """
@@ -74,7 +74,7 @@ def tiny_bert(seed: int = 0, vocab_size: int | None = None) -> EncoderWrapper:
 
         vocab_size = len(build_vocab(docstring_corpus()))
     config = BertConfig(
-        vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
         intermediate_size=128, max_position_embeddings=128,
         attn_implementation="eager",  # sdpa/flash paths trip up export and tracing
     )

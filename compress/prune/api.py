@@ -20,6 +20,7 @@ from torch import nn
 from deploy.compress.allocate import Option, Unit, allocate, least_cost
 from deploy.compress.prune.baselines import global_magnitude, plan_uniform
 from deploy.compress.prune.cost import Plan
+from deploy.compress.prune.depth import dropped
 from deploy.compress.prune.edit import remove_physically
 from deploy.compress.prune.problem import PruneConfig, PruneProblem, build_problem, check_reachable
 from deploy.compress.prune.units import UnitConfig, all_units, check_plan, ratio_of
@@ -260,9 +261,13 @@ class PrunePass:
         if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in state.module.modules()):
             raise ConfigError("pruning needs the Python module (state_dict + --arch, or a trusted pickle)",
                               "graph-only models (TorchScript, .pt2) have no layers to edit")
-        if self.config.removed:  # a plan found before (deploy compress, deploy.toml): apply it as it is
-            state.module = apply_removed(state.module, state.inputs, self.config.mode, self.config.removed)
-            state.record(self.name, "decision", removed=dict(self.config.removed), mode=self.config.mode)
+        if self.config.removed or self.config.blocks:  # a plan found before (deploy compress, deploy.toml)
+            module = dropped(state.module, self.config.blocks) if self.config.blocks else state.module
+            if self.config.removed:
+                module = apply_removed(module, state.inputs, self.config.mode, self.config.removed)
+            state.module = module
+            state.record(self.name, "decision", removed=dict(self.config.removed), mode=self.config.mode,
+                         blocks=list(self.config.blocks))
             return state
         pruned, report = prune_model(state.module, state.inputs, ctx.calibration, state.target, self.config,
                                      ctx.cache_dir)

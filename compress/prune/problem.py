@@ -51,6 +51,8 @@ class PruneConfig:
     dp_steps: int = DEFAULT_STEPS
     # A plan to apply as it is (unit -> elements removed, as `deploy compress` found it): no search, no curves.
     removed: dict[str, int] = field(default_factory=dict)
+    # Whole blocks dropped before `removed` applies (prune.depth; names as in the unpruned model).
+    blocks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (self.budget > 0 and math.isfinite(self.budget)):
