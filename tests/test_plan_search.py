@@ -29,6 +29,12 @@ class FakePlanner:
     def lowrank_family(self) -> None:  # nothing to factorize here: the pruning and precision levels alone
         return None
 
+    def drop_order(self) -> list[tuple[str, float]]:  # no blocks to drop (depth mixes: test_depth)
+        return []
+
+    def problems(self) -> dict:
+        return {}
+
     def layer_prices(self, cand: Candidate) -> dict[str, float]:
         return {name: -0.05 * self.dense_ms for name, label in (cand.labels or {}).items() if label == "int8"}
 

@@ -15,6 +15,8 @@ from deploy.cli.tables import id_column
 
 LOWRANK_HELP = ("Also try low-rank factorization where pruning is needed; kept when more faithful before recovery "
                 "(off by default: see CLI.md).")
+DEPTH_HELP = ("Where pruning is needed, also try dropping whole blocks (transformer layers, identity residual blocks), "
+              "up to half of them, each mix then width-pruned to the budget; the most faithful wins.")
 CALIB_HELP = "Calibration data: image folder, .npy/.npz, .txt (+ --tokenizer), module:function, or 'random'."
 
 
@@ -39,6 +41,7 @@ def compress_cmd(
     precision: List[str] = typer.Option([], "--precision", help="Precisions layers may take (default fp32, fp16 and bf16 where the target runs them, int8; add int4 for weight-only int4 where the target has it); repeat."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Do not prune."),
     lowrank: bool = typer.Option(False, "--lowrank/--no-lowrank", help=LOWRANK_HELP),
+    depth: bool = typer.Option(True, "--depth/--no-depth", help=DEPTH_HELP),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size latency is measured at (and a TensorRT plan built for); needs a dynamic batch axis."),
     recover_steps: int = typer.Option(200, "--recover-steps", min=0, help="Distillation steps after pruning (0: none)."),
     recover_minutes: Optional[float] = typer.Option(None, "--recover-minutes", callback=finite, help="Time budget for distillation (default: 2 minutes per GMAC of one sample, 1 to 10)."),
@@ -60,7 +63,7 @@ def compress_cmd(
         calib=calib, tokenizer=str(tokenizer) if tokenizer else None,
         budget=from_flags(budget_ms, speedup, size_mb, max_drop), out=str(output), force=force,
         plan=str(plan) if plan else None, precisions=tuple(precision) or DEFAULT_PRECISIONS, prune=not no_prune,
-        lowrank=lowrank, recover_steps=recover_steps, recover_minutes=recover_minutes, eval_hook=eval_hook, threads=threads,
+        lowrank=lowrank, depth=depth, recover_steps=recover_steps, recover_minutes=recover_minutes, eval_hook=eval_hook, threads=threads,
         measure_seconds=measure_seconds, seed=seed, batch=batch)
     with job_progress(err_console, "compress", not as_json) as progress:
         report = compress(request, progress)

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from deploy.compiler.candidates import export_fp32, fidelity_of, predicted_latency
+from deploy.compiler.candidate_files import export_fp32, fidelity_of, predicted_latency
 from deploy.compiler.to_passes import precision_name
 from deploy.core.passes import Context, PassTiming, State, run_pipeline
 

@@ -1,6 +1,6 @@
-"""The candidates a plan search weighs: the pruning family (dense to most pruned), each candidate built, exported
-in the target's Q/DQ policy, timed in the target's runtime interleaved with the dense model (or predicted with its
-band) and, where the search needs it, scored on held-out data. `Planner` keeps every candidate for the report."""
+"""The candidates a plan search weighs: the pruning family (dense to most pruned), depth mixes (blocks dropped,
+each with its own pruning family), each candidate built and handed to `candidate_files` to be exported, timed and
+scored. `Planner` keeps every candidate for the report."""
 from __future__ import annotations
 
 import copy
@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import torch
 
+from deploy.compiler.candidate_files import (export_candidate, export_fp32, fidelity_of, latency, outputs_finite,
+                                             planned_ms, point_ms)
 from deploy.core.errors import BudgetInfeasibleError, UserInputError
-
-CANDIDATE_BLOCKS = 3  # blocks per candidate-vs-dense comparison (each compiles both models afresh)
 
 
 def pruning_family(setup: Any, enabled: bool = True) -> Any:
@@ -27,100 +27,6 @@ def pruning_family(setup: Any, enabled: bool = True) -> Any:
 
     return PruneFamily(setup.loaded.module, setup.loaded.inputs, setup.calibration, setup.target,
                        cache_dir() / "sensitivity")
-
-
-def export_fp32(module: torch.nn.Module, setup: Any, path: Path) -> Path:
-    from deploy.core.model.onnx_export import OnnxExportConfig, export_onnx
-
-    return export_onnx(module, setup.loaded.inputs, path, OnnxExportConfig(output_names=("output",)))
-
-
-def export_candidate(module: torch.nn.Module, setup: Any, labels: dict[str, str] | None, prep: Any, path: Path
-                     ) -> Any:
-    """Export in float (labels None) or with the labelled per-layer precisions and `prep`'s calibration, following
-    the target's Q/DQ policy; returns the quantization plan (None for float)."""
-    if labels is None:
-        export_fp32(module, setup, path)
-        return None
-    from deploy.compress.families import export_labelled
-
-    return export_labelled(prep, module, setup.loaded.inputs, labels, path)
-
-
-def prepare_run(setup: Any, path: Path) -> Callable[[], object]:
-    """One inference of the exported file in the target's runtime, ready to time."""
-    from deploy.targets.measure.feeds import make_feeds
-    return setup.target.runner().prepare(path, make_feeds(setup.measure_specs))
-
-
-def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | None = None, plan: Any = None,
-            baseline: Path | None = None) -> dict[str, Any]:
-    """p50 measured in the target's runtime here, or predicted (with its band) for a device not at hand.
-    Measured against `baseline` (the dense model's file) when given, in the blocks of the final report
-    (targets.measure.paired): a candidate's p50 is what the report will say (a small model timed alone keeps its
-    weights in cache and looks faster than it does next to anything else), and its ratio to the dense model has
-    an interval that covers a session's placement."""
-    if not setup.target.measured:
-        return predicted_latency(setup, path, module, plan)
-    from deploy.targets.measure.loop import MeasureConfig, measure
-    from deploy.targets.measure.paired import measure_blocks
-
-    config = MeasureConfig(warmup_min_s=0.1, warmup_min_runs=5, min_samples=32, min_seconds=seconds,
-                           max_seconds=max(10.0, seconds * 4), blocks=CANDIDATE_BLOCKS)
-    if baseline is None:
-        result = measure(prepare_run(setup, path), config).to_dict()
-        return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result}
-    _, candidate, comparison = measure_blocks(lambda: prepare_run(setup, baseline), lambda: prepare_run(setup, path),
-                                              config)
-    result = candidate.to_dict()
-    ratio = comparison.to_dict()
-    return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result,
-            "ratio_to_dense": ratio["ratio"], "ratio_ci": [ratio["ci_low"], ratio["ci_high"]],
-            "block_ratios": ratio["block_ratios"]}
-
-
-def planned_ms(timing: dict[str, Any]) -> float:
-    """The latency a plan is judged by: the measured p50, or for a device not at hand the upper end of the predicted
-    band, so that "met" holds wherever in its band the device turns out to be."""
-    if timing.get("source") == "predicted" and timing.get("band_ms"):
-        return float(timing["band_ms"][1])
-    return float(timing["latency_ms"])
-
-
-def _point(timing: dict[str, Any]) -> float | None:
-    return float(timing["latency_ms"]) if timing.get("source") == "predicted" else None
-
-
-def predicted_latency(setup: Any, path: Path, module: torch.nn.Module | None, plan: Any) -> dict[str, Any]:
-    """A Q/DQ file is priced from its float graph with each layer at its planned precision: Q/DQ nodes fuse away on
-    the device, and the portable model reads layer shapes, not the device's kernels."""
-    from deploy.targets.latency.prediction import predict_onnx
-
-    if plan is None or module is None:
-        return predict_onnx(path, setup.target, setup.measure_specs)
-    from deploy.compress.families import precisions_of
-
-    float_path = export_fp32(module, setup, setup.workdir / f"{path.stem}.float.onnx")
-    return predict_onnx(path, setup.target, setup.measure_specs, float_path, precisions_of(plan))
-
-
-def outputs_finite(setup: Any, path: Path) -> bool:
-    """One held-out batch through the exported file in its runtime: are all outputs finite numbers?"""
-    from deploy.targets.outputs import runtime_predictor
-
-    run = runtime_predictor(setup.target, path, [s.name for s in setup.loaded.inputs])
-    batch = setup.calibration.batches("held_out", 8)[0]
-    return bool(torch.isfinite(run(batch)).all())
-
-
-def fidelity_of(setup: Any, path: Path, split: str = "held_out") -> dict[str, Any]:
-    """The exported file's fidelity on the held-out split (the report's number) or the validation split (what the
-    search chooses by: choosing on held-out data would make the reported number optimistic)."""
-    from deploy.compiler.evaluate import exported_fidelity
-
-    reference = setup.validation_reference if split == "validation" else setup.reference
-    return exported_fidelity(setup.loaded.module, path, setup.calibration, [s.name for s in setup.loaded.inputs],
-                             setup.target, reference or None, split)
 
 
 @dataclass
@@ -137,6 +43,7 @@ class Candidate:
     chosen: bool = False
     ranks: dict[str, int] = dataclasses.field(default_factory=dict)  # low rank: layer -> rank (float layers)
     predicted_ms: float | None = None  # a predicted target's point estimate (latency_ms is its band's upper end)
+    blocks: tuple[str, ...] = ()  # whole blocks dropped (depth pruning) before `removed` applies
 
     def row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
@@ -164,11 +71,15 @@ def quant_config(request: Any, setup: Any) -> Any:
 
 
 class Planner:
-    """Builds, exports and measures candidates; keeps every one for the report."""
+    """Builds, exports and measures candidates; keeps every one for the report. A depth mix (`mix`) is a planner
+    of its own over the model with some blocks dropped, sharing this one's candidates, dense model and timing."""
 
-    def __init__(self, request: Any, setup: Any):
+    def __init__(self, request: Any, setup: Any, parent: "Planner | None" = None, blocks: tuple[str, ...] = ()):
         self.request, self.setup = request, setup
-        self.candidates: list[Candidate] = []
+        self.parent, self.blocks = parent, blocks
+        self._mixes: dict[tuple[str, ...], Planner] = {}
+        self._drop_order: list[tuple[str, float]] | None = None
+        self.candidates: list[Candidate] = parent.candidates if parent else []
         self._family: Any = None
         self._lowrank: Any = None
         self._modules: dict[float, torch.nn.Module] = {}
@@ -184,6 +95,9 @@ class Planner:
         allowed = set(setup.target.profile.precisions)
         self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
         self.can_prune = request.prune and setup.loaded.structural
+        if parent is not None:
+            self._baseline, self.dense, self.note, self.expected = parent._baseline, parent.dense, parent.note, 1
+            return
         if request.prune and not setup.loaded.structural:
             setup.warnings.append("pruning skipped: the model is a graph (TorchScript or .pt2); pruning needs the "
                                   "Python module (state_dict + --arch)")
@@ -225,7 +139,8 @@ class Planner:
 
             value = primary_metric(fidelity_of(self.setup, path, self.split))[1]
         candidate = Candidate("fp32", 0.0, {}, self._planned(timing), value, path.stat().st_size / 1e6, None,
-                              timing.get("band_ms"), origin, ranks=dict(ranks), predicted_ms=_point(timing))
+                              timing.get("band_ms"), origin, ranks=dict(ranks), predicted_ms=point_ms(timing),
+                              blocks=self.blocks)
         return self._keep(candidate)
 
     def removed(self, level: float) -> dict[str, int]:
@@ -243,13 +158,52 @@ class Planner:
     def prebuilt(self, decisions: dict[str, Any]) -> dict[str, Any]:
         """What the apply step may reuse: the calibrated precision problem of the chosen level, keyed by the
         weights it was calibrated on (a recovered model has other weights, so it calibrates afresh)."""
+        owner = self.mix(tuple(decisions.get("prune", {}).get("blocks") or ()))
         level = float(decisions.get("level", 0.0))
-        built = self.built_quant(level)
+        built = owner.built_quant(level)
         if built is None:
             return {}
         from deploy.compress.quant.api import weights_key
 
-        return {weights_key(self.module(level)): built.prep}
+        return {weights_key(owner.module(level)): built.prep}
+
+    # --- depth mixes ------------------------------------------------------------------------------------------
+
+    def drop_order(self) -> list[tuple[str, float]]:
+        """The droppable blocks in the order depth pruning drops them (greedy least output change on calibration
+        data), at most half of them (rounded up); empty where the model has none or pruning is off."""
+        if self._drop_order is None:
+            self._drop_order = []
+            if self.can_prune and getattr(self.request, "depth", True) and self.parent is None:
+                from deploy.compress.prune.depth import drop_order, droppable_blocks
+
+                module = self.setup.loaded.module
+                batches = self.setup.calibration.batches("calibration", 8)[:4]
+                blocks = droppable_blocks(module, batches[0])
+                self._drop_order = drop_order(module, blocks, batches, (len(blocks) + 1) // 2)
+        return self._drop_order
+
+    def mix(self, blocks: tuple[str, ...]) -> "Planner":
+        """The planner of the model with `blocks` dropped (this one for none)."""
+        if not blocks:
+            return self
+        if blocks not in self._mixes:
+            from deploy.compress.prune.depth import dropped
+
+            setup = copy.copy(self.setup)
+            setup.loaded = dataclasses.replace(self.setup.loaded, module=dropped(self.setup.loaded.module, blocks))
+            self._mixes[blocks] = Planner(self.request, setup, self, blocks)
+        return self._mixes[blocks]
+
+    def owner(self, candidate: Candidate) -> "Planner":
+        return self.mix(candidate.blocks)
+
+    def problems(self) -> dict[str, Any]:
+        """Every precision problem built, by level (a depth mix's with its blocks dropped: "N blocks, level")."""
+        out = {str(level): problem_summary(p) for level, p in self._quant.items()}
+        for blocks, sub in self._mixes.items():
+            out.update({f"{depth_label(blocks)}, {level}": problem_summary(p) for level, p in sub._quant.items()})
+        return out
 
     def built_quant(self, level: float) -> Any | None:
         """The precision problem already built for `level`, if any."""
@@ -270,7 +224,8 @@ class Planner:
             from deploy.compress.families import precision_problem
 
             config = quant_config(self.request, self.setup)
-            sibling = self.quant(0.0) if level > 0 else None  # a pruned model's prices: the dense one's, rescaled
+            # a pruned model's prices: the dense one's, rescaled (a depth mix's: the whole model's)
+            sibling = self.quant(0.0) if level > 0 else (self.parent.quant(0.0) if self.parent else None)
             self._quant[level] = precision_problem(self.module(level), self.setup.loaded.inputs,
                                                    self.setup.calibration, self.setup.target, config,
                                                    prices_from=sibling)
@@ -314,7 +269,7 @@ class Planner:
     def layer_prices(self, choice: Candidate) -> dict[str, float]:
         """Each low-precision layer's estimated change of latency from its precision (the measured price table of
         the chosen pruning level; < 0 is faster): the report's per-layer view."""
-        problem = self.built_quant(choice.level)
+        problem = self.owner(choice).built_quant(choice.level)
         if problem is None or not choice.labels:
             return {}
         sp = problem.space
@@ -331,7 +286,8 @@ class Planner:
         plan = export_candidate(module, self.setup, labels, prep, path)
         if not outputs_finite(self.setup, path):  # rejected: it can never be chosen, whatever the budget
             candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level), math.inf,
-                                  0.0, math.inf, labels, None, f"{origin} (rejected: NaN or infinite outputs)")
+                                  0.0, math.inf, labels, None, f"{origin} (rejected: NaN or infinite outputs)",
+                                  blocks=self.blocks)
             return self._keep(candidate)
         timing = latency(self.setup, path, self.request.measure_seconds, module, plan, self._baseline)
         value = None
@@ -341,7 +297,7 @@ class Planner:
             value = primary_metric(fidelity_of(self.setup, path, self.split))[1]
         candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level),
                               self._planned(timing), value, path.stat().st_size / 1e6, labels,
-                              timing.get("band_ms"), origin, predicted_ms=_point(timing))
+                              timing.get("band_ms"), origin, predicted_ms=point_ms(timing), blocks=self.blocks)
         return self._keep(candidate)
 
     def _planned(self, timing: dict[str, Any]) -> float:
@@ -353,6 +309,10 @@ class Planner:
         return planned_ms(timing)
 
     def _keep(self, candidate: Candidate) -> Candidate:
+        if self.parent is not None:
+            return self.parent._keep(candidate)
+        if candidate.blocks:
+            candidate.origin = f"{depth_label(candidate.blocks)}, {candidate.origin}"
         self.candidates.append(candidate)
         done = len(self.candidates)
         self.expected = max(self.expected, done + 1)
@@ -391,6 +351,10 @@ def _precision_name(labels: dict[str, str] | None, prep: Any) -> str:
         return "fp32"
     kinds = {o.precision for o in low}
     return kinds.pop() if len(low) == len(options) and len(kinds) == 1 else "mixed"
+
+
+def depth_label(blocks: tuple[str, ...]) -> str:
+    return f"{len(blocks)} block{'s' if len(blocks) > 1 else ''} dropped"
 
 
 def problem_summary(problem: Any) -> dict[str, Any]:

@@ -52,6 +52,7 @@ class CompressRequest:
     batch: int = 1  # the batch size latency is measured (and a TensorRT plan built) at
     prune: bool = True
     lowrank: bool = False  # low-rank factorization as a knob of the plan (float layers); opt-in, see CLI.md
+    depth: bool = True  # depth mixes (whole blocks dropped) where pruning is needed
     recover_steps: int = 200
     recover_minutes: float | None = None  # None: compress.recover.default_minutes of the model's MACs
     eval_hook: str | None = None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from deploy.compiler.candidates import Candidate, Planner, problem_summary
+from deploy.compiler.candidates import Candidate, Planner
 from deploy.core.errors import BudgetInfeasibleError
 
 FILL = 0.85  # a latency budget is met when FILL x budget <= p50 <= budget, where the model family allows
@@ -41,25 +41,47 @@ ALTERNATE = 0.8  # the alternation's deeper pruning step: fastest precisions at 
 
 def meet_latency(planner: Planner, budget: float, dense: Candidate) -> Candidate:
     """The most faithful candidate measured inside [FILL, SAFE] x budget (or the best below it): the precision and
-    pruning levels' answer, or a low-rank one where the model factorizes well and its exported model is more
-    faithful at the budget."""
+    pruning levels' answer, a depth mix's (blocks dropped, then the same levels), or a low-rank one where the model
+    factorizes well; where pruning is needed the exported models are compared on the validation split."""
     window = (FILL * budget, SAFE * budget)
     if dense.latency_ms <= window[1] and "fp32" in planner.request.precisions:
         return dense
     try:
         structured = _levels_for_latency(planner, budget, window, dense)
-    except BudgetInfeasibleError:
-        lowrank = _lowrank_for_latency(planner, window, dense)
-        if lowrank is None:
-            raise
-        return lowrank
-    # precision alone fits (nothing pruned): the most faithful way to the budget, nothing is cut or factorized
-    lowrank = _lowrank_for_latency(planner, window, dense) if structured.level > 0 else None
-    if lowrank is None:
+    except BudgetInfeasibleError as error:
+        found = [c for c in (_lowrank_for_latency(planner, window, dense),
+                             _depth_mixes(planner, budget, window, dense, None)) if c is not None]
+        if not found:
+            raise error
+        return max(found, key=lambda c: planner.with_fidelity(c).fidelity or 0.0)
+    if structured.level <= 0:  # precision alone fits (nothing pruned): nothing needs cutting or factorizing
         return structured
-    planner.with_fidelity(structured)
-    planner.with_fidelity(lowrank)
-    return lowrank if (lowrank.fidelity or 0.0) > (structured.fidelity or 0.0) else structured
+    found = [c for c in (structured, _lowrank_for_latency(planner, window, dense),
+                         _depth_mixes(planner, budget, window, dense, structured)) if c is not None]
+    return max(found, key=lambda c: planner.with_fidelity(c).fidelity or 0.0)
+
+
+def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
+                 best: Candidate | None) -> Candidate | None:
+    """Depth mixes where pruning is needed: 1, 2, ... blocks dropped (`Planner.drop_order`), each followed by the
+    same precision and pruning levels on what is left; the most faithful on the validation split (or `best`).
+    Stops at the first mix that needs no width pruning (dropping more only loses fidelity) and after two mixes in
+    a row that were no better."""
+    worse = 0
+    order = [name for name, _ in planner.drop_order()]
+    for count in range(1, len(order) + 1):
+        try:
+            cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense)
+        except BudgetInfeasibleError:
+            continue
+        planner.with_fidelity(cand)
+        if best is None or (cand.fidelity or 0.0) > (best.fidelity or 0.0):
+            best, worse = cand, 0
+        else:
+            worse += 1
+        if cand.level <= 0 or worse >= 2:
+            break
+    return best
 
 
 def most_faithful(planner: Planner, choice: Candidate, limit: float) -> Candidate:
@@ -319,11 +341,12 @@ def _decisions(planner: Planner, choice: Candidate, budget: dict[str, Any]) -> d
         cand.chosen = cand is choice
     request = planner.request
     return {
-        "precision": choice.precision, "level": choice.level, "prune": {"removed": choice.removed},
+        "precision": choice.precision, "level": choice.level,
+        "prune": {"removed": choice.removed, "blocks": list(choice.blocks)},
         "lowrank": {"ranks": choice.ranks}, "quantize": {"labels": choice.labels} if choice.labels else {},
         "budget": budget, "dense_latency_ms": planner.dense.latency_ms,
         "candidates": [c.row() for c in planner.candidates],
         "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed},
-        "quant_problems": {str(level): problem_summary(problem) for level, problem in planner._quant.items()},
+        "quant_problems": planner.problems(),
         "layer_price_ms": planner.layer_prices(choice),
     }

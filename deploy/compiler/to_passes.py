@@ -14,7 +14,8 @@ from deploy.core.passes import make_pass
 
 
 def plan_passes(decisions: dict[str, Any], request: Any, setup: Any) -> list[Any]:
-    """The passes for the decisions of `deploy.compiler.plan.search` (removed units, ranks, labels, recovery)."""
+    """The passes for the decisions of `deploy.compiler.plan.search` (dropped blocks and removed units, ranks,
+    labels, recovery)."""
     from deploy.compiler.candidates import quant_config
     from deploy.compress.distill import DistillConfig
     from deploy.compress.lowrank.api import LowRankConfig
@@ -24,13 +25,14 @@ def plan_passes(decisions: dict[str, Any], request: Any, setup: Any) -> list[Any
     passes = []
     removed = {k: int(v) for k, v in decisions.get("prune", {}).get("removed", {}).items() if int(v) > 0}
     ranks = {k: int(v) for k, v in decisions.get("lowrank", {}).get("ranks", {}).items()}
+    blocks = tuple(decisions.get("prune", {}).get("blocks") or ())
     labels = dict(decisions.get("quantize", {}).get("labels") or {})
-    if removed:
-        passes.append(make_pass("prune", PruneConfig(budget_kind="macs", removed=removed)))
+    if removed or blocks:
+        passes.append(make_pass("prune", PruneConfig(budget_kind="macs", removed=removed, blocks=blocks)))
     if ranks:
         passes.append(make_pass("lowrank", LowRankConfig(cost="macs", ranks=ranks)))  # as the family priced it
     recover = decisions.get("recover", {})
-    if (removed or ranks) and int(recover.get("steps", 0)) > 0:
+    if (removed or blocks or ranks) and int(recover.get("steps", 0)) > 0:
         steps = int(recover["steps"])
         passes.append(make_pass("recover", DistillConfig(steps=steps, recover_minutes=float(recover.get("minutes", 1.0)),
                                                           seed=int(recover.get("seed", 0)),
@@ -62,12 +64,13 @@ def replayable(passes: list[Any], state: Any) -> list[Any]:
 
 def summary_of(passes: list[Any]) -> dict[str, Any]:
     """What a list of passes amounts to: units removed, ranks, each layer's precision, recovery settings."""
-    summary: dict[str, Any] = {"prune": {"removed": {}}, "lowrank": {"ranks": {}}, "quantize": {},
+    summary: dict[str, Any] = {"prune": {"removed": {}, "blocks": []}, "lowrank": {"ranks": {}}, "quantize": {},
                                "recover": {}, "passes": [p.name for p in passes]}
     for pass_ in passes:
         config = pass_.config
         if pass_.name == "prune":
             summary["prune"]["removed"] = dict(getattr(config, "removed", {}) or {})
+            summary["prune"]["blocks"] = list(getattr(config, "blocks", ()) or ())
         elif pass_.name == "lowrank":
             summary["lowrank"]["ranks"] = dict(getattr(config, "ranks", {}) or {})
         elif pass_.name == "recover":
