@@ -14,7 +14,9 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
    rescaled to its layer sizes) to fill the budget; then one alternation: a step more pruning with more layers
    back in float, kept if its exported model is more faithful on the validation split;
 4. and, where pruning was needed, the low-rank family (per-layer ranks from the allocator for a share of the
-   factorizable MACs, in float) at the least factorization that fits; the more faithful exported model wins.
+   factorizable MACs, in float) at the least factorization that fits, and depth mixes (1, 2, ... whole blocks
+   dropped, each mix's pruning level found as in 3; the best mix gets the precision fill); the more faithful
+   exported model wins.
 
 A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only within
 3% of 0.9); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The final model is measured
@@ -39,10 +41,11 @@ ALTERNATE = 0.8  # the alternation's deeper pruning step: fastest precisions at 
 
 # --- latency budgets --------------------------------------------------------------------------------------------
 
-def meet_latency(planner: Planner, budget: float, dense: Candidate) -> Candidate:
+def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool = True) -> Candidate:
     """The most faithful candidate measured inside [FILL, SAFE] x budget (or the best below it): the precision and
     pruning levels' answer, a depth mix's (blocks dropped, then the same levels), or a low-rank one where the model
-    factorizes well; where pruning is needed the exported models are compared on the validation split."""
+    factorizes well; where pruning is needed the exported models are compared on the validation split. `depth`
+    False: no depth mixes (a re-plan stays with the structure chosen)."""
     window = (FILL * budget, SAFE * budget)
     if dense.latency_ms <= window[1] and "fp32" in planner.request.precisions:
         return dense
@@ -50,37 +53,45 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate) -> Candidate
         structured = _levels_for_latency(planner, budget, window, dense)
     except BudgetInfeasibleError as error:
         found = [c for c in (_lowrank_for_latency(planner, window, dense),
-                             _depth_mixes(planner, budget, window, dense, None)) if c is not None]
+                             _depth_mixes(planner, budget, window, dense, None) if depth else None) if c is not None]
         if not found:
             raise error
         return max(found, key=lambda c: planner.with_fidelity(c).fidelity or 0.0)
     if structured.level <= 0:  # precision alone fits (nothing pruned): nothing needs cutting or factorizing
         return structured
     found = [c for c in (structured, _lowrank_for_latency(planner, window, dense),
-                         _depth_mixes(planner, budget, window, dense, structured)) if c is not None]
+                         _depth_mixes(planner, budget, window, dense, structured) if depth else None) if c is not None]
     return max(found, key=lambda c: planner.with_fidelity(c).fidelity or 0.0)
 
 
 def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
                  best: Candidate | None) -> Candidate | None:
     """Depth mixes where pruning is needed: 1, 2, ... blocks dropped (`Planner.drop_order`), each followed by the
-    same precision and pruning levels on what is left; the most faithful on the validation split (or `best`).
-    Stops at the first mix that needs no width pruning (dropping more only loses fidelity) and after two mixes in
-    a row that were no better."""
-    worse = 0
+    pruning level at the fastest precisions (the precision fill where no width pruning is needed); the most
+    faithful mix on the validation split then gets the precision fill, and the more faithful of it and `best`
+    is returned. Stops at the first mix that needs no width pruning (dropping more only loses fidelity) and after
+    two mixes in a row that were no better. Mixes are compared before the fill: it costs a precision problem of
+    its own per pruned model (calibration, sensitivities), the most expensive step on a transformer."""
+    worse, mix = 0, None
     order = [name for name, _ in planner.drop_order()]
     for count in range(1, len(order) + 1):
         try:
-            cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense)
+            cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense, refine=False)
         except BudgetInfeasibleError:
             continue
         planner.with_fidelity(cand)
-        if best is None or (cand.fidelity or 0.0) > (best.fidelity or 0.0):
-            best, worse = cand, 0
+        if mix is None or (cand.fidelity or 0.0) > (mix.fidelity or 0.0):
+            mix, worse = cand, 0
         else:
             worse += 1
         if cand.level <= 0 or worse >= 2:
             break
+    if mix is not None and mix.level > 0 and planner.quantizes:
+        filled = _precision_at(planner.owner(mix), mix, window)
+        if filled.latency_ms <= window[1] and (planner.with_fidelity(filled).fidelity or 0.0) > (mix.fidelity or 0.0):
+            mix = filled
+    if best is None or (mix is not None and (mix.fidelity or 0.0) > (planner.with_fidelity(best).fidelity or 0.0)):
+        return mix
     return best
 
 
@@ -96,9 +107,10 @@ def most_faithful(planner: Planner, choice: Candidate, limit: float) -> Candidat
     return best if round(best.fidelity or 0.0, 4) > round(choice.fidelity or 0.0, 4) else choice
 
 
-def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate
-                        ) -> Candidate:
-    """Precision first (the dense model's fastest plan, then the budget filled back), else pruning."""
+def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
+                        refine: bool = True) -> Candidate:
+    """Precision first (the dense model's fastest plan, then the budget filled back), else pruning (then, with
+    `refine`, the precision fill on the pruned model and one alternation)."""
     target = window[1]
     fast0 = None
     if planner.quantizes:
@@ -115,7 +127,7 @@ def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, fl
     if most.latency_ms > target:
         _infeasible(budget, min(most.latency_ms, start.latency_ms), dense)
     pruned = _level_for_latency(planner, labels, window, start, most)
-    if not planner.quantizes:
+    if not planner.quantizes or not refine:
         return pruned
     filled = _precision_at(planner, pruned, window)
     return _alternate(planner, filled, pruned, most, labels, window)
@@ -327,8 +339,9 @@ def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: 
         return None
     else:
         tighter = target * target / measured_ms
-    try:
-        choice = most_faithful(planner, meet_latency(planner, tighter, planner.dense), SAFE * tighter)
+    try:  # within the structure chosen (its blocks dropped): the miss is about latency, not structure
+        owner = planner.mix(tuple(decisions.get("prune", {}).get("blocks") or ()))
+        choice = most_faithful(planner, meet_latency(owner, tighter, planner.dense, depth=False), SAFE * tighter)
     except BudgetInfeasibleError:
         return None
     planner.score_all()
