@@ -124,3 +124,27 @@ def test_demo_weights_are_trained_and_small(digits):
         acc = (model.eval()(test_x).argmax(1) == test_y).float().mean().item()
     assert acc >= 0.95 and model.layer3.conv2.out_channels == 256
     assert dc.DEMO_WEIGHTS_PATH.stat().st_size < 3_000_000
+
+
+def test_noisy_digits_case_is_resnet18_wide_and_its_image_sets_are_fixed_and_disjoint():
+    """The frontier benchmark's CNN: ResNet-18's widths and stage layout, five identity blocks depth pruning may
+    drop, deterministic distorted image sets drawn from the training images (calibration) and the held-out ones."""
+    from deploy.compress.prune.depth import droppable_blocks
+    from deploy.examples import noisy_digits as nd
+
+    model = nd.resnet18_digits().eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {m.out_channels for m in convs} == set(nd.WIDTHS) and len(convs) == 1 + 16 + 3  # stem, 8 blocks, 3 shortcuts
+    # every identity block (a stage's first block changes width and stride, except the first stage's)
+    assert droppable_blocks(model, (torch.randn(2, 1, 32, 32),)) == ["layer1.0"] + [f"layer{i}.1" for i in range(1, 5)]
+    x1, y1 = nd.images("held_out", copies=2)
+    x2, y2 = nd.images("held_out", copies=2)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and len(y1) == 2 * 360
+    assert not torch.equal(x1[:360], x1[360:])  # two different distortions of the same images
+    cal, _ = nd.images("calibration")
+    train_x, _, test_x, _ = dc.load_digits_split()
+    assert len(cal) == len(train_x)
+    # distortion keeps each image recognisable: closer to its own clean image than to the others on average
+    clean = test_x.reshape(len(test_x), -1)
+    dist = torch.cdist(x1[:360].reshape(360, -1), clean)
+    assert (dist.diagonal() < dist.mean(1)).float().mean() > 0.9

@@ -4,8 +4,9 @@ Width pruning thins every layer; dropping a block removes all of its work at onc
 model often loses less from a dropped block than from the same latency cut spread over every layer (ShortGPT,
 "keep every other layer" baselines). A block is droppable where skipping it leaves a model that still runs:
 
-* it is a composite module (has children) holding a Conv or Linear layer, of a class that occurs at least twice
-  (the repeated unit of an architecture: BertLayer, BasicBlock), not inside another droppable block;
+* it is a composite module (has children, and is not a Sequential or ModuleList: those group blocks) holding a
+  Conv or Linear layer, of a class that occurs at least twice (the repeated unit of an architecture: BertLayer,
+  BasicBlock), not inside another droppable block;
 * it is called once per forward pass, and returns one tensor shaped like its first positional input (so the
   identity, `Skip`, can stand in for it: a residual block's output minus its branch);
 * the model with it skipped runs and gives outputs of the original shapes.
@@ -26,6 +27,7 @@ from deploy.core.errors import ConfigError
 from deploy.core.metrics import first_tensor
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # groupings, not blocks: their elements are the blocks
 
 
 class Skip(nn.Module):
@@ -38,7 +40,7 @@ class Skip(nn.Module):
 def droppable_blocks(module: nn.Module, example: tuple[torch.Tensor, ...]) -> list[str]:
     """The blocks of `module` that may be dropped (see the module docstring), in module order."""
     classes = Counter(type(m) for m in module.modules())
-    named = [(n, m) for n, m in module.named_modules() if n and not isinstance(m, Skip)
+    named = [(n, m) for n, m in module.named_modules() if n and not isinstance(m, (Skip, *CONTAINERS))
              and classes[type(m)] >= 2 and any(True for _ in m.children())
              and any(isinstance(x, WEIGHTED) for x in m.modules())]
     calls: dict[str, list[bool]] = {n: [] for n, _ in named}
