@@ -32,6 +32,10 @@ class FakePlanner:
     def drop_order(self) -> list[tuple[str, float]]:  # no blocks to drop (depth mixes: test_depth)
         return []
 
+    def mix(self, blocks: tuple[str, ...]) -> "FakePlanner":
+        assert not blocks
+        return self
+
     def problems(self) -> dict:
         return {}
 

