@@ -374,7 +374,8 @@ def _case_md(case: dict[str, Any]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["## Frontier: fidelity at a given latency (issue 16)", ""]
-    lines += [" ".join(part.split()) for part in __doc__.split("\n\n")[:3]] + [""]
+    for part in __doc__.split("\n\n")[:3]:
+        lines += [" ".join(part.split()), ""]
     lines += [f"OpenVINO in {result['precision']} for float layers, {result['threads']} threads. Each case below "
               "names the command and date of its latest run.", ""]
     for case in result["cases"].values():
