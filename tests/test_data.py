@@ -97,3 +97,20 @@ def test_bad_sources(tmp_path, source, message):
 def test_from_tensors():
     data = from_tensors([(torch.randn(1, 1, 32, 32),) for _ in range(8)], labels=list(range(8)))
     assert len(data.held_out) == 2 and data.held_out_labels.shape == (2,)
+
+
+def test_leading_batches_count_samples_when_the_batch_is_fixed():
+    """A model exported with its batch fixed at 1 (`--input-shape ids:1x128:int64`) got the first 16 batches of
+    one sample where the quantization preset asks for 16 batches of 16: 16 calibration samples instead of 256."""
+    import torch
+
+    from deploy.core.data import CalibrationSet
+
+    samples = [(torch.full((1, 3), float(i)),) for i in range(300)]
+    free = CalibrationSet(samples, [], None, "test", "x")
+    fixed = CalibrationSet(samples, [], None, "test", "x", fixed_batch=1)
+    assert [b[0].shape[0] for b in free.leading("calibration", 16, 4)] == [16] * 4
+    got = fixed.leading("calibration", 16, 4)
+    assert len(got) == 64 and all(b[0].shape[0] == 1 for b in got)
+    assert [float(b[0][0, 0]) for b in got] == [float(i) for i in range(64)]  # the same samples, in order
+    assert sum(b[0].shape[0] for b in fixed.leading("calibration", 16, 100)) == 300  # no more than there are

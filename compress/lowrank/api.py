@@ -96,7 +96,7 @@ def rank_curves(module: nn.Module, calibration: CalibrationSet, multiple: int, c
     """Distortion curves per layer over the rank grid (rounded to the device's channel multiple)."""
     module = module.eval()
     names = candidate_layers(module, config)
-    batches = calibration.batches("calibration", 16)[: config.calibration_batches]
+    batches = calibration.leading("calibration", 16, config.calibration_batches)
     with torch.no_grad():
         reference = [first_tensor(module(*b)) for b in batches]
     acts, positions = _collect_inputs(module, names, batches)
@@ -145,7 +145,7 @@ def layer_covariances(module: nn.Module, calibration: CalibrationSet, names: lis
     """The input covariances of the named layers on the calibration batches (what a replay whitens by)."""
     if not config.factorize.activation_aware:
         return {n: None for n in names}
-    batches = calibration.batches("calibration", 16)[: config.calibration_batches]
+    batches = calibration.leading("calibration", 16, config.calibration_batches)
     acts, _ = _collect_inputs(module.eval(), names, batches)
     return {n: input_covariance(acts[n], module.get_submodule(n)) for n in names}
 

@@ -147,7 +147,7 @@ def build_problem(module: nn.Module, inputs: Sequence[InputSpec], calibration: C
     if prep.graph is None:
         raise ValueError("quantization needs the model's ONNX graph: " + "; ".join(prep.notes))
     size = config.sensitivity_samples or config.calibration.batch_size
-    batches = calibration.batches("calibration", size)[: config.sensitivity_batches]
+    batches = calibration.leading("calibration", size, config.sensitivity_batches)
     reference = run(prep.folded, batches)
     sens = _cached_sensitivity(prep, batches, reference, config)
     clock.lap("sensitivity")

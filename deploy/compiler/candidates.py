@@ -178,7 +178,7 @@ class Planner:
                 from deploy.compress.prune.depth import drop_order, droppable_blocks
 
                 module = self.setup.loaded.module
-                batches = self.setup.calibration.batches("calibration", 8)[:4]
+                batches = self.setup.calibration.leading("calibration", 8, 4)
                 blocks = droppable_blocks(module, batches[0])
                 self._drop_order = drop_order(module, blocks, batches, (len(blocks) + 1) // 2)
         return self._drop_order
