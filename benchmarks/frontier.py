@@ -349,7 +349,8 @@ def _case_md(case: dict[str, Any]) -> list[str]:
         head += [f"{metrics[0]} ({name})", "- NNCF (95% CI)"] + [f"{m}" for m in metrics[1:]]
     head += ["tool s", "notes"]
     lines = [f"### {case['title']}", "", f"Command: `{case['command']}`; {case['date']}; wall time "
-             f"{case['wall_min']:.0f} min (of the whole command).", "",
+             f"{case['wall_min']:.0f} min (of the whole command)." + (f" {case['caveat']}" if case.get("caveat") else ""),
+             "",
              f"NNCF int8 p50 {case['nncf_ms']:.3f} ms; recovery {case['recovery_minutes']:g} min; scored on "
              + ", ".join(f"{n} {name}" for name, n in case["sets"].items()) + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
