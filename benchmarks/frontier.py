@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
-from int8_fidelity import paired_ci  # noqa: E402
+from int8_fidelity import paired_ci, scores as embedding_scores  # noqa: E402
 from quantization import SEQ, timing_config  # noqa: E402
 
 TARGET = "cpu-avx512-vnni-openvino"
@@ -129,15 +129,12 @@ def outputs(path: Path, samples: list, case: dict[str, Any], runtime: str, preci
 def scores(case: dict[str, Any], reference: torch.Tensor, got: torch.Tensor, samples: list, labels: Any
            ) -> dict[str, Any]:
     """The case's metrics (core.metrics.fidelity) and the per-sample values the paired CI is drawn from."""
-    from deploy.core.metrics import fidelity, mean_pool
+    from deploy.core.metrics import fidelity
 
-    if case["transformer"]:
-        mask = torch.cat([s[1] for s in samples])
-        result = fidelity(reference, got, attention_mask=mask)
-        per = torch.nn.functional.cosine_similarity(mean_pool(reference, mask), mean_pool(got, mask), dim=1)
-    else:
-        result = fidelity(reference, got, labels)
-        per = (reference.argmax(1) == got.argmax(1)).float()
+    if case["transformer"]:  # pooled cosine per sample and NN agreement, as the int8 ablation scores them
+        return embedding_scores(reference, got, torch.cat([s[1] for s in samples]))
+    result = fidelity(reference, got, labels)
+    per = (reference.argmax(1) == got.argmax(1)).float()
     return {**{m: result[m] for m in case["metrics"]}, "per_sample": per.numpy()}
 
 
