@@ -114,3 +114,30 @@ def test_leading_batches_count_samples_when_the_batch_is_fixed():
     assert len(got) == 64 and all(b[0].shape[0] == 1 for b in got)
     assert [float(b[0][0, 0]) for b in got] == [float(i) for i in range(64)]  # the same samples, in order
     assert sum(b[0].shape[0] for b in fixed.leading("calibration", 16, 100)) == 300  # no more than there are
+
+
+def test_torch_passes_batch_freely_only_where_the_module_runs_any_batch():
+    """With `--input-shape x:1x...` the exported model takes one sample at a time; calibration, sensitivities and
+    the drop order run the torch module only, so where it computes the same on a bigger batch they batch freely.
+    A module that reshapes by a hard-coded batch keeps the fixed batches."""
+    import torch
+
+    from deploy.core.data import CalibrationSet, torch_takes_any_batch
+
+    class AnyBatch(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1) * 2.0
+
+    class BatchOfOne(torch.nn.Module):
+        def forward(self, x):
+            return x.reshape(1, -1) * 2.0  # batch 2 gives a (1, 6) output: not the samples apart
+
+    samples = [(torch.full((1, 3), float(i)),) for i in range(64)]
+    data = CalibrationSet(samples, samples[:4], None, "test", "x", fixed_batch=1)
+    assert torch_takes_any_batch(AnyBatch(), data) and not torch_takes_any_batch(BatchOfOne(), data)
+    assert not torch_takes_any_batch(AnyBatch(), CalibrationSet(samples, [], None, "t", "x"))  # not fixed: moot
+    data.torch_any_batch = True
+    got = data.leading("calibration", 16, 2)
+    assert [b[0].shape[0] for b in got] == [16, 16]
+    assert [float(v) for v in torch.cat([b[0][:, 0] for b in got])] == [float(i) for i in range(32)]
+    assert all(b[0].shape[0] == 1 for b in data.batches("held_out", 16))  # what the runtime sees stays fixed

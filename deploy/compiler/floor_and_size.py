@@ -41,7 +41,7 @@ def meet_floor(planner: Planner, metric: str, minimum: float, dense: Candidate) 
     feasible = [dense] if ok(dense) and "fp32" in planner.request.precisions else []
     labels = None
     if planner.quantizes:
-        fast = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer", fidelity=True)
+        fast = planner.with_fidelity(planner.fastest_candidate())
         if ok(fast):
             feasible.append(fast)
             labels = fast.labels

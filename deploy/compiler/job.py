@@ -150,7 +150,7 @@ def _replayed(path: str, setup: Setup) -> tuple[dict[str, Any], list[Any]]:
 
 
 def _setup(request: CompressRequest, workdir: Path) -> Setup:
-    from deploy.core.data import DataConfig, load_calibration
+    from deploy.core.data import DataConfig, load_calibration, torch_takes_any_batch
     from deploy.core.model.checks import check_finite_weights
     from deploy.targets.target import resolve
 
@@ -165,6 +165,7 @@ def _setup(request: CompressRequest, workdir: Path) -> Setup:
             raise UserInputError("deploy compress needs calibration data", "pass --calib DATA (or --calib random)")
         calib = str(_example_calibration(workdir))
     calibration = load_calibration(calib, loaded.inputs, DataConfig(seed=request.seed), request.tokenizer)
+    calibration.torch_any_batch = torch_takes_any_batch(loaded.module, calibration)
     workdir.mkdir(parents=True, exist_ok=True)
     setup = Setup(loaded, calibration, target, workdir, _measure_specs(loaded.inputs, request.batch),
                   warnings=list(calibration.warnings))

@@ -7,8 +7,9 @@ Precision acts per layer: the quantization allocator picks each layer's option (
 its sensitivity and price table, for a latency estimate. For a latency budget:
 
 1. the dense model in float; if it fits, it is the answer (nothing is more faithful);
-2. the dense model with every layer at its fastest precision; if that fits, no pruning is needed: the precision
-   allocator spends the budget on the most sensitive layers (its estimate steered onto the measured latency);
+2. the dense model at its fastest precisions (the fastest of the price table's picks, as measured); if that fits,
+   no pruning is needed: the precision allocator spends the budget on the most sensitive layers (its estimate
+   steered onto the measured latency);
 3. else pruning: the level is found by regula falsi on the measured latency of the fastest precisions, then the
    precision allocator runs again on the pruned model (sensitivities measured on it, the dense model's prices
    rescaled to its layer sizes) to fill the budget; then one alternation: a step more pruning with more layers
@@ -114,7 +115,7 @@ def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, fl
     target = window[1]
     fast0 = None
     if planner.quantizes:
-        fast0 = planner.evaluate(0.0, planner.fastest(), "dense, fastest precision per layer")
+        fast0 = planner.fastest_candidate()
         if fast0.latency_ms <= target:
             sp = planner.quant(0.0).space
             points = [(sp.latency(sp.float_labels()), dense.latency_ms), (sp.latency(fast0.labels), fast0.latency_ms)]

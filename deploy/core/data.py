@@ -56,15 +56,19 @@ class CalibrationSet:
     warnings: list[str] = field(default_factory=list)
     fixed_batch: int | None = None  # the model's batch axis is fixed at this size: every batch has exactly it
     validation: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    # the torch module runs any batch though the exported model's is fixed (checked once, `torch_takes_any_batch`)
+    torch_any_batch: bool = False
 
-    def batches(self, which: str = "calibration", batch_size: int = 16) -> list[tuple[torch.Tensor, ...]]:
+    def batches(self, which: str = "calibration", batch_size: int = 16, torch_only: bool = False
+                ) -> list[tuple[torch.Tensor, ...]]:
         """Concatenate samples into batches (the model's batch axis is dimension 0). A model with a fixed batch
-        size gets batches of exactly that size (the split holds a multiple of it, so none is short)."""
+        size gets batches of exactly that size (the split holds a multiple of it, so none is short), unless the
+        batches only go through the torch module and it runs any batch (`torch_only` and `torch_any_batch`)."""
         if which not in ("calibration", "validation", "held_out"):
             raise ValueError(f"no split named {which!r}")
         samples = {"calibration": self.calibration, "held_out": self.held_out,
                    "validation": self.validation or self.calibration}[which]
-        if self.fixed_batch:
+        if self.fixed_batch and not (torch_only and self.torch_any_batch):
             batch_size = self.fixed_batch
         out = []
         for start in range(0, len(samples), batch_size):
@@ -73,11 +77,13 @@ class CalibrationSet:
         return out
 
     def leading(self, which: str, batch_size: int, count: int) -> list[tuple[torch.Tensor, ...]]:
-        """The first `count` batches of `batch_size` samples, counted in samples: a model whose batch is fixed at
-        a smaller size gets as many of its batches as hold the same samples (taking `count` batches of a fixed
-        batch of 1 calibrated a 16 x 16-sample preset on 16 samples)."""
+        """The first `count` batches of `batch_size` samples, counted in samples, for the torch-only passes
+        (calibration, sensitivities, the depth drop order): a model whose batch is fixed at a smaller size gets as
+        many of its batches as hold the same samples (taking `count` batches of a fixed batch of 1 calibrated a
+        16 x 16-sample preset on 16 samples), or batches of `batch_size` where its torch module runs any batch
+        (256 samples through MiniLM one at a time took minutes per precision problem)."""
         out, taken = [], 0
-        for batch in self.batches(which, batch_size):
+        for batch in self.batches(which, batch_size, torch_only=True):
             if taken >= count * batch_size:
                 break
             out.append(batch)
@@ -128,6 +134,25 @@ def fixed_batch(inputs: Sequence[InputSpec]) -> int | None:
     if len(firsts) == 1 and isinstance(next(iter(firsts)), int):
         return int(next(iter(firsts)))
     return None
+
+
+def torch_takes_any_batch(module: torch.nn.Module, calibration: CalibrationSet) -> bool:
+    """Whether the torch module, given two of the model's fixed batches as one, computes what it computes for them
+    apart (a model that reshapes by a hard-coded batch size fails or mixes samples: it keeps the fixed batches)."""
+    from deploy.core.metrics import first_tensor
+
+    pair = calibration.batches("calibration")[:2]
+    if not calibration.fixed_batch or len(pair) < 2:
+        return False
+    together = tuple(torch.cat(parts) for parts in zip(*pair))
+    try:
+        with torch.no_grad():
+            joint = first_tensor(module(*together)).float()
+            apart = torch.cat([first_tensor(module(*b)).float() for b in pair])
+    except Exception:  # noqa: BLE001 - any failure means "not batch-agnostic": the fixed batches are kept
+        return False
+    scale = float(apart.abs().max()) if apart.numel() else 0.0
+    return joint.shape == apart.shape and bool(torch.allclose(joint, apart, rtol=1e-3, atol=1e-4 * max(scale, 1e-6)))
 
 
 def with_fixed_batch(split: CalibrationSet, batch: int | None) -> CalibrationSet:
