@@ -10,6 +10,7 @@ steps and then decays (cosine) over the planned steps; text batches are cut to t
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ from deploy.core.data import CalibrationSet
 
 @dataclass(frozen=True)
 class DistillConfig:
-    steps: int = 300
+    # None: as many steps as `recover_minutes` allow (or early stop); the schedule then spans the steps the
+    # minutes allow at the step time measured over the first PROBE_STEPS
+    steps: int | None = 300
     recover_minutes: float = 2.0
     lr: float = 1e-4
     batch_size: int = 32
@@ -45,7 +48,8 @@ class DistillConfig:
     backoffs: int = 2  # times the rate is cut (x BACKOFF, from the best weights) when an evaluation did not improve
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.patience < 1:
+        if (self.steps is not None and self.steps < 1) or self.batch_size < 1 or self.eval_every < 1 \
+                or self.patience < 1:
             raise ValueError("steps, batch_size, eval_every and patience must be >= 1")
         if not (0.0 <= self.warmup < 1.0 and 0.0 < self.final_lr <= 1.0 and self.horizon >= 0):
             raise ValueError("warmup must be in [0, 1), final_lr in (0, 1], horizon >= 0")
@@ -54,6 +58,8 @@ class DistillConfig:
 
 
 BACKOFF = 0.3  # the rate's cut when an evaluation is no better than the best: it was too high for these weights
+PROBE_STEPS = 10  # a run bound by its minutes times these steps (after the first two) to set its schedule's horizon
+EVAL_SHARE = 0.85  # of the minutes, what the training steps get (the rest: evaluations every eval_every steps)
 
 
 @dataclass
@@ -72,14 +78,15 @@ class DistillResult:
     trimmed_padding: bool = False  # whether text batches were cut to their longest real sequence
     lr: float = 0.0  # the peak learning rate in use at the end (config.lr x BACKOFF per backoff)
     scored_on: str = "validation"  # before/after/history: the split early stopping looked at (not the held-out one)
+    horizon: int = 0  # the steps the learning-rate schedule spanned (a replay keeps it)
 
 
-def lr_factor(step: int, config: DistillConfig) -> float:
+def lr_factor(step: int, config: DistillConfig, horizon: int = 0) -> float:
     """The learning rate at `step` (1-based) as a share of config.lr: a linear warm-up from 10%, then a cosine decay
-    to `final_lr` at the end of the horizon."""
+    to `final_lr` at the end of the horizon (`horizon`, else the config's, else its steps)."""
     import math
 
-    horizon = config.horizon or config.steps
+    horizon = horizon or config.horizon or config.steps or 20 * PROBE_STEPS
     warm = max(1, round(config.warmup * horizon)) if config.warmup else 0
     if step <= warm:
         return 0.1 + 0.9 * step / warm
@@ -237,9 +244,11 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
     with ExitStack() as stack:
         stack.callback(s_feat.close)
         stack.callback(t_feat.close)
-        bar = _progress_bar(stack, progress, config.steps)
+        horizon = config.horizon or config.steps or 0  # 0: set from the step time after PROBE_STEPS
+        probed = start
+        bar = _progress_bar(stack, progress, horizon or None)
         trim, rate, backoffs = config.trim_padding, config.lr, 0
-        for step in range(1, config.steps + 1):
+        for step in range(1, (config.steps or sys.maxsize) + 1):
             student.train()
             batch = _batch(calibration.calibration, gen, config.batch_size)
             if trim and step == 1 and trimmed(batch) is not batch:
@@ -258,8 +267,17 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:
-                group["lr"] = rate * lr_factor(step, config)
+                group["lr"] = rate * lr_factor(step, config, horizon)
             optimizer.step()
+            if not horizon and step == 2:  # bound by minutes: time steps past the first (allocations, checks)
+                probed = time.monotonic()
+            elif not horizon and step == 2 + PROBE_STEPS:  # the schedule spans the steps the minutes allow
+                now = time.monotonic()
+                per_step = max((now - probed) / PROBE_STEPS, 1e-6)
+                left = config.recover_minutes * 60 - (now - start)
+                horizon = step + max(1, int(EVAL_SHARE * left / per_step))
+                if bar is not None:
+                    bar[0].update(bar[1], total=horizon)
             if bar is not None:
                 bar[0].update(bar[1], advance=1)
             if step % config.eval_every == 0 or step == config.steps:
@@ -286,7 +304,8 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
     student.load_state_dict(best_state)
     student.eval()
     return DistillResult(step, round(time.monotonic() - start, 3), stopped, metric, before, best_value,
-                         before_sqnr, best_sqnr, history, blocks, kept_step, trimmed_padding=trim, lr=rate)
+                         before_sqnr, best_sqnr, history, blocks, kept_step, trimmed_padding=trim, lr=rate,
+                         horizon=horizon or step)
 
 
 def _runs_trimmed(student: nn.Module, batch: tuple[torch.Tensor, ...]) -> bool:

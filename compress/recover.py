@@ -14,13 +14,14 @@ from deploy.core.passes import Context, State, register_pass
 UNLIMITED_MINUTES = 1e6  # a replay is bound by its step count, never by the clock
 
 
-def replay_config(config: DistillConfig, kept_step: int) -> DistillConfig | None:
-    """The config that reproduces a run whose best weights were those of step `kept_step` (None: it kept the
-    weights it started from, so replaying it changes nothing)."""
+def replay_config(config: DistillConfig, kept_step: int, horizon: int = 0) -> DistillConfig | None:
+    """The config that reproduces a run whose best weights were those of step `kept_step`, on the schedule it ran
+    (`horizon`: what a run bound by its minutes measured; None: it kept the weights it started from, so replaying
+    it changes nothing)."""
     if kept_step < 1:
         return None
     return dataclasses.replace(config, steps=kept_step, recover_minutes=UNLIMITED_MINUTES,
-                               patience=kept_step + 1, horizon=config.horizon or config.steps)
+                               patience=kept_step + 1, horizon=config.horizon or config.steps or horizon)
 
 
 def default_minutes(macs: int) -> float:

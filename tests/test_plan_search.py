@@ -173,7 +173,7 @@ def test_the_fastest_precision_plan_is_the_fastest_measured(monkeypatch):
     best = planner.fastest_candidate()
     assert best.labels == {"a": "int8", "b": "int8", "c": "int8"} and best.latency_ms == 0.70
     assert planner.fastest() == best.labels and planner.fastest_candidate() is best  # measured once
-    origins = [origin for origin, _ in planner._fastest_plans(0.0)]
+    origins = [origin for origin, _ in planner.fastest_plans(0.0)]
     assert len(origins) == 2  # the allocator's plan equals the table's pick: measured once
     planner.request = NS(precisions=("bf16", "int8"))  # no float layers allowed: only the all-low plan
-    assert [labels for _, labels in planner._fastest_plans(0.0)] == [best.labels]
+    assert [labels for _, labels in planner.fastest_plans(0.0)] == [best.labels]

@@ -43,7 +43,7 @@ def compress_cmd(
     lowrank: bool = typer.Option(False, "--lowrank/--no-lowrank", help=LOWRANK_HELP),
     depth: bool = typer.Option(True, "--depth/--no-depth", help=DEPTH_HELP),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size latency is measured at (and a TensorRT plan built for); needs a dynamic batch axis."),
-    recover_steps: int = typer.Option(200, "--recover-steps", min=0, help="Distillation steps after pruning (0: none)."),
+    recover_steps: Optional[int] = typer.Option(None, "--recover-steps", min=0, help="Most distillation steps after pruning (default: as many as --recover-minutes allow, with early stop; 0: none)."),
     recover_minutes: Optional[float] = typer.Option(None, "--recover-minutes", callback=finite, help="Time budget for distillation (default: 2 minutes per GMAC of one sample, 1 to 10)."),
     eval_hook: Optional[str] = typer.Option(None, "--eval", help="module:function(onnx_path) -> dict of your own metrics (imports your code)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for measurement; default: physical cores."),

@@ -250,11 +250,11 @@ class Planner:
         measured 0.70 ms."""
         if level not in self._fastest:
             self._fastest[level] = min(
-                (self.evaluate(level, labels, origin) for origin, labels in self._fastest_plans(level)),
+                (self.evaluate(level, labels, origin) for origin, labels in self.fastest_plans(level)),
                 key=lambda c: c.latency_ms)
         return self._fastest[level]
 
-    def _fastest_plans(self, level: float) -> list[tuple[str, dict[str, str]]]:
+    def fastest_plans(self, level: float) -> list[tuple[str, dict[str, str]]]:
         from deploy.compress.quant.search import allocator_plan
 
         sp = self.quant(level).space

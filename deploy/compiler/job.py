@@ -53,7 +53,7 @@ class CompressRequest:
     prune: bool = True
     lowrank: bool = False  # low-rank factorization as a knob of the plan (float layers); opt-in, see CLI.md
     depth: bool = True  # depth mixes (whole blocks dropped) where pruning is needed
-    recover_steps: int = 200
+    recover_steps: int | None = None  # None: as many as recover_minutes allow; 0: no recovery
     recover_minutes: float | None = None  # None: compress.recover.default_minutes of the model's MACs
     eval_hook: str | None = None
     threads: int | None = None

@@ -32,11 +32,12 @@ def plan_passes(decisions: dict[str, Any], request: Any, setup: Any) -> list[Any
     if ranks:
         passes.append(make_pass("lowrank", LowRankConfig(cost="macs", ranks=ranks)))  # as the family priced it
     recover = decisions.get("recover", {})
-    if (removed or blocks or ranks) and int(recover.get("steps", 0)) > 0:
-        steps = int(recover["steps"])
-        passes.append(make_pass("recover", DistillConfig(steps=steps, recover_minutes=float(recover.get("minutes", 1.0)),
-                                                          seed=int(recover.get("seed", 0)),
-                                                          eval_every=max(1, steps // 8))))
+    steps = recover.get("steps", 0)  # None: as many as the minutes allow
+    if (removed or blocks or ranks) and (steps is None or int(steps) > 0):
+        every = DistillConfig.eval_every if steps is None else max(1, int(steps) // 8)
+        passes.append(make_pass("recover", DistillConfig(steps=None if steps is None else int(steps),
+                                                          recover_minutes=float(recover.get("minutes", 1.0)),
+                                                          seed=int(recover.get("seed", 0)), eval_every=every)))
     if labels:
         passes.append(make_pass("quantize", dataclasses.replace(quant_config(request, setup), labels=labels)))
     runtime = setup.target.runtime
@@ -50,11 +51,12 @@ def replayable(passes: list[Any], state: Any) -> list[Any]:
     time limit (or dropped when it kept the weights it started from)."""
     from deploy.compress.recover import replay_config
 
-    kept = [r.data.get("kept_step", 0) for r in state.records if r.source == "recover" and r.kind == "decision"]
+    kept = [(r.data.get("kept_step", 0), r.data.get("horizon", 0)) for r in state.records
+            if r.source == "recover" and r.kind == "decision"]
     out, recovered = [], iter(kept)
     for pass_ in passes:
         if pass_.name == "recover":
-            config = replay_config(pass_.config, next(recovered, 0))
+            config = replay_config(pass_.config, *next(recovered, (0, 0)))
             if config is None:
                 continue
             pass_ = make_pass("recover", config)
