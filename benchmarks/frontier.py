@@ -363,7 +363,8 @@ def _case_md(case: dict[str, Any]) -> list[str]:
         note = ""
         if "verdict" in row:
             note = (f"budget {row['budget_ms']:.3g} ms, {row['verdict']}; chosen: {row['origin']}; mixes measured: "
-                    f"{', '.join(str(m) for m in row['mixes'])} blocks dropped; {row['candidates']} candidates")
+                    f"{', '.join(str(m) for m in row['mixes'])} blocks dropped; {row['candidates']} candidates"
+                    + (f"; recovery {row['steps']} steps ({row['stopped']})" if row.get("steps") else ""))
         elif "steps" in row:
             note = (f"{row['steps']} distillation steps ({row['stopped']}), validation "
                     f"{row['validation_before']:.3f} -> {row['validation_after']:.3f}"

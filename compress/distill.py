@@ -3,9 +3,10 @@
 PELA's intermediate training: the frozen original is the teacher; the student (pruned, factorised or fake-quantised)
 matches the teacher's block outputs (feature MSE per block) and final outputs (soft-target KL for logits, as in
 MEAL V2; MSE for embeddings), optionally with PELA's weight-perturbation regulariser that keeps each low-rank
-product near the weight it replaced. Bounded by a step budget AND a time budget; stops early when fidelity on the
-validation split stops improving and returns the best student seen. The learning rate warms up over the first
-steps and then decays (cosine) over the planned steps; text batches are cut to their longest unpadded sequence.
+product near the weight it replaced. Bounded by a time budget (and a step budget where one is given); stops early
+when fidelity on the validation split stops improving and returns the best student seen. The learning rate warms up
+over the first steps and then decays (cosine) over the planned steps: the step budget, or the steps the time budget
+allows at the step time measured before training; text batches are cut to their longest unpadded sequence.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from deploy.core.data import CalibrationSet
 @dataclass(frozen=True)
 class DistillConfig:
     # None: as many steps as `recover_minutes` allow (or early stop); the schedule then spans the steps the
-    # minutes allow at the step time measured over the first PROBE_STEPS
+    # minutes allow at the step time measured before training (`_steps_allowed`)
     steps: int | None = 300
     recover_minutes: float = 2.0
     lr: float = 1e-4
@@ -43,7 +44,7 @@ class DistillConfig:
     seed: int = 0
     warmup: float = 0.05  # share of the horizon over which the learning rate rises from 10% to lr
     final_lr: float = 0.05  # the cosine decay ends at this share of lr
-    horizon: int = 0  # steps the schedule spans (0: `steps`); a replay runs fewer steps on the same schedule
+    horizon: int = 0  # steps the schedule spans (0: `steps`, else measured); a replay runs fewer on the same one
     trim_padding: bool = True  # cut (input_ids, attention_mask, ...) batches to their longest real sequence
     backoffs: int = 2  # times the rate is cut (x BACKOFF, from the best weights) when an evaluation did not improve
 
@@ -58,7 +59,7 @@ class DistillConfig:
 
 
 BACKOFF = 0.3  # the rate's cut when an evaluation is no better than the best: it was too high for these weights
-PROBE_STEPS = 10  # a run bound by its minutes times these steps (after the first two) to set its schedule's horizon
+PROBE_STEPS = 8  # a run bound by its minutes times these training passes (after one untimed) to plan its schedule
 EVAL_SHARE = 0.85  # of the minutes, what the training steps get (the rest: evaluations every eval_every steps)
 
 
@@ -86,7 +87,9 @@ def lr_factor(step: int, config: DistillConfig, horizon: int = 0) -> float:
     to `final_lr` at the end of the horizon (`horizon`, else the config's, else its steps)."""
     import math
 
-    horizon = horizon or config.horizon or config.steps or 20 * PROBE_STEPS
+    horizon = horizon or config.horizon or config.steps
+    if not horizon:
+        raise ValueError("a schedule bound by minutes needs its horizon (distill measures it)")
     warm = max(1, round(config.warmup * horizon)) if config.warmup else 0
     if step <= warm:
         return 0.1 + 0.9 * step / warm
@@ -244,9 +247,9 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
     with ExitStack() as stack:
         stack.callback(s_feat.close)
         stack.callback(t_feat.close)
-        horizon = config.horizon or config.steps or 0  # 0: set from the step time after PROBE_STEPS
-        probed = start
-        bar = _progress_bar(stack, progress, horizon or None)
+        horizon = config.horizon or config.steps or _steps_allowed(
+            student, teacher, calibration, config, blocks, (s_feat, t_feat), config.recover_minutes * 60)
+        bar = _progress_bar(stack, progress, horizon)
         trim, rate, backoffs = config.trim_padding, config.lr, 0
         for step in range(1, (config.steps or sys.maxsize) + 1):
             student.train()
@@ -257,27 +260,12 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
                 batch = trimmed(batch)
             with torch.no_grad():
                 t_out = first_tensor(teacher(*batch))
-            s_out = first_tensor(student(*batch))
-            loss = config.output_weight * _output_loss(s_out, t_out, config.temperature, _mask(batch))
-            if blocks and config.feature_weight:
-                feats = [F.mse_loss(s_feat.values[n], t_feat.values[n]) for n in blocks]
-                loss = loss + config.feature_weight * torch.stack(feats).mean()
-            if config.perturbation_weight:
-                loss = loss + config.perturbation_weight * _perturbation(student, teacher)
+            loss = _loss(student, teacher, batch, t_out, config, blocks, (s_feat, t_feat))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:
                 group["lr"] = rate * lr_factor(step, config, horizon)
             optimizer.step()
-            if not horizon and step == 2:  # bound by minutes: time steps past the first (allocations, checks)
-                probed = time.monotonic()
-            elif not horizon and step == 2 + PROBE_STEPS:  # the schedule spans the steps the minutes allow
-                now = time.monotonic()
-                per_step = max((now - probed) / PROBE_STEPS, 1e-6)
-                left = config.recover_minutes * 60 - (now - start)
-                horizon = step + max(1, int(EVAL_SHARE * left / per_step))
-                if bar is not None:
-                    bar[0].update(bar[1], total=horizon)
             if bar is not None:
                 bar[0].update(bar[1], advance=1)
             if step % config.eval_every == 0 or step == config.steps:
@@ -305,7 +293,51 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
     student.eval()
     return DistillResult(step, round(time.monotonic() - start, 3), stopped, metric, before, best_value,
                          before_sqnr, best_sqnr, history, blocks, kept_step, trimmed_padding=trim, lr=rate,
-                         horizon=horizon or step)
+                         horizon=horizon)
+
+
+def _loss(student: nn.Module, teacher: nn.Module, batch: tuple[torch.Tensor, ...], t_out: torch.Tensor,
+          config: DistillConfig, blocks: list[str], feats: tuple[Any, Any]) -> torch.Tensor:
+    """One step's loss: outputs (and matched block features) against the teacher's, plus PELA's regulariser."""
+    s_feat, t_feat = feats
+    s_out = first_tensor(student(*batch))
+    loss = config.output_weight * _output_loss(s_out, t_out, config.temperature, _mask(batch))
+    if blocks and config.feature_weight:
+        matched = [F.mse_loss(s_feat.values[n], t_feat.values[n]) for n in blocks]
+        loss = loss + config.feature_weight * torch.stack(matched).mean()
+    if config.perturbation_weight:
+        loss = loss + config.perturbation_weight * _perturbation(student, teacher)
+    return loss
+
+
+def _steps_allowed(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet, config: DistillConfig,
+                   blocks: list[str], feats: tuple[Any, Any], seconds: float) -> int:
+    """The steps `seconds` allow (EVAL_SHARE of them: evaluations take the rest), timed on PROBE_STEPS training
+    passes (forward and backward, after one untimed) that leave no trace: the weights, buffers (BatchNorm
+    statistics) and random state come back as they were and no optimizer step is taken, so a replay that runs a
+    fixed number of steps on the same schedule gets the same weights."""
+    began = time.monotonic()
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    saved = copy.deepcopy(student.state_dict())
+    with torch.random.fork_rng(devices=[]):
+        batch = _batch(calibration.calibration, gen, config.batch_size)
+        trim = config.trim_padding and trimmed(batch) is not batch and _runs_trimmed(student, trimmed(batch))
+        student.train()
+        timed = began
+        for index in range(PROBE_STEPS + 1):
+            if index == 1:
+                timed = time.monotonic()
+            batch = _batch(calibration.calibration, gen, config.batch_size)
+            batch = trimmed(batch) if trim else batch
+            with torch.no_grad():
+                t_out = first_tensor(teacher(*batch))
+            _loss(student, teacher, batch, t_out, config, blocks, feats).backward()
+        per_step = max((time.monotonic() - timed) / PROBE_STEPS, 1e-6)
+    student.zero_grad(set_to_none=True)
+    student.load_state_dict(saved)
+    student.eval()
+    left = seconds - (time.monotonic() - began)
+    return max(1, int(EVAL_SHARE * left / per_step))
 
 
 def _runs_trimmed(student: nn.Module, batch: tuple[torch.Tensor, ...]) -> bool:

@@ -1,7 +1,8 @@
 """The `recover` pass: distillation from the original model after the structural passes (deploy.compress.distill).
 
-It records the steps it ran and the step whose weights it kept, so that a plan replayed from deploy.toml runs
-exactly that many steps with the same seed and no time limit, and gets the same weights.
+It records the steps it ran, the step whose weights it kept and the schedule's horizon (a run bound by its minutes
+measures it), so that a plan replayed from deploy.toml runs exactly the kept steps on the same schedule, with the
+same seed and no time limit, and gets the same weights.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from deploy.compiler.candidates import Candidate, Planner
+from deploy.compiler.candidates import Candidate, Planner, faithfulness
 from deploy.core.errors import BudgetInfeasibleError
 
 BISECT_STEPS = 6  # bisection steps on the pruning level
@@ -94,4 +94,4 @@ def meet_size(planner: Planner, size_mb: float, dense: Candidate) -> Candidate:
                                     least_achievable=smallest)
     for cand in feasible:
         planner.with_fidelity(cand)
-    return max(feasible, key=lambda c: (round(c.fidelity or 0.0, 4), -c.size_mb))
+    return max(feasible, key=lambda c: (*faithfulness(c), -c.size_mb))

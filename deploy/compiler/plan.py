@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from deploy.compiler.candidates import Candidate, Planner
+from deploy.compiler.candidates import Candidate, Planner, faithfulness
 from deploy.core.errors import BudgetInfeasibleError
 
 FILL = 0.85  # a latency budget is met when FILL x budget <= p50 <= budget, where the model family allows
@@ -55,17 +55,19 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
     except BudgetInfeasibleError as error:
         found = [c for c in (_lowrank_for_latency(planner, window, dense),
                              _depth_mixes(planner, budget, window, dense, None) if depth else None) if c is not None]
-        if not found:  # the least achievable is the fastest candidate measured, a depth mix's included
-            fastest = min((c.latency_ms for c in planner.candidates if math.isfinite(c.latency_ms)), default=math.inf)
-            if math.isfinite(fastest):
+        if not found:  # the least achievable is the fastest allowed candidate measured, a depth mix's included
+            floats = "fp32" in planner.request.precisions
+            fastest = min((c.latency_ms for c in planner.candidates if (floats or c.labels)
+                           and math.isfinite(c.latency_ms)), default=math.inf)
+            if window[1] < fastest < math.inf:
                 _infeasible(budget, fastest, dense)
             raise error
-        return max(found, key=lambda c: planner.with_fidelity(c).fidelity or 0.0)
+        return max(found, key=lambda c: faithfulness(planner.with_fidelity(c)))
     if structured.level <= 0:  # precision alone fits (nothing pruned): nothing needs cutting or factorizing
         return structured
     found = [c for c in (structured, _lowrank_for_latency(planner, window, dense),
                          _depth_mixes(planner, budget, window, dense, structured) if depth else None) if c is not None]
-    return max(found, key=lambda c: planner.with_fidelity(c).fidelity or 0.0)
+    return max(found, key=lambda c: faithfulness(planner.with_fidelity(c)))
 
 
 def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
@@ -84,7 +86,7 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
         except BudgetInfeasibleError:
             continue
         planner.with_fidelity(cand)
-        if mix is None or (cand.fidelity or 0.0) > (mix.fidelity or 0.0):
+        if mix is None or faithfulness(cand) > faithfulness(mix):
             mix, worse = cand, 0
         else:
             worse += 1
@@ -92,23 +94,23 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
             break
     if mix is not None and mix.level > 0 and planner.quantizes:
         filled = _precision_at(planner.owner(mix), mix, window)
-        if filled.latency_ms <= window[1] and (planner.with_fidelity(filled).fidelity or 0.0) > (mix.fidelity or 0.0):
+        if filled.latency_ms <= window[1] and faithfulness(planner.with_fidelity(filled)) > faithfulness(mix):
             mix = filled
-    if best is None or (mix is not None and (mix.fidelity or 0.0) > (planner.with_fidelity(best).fidelity or 0.0)):
+    if best is None or (mix is not None and faithfulness(mix) > faithfulness(planner.with_fidelity(best))):
         return mix
     return best
 
 
 def most_faithful(planner: Planner, choice: Candidate, limit: float) -> Candidate:
     """The most faithful candidate measured within `limit` (validation fidelity, every one before recovery);
-    `choice` unless another is better at 4 decimals. The search's steps aim at the budget's window, but a step on
-    the way may have measured inside the budget and more faithful (the precision fill ranks plans by the
-    allocator's distortion estimate, not by measured fidelity)."""
+    `choice` unless another ranks higher (`faithfulness`: the metric at 4 decimals, then output SQNR). The
+    search's steps aim at the budget's window, but a step on the way may have measured inside the budget and more
+    faithful (the precision fill ranks plans by the allocator's distortion estimate, not by measured fidelity)."""
     planner.score_all()
     fits = [c for c in planner.candidates if c.latency_ms <= limit and c.fidelity is not None
             and math.isfinite(c.fidelity)]
-    best = max(fits, key=lambda c: round(c.fidelity, 4), default=choice)
-    return best if round(best.fidelity or 0.0, 4) > round(choice.fidelity or 0.0, 4) else choice
+    best = max(fits, key=faithfulness, default=choice)
+    return best if faithfulness(best) > faithfulness(choice) else choice
 
 
 def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
@@ -130,7 +132,10 @@ def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, fl
     most = _most_pruning(planner, labels, target)
     if most.latency_ms > target:
         _infeasible(budget, min(most.latency_ms, start.latency_ms), dense)
-    labels = most.labels
+    if most.labels != labels:  # the level search brackets one plan: the dense model at the same precisions
+        labels = most.labels
+        start = next((c for c in planner.candidates if c.level <= 0 and c.labels == labels
+                      and c.blocks == most.blocks and not c.ranks), start)
     pruned = _level_for_latency(planner, labels, window, start, most)
     if not planner.quantizes or not refine:
         return pruned
@@ -210,7 +215,7 @@ def _alternate(planner: Planner, first: Candidate, pruned: Candidate, most: Cand
         return first
     planner.with_fidelity(first)
     planner.with_fidelity(second)
-    return second if (second.fidelity or 0.0) > (first.fidelity or 0.0) else first
+    return second if faithfulness(second) > faithfulness(first) else first
 
 
 def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: tuple[float, float],

@@ -104,6 +104,8 @@ def _run(request: SearchRequest, out: Path, progress: Callable[..., None] | None
     planner = Planner(request.compress, setup)
     planner.split = "held_out"  # each trial is scored for the person choosing from the front; nothing is tuned on it
     planner.time_against_dense()
+    if planner.quantizes:  # measured once here, not inside a trial (it times the price table's fastest picks)
+        planner.fastest()
     precisions = (["fp32"] if "fp32" in request.compress.precisions else []) + \
         (["int8", "mixed"] if planner.quantizes else [])
     lowrank = planner.lowrank_family() if "fp32" in request.compress.precisions else None

@@ -141,8 +141,10 @@ def torch_takes_any_batch(module: torch.nn.Module, calibration: CalibrationSet) 
     apart (a model that reshapes by a hard-coded batch size fails or mixes samples: it keeps the fixed batches)."""
     from deploy.core.metrics import first_tensor
 
+    if not calibration.fixed_batch:
+        return False
     pair = calibration.batches("calibration")[:2]
-    if not calibration.fixed_batch or len(pair) < 2:
+    if len(pair) < 2:
         return False
     together = tuple(torch.cat(parts) for parts in zip(*pair))
     try:
