@@ -187,22 +187,28 @@ def test_a_plan_is_exported_only_for_its_policy(digits_model, ort_prep, tmp_path
 
 
 def test_openvino_profile_quantizes_to_a_budget_end_to_end(digits_model, digits_calibration, tmp_path):
-    """The Python API on the OpenVINO CPU profile: priced on OpenVINO, the allocator's plan exported
-    as IR, and every layer the plan made int8 runs in I8/U8 in OpenVINO's runtime model."""
-    from deploy.compress.quant.api import QuantizeConfig, quantize_model
+    """The Python API on the OpenVINO CPU profile: priced on OpenVINO, the allocator's plan for a budget fits it,
+    and a plan with every layer int8, exported as IR, runs each of them in I8/U8 in OpenVINO's runtime model.
+    The budget is the all-int8 plan's own estimate (feasible by construction): on a CPU whose bf16 kernels are
+    fast, this small CNN's int8 prices above float and no budget below float's would be feasible."""
+    from deploy.compress.quant.api import QuantizeConfig, build_problem, solve_budget
     from deploy.profiles.schema import resolve_target
 
     profile = resolve_target("cpu-avx512-vnni-openvino").profile  # measured at one thread (a bare profile)
-    config = QuantizeConfig.fast(budget=0.98, price_seconds=0.05, cache=False)  # some int8 needed, always feasible
-    quantized, report = quantize_model(digits_model, SPEC, digits_calibration, profile, config)
-    assert report["cost_model"] == "measured:openvino" and report["allocation"]["estimated_ms"] <= report["budget_ms"]
-    assert quantized.plan.policy == "openvino" and quantized.plan.count("int8") >= 1
-    result = quantized.export(SPEC, tmp_path / "ov.onnx")
+    config = QuantizeConfig.fast(price_seconds=0.05, cache=False)
+    problem = build_problem(digits_model, SPEC, digits_calibration, profile, config)
+    sp = problem.space
+    int8 = {n: next(o.label for o in opts if o.precision == "int8") for n, opts in sp.spaces.items()}
+    budget_ms = sp.latency(int8)
+    quantized, report = solve_budget(problem, digits_calibration, dataclasses.replace(config, budget_ms=budget_ms))
+    assert report["cost_model"] == "measured:openvino" and report["allocation"]["estimated_ms"] <= budget_ms
+    assert quantized.plan.policy == "openvino"
+    plan = problem.prep.plan.with_options(sp.options(int8))
+    result = export_quantized(plan, digits_model, SPEC, tmp_path / "ov.onnx")
     assert result.openvino_xml is not None and result.openvino_xml.exists()
-    actual = layer_precisions(result.onnx, quantized.plan, "openvino")
-    int8 = [n for n, lp in quantized.plan.layers.items() if lp.option.precision == "int8"]
+    actual = layer_precisions(result.onnx, plan, "openvino")
     assert {actual[n].precision for n in int8} == {"int8"}
-    assert mismatches(quantized.plan, actual) == []
+    assert mismatches(plan, actual) == []
 
 
 def test_openvino_policy_runs_attention_matmuls_in_int8(tmp_path):
