@@ -299,7 +299,7 @@ def _quantize_attention_probs(ed: _Editor, matmuls: set[str]) -> None:
 
 
 def _quantize_residual_inputs(ed: _Editor, graph: LayerGraph, plan: QuantPlan, active: dict[str, LayerPlan]) -> None:
-    """TensorRT fuses Conv + residual Add when the Add's OTHER input is quantized too: give it a Q/DQ."""
+    """TensorRT and OpenVINO fuse Conv + residual Add when the Add's OTHER input is quantized too: give it a Q/DQ."""
     conv_out = {graph.nodes[n].output: n for n, lp in active.items()
                 if lp.option.precision == "int8" and graph.nodes[n].op_type == "Conv"}
     known = _tensor_params(graph, plan)

@@ -5,7 +5,9 @@
   runs as MatMulIntegerToFloat (float output, float bias add); int4 weight-only Linear as MatMulNBits.
 - openvino: the same Q/DQ without output Qs (OpenVINO's low-precision transformations turn them into quantized
   convolutions / FullyConnected); symmetric weights, asymmetric activations; float layers in bf16 where the CPU
-  has it (the runner's precision hint).
+  has it (the runner's precision hint); the residual Add's other input quantized, as NNCF does, so the Add fuses
+  into the int8 convolution (a ResNet-18-width CNN: 10 Adds in bf16 subgraphs and 1.085x NNCF int8's p50
+  without, 1.022x with, top-1 agreement unchanged).
 - tensorrt: symmetric int8 activations and weights (zero points 0), per-channel weights on the output-channel
   axis, Q/DQ on op inputs only, and the residual Add's other input quantized so Conv+Add fuses; LayerNorm,
   Softmax, GELU and residual Adds of transformers stay float (we only ever quantize the planned layers' inputs).
@@ -38,7 +40,7 @@ class QdqPolicy:
 POLICIES = {
     "ort-cpu": QdqPolicy("ort-cpu", act_signed=False, output_q_ops=("Conv",), int_bias=True, quantize_adds=True),
     "openvino": QdqPolicy("openvino", act_signed=False, openvino_ir=True, runtime="openvino", attention_matmuls=True,
-                          tie_shared_inputs=True),
+                          tie_shared_inputs=True, residual_inputs=True),
     "tensorrt": QdqPolicy("tensorrt", act_signed=True, residual_inputs=True, runtime="tensorrt", int4_qdq=True),
 }
 
