@@ -134,8 +134,7 @@ def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, fl
         _infeasible(budget, min(most.latency_ms, start.latency_ms), dense)
     if most.labels != labels:  # the level search brackets one plan: the dense model at the same precisions
         labels = most.labels
-        start = next((c for c in planner.candidates if c.level <= 0 and c.labels == labels
-                      and c.blocks == most.blocks and not c.ranks), start)
+        start = next(c for c in planner.fastest_measured() if c.labels == labels)
     pruned = _level_for_latency(planner, labels, window, start, most)
     if not planner.quantizes or not refine:
         return pruned
@@ -150,10 +149,9 @@ def _most_pruning(planner: Planner, labels: dict[str, str] | None, target: float
     most = planner.evaluate(1.0, labels, "most pruning, fastest precision")
     if most.latency_ms <= target or labels is None:
         return most
-    for origin, other in planner.fastest_plans(0.0):
-        if other != labels:
-            cand = planner.evaluate(1.0, other, f"most pruning, {origin.removeprefix('dense, ')}")
-            most = cand if cand.latency_ms < most.latency_ms else most
+    for dense in planner.fastest_measured()[1:]:
+        cand = planner.evaluate(1.0, dense.labels, f"most pruning, {dense.origin.split('dense, ', 1)[-1]}")
+        most = cand if cand.latency_ms < most.latency_ms else most
     return most
 
 
