@@ -61,6 +61,13 @@ def calibrated(module: torch.nn.Module, inputs: Sequence[InputSpec], calibration
     return prepare(module, inputs, calibration, target, config.space, config.calibration, config.skip)
 
 
+def recover(student: torch.nn.Module, teacher: torch.nn.Module, calibration: CalibrationSet, config: Any) -> Any:
+    """Distil `student` in place towards `teacher` (the recover pass's training); returns what it did."""
+    from deploy.compress.distill import distill
+
+    return distill(student, teacher, calibration, config)
+
+
 def options_of(spaces: dict[str, tuple[Any, ...]], labels: Labels) -> dict[str, Any]:
     """Each layer's option for `labels` (a layer not named keeps its float option)."""
     from deploy.compress.quant.apply import options_for

@@ -114,8 +114,12 @@ def test_compress_weighs_depth_mixes_and_picks_the_more_faithful(tmp_path):
     limit = 0.95 * report["budget"]["target_ms"]
     inside = [c for c in candidates if c["latency_ms"] <= limit]
     assert round(chosen["fidelity"], 4) >= max(round(c["fidelity"], 4) for c in inside)
+    trialed = [c for c in inside if c["trial"]]  # structures compared after a short recovery each
+    assert chosen["trial"] and {len(c["blocks"]) for c in trialed} >= {0, 2}, [c["origin"] for c in trialed]
+    assert round(chosen["trial"]["fidelity"], 4) >= max(round(c["trial"]["fidelity"], 4) for c in trialed)
     assert max(c["fidelity"] for c in inside if not c["blocks"]) < chosen["fidelity"]
     assert sorted(report["decisions"]["prune"]["blocks"]) == sorted(chosen["blocks"])
-    assert "blocks dropped" in (out / "report.html").read_text()  # the candidates table has the column
+    page = (out / "report.html").read_text()
+    assert "blocks dropped" in page and "after trial recovery" in page  # the candidates table has the columns
     plan = (out / "deploy.toml").read_text()
     assert "model.encoder.layer.1" in plan and "model.encoder.layer.3" in plan

@@ -14,6 +14,7 @@ class FakePlanner:
     def __init__(self, dense_ms: float = 10.0, prune_cost: float = 0.5, int8_cost: float = 0.01):
         self.dense_ms, self.prune_cost, self.int8_cost = dense_ms, prune_cost, int8_cost
         self.candidates: list[Candidate] = []
+        self.trials = None  # no recovery: candidates compare on their own fidelity
 
     def latency(self, level: float, labels: dict[str, str] | None) -> float:
         int8 = sum(v == "int8" for v in (labels or {}).values())
@@ -48,8 +49,9 @@ class FakePlanner:
                 self.with_fidelity(cand)
 
     def with_fidelity(self, cand: Candidate) -> Candidate:
-        int8 = sum(v == "int8" for v in (cand.labels or {}).values())
-        cand.fidelity = 1.0 - self.prune_cost * cand.level - self.int8_cost * int8
+        if cand.fidelity is None:  # as the planner: a candidate is scored once
+            int8 = sum(v == "int8" for v in (cand.labels or {}).values())
+            cand.fidelity = 1.0 - self.prune_cost * cand.level - self.int8_cost * int8
         return cand
 
 

@@ -45,6 +45,7 @@ class Candidate:
     predicted_ms: float | None = None  # a predicted target's point estimate (latency_ms is its band's upper end)
     blocks: tuple[str, ...] = ()  # whole blocks dropped (depth pruning) before `removed` applies
     sqnr_db: float | None = None  # output SQNR on the same split as `fidelity` (breaks its ties, `faithfulness`)
+    trial: dict[str, Any] | None = None  # validation fidelity after a short recovery (`trial_recovery`)
 
     def row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
@@ -105,6 +106,7 @@ class Planner:
         allowed = set(setup.target.profile.precisions)
         self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
         self.can_prune = request.prune and setup.loaded.structural
+        self.trials: Any = parent.trials if parent else None  # short recoveries where the plan is recovered
         if parent is not None:
             self._baseline, self.dense, self.note, self.expected = parent._baseline, parent.dense, parent.note, 1
             return

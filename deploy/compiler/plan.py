@@ -17,7 +17,7 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
 4. and, where pruning was needed, the low-rank family (per-layer ranks from the allocator for a share of the
    factorizable MACs, in float) at the least factorization that fits, and depth mixes (1, 2, ... whole blocks
    dropped, each mix's pruning level found as in 3; the best mix gets the precision fill); the more faithful
-   exported model wins.
+   exported model wins, after a short recovery of each where the plan will be recovered (`trial_recovery`).
 
 A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only within
 3% of 0.9); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The final model is measured
@@ -30,6 +30,7 @@ import math
 from typing import Any, Callable
 
 from deploy.compiler.candidates import Candidate, Planner, faithfulness
+from deploy.compiler.trial_recovery import Trials, needs_recovery, promise, structure
 from deploy.core.errors import BudgetInfeasibleError
 
 FILL = 0.85  # a latency budget is met when FILL x budget <= p50 <= budget, where the model family allows
@@ -62,12 +63,12 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
             if window[1] < fastest < math.inf:
                 _infeasible(budget, fastest, dense)
             raise error
-        return max(found, key=lambda c: faithfulness(planner.with_fidelity(c)))
+        return max(found, key=lambda c: promise(planner, c))
     if structured.level <= 0:  # precision alone fits (nothing pruned): nothing needs cutting or factorizing
         return structured
     found = [c for c in (structured, _lowrank_for_latency(planner, window, dense),
                          _depth_mixes(planner, budget, window, dense, structured) if depth else None) if c is not None]
-    return max(found, key=lambda c: faithfulness(planner.with_fidelity(c)))
+    return max(found, key=lambda c: promise(planner, c))
 
 
 def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
@@ -85,8 +86,7 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
             cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense, refine=False)
         except BudgetInfeasibleError:
             continue
-        planner.with_fidelity(cand)
-        if mix is None or faithfulness(cand) > faithfulness(mix):
+        if mix is None or promise(planner, cand) > promise(planner, mix):
             mix, worse = cand, 0
         else:
             worse += 1
@@ -94,9 +94,9 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
             break
     if mix is not None and mix.level > 0 and planner.quantizes:
         filled = _precision_at(planner.owner(mix), mix, window)
-        if filled.latency_ms <= window[1] and faithfulness(planner.with_fidelity(filled)) > faithfulness(mix):
+        if filled.latency_ms <= window[1] and promise(planner, filled) > promise(planner, mix):
             mix = filled
-    if best is None or (mix is not None and faithfulness(mix) > faithfulness(planner.with_fidelity(best))):
+    if best is None or (mix is not None and promise(planner, mix) > promise(planner, best)):
         return mix
     return best
 
@@ -105,12 +105,16 @@ def most_faithful(planner: Planner, choice: Candidate, limit: float) -> Candidat
     """The most faithful candidate measured within `limit` (validation fidelity, every one before recovery);
     `choice` unless another ranks higher (`faithfulness`: the metric at 4 decimals, then output SQNR). The
     search's steps aim at the budget's window, but a step on the way may have measured inside the budget and more
-    faithful (the precision fill ranks plans by the allocator's distortion estimate, not by measured fidelity)."""
+    faithful (the precision fill ranks plans by the allocator's distortion estimate, not by measured fidelity).
+    Where the choice will be recovered, only its own structure's candidates compete, compared after its trial
+    recovery (before it, the pruning's damage drowns what precision changes)."""
     planner.score_all()
     fits = [c for c in planner.candidates if c.latency_ms <= limit and c.fidelity is not None
             and math.isfinite(c.fidelity)]
-    best = max(fits, key=faithfulness, default=choice)
-    return best if faithfulness(best) > faithfulness(choice) else choice
+    if planner.trials is not None and needs_recovery(choice):
+        fits = [c for c in fits if structure(c) == structure(choice)]
+    best = max(fits, key=lambda c: promise(planner, c), default=choice)
+    return best if promise(planner, best) > promise(planner, choice) else choice
 
 
 def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
@@ -211,9 +215,7 @@ def _alternate(planner: Planner, first: Candidate, pruned: Candidate, most: Cand
     second = _precision_at(planner, deeper, window)
     if second.latency_ms > window[1] or second.labels == deeper.labels:  # nothing was given back to precision
         return first
-    planner.with_fidelity(first)
-    planner.with_fidelity(second)
-    return second if faithfulness(second) > faithfulness(first) else first
+    return second if promise(planner, second) > promise(planner, first) else first
 
 
 def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: tuple[float, float],
@@ -325,6 +327,8 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
 
     planner = Planner(request, setup)
     planner.note = note
+    if setup.loaded.structural and request.recover_steps != 0:  # a pruned or factorized plan is recovered
+        planner.trials = Trials(request, setup)
     lowrank = LEVEL_STEPS + 1 if getattr(request, "lowrank", False) else 0
     planner.expected = 3 + LEVEL_STEPS + 2 * PRECISION_STEPS + lowrank  # an upper bound, for N/M and the ETA
     planner.time_against_dense()

@@ -195,9 +195,9 @@ def _candidate_table(report: dict[str, Any]) -> str:
         star = "&#9733; " if c.get("chosen") else ""
         rows.append((star + esc(c.get("origin", "")), esc(c.get("precision")), num(len(c.get("blocks") or ())),
                      num(c.get("level")), num(removed), num(c.get("latency_ms"), " ms"), num(c.get("fidelity")),
-                     num(c.get("size_mb"), " MB")))
+                     num((c.get("trial") or {}).get("fidelity")), num(c.get("size_mb"), " MB")))
     return table(("candidate", "precision", "blocks dropped", "pruning level", "units removed", "latency p50",
-                  "validation fidelity", "size"), rows)
+                  "validation fidelity", "after trial recovery", "size"), rows)
 
 
 def render_html(report: dict[str, Any]) -> str:

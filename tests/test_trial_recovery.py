@@ -1,0 +1,162 @@
+"""Structures are compared after a short recovery where the plan will be recovered: before recovery heavy pruning
+sits at chance whatever recovery makes of it, so the structure that scores higher before recovery is not the one
+to keep. The wiring (depth mixes, the alternation, the final pick within the budget) on a fake planner; the trial
+itself on the digits CNN."""
+from __future__ import annotations
+
+import pytest
+
+from deploy.compiler.candidates import Candidate
+from deploy.compiler.plan import FILL, SAFE
+from test_plan_search import FakePlanner
+
+
+class FakeTrials:
+    """After recovery, a dropped block is worth more than pruning before recovery says: (fidelity, SQNR)."""
+
+    def __init__(self, recovered: dict[tuple[str, ...], float]):
+        self.recovered = recovered
+        self.asked: list[Candidate] = []
+
+    def promise(self, planner, cand: Candidate) -> tuple[float, float]:
+        self.asked.append(cand)
+        value = self.recovered.get(cand.blocks, 1.0 - 0.2 * cand.level)
+        return round(value, 4), 0.0
+
+
+class MixingPlanner(FakePlanner):
+    """Two droppable blocks; a mix is this planner again with its candidates tagged by the blocks dropped. Before
+    recovery every block dropped costs more than the pruning it saves (FakePlanner's fidelity minus 0.3 per block)."""
+
+    def __init__(self, blocks: tuple[str, ...] = (), parent: "MixingPlanner | None" = None):
+        super().__init__()
+        self.blocks, self.quantizes, self.parent = blocks, False, parent
+        if parent is not None:
+            self.candidates, self.trials = parent.candidates, parent.trials
+
+    def drop_order(self):
+        return [("b0", 0.0), ("b1", 0.0)]
+
+    def mix(self, blocks):
+        return self if not blocks else MixingPlanner(tuple(blocks), self)
+
+    def evaluate(self, level, labels, origin, fidelity=False):
+        cand = super().evaluate(level, labels, origin)
+        cand.blocks = self.blocks
+        return cand
+
+    def with_fidelity(self, cand):
+        if cand.fidelity is None:
+            super().with_fidelity(cand)
+            cand.fidelity -= 0.3 * len(cand.blocks)
+        return cand
+
+
+def _mixes(monkeypatch, trials):
+    import deploy.compiler.plan as ps
+
+    planner = MixingPlanner()
+    planner.trials = trials
+    width = planner.evaluate(0.8, None, "width pruning")  # 3.6 ms, 0.6 before recovery
+
+    def levels(mix, budget, window, dense, refine=True):  # each block dropped spares 0.3 of pruning level
+        return mix.evaluate(max(0.0, 0.8 - 0.3 * len(mix.blocks)), None, "mix level")
+
+    monkeypatch.setattr(ps, "_levels_for_latency", levels)
+    budget = 4.0
+    return planner, width, ps._depth_mixes(planner, budget, (FILL * budget, SAFE * budget), None, width)
+
+
+def test_depth_mixes_are_compared_after_recovery(monkeypatch):
+    planner, width, chosen = _mixes(monkeypatch, FakeTrials({("b0",): 0.9, ("b0", "b1"): 0.95}))
+    assert chosen.blocks == ("b0", "b1")  # the most faithful after recovery, not before it
+    assert planner.with_fidelity(chosen).fidelity < planner.with_fidelity(width).fidelity  # (before recovery)
+
+
+def test_without_recovery_fidelity_before_it_decides(monkeypatch):
+    planner, width, chosen = _mixes(monkeypatch, None)
+    assert chosen is width  # before recovery, and so without it, width pruning is the more faithful
+
+
+@pytest.mark.parametrize("deeper_wins", [True, False])
+def test_the_alternation_compares_its_two_plans_after_recovery(monkeypatch, deeper_wins):
+    import deploy.compiler.plan as ps
+
+    planner = FakePlanner(prune_cost=0.5, int8_cost=0.01)  # before recovery the shallower plan always wins
+    pruned = planner.evaluate(0.3, {"a": "int8", "b": "int8"}, "level")
+    most = planner.evaluate(1.0, {"a": "int8", "b": "int8"}, "most")
+    monkeypatch.setattr(ps, "_precision_at",
+                        lambda p, cand, w: p.evaluate(cand.level, {"a": "int8", "b": "fp32"}, "filled"))
+
+    class Recovered(FakeTrials):
+        def promise(self, planner_, cand):
+            return (0.99 if (cand.level > 0.3) == deeper_wins else 0.9), 0.0
+
+    planner.trials = Recovered({})
+    chosen = ps._alternate(planner, pruned, pruned, most, pruned.labels, (FILL * 7.5, SAFE * 7.5))
+    assert (chosen.level > pruned.level) == deeper_wins
+
+
+def test_the_final_pick_stays_within_the_structure_chosen():
+    """Within the budget only the chosen structure's precision variants compete with it, ranked after its trial;
+    a less pruned structure that scores higher before recovery was already weighed against it."""
+    from deploy.compiler.plan import most_faithful
+
+    planner = FakePlanner(prune_cost=0.5, int8_cost=0.05)
+    shallower = planner.evaluate(0.3, None, "pruning level")  # 0.85 before recovery
+    chosen = planner.evaluate(0.5, {"a": "int8", "b": "int8"}, "filled")  # 0.65
+    variant = planner.evaluate(0.5, {"a": "int8", "b": "fp32"}, "filled again")  # 0.70
+    for cand in (shallower, chosen, variant):
+        cand.removed = {"units": int(10 * cand.level)}  # pruned: each will be recovered
+
+    class ByPrecision(FakeTrials):
+        def promise(self, planner_, cand):
+            self.asked.append(cand)
+            return round(planner_.with_fidelity(cand).fidelity + 0.2, 4), 0.0
+
+    planner.trials = ByPrecision({})
+    assert most_faithful(planner, chosen, limit=100.0) is variant
+    assert shallower not in planner.trials.asked
+    planner.trials = None  # no recovery: every candidate in the budget competes on its own fidelity
+    assert most_faithful(planner, chosen, limit=100.0) is shallower
+
+
+def test_a_trial_recovers_each_structure_once(tmp_path, monkeypatch):
+    """The trial distils the structure, exports it with the candidate's precisions calibrated on the recovered
+    weights and scores it on the validation split; a precision variant of the same structure reuses the recovered
+    model (one distillation, one calibration)."""
+    import deploy.compress.distill as distill_module
+    import deploy.compress.families as families
+    from deploy.compiler.candidates import Planner
+    from deploy.compiler.job import CompressRequest, _setup
+    from deploy.compiler.trial_recovery import Trials, needs_recovery
+
+    request = CompressRequest(example=True, target="cpu", recover_steps=40, recover_minutes=0.5, threads=1,
+                              out=str(tmp_path / "out"))
+    setup = _setup(request, tmp_path / "work")
+    planner = Planner(request, setup)
+    planner.trials = trials = Trials(request, setup)
+    calls = {"distill": 0, "calibrated": 0}
+    for name, module in (("distill", distill_module), ("calibrated", families)):
+        original = getattr(module, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    spaces = planner.mix(("layer1",)).calibrated(0.0).spaces
+    int8 = {n: next(o for o in opts if not o.is_float).label for n, opts in spaces.items()}
+    calls["calibrated"] = 0
+    floats = Candidate("fp32", 0.0, {}, 1.0, None, 1.0, None, blocks=("layer1",))
+    quantized = Candidate("int8", 0.0, {}, 1.0, None, 1.0, int8, blocks=("layer1",))
+    dense = Candidate("fp32", 0.0, {}, 1.0, None, 1.0, None)
+    assert needs_recovery(floats) and not needs_recovery(dense)
+    for cand in (floats, quantized):
+        fidelity, _ = trials.promise(planner, cand)
+        assert round(cand.trial["fidelity"], 4) == fidelity and 0.0 <= fidelity <= 1.0
+        assert cand.trial["float_after"] >= cand.trial["float_before"]  # the best weights seen are kept
+        assert cand.trial["steps"] == 6  # 15% of the 40 recovery steps asked
+    assert calls == {"distill": 1, "calibrated": 1}
+    dense.fidelity = 0.5
+    assert trials.promise(planner, dense)[0] == 0.5 and dense.trial is None  # nothing to recover: its own score
