@@ -40,6 +40,7 @@ class CalibrationConfig:
     batch_size: int = 32
     probe_samples: int = 16
     bias_correction: bool = True  # subtract each low-precision option's mean output shift from the bias
+    gptq: bool = False  # round int8 weights by GPTQ (compress.quant.gptq) instead of to nearest
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -187,7 +188,17 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Calibra
                                    tuple(float(v) for v in sm) if sm is not None else (), bool(ln and ln.relu_after))
     plan = QuantPlan(target.qdq_policy, layers, target.float_precision, list(notes))
     flags = sim_flags(plan, policy, graph)
+    if config.gptq:
+        from dataclasses import replace as _replace
+
+        from deploy.compress.quant.gptq import rounded_weights
+
+        plan = _replace(plan, rounded=rounded_weights(folded, plan, spaces, batches))
     qmodel = wrap(folded, plan, flags)
+    if plan.rounded:
+        from deploy.compress.quant.gptq import install_rounded
+
+        install_rounded(qmodel, plan.rounded)
     if config.bias_correction:
         from dataclasses import replace
 

@@ -73,6 +73,7 @@ class QuantLayer(nn.Module):
         smooth = torch.tensor(plan.smooth, dtype=torch.float32) if plan.smooth else torch.ones(0)
         self.register_buffer("smooth", smooth, persistent=False)
         self.shifts: dict[str, torch.Tensor] = {}  # bias correction per option label (bias)
+        self.rounded: dict[str, torch.Tensor] = {}  # GPTQ's weight per option label (compress.quant.gptq)
 
     def set_option(self, option: QuantOption) -> None:
         self.plan = replace(self.plan, option=option)
@@ -87,7 +88,8 @@ class QuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         opt = self.plan.option
-        x, w = self._smoothed(x, self.layer.weight)
+        weight = self.rounded.get(opt.label) if self.mode == "quant" else None
+        x, w = self._smoothed(x, self.layer.weight if weight is None else weight)
         bias = self.layer.bias
         if self.mode == "off" or opt.precision == "fp32":
             return self._apply(x, w, bias)

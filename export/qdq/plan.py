@@ -1,7 +1,9 @@
 """The quantization plan as data: per layer, the chosen option and the calibrated activation parameters.
 
 A plan is everything export needs besides the weights (weight scales are recomputed from the final weights, so a
-plan stays valid after recovery training). It round-trips through JSON so a run can be replayed from `deploy.toml`.
+plan stays valid after recovery training), and where GPTQ rounded them, the rounded weights (compress.quant.gptq;
+not in the JSON: a replay calibrates again and rounds the same). It round-trips through JSON so a run can be
+replayed from `deploy.toml`.
 """
 from __future__ import annotations
 
@@ -104,6 +106,8 @@ class QuantPlan:
     notes: list[str] = field(default_factory=list)
     # bias correction: per layer and option label, the per-output-channel shift subtracted from the bias
     shifts: dict[str, dict[str, tuple[float, ...]]] = field(default_factory=dict)
+    # GPTQ: per layer and option label, the float weight (on that option's integer grid) that replaces the layer's
+    rounded: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def labels(self) -> dict[str, str]:
         return {name: lp.option.label for name, lp in self.layers.items()}
@@ -111,7 +115,11 @@ class QuantPlan:
     def with_options(self, options: dict[str, QuantOption]) -> "QuantPlan":
         """The same calibration with other per-layer options (the search's candidates)."""
         layers = {n: replace(lp, option=options.get(n, lp.option)) for n, lp in self.layers.items()}
-        return QuantPlan(self.policy, layers, self.float_precision, list(self.notes), self.shifts)
+        return QuantPlan(self.policy, layers, self.float_precision, list(self.notes), self.shifts, self.rounded)
+
+    def rounded_weight(self, name: str) -> torch.Tensor | None:
+        """GPTQ's weight of `name` at its current option (None: rounded to nearest)."""
+        return self.rounded.get(name, {}).get(self.layers[name].option.label)
 
     def bias_shift(self, name: str) -> tuple[float, ...]:
         """The bias correction of `name` at its current option (empty: none)."""
@@ -134,6 +142,24 @@ class QuantPlan:
         shifts = {n: {layers[n].option.label: tuple(float(v) for v in values)}
                   for n, values in data.get("bias_shift", {}).items()}
         return cls(data["policy"], layers, data.get("float_precision", "fp32"), list(data.get("notes", [])), shifts)
+
+
+def round_weights(folded: nn.Module, plan: QuantPlan) -> list[str]:
+    """Put GPTQ's weight of each layer at its current option into the float model, in place (export then rounds
+    it to the same integers). A layer whose shape differs (a pruned sibling exported with the dense model's plan)
+    keeps its own weight, rounded to nearest; returns their names."""
+    skipped = []
+    for name in plan.layers:
+        weight = plan.rounded_weight(name)
+        if weight is None:
+            continue
+        layer = folded.get_submodule(name)
+        if tuple(layer.weight.shape) != tuple(weight.shape):
+            skipped.append(name)
+            continue
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+    return skipped
 
 
 def shift_biases(folded: nn.Module, plan: QuantPlan) -> list[str]:

@@ -63,13 +63,18 @@ def float_onnx(module: nn.Module, inputs: Sequence[InputSpec], folder: Path, sta
     corrections applied to its low-precision layers; returns the path and notes."""
     from deploy.core.model.onnx_export import OnnxExportConfig, export_onnx
     from deploy.export.qdq.fold import fold_batchnorm
-    from deploy.export.qdq.plan import shift_biases
+    from deploy.export.qdq.plan import round_weights, shift_biases
 
     folded, notes = fold_batchnorm(module)
     if plan is not None and plan.shifts:
         skipped = shift_biases(folded, plan)
         if skipped:
             notes.append(f"bias correction skipped where the layer width differs from the plan's: "
+                         f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
+    if plan is not None and plan.rounded:
+        skipped = round_weights(folded, plan)
+        if skipped:
+            notes.append(f"GPTQ rounding skipped where the layer's shape differs from the plan's: "
                          f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
     specs = [InputSpec(s.name, s.concrete_shape(), s.dtype) for s in inputs] if static else list(inputs)
     path = export_onnx(folded, specs, Path(folder) / "float.onnx", OnnxExportConfig(dynamic=not static))
