@@ -44,14 +44,16 @@ def variants(n_cal: int) -> dict[str, Any]:
 
     preset = QuantizeConfig.fast().calibration
     before = dataclasses.replace(preset, methods=("minmax", "mse"), batches=2, batch_size=8, probe_samples=8,
-                                 smoothquant=False, smooth_alphas=(), bias_samples=0)
+                                 smoothquant=False, smooth_alphas=(), bias_samples=0, gptq=False)
     many = dataclasses.replace(before, batches=max(1, n_cal // 16), batch_size=16, bias_samples=64)
     fixed = dataclasses.replace(many, smoothquant=True, smooth_alpha=0.5)
     searched = dataclasses.replace(fixed, smooth_alphas=(0.25, 0.5, 0.75, 0.85, 0.95))
     mean = dataclasses.replace(searched, methods=("minmax", "mean_minmax", "mse"))
+    gptq = dataclasses.replace(mean, gptq=True)
     return {"16 samples (compress before)": before, f"{n_cal} samples": many,
             "+ SmoothQuant alpha 0.5": fixed, "+ SmoothQuant alpha per tensor": searched,
-            "+ mean of per-sample min-max among the ranges": mean, "compress preset now": preset}
+            "+ mean of per-sample min-max among the ranges": mean, "+ GPTQ weight rounding": gptq,
+            "compress preset now": preset}
 
 
 def pure_int8(case: dict[str, Any], target: Any, config: Any, path: Path) -> tuple[Path, float, dict[str, Any]]:
