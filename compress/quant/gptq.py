@@ -24,6 +24,7 @@ from deploy.export.qdq.option import QuantOption
 DAMP = 0.01  # of the mean Hessian diagonal, added to it
 BLOCK = 128  # columns per lazy batch update
 MAX_COLUMNS = 4608  # a layer with more input columns (in_channels x kernel area) keeps round-to-nearest
+ROWS_PER_BATCH = 4096  # input rows per calibration batch the Hessian takes (a conv's positions are many)
 
 
 def eligible(layer: nn.Module, option: QuantOption) -> bool:
@@ -37,12 +38,24 @@ def eligible(layer: nn.Module, option: QuantOption) -> bool:
     return isinstance(layer, (nn.Linear, nn.Conv2d)) and layer.weight[0].numel() <= MAX_COLUMNS
 
 
-def _columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows of what one output sees: [samples x positions, in_features (x kernel)]."""
+def _columns(layer: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """At most about `rows` evenly spaced rows of what one output sees: [positions, in_features (x kernel)]. A
+    convolution is unfolded one sample at a time (all of a 224x224 batch's patches at once would take gigabytes)."""
     if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # [N, C*k*k, L]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        return _spaced(x.reshape(-1, x.shape[-1]), rows)
+    per_sample = max(1, rows // x.shape[0])
+    parts = []
+    for sample in x.split(1):
+        cols = F.unfold(sample, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # [1, C*k*k, L]
+        parts.append(_spaced(cols[0].T, per_sample))
+    return torch.cat(parts)
+
+
+def _spaced(cols: torch.Tensor, rows: int) -> torch.Tensor:
+    """`rows` evenly spaced rows of `cols` (the same ones on every run), or all of them."""
+    if cols.shape[0] <= rows:
+        return cols
+    return cols[torch.linspace(0, cols.shape[0] - 1, rows).long()]
 
 
 def input_hessians(folded: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, ...]],
@@ -60,9 +73,7 @@ def input_hessians(folded: nn.Module, names: Sequence[str], batches: Sequence[tu
             x = args[0].detach().float()
             if s is not None:
                 x = x / (s if isinstance(layer, nn.Linear) else s.reshape(1, -1, 1, 1))
-            cols = _columns(layer, x)
-            if cols.shape[0] > ROWS_PER_BATCH:  # evenly spaced rows: the same ones on every run
-                cols = cols[torch.linspace(0, cols.shape[0] - 1, ROWS_PER_BATCH).long()]
+            cols = _columns(layer, x, ROWS_PER_BATCH)
             sums[name] = sums.get(name, 0) + (cols.T @ cols).double()  # float32 products, float64 sums
             counts[name] = counts.get(name, 0) + cols.shape[0]
         return hook
@@ -131,8 +142,6 @@ def rounded_weight(weight: torch.Tensor, smooth: torch.Tensor | None, hessian: t
         return None
     return back
 
-
-ROWS_PER_BATCH = 4096  # input rows per calibration batch the Hessian takes (a conv's positions are many)
 
 
 def rounded_weights(folded: nn.Module, plan: Any, spaces: dict[str, tuple[QuantOption, ...]],
