@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from deploy.compiler.candidates import Candidate, Planner, faithfulness
+from deploy.compiler.candidates import Candidate, Planner
 from deploy.compiler.trial_recovery import Trials, needs_recovery, promise, structure
 from deploy.core.errors import BudgetInfeasibleError
 
@@ -46,8 +46,9 @@ ALTERNATE = 0.8  # the alternation's deeper pruning step: fastest precisions at 
 def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool = True) -> Candidate:
     """The most faithful candidate measured inside [FILL, SAFE] x budget (or the best below it): the precision and
     pruning levels' answer, a depth mix's (blocks dropped, then the same levels), or a low-rank one where the model
-    factorizes well; where pruning is needed the exported models are compared on the validation split. `depth`
-    False: no depth mixes (a re-plan stays with the structure chosen)."""
+    factorizes well; where pruning is needed the exported models are compared on the validation split (after a
+    trial recovery each where the plan will be recovered: `promise`). `depth` False: no depth mixes (a re-plan
+    stays with the structure chosen)."""
     window = (FILL * budget, SAFE * budget)
     if dense.latency_ms <= window[1] and "fp32" in planner.request.precisions:
         return dense
@@ -75,8 +76,8 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
                  best: Candidate | None) -> Candidate | None:
     """Depth mixes where pruning is needed: 1, 2, ... blocks dropped (`Planner.drop_order`), each followed by the
     pruning level at the fastest precisions (the precision fill where no width pruning is needed); the most
-    faithful mix on the validation split then gets the precision fill, and the more faithful of it and `best`
-    is returned. Stops at the first mix that needs no width pruning (dropping more only loses fidelity) and after
+    faithful mix on the validation split (after its trial recovery where the plan will be recovered) then gets
+    the precision fill, and the more faithful of it and `best` is returned. Stops at the first mix that needs no width pruning (dropping more only loses fidelity) and after
     two mixes in a row that were no better. Mixes are compared before the fill: it costs a precision problem of
     its own per pruned model (calibration, sensitivities), the most expensive step on a transformer."""
     worse, mix = 0, None
