@@ -7,7 +7,7 @@ candidate costs one forward pass to evaluate.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -189,19 +189,15 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Calibra
     plan = QuantPlan(target.qdq_policy, layers, target.float_precision, list(notes))
     flags = sim_flags(plan, policy, graph)
     if config.gptq:
-        from dataclasses import replace as _replace
-
         from deploy.compress.quant.gptq import rounded_weights
 
-        plan = _replace(plan, rounded=rounded_weights(folded, plan, spaces, batches))
+        plan = replace(plan, rounded=rounded_weights(folded, plan, spaces, batches))
     qmodel = wrap(folded, plan, flags)
     if plan.rounded:
         from deploy.compress.quant.gptq import install_rounded
 
         install_rounded(qmodel, plan.rounded)
     if config.bias_correction:
-        from dataclasses import replace
-
         from deploy.compress.quant.bias import install_shifts, measure_shifts
 
         shifts = measure_shifts(qmodel, spaces, _first_samples(batches, config.bias_samples))

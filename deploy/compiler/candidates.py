@@ -58,9 +58,13 @@ def faithfulness(candidate: Candidate) -> tuple[float, float]:
     """How the planner ranks candidates: the primary metric at 4 decimals, then the output SQNR. Top-1 agreement
     on a small validation split ties often (38 digits move in steps of 0.026, and before recovery every heavily
     pruned candidate sat at 5 of 38); the SQNR still tells how much of the output each one kept."""
-    sqnr = candidate.sqnr_db  # +inf: the outputs are exact
-    sqnr = -math.inf if sqnr is None or math.isnan(sqnr) else sqnr
-    return round(candidate.fidelity or 0.0, 4), sqnr
+    return ranked(candidate.fidelity, candidate.sqnr_db)
+
+
+def ranked(fidelity: float | None, sqnr_db: float | None) -> tuple[float, float]:
+    """`faithfulness` of a metric and an SQNR (+inf: the outputs are exact; None or NaN ranks last)."""
+    sqnr = -math.inf if sqnr_db is None or math.isnan(sqnr_db) else sqnr_db
+    return round(fidelity or 0.0, 4), sqnr
 
 
 def quant_config(request: Any, setup: Any) -> Any:

@@ -16,7 +16,7 @@ import copy
 import math
 from typing import Any
 
-from deploy.compiler.candidates import Candidate, faithfulness
+from deploy.compiler.candidates import Candidate, faithfulness, ranked
 
 TRIAL_SHARE = 0.15  # of the recovery's minutes (or steps), what each structure's trial gets
 TRIAL_MINUTES = (0.05, 1.0)  # the trial's minutes are clamped to this range
@@ -66,9 +66,7 @@ class Trials:
             return faithfulness(planner.with_fidelity(candidate))
         if candidate.trial is None:
             self._run(planner, candidate)
-        trial = candidate.trial
-        sqnr = trial["sqnr_db"]
-        return round(trial["fidelity"], 4), -math.inf if sqnr is None or math.isnan(sqnr) else sqnr
+        return ranked(candidate.trial["fidelity"], candidate.trial["sqnr_db"])
 
     def _run(self, planner: Any, candidate: Candidate) -> None:
         from deploy.compiler.candidate_files import export_candidate, fidelity_of
