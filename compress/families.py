@@ -19,20 +19,34 @@ Labels = dict[str, str]
 
 
 class PruneFamily:
-    """Models from one pruning problem (the DP over measured, additive distortion curves): `removed(level)` is the
-    plan at a level in [0, 1], `build(removed)` the physically pruned copy."""
+    """Models from one pruning problem: `removed(level)` is the plan at a level in [0, 1] (0 dense, 1 the most the
+    problem allows, the same model for either allocation), `build(removed)` the physically pruned copy.
+    allocation "dp": the DP over measured, additive distortion curves; "uniform": one ratio for every unit
+    (`uniform`), which a short recovery may bring back further where the curves, measured one unit at a time
+    before recovery, stop predicting (heavily pruned CNNs)."""
 
     def __init__(self, module: torch.nn.Module, inputs: Sequence[InputSpec], calibration: CalibrationSet,
                  target: Target, cache_dir: Path | None = None):
         from deploy.compress.prune.api import PruneConfig, build_problem
 
         self.module = module
+        self.allocation = "dp"
         self.problem = build_problem(module, inputs, list(calibration.calibration), target,
                                      PruneConfig(budget_kind="macs", samples=64), cache_dir)
+
+    def uniform(self) -> "PruneFamily":
+        """The same problem with one ratio for every unit (level x the grid's largest ratio)."""
+        view = copy.copy(self)
+        view.allocation = "uniform"
+        return view
 
     def removed(self, level: float) -> dict[str, int]:
         if level <= 0:
             return {}
+        if self.allocation == "uniform":
+            from deploy.compress.prune.baselines import uniform_plan
+
+            return uniform_plan(self.problem, min(level, 1.0) * max(self.problem.config.grid))
         from deploy.compress.prune.api import plan_dp
 
         least = self.problem.cost.of_plan(self.problem.max_plan())

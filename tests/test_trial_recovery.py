@@ -160,3 +160,77 @@ def test_a_trial_recovers_each_structure_once(tmp_path, monkeypatch):
     assert calls == {"distill": 1, "calibrated": 1}
     dense.fidelity = 0.5
     assert trials.promise(planner, dense)[0] == 0.5 and dense.trial is None  # nothing to recover: its own score
+
+
+@pytest.mark.parametrize("uniform_wins", [True, False])
+def test_the_uniform_allocation_is_kept_where_it_recovers_further(monkeypatch, uniform_wins):
+    """The DP's cuts follow each unit's distortion measured alone before recovery; one ratio for every unit is
+    weighed beside it (its own level for the budget, then the precision fill) and kept only where its trial is
+    better."""
+    import deploy.compiler.plan as ps
+
+    class Allocating(MixingPlanner):
+        def __init__(self, allocation="dp", parent=None):
+            super().__init__((), parent)
+            self.allocation = allocation
+
+        def mix(self, blocks, allocation="dp"):
+            assert not blocks
+            return self if allocation == "dp" else Allocating(allocation, self)
+
+        def owner(self, cand):
+            return self.mix(cand.blocks, cand.allocation)
+
+        def evaluate(self, level, labels, origin, fidelity=False):
+            cand = super().evaluate(level, labels, origin)
+            cand.allocation = self.allocation
+            return cand
+
+    class ByAllocation(FakeTrials):
+        def promise(self, planner_, cand):
+            self.asked.append(cand)
+            filled = 0.01 if cand.labels else 0.0  # the fill spends the budget on fidelity
+            return (0.9 if (cand.allocation == "uniform") == uniform_wins else 0.7) + filled, 0.0
+
+    planner = Allocating()
+    planner.quantizes = True
+    planner.trials = ByAllocation({})
+    dp = planner.evaluate(0.6, None, "pruning level")
+    searched: list[str] = []
+
+    def levels(sub, budget, window, dense, refine=True):
+        searched.append(sub.allocation)
+        assert not refine  # the fill follows the comparison
+        return sub.evaluate(0.7, None, "pruning level")
+
+    monkeypatch.setattr(ps, "_levels_for_latency", levels)
+    monkeypatch.setattr(ps, "_precision_at", lambda p, cand, w: p.evaluate(cand.level, {"a": "int8"}, "filled"))
+    chosen = ps._uniform_allocation(planner, 5.0, (FILL * 5.0, SAFE * 5.0), None, dp)
+    assert searched == ["uniform"]
+    assert (chosen.allocation == "uniform") == uniform_wins
+    assert chosen is dp or chosen.origin == "filled"  # the uniform plan kept comes with its precision fill
+
+
+def test_the_uniform_allocation_shares_the_problem_and_the_dense_model(tmp_path):
+    """The uniform family is a view of the DP's problem (one set of units, rankings and curves): each unit is cut
+    at the level's share of the grid's largest ratio, level 1 is the same model for both, and the dense model's
+    calibration is the root planner's."""
+    from deploy.compiler.candidates import Planner
+    from deploy.compiler.job import CompressRequest, _setup
+
+    request = CompressRequest(example=True, target="cpu", recover_steps=40, threads=1, out=str(tmp_path / "out"))
+    setup = _setup(request, tmp_path / "work")
+    planner = Planner(request, setup)
+    uniform = planner.mix((), "uniform")
+    assert uniform is planner.mix((), "uniform") and uniform.mix(()) is planner
+    dp, flat = planner.family(), uniform.family()
+    assert flat.problem is dp.problem and flat.allocation == "uniform" and dp.allocation == "dp"
+    grid_max = max(dp.problem.config.grid)
+    for level in (0.3, 0.6):
+        removed = flat.removed(level)
+        for unit in dp.problem.units:
+            got = removed.get(unit.name, 0)
+            assert got == unit.nearest_option(level * grid_max)  # every unit at the same ratio
+    assert flat.removed(1.0) == dp.removed(1.0) == dp.problem.max_plan()
+    assert flat.removed(0.0) == {} and uniform.module(0.0) is planner.module(0.0)
+    assert uniform.calibrated(0.0) is planner.calibrated(0.0)  # one calibration of the dense model

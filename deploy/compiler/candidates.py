@@ -46,6 +46,7 @@ class Candidate:
     blocks: tuple[str, ...] = ()  # whole blocks dropped (depth pruning) before `removed` applies
     sqnr_db: float | None = None  # output SQNR on the same split as `fidelity` (breaks its ties, `faithfulness`)
     trial: dict[str, Any] | None = None  # validation fidelity after a short recovery (`trial_recovery`)
+    allocation: str = "dp"  # how `removed` was spread over the units: the DP's, or one uniform ratio
 
     def row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
@@ -86,13 +87,15 @@ def quant_config(request: Any, setup: Any) -> Any:
 
 
 class Planner:
-    """Builds, exports and measures candidates; keeps every one for the report. A depth mix (`mix`) is a planner
-    of its own over the model with some blocks dropped, sharing this one's candidates, dense model and timing."""
+    """Builds, exports and measures candidates; keeps every one for the report. A depth mix or the uniform
+    allocation (`mix`) is a planner of its own over the model with some blocks dropped and its own pruning family,
+    sharing this one's candidates, dense model and timing."""
 
-    def __init__(self, request: Any, setup: Any, parent: "Planner | None" = None, blocks: tuple[str, ...] = ()):
+    def __init__(self, request: Any, setup: Any, parent: "Planner | None" = None, blocks: tuple[str, ...] = (),
+                 allocation: str = "dp"):
         self.request, self.setup = request, setup
-        self.parent, self.blocks = parent, blocks
-        self._mixes: dict[tuple[str, ...], Planner] = {}
+        self.parent, self.blocks, self.allocation = parent, blocks, allocation
+        self._mixes: dict[tuple[tuple[str, ...], str], Planner] = {}
         self._drop_order: list[tuple[str, float]] | None = None
         self.candidates: list[Candidate] = parent.candidates if parent else []
         self._family: Any = None
@@ -125,10 +128,19 @@ class Planner:
     # --- the two knobs ----------------------------------------------------------------------------------------
 
     def family(self) -> Any:
-        """The pruning family (built on first use), or None where the model cannot be pruned."""
+        """The pruning family (built on first use), or None where the model cannot be pruned; the uniform
+        allocation's is a view of the same problem as the DP's."""
         if self._family is None:
-            self._family = pruning_family(self.setup, True) or False
+            if self.allocation == "uniform":
+                dp = self._twin().family()
+                self._family = dp.uniform() if dp is not None else False
+            else:
+                self._family = pruning_family(self.setup, True) or False
         return self._family or None
+
+    def _twin(self) -> "Planner | None":
+        """The planner whose model is this one's at level 0 (the DP allocation of the same blocks), if not this."""
+        return self.mix(self.blocks) if self.allocation != "dp" else None
 
     def lowrank_family(self) -> Any:
         """The low-rank family of the dense model (built on first use), or None where nothing may be factorized."""
@@ -160,6 +172,8 @@ class Planner:
         return family.removed(level) if family is not None else {}
 
     def module(self, level: float) -> torch.nn.Module:
+        if level <= 0 and self._twin() is not None:
+            return self._twin().module(0.0)
         if level not in self._modules:
             if len(self._modules) > 3:  # keep memory flat on big models
                 self._modules.pop(next(k for k in self._modules if k != 0.0))
@@ -170,7 +184,7 @@ class Planner:
     def prebuilt(self, decisions: dict[str, Any]) -> dict[str, Any]:
         """What the apply step may reuse: the calibrated precision problem of the chosen level, keyed by the
         weights it was calibrated on (a recovered model has other weights, so it calibrates afresh)."""
-        owner = self.mix(tuple(decisions.get("prune", {}).get("blocks") or ()))
+        owner = self.mix(*structure_of(decisions))
         level = float(decisions.get("level", 0.0))
         built = owner.built_quant(level)
         if built is None:
@@ -195,35 +209,47 @@ class Planner:
                 self._drop_order = drop_order(module, blocks, batches, (len(blocks) + 1) // 2)
         return self._drop_order
 
-    def mix(self, blocks: tuple[str, ...]) -> "Planner":
-        """The planner of the model with `blocks` dropped (this one for none)."""
-        if not blocks:
+    def mix(self, blocks: tuple[str, ...], allocation: str = "dp") -> "Planner":
+        """The planner of the model with `blocks` dropped and pruned by `allocation` (the root for none and the
+        DP's); every planner asks the root, which keeps them."""
+        if self.parent is not None:
+            return self.parent.mix(blocks, allocation)
+        if not blocks and allocation == "dp":
             return self
-        if blocks not in self._mixes:
-            from deploy.compress.prune.depth import dropped
+        key = (tuple(blocks), allocation)
+        if key not in self._mixes:
+            setup = self.setup
+            if blocks:
+                from deploy.compress.prune.depth import dropped
 
-            setup = copy.copy(self.setup)
-            setup.loaded = dataclasses.replace(self.setup.loaded, module=dropped(self.setup.loaded.module, blocks))
-            self._mixes[blocks] = Planner(self.request, setup, self, blocks)
-        return self._mixes[blocks]
+                setup = copy.copy(self.setup)
+                setup.loaded = dataclasses.replace(self.setup.loaded,
+                                                   module=dropped(self.setup.loaded.module, blocks))
+            self._mixes[key] = Planner(self.request, setup, self, tuple(blocks), allocation)
+        return self._mixes[key]
 
     def owner(self, candidate: Candidate) -> "Planner":
-        return self.mix(candidate.blocks)
+        return self.mix(candidate.blocks, candidate.allocation)
 
     def problems(self) -> dict[str, Any]:
         """Every precision problem built, by level (a depth mix's with its blocks dropped: "N blocks, level")."""
         out = {str(level): problem_summary(p) for level, p in self._quant.items()}
-        for blocks, sub in self._mixes.items():
-            out.update({f"{depth_label(blocks)}, {level}": problem_summary(p) for level, p in sub._quant.items()})
+        for (blocks, allocation), sub in self._mixes.items():
+            label = structure_label(blocks, allocation)
+            out.update({f"{label}, {level}": problem_summary(p) for level, p in sub._quant.items()})
         return out
 
     def built_quant(self, level: float) -> Any | None:
         """The precision problem already built for `level`, if any."""
+        if level <= 0 and self._twin() is not None:
+            return self._twin().built_quant(0.0)
         return self._quant.get(level)
 
     def calibrated(self, level: float) -> Any:
         """The calibration of the model at `level` (its SmoothQuant factors fit its pruned layers), built alone
         where its precision problem is not (a size budget may export a level the search never priced)."""
+        if level <= 0 and self._twin() is not None:
+            return self._twin().calibrated(0.0)
         if level not in self._quant and level not in self._preps:
             from deploy.compress.families import calibrated
             self._preps[level] = calibrated(self.module(level), self.setup.loaded.inputs, self.setup.calibration,
@@ -232,6 +258,8 @@ class Planner:
 
     def quant(self, level: float) -> Any:
         """The precision problem (calibration, sensitivities, prices) of the model at `level`."""
+        if level <= 0 and self._twin() is not None:
+            return self._twin().quant(0.0)
         if level not in self._quant:
             from deploy.compress.families import precision_problem
 
@@ -264,6 +292,8 @@ class Planner:
 
     def fastest_measured(self, level: float = 0.0) -> list[Candidate]:
         """The distinct picks for the fastest plan (`fastest_plans`), each measured once, fastest first."""
+        if level <= 0 and self._twin() is not None:
+            return self._twin().fastest_measured(0.0)
         if level not in self._fastest:
             self._fastest[level] = sorted((self.evaluate(level, labels, origin)
                                            for origin, labels in self.fastest_plans(level)),
@@ -319,12 +349,13 @@ class Planner:
         if not outputs_finite(self.setup, path):  # rejected: it can never be chosen, whatever the budget
             candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level), math.inf,
                                   0.0, math.inf, labels, None, f"{origin} (rejected: NaN or infinite outputs)",
-                                  blocks=self.blocks)
+                                  blocks=self.blocks, allocation=self.allocation)
             return self._keep(candidate)
         timing = latency(self.setup, path, self.request.measure_seconds, module, plan, self._baseline)
         candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level),
                               self._planned(timing), None, path.stat().st_size / 1e6, labels,
-                              timing.get("band_ms"), origin, predicted_ms=point_ms(timing), blocks=self.blocks)
+                              timing.get("band_ms"), origin, predicted_ms=point_ms(timing), blocks=self.blocks,
+                              allocation=self.allocation)
         candidate = self._keep(candidate)
         return self.with_fidelity(candidate) if fidelity else candidate
 
@@ -339,8 +370,9 @@ class Planner:
     def _keep(self, candidate: Candidate) -> Candidate:
         if self.parent is not None:
             return self.parent._keep(candidate)
-        if candidate.blocks:
-            candidate.origin = f"{depth_label(candidate.blocks)}, {candidate.origin}"
+        label = structure_label(candidate.blocks, candidate.allocation)
+        if label:
+            candidate.origin = f"{label}, {candidate.origin}"
         self.candidates.append(candidate)
         done = len(self.candidates)
         self.expected = max(self.expected, done + 1)
@@ -385,6 +417,18 @@ def _precision_name(labels: dict[str, str] | None, prep: Any) -> str:
 
 def depth_label(blocks: tuple[str, ...]) -> str:
     return f"{len(blocks)} block{'s' if len(blocks) > 1 else ''} dropped"
+
+
+def structure_label(blocks: tuple[str, ...], allocation: str) -> str:
+    """'2 blocks dropped', 'uniform allocation', or both: how a sub-planner's candidates are named."""
+    parts = ([depth_label(blocks)] if blocks else []) + (["uniform allocation"] if allocation == "uniform" else [])
+    return ", ".join(parts)
+
+
+def structure_of(decisions: dict[str, Any]) -> tuple[tuple[str, ...], str]:
+    """The blocks dropped and the allocation of a plan's decisions (what `Planner.mix` takes)."""
+    prune = decisions.get("prune", {})
+    return tuple(prune.get("blocks") or ()), str(prune.get("allocation") or "dp")
 
 
 def problem_summary(problem: Any) -> dict[str, Any]:

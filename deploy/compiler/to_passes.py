@@ -27,8 +27,10 @@ def plan_passes(decisions: dict[str, Any], request: Any, setup: Any) -> list[Any
     ranks = {k: int(v) for k, v in decisions.get("lowrank", {}).get("ranks", {}).items()}
     blocks = tuple(decisions.get("prune", {}).get("blocks") or ())
     labels = dict(decisions.get("quantize", {}).get("labels") or {})
-    if removed or blocks:
-        passes.append(make_pass("prune", PruneConfig(budget_kind="macs", removed=removed, blocks=blocks)))
+    if removed or blocks:  # the method records how `removed` was allocated (a replay applies it as it is)
+        method = decisions.get("prune", {}).get("allocation") or "dp"
+        passes.append(make_pass("prune", PruneConfig(budget_kind="macs", removed=removed, blocks=blocks,
+                                                     method=method)))
     if ranks:
         passes.append(make_pass("lowrank", LowRankConfig(cost="macs", ranks=ranks)))  # as the family priced it
     recover = decisions.get("recover", {})
@@ -66,13 +68,14 @@ def replayable(passes: list[Any], state: Any) -> list[Any]:
 
 def summary_of(passes: list[Any]) -> dict[str, Any]:
     """What a list of passes amounts to: units removed, ranks, each layer's precision, recovery settings."""
-    summary: dict[str, Any] = {"prune": {"removed": {}, "blocks": []}, "lowrank": {"ranks": {}}, "quantize": {},
+    summary: dict[str, Any] = {"prune": {"removed": {}, "blocks": [], "allocation": "dp"}, "lowrank": {"ranks": {}}, "quantize": {},
                                "recover": {}, "passes": [p.name for p in passes]}
     for pass_ in passes:
         config = pass_.config
         if pass_.name == "prune":
             summary["prune"]["removed"] = dict(getattr(config, "removed", {}) or {})
             summary["prune"]["blocks"] = list(getattr(config, "blocks", ()) or ())
+            summary["prune"]["allocation"] = getattr(config, "method", "dp")
         elif pass_.name == "lowrank":
             summary["lowrank"]["ranks"] = dict(getattr(config, "ranks", {}) or {})
         elif pass_.name == "recover":

@@ -24,8 +24,9 @@ KEEP_STUDENTS = 4  # recovered models kept in memory (candidates of one structur
 
 
 def structure(candidate: Candidate) -> tuple[Any, ...]:
-    """What recovery acts on: blocks dropped, pruning level, ranks (precision is applied after it)."""
-    return candidate.blocks, candidate.level, tuple(sorted(candidate.ranks.items()))
+    """What recovery acts on: blocks dropped, the pruning allocation and level, ranks (precision is applied after
+    it)."""
+    return candidate.blocks, candidate.allocation, candidate.level, tuple(sorted(candidate.ranks.items()))
 
 
 def needs_recovery(candidate: Candidate) -> bool:
@@ -98,13 +99,10 @@ class Trials:
         if key not in self._students:
             from deploy.compress.families import recover
 
-            root = planner
-            while root.parent is not None:
-                root = root.parent
             if candidate.ranks:
-                student = root.lowrank_family().build(candidate.ranks)
+                student = planner.mix(()).lowrank_family().build(candidate.ranks)
             else:
-                student = copy.deepcopy(root.owner(candidate).module(candidate.level))
+                student = copy.deepcopy(planner.owner(candidate).module(candidate.level))
             planner.note("trial recovery of each structure", 0.6, len(self._students) + 1, None,
                          candidate.origin)
             recovery = recover(student, self.setup.loaded.module, self.setup.calibration, self.config())
