@@ -213,8 +213,8 @@ def test_the_uniform_allocation_is_kept_where_it_recovers_further(monkeypatch, u
 
 def test_the_uniform_allocation_shares_the_problem_and_the_dense_model(tmp_path):
     """The uniform family is a view of the DP's problem (one set of units, rankings and curves): each unit is cut
-    at the level's share of the grid's largest ratio, level 1 is the same model for both, and the dense model's
-    calibration is the root planner's."""
+    at the level's share of the grid's largest ratio, level 1 is the same model for both (built once), and the
+    dense model's calibration is the root planner's."""
     from deploy.compiler.candidates import Planner
     from deploy.compiler.job import CompressRequest, _setup
 
@@ -232,5 +232,6 @@ def test_the_uniform_allocation_shares_the_problem_and_the_dense_model(tmp_path)
             got = removed.get(unit.name, 0)
             assert got == unit.nearest_option(level * grid_max)  # every unit at the same ratio
     assert flat.removed(1.0) == dp.removed(1.0) == dp.problem.max_plan()
+    assert uniform.module(1.0) is planner.module(1.0)  # the same model: built once
     assert flat.removed(0.0) == {} and uniform.module(0.0) is planner.module(0.0)
     assert uniform.calibrated(0.0) is planner.calibrated(0.0)  # one calibration of the dense model

@@ -101,6 +101,7 @@ class Planner:
         self._family: Any = None
         self._lowrank: Any = None
         self._modules: dict[float, torch.nn.Module] = {}
+        self._removed: dict[float, dict[str, int]] = {}
         self._quant: dict[float, Any] = {}
         self._preps: dict[float, Any] = {}  # calibrations of levels whose precision problem is not built
         self._fastest: dict[float, list[Candidate]] = {}
@@ -139,8 +140,15 @@ class Planner:
         return self._family or None
 
     def _twin(self) -> "Planner | None":
-        """The planner whose model is this one's at level 0 (the DP allocation of the same blocks), if not this."""
+        """The DP allocation's planner of the same blocks, if this is another allocation's."""
         return self.mix(self.blocks) if self.allocation != "dp" else None
+
+    def _shares(self, level: float) -> bool:
+        """Whether this planner's model at `level` is its twin's (dense; the most pruning where both allocations
+        remove the same), so that its module and calibration are built once."""
+        if self._twin() is None or 0 < level < 1:
+            return False
+        return level <= 0 or self.removed(level) == self._twin().removed(level)
 
     def lowrank_family(self) -> Any:
         """The low-rank family of the dense model (built on first use), or None where nothing may be factorized."""
@@ -168,12 +176,15 @@ class Planner:
         return self.with_fidelity(candidate) if fidelity else candidate
 
     def removed(self, level: float) -> dict[str, int]:
-        family = self.family() if level > 0 else None
-        return family.removed(level) if family is not None else {}
+        """The units removed at `level` (the family's plan, solved once per level)."""
+        if level not in self._removed:
+            family = self.family() if level > 0 else None
+            self._removed[level] = family.removed(level) if family is not None else {}
+        return dict(self._removed[level])
 
     def module(self, level: float) -> torch.nn.Module:
-        if level <= 0 and self._twin() is not None:
-            return self._twin().module(0.0)
+        if self._shares(level):
+            return self._twin().module(level)
         if level not in self._modules:
             if len(self._modules) > 3:  # keep memory flat on big models
                 self._modules.pop(next(k for k in self._modules if k != 0.0))
@@ -241,15 +252,15 @@ class Planner:
 
     def built_quant(self, level: float) -> Any | None:
         """The precision problem already built for `level`, if any."""
-        if level <= 0 and self._twin() is not None:
-            return self._twin().built_quant(0.0)
+        if self._shares(level):
+            return self._twin().built_quant(level)
         return self._quant.get(level)
 
     def calibrated(self, level: float) -> Any:
         """The calibration of the model at `level` (its SmoothQuant factors fit its pruned layers), built alone
         where its precision problem is not (a size budget may export a level the search never priced)."""
-        if level <= 0 and self._twin() is not None:
-            return self._twin().calibrated(0.0)
+        if self._shares(level):
+            return self._twin().calibrated(level)
         if level not in self._quant and level not in self._preps:
             from deploy.compress.families import calibrated
             self._preps[level] = calibrated(self.module(level), self.setup.loaded.inputs, self.setup.calibration,
@@ -258,8 +269,8 @@ class Planner:
 
     def quant(self, level: float) -> Any:
         """The precision problem (calibration, sensitivities, prices) of the model at `level`."""
-        if level <= 0 and self._twin() is not None:
-            return self._twin().quant(0.0)
+        if self._shares(level):
+            return self._twin().quant(level)
         if level not in self._quant:
             from deploy.compress.families import precision_problem
 
@@ -293,7 +304,7 @@ class Planner:
     def fastest_measured(self, level: float = 0.0) -> list[Candidate]:
         """The distinct picks for the fastest plan (`fastest_plans`), each measured once, fastest first."""
         if level <= 0 and self._twin() is not None:
-            return self._twin().fastest_measured(0.0)
+            return self._twin().fastest_measured(level)
         if level not in self._fastest:
             self._fastest[level] = sorted((self.evaluate(level, labels, origin)
                                            for origin, labels in self.fastest_plans(level)),
