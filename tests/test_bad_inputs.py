@@ -500,3 +500,15 @@ def test_search_input_error_leaves_no_output_folder(cli):
     out = cli.work / "s"
     refused(cli("search", "--example", "--calib", "missing.npz", "-o", out), 2, "does not exist")
     left_nothing(cli, before, out)
+
+
+def test_held_out_data_that_does_not_fit_leaves_no_output_folder(cli):
+    """--held-out is read like --calib: a wrong shape is one line naming the held-out file, exit 2, nothing left."""
+    import numpy as np
+
+    np.savez(cli.work / "held.npz", image=np.zeros((8, 3, 32, 32), np.float32))  # the example CNN takes 1 channel
+    before = cli.snapshot()
+    out = cli.work / "h"
+    refused(cli("compress", "--example", "--held-out", "held.npz", "-o", out, *QUICK), 2, "held-out data held.npz",
+            "shape")
+    left_nothing(cli, before, out)

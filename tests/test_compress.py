@@ -46,6 +46,8 @@ def test_example_writes_every_output(example_run):
     assert len(report["latency"]["result"]["samples_ms"]) >= 64  # raw samples are kept
     assert report["latency"]["comparison"]["ratio"] > 0
     assert report["candidates"] and any(c["chosen"] for c in report["candidates"])
+    data = report["data"]  # a quarter of the example's 256 digits held out, a fifth of the rest validates
+    assert (data["held_out"], data["validation"], data["calibration"]) == (64, 38, 154)
     assert report["layers"] and "environment" in report
     assert "<h2>Candidates</h2>" in (out / "report.html").read_text()
 
@@ -221,3 +223,14 @@ def test_batch_needs_a_dynamic_batch_axis(tmp_path, model_files, env):
                      *FAST, env=env)
     assert result.returncode == 2 and "dynamic batch axis" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_held_out_data_of_its_own_leaves_every_calibration_sample_to_the_run(tmp_path):
+    """--held-out: the report is scored on that data, and all of --calib calibrates, validates and recovers."""
+    from deploy.compiler.job import CompressRequest, _setup
+
+    held = tmp_path / "held.npz"
+    np.savez(held, image=np.random.default_rng(0).normal(size=(40, 1, 32, 32)).astype(np.float32))
+    request = CompressRequest(example=True, target="cpu", held_out=str(held), out=str(tmp_path / "out"))
+    calibration = _setup(request, tmp_path / "work").calibration
+    assert len(calibration.held_out) == 40 and len(calibration.calibration) + len(calibration.validation) == 256

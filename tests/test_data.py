@@ -141,3 +141,29 @@ def test_torch_passes_batch_freely_only_where_the_module_runs_any_batch():
     assert [b[0].shape[0] for b in got] == [16, 16]
     assert [float(v) for v in torch.cat([b[0][:, 0] for b in got])] == [float(i) for i in range(32)]
     assert all(b[0].shape[0] == 1 for b in data.batches("held_out", 16))  # what the runtime sees stays fixed
+
+
+def test_held_out_data_of_its_own_leaves_all_of_the_calibration_data_to_calibrate(tmp_path):
+    """With --held-out the report is scored on that data; every --calib sample calibrates or validates."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", image=rng.normal(size=(40, 1, 32, 32)).astype(np.float32))
+    held_x = rng.normal(size=(12, 1, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "held.npz", image=held_x, labels=np.arange(12) % 10)
+    alone = load_calibration(tmp_path / "calib.npz", IMAGE)
+    data = load_calibration(tmp_path / "calib.npz", IMAGE, held_out=tmp_path / "held.npz")
+    assert len(data.calibration) == 32 and len(data.validation) == 8  # 20% of all 40 validate, none held out
+    assert len(data.held_out) == 12 and torch.equal(data.held_out_labels, torch.arange(12) % 10)
+    assert all(torch.equal(s[0], torch.from_numpy(held_x[i:i + 1])) for i, s in enumerate(data.held_out))
+    assert len(alone.held_out) == 10 and alone.data_hash != data.data_hash  # caches keyed by the data see both
+    assert "held.npz" in data.source
+
+
+def test_held_out_data_is_checked_like_calibration_data(tmp_path):
+    np.savez(tmp_path / "calib.npz", image=np.zeros((8, 1, 32, 32), np.float32))
+    np.savez(tmp_path / "wrong.npz", image=np.zeros((8, 3, 32, 32), np.float32))
+    with pytest.raises(DataError, match="held-out data .*wrong.npz.*shape"):
+        load_calibration(tmp_path / "calib.npz", IMAGE, held_out=tmp_path / "wrong.npz")
+    with pytest.raises(DataError, match="held-out data .*missing.npz does not exist"):
+        load_calibration(tmp_path / "calib.npz", IMAGE, held_out=tmp_path / "missing.npz")
+    with pytest.raises(DataError, match="cannot be random"):
+        load_calibration(tmp_path / "calib.npz", IMAGE, held_out="random")

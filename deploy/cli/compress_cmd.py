@@ -18,6 +18,8 @@ LOWRANK_HELP = ("Also try low-rank factorization where pruning is needed; kept w
 DEPTH_HELP = ("Where pruning is needed, also try dropping whole blocks (transformer layers, identity residual blocks), "
               "up to half of them, each mix then width-pruned to the budget; the most faithful wins.")
 CALIB_HELP = "Calibration data: image folder, .npy/.npz, .txt (+ --tokenizer), module:function, or 'random'."
+HELD_OUT_HELP = ("Held-out data the report is scored on (the kinds --calib takes, not 'random'); all of --calib then "
+                 "calibrates and recovers (default: a quarter of --calib is held out).")
 
 
 @app.command("compress")
@@ -30,6 +32,7 @@ def compress_cmd(
     target: str = typer.Option("cpu", "--target", "-t", help="Device profile or alias (cpu, jetson, ...)."),
     profile: Optional[Path] = typer.Option(None, "--profile", help="A profile TOML of your own instead of --target."),
     calib: Optional[str] = typer.Option(None, "--calib", help=CALIB_HELP),
+    held_out: Optional[str] = typer.Option(None, "--held-out", help=HELD_OUT_HELP),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A saved Hugging Face tokenizer folder, for .txt data."),
     budget_ms: Optional[float] = typer.Option(None, "--budget-ms", callback=positive, help="Latency budget: p50 in milliseconds on the target."),
     speedup: Optional[float] = typer.Option(None, "--speedup", callback=positive, help="Latency budget as a speed-up over the dense fp32 model."),
@@ -60,7 +63,7 @@ def compress_cmd(
     request = CompressRequest(
         model=str(model) if model else None, example=example, arch=arch, trust_pickle=trust_pickle,
         input_shapes=tuple(input_shape), target=target, profile_path=str(profile) if profile else None,
-        calib=calib, tokenizer=str(tokenizer) if tokenizer else None,
+        calib=calib, held_out=held_out, tokenizer=str(tokenizer) if tokenizer else None,
         budget=from_flags(budget_ms, speedup, size_mb, max_drop), out=str(output), force=force,
         plan=str(plan) if plan else None, precisions=tuple(precision) or DEFAULT_PRECISIONS, prune=not no_prune,
         lowrank=lowrank, depth=depth, recover_steps=recover_steps, recover_minutes=recover_minutes, eval_hook=eval_hook, threads=threads,
@@ -121,6 +124,7 @@ def search_cmd(
     target: str = typer.Option("cpu", "--target", "-t", help="Device profile or alias."),
     profile: Optional[Path] = typer.Option(None, "--profile", help="A profile TOML of your own."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data (as for compress)."),
+    held_out: Optional[str] = typer.Option(None, "--held-out", help="Held-out data the trials are scored on (as for compress)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder for .txt data."),
     output: Path = typer.Option(Path("search-out"), "--output", "-o", help="Folder for the study, trials and the front (resumable)."),
     trials: int = typer.Option(20, "--trials", min=1, help="Completed trials to reach (a resumed study counts earlier ones)."),
@@ -145,7 +149,7 @@ def search_cmd(
     request = CompressRequest(
         model=str(model) if model else None, example=example, arch=arch, trust_pickle=trust_pickle,
         input_shapes=tuple(input_shape), target=target, profile_path=str(profile) if profile else None,
-        calib=calib, tokenizer=str(tokenizer) if tokenizer else None, out=str(output), force=True,
+        calib=calib, held_out=held_out, tokenizer=str(tokenizer) if tokenizer else None, out=str(output), force=True,
         precisions=tuple(precision) or DEFAULT_PRECISIONS, prune=not no_prune, lowrank=lowrank,
         recover_steps=0, threads=threads,
         measure_seconds=measure_seconds, seed=seed, batch=batch)

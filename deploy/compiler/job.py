@@ -43,6 +43,7 @@ class CompressRequest:
     target: str | None = "cpu"
     profile_path: str | None = None
     calib: str | None = None
+    held_out: str | None = None  # data the report is scored on; None: a share of `calib` is held out
     tokenizer: str | None = None
     budget: Budget = Budget()
     out: str = "out"
@@ -164,7 +165,8 @@ def _setup(request: CompressRequest, workdir: Path) -> Setup:
         if not request.example:
             raise UserInputError("deploy compress needs calibration data", "pass --calib DATA (or --calib random)")
         calib = str(_example_calibration(workdir))
-    calibration = load_calibration(calib, loaded.inputs, DataConfig(seed=request.seed), request.tokenizer)
+    calibration = load_calibration(calib, loaded.inputs, DataConfig(seed=request.seed), request.tokenizer,
+                                   request.held_out)
     calibration.torch_any_batch = torch_takes_any_batch(loaded.module, calibration)
     workdir.mkdir(parents=True, exist_ok=True)
     setup = Setup(loaded, calibration, target, workdir, _measure_specs(loaded.inputs, request.batch),

@@ -118,6 +118,7 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
         "target": {"name": setup.target.profile.name, "asked": setup.target.asked, "note": setup.target.note,
                    "runtime": setup.target.runtime, "threads": setup.target.threads},
         "latency_source": timing["source"],
+        "data": _data(setup.calibration),
         "budget": budget,
         "fidelity_metric": metric,
         "original": {"latency_ms": original_ms, "size_mb": result["dense_size_mb"], "fidelity": 1.0},
@@ -158,3 +159,9 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
     header = header_for(setup.loaded.sha256, layer_digest(setup.loaded.module), setup.target.profile.name, budget)
     atomic_write_text(out_dir / "deploy.toml", dumps_plan(header, replayable(passes, state)))
     return report
+
+
+def _data(calibration: Any) -> dict[str, Any]:
+    """Where the samples came from and how they were split (the held-out part is what the fidelity is on)."""
+    return {"source": calibration.source, "calibration": len(calibration.calibration),
+            "validation": len(calibration.validation), "held_out": len(calibration.held_out)}

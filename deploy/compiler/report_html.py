@@ -27,12 +27,17 @@ def _headline(report: dict[str, Any]) -> list[str]:
                      f"</span> {esc(metric)} at least {num(minimum)}; exit code {num(report.get('exit_code', 0))}</p>")
     key = [f"<div>speed-up<b>{_speedup(result)}</b>{_speedup_ci(result)}</div>",
            f"<div>{esc(report.get('fidelity_metric', 'fidelity'))} (held-out)<b class='{_fidelity_class(report)}'>"
-           f"{num(result.get('fidelity'))}</b>floor {num(_floor_value(report))}</div>",
+           f"{num(result.get('fidelity'))}</b>floor {num(_floor_value(report))}{_held_out_note(report)}</div>",
            f"<div>latency p50<b>{num(result.get('latency_ms'), ' ms')}</b>{_latency_note(report)}</div>",
            f"<div>size<b>{num(result.get('size_mb'), ' MB')}</b>from {num(report.get('original', {}).get('size_mb'), ' MB')}"
            "</div>"]
     parts.append("<div class='key'>" + "".join(key) + "</div>")
     return parts
+
+
+def _held_out_note(report: dict[str, Any]) -> str:
+    data = report.get("data")
+    return f", on {num(data['held_out'])} held-out samples" if data else ""
 
 
 def _speedup(result: dict[str, Any]) -> str:

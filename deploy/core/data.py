@@ -92,9 +92,30 @@ class CalibrationSet:
 
 
 def load_calibration(source: str | Path, inputs: Sequence[InputSpec], config: DataConfig = DataConfig(),
-                     tokenizer: str | Path | None = None) -> CalibrationSet:
-    """Read `source` into samples that fit `inputs`; a mismatch is one line naming the input and shapes."""
-    text = str(source)
+                     tokenizer: str | Path | None = None, held_out: str | Path | None = None) -> CalibrationSet:
+    """Read `source` into samples that fit `inputs`; a mismatch is one line naming the input and shapes. With
+    `held_out` (data of the same kinds, not 'random'), the report is scored on it and all of `source` goes to
+    calibration and validation; else a share of `source` is held out."""
+    samples, labels, warnings = _read(str(source), inputs, config, tokenizer, "calibration")
+    held = None
+    if held_out is not None:
+        if str(held_out) == "random":
+            raise DataError("held-out data cannot be random: the report's fidelity would mean nothing",
+                            "give held-out data of your own, or leave --held-out out (a share of --calib is kept)")
+        try:
+            held_samples, held_labels, held_warnings = _read(str(held_out), inputs, config, tokenizer, "held-out")
+        except DataError as error:  # say which of the two sources it was
+            if "held-out" in error.message:
+                raise
+            raise DataError(f"held-out data {held_out}: {error.message}", error.hint) from None
+        held, warnings = (held_samples, held_labels, str(held_out)), warnings + held_warnings
+    split = _split(samples, labels, str(source), config, warnings, str(source) == "random", held)
+    return with_fixed_batch(split, fixed_batch(inputs))
+
+
+def _read(text: str, inputs: Sequence[InputSpec], config: DataConfig, tokenizer: str | Path | None, role: str
+          ) -> tuple[list[tuple[torch.Tensor, ...]], np.ndarray | None, list[str]]:
+    """The samples (at most config.max_samples where unlabelled), labels and warnings of one data source."""
     labels: np.ndarray | None = None
     warnings: list[str] = []
     if text == "random":
@@ -105,7 +126,7 @@ def load_calibration(source: str | Path, inputs: Sequence[InputSpec], config: Da
     else:
         path = Path(text)
         if not path.exists():
-            raise DataError(f"calibration data {path} does not exist",
+            raise DataError(f"{role} data {path} does not exist",
                             "give a folder of images, .npy/.npz, a .txt with --tokenizer, module:function, or 'random'")
         if path.is_dir():
             samples, labels = _image_samples(path, inputs, config)
@@ -119,13 +140,11 @@ def load_calibration(source: str | Path, inputs: Sequence[InputSpec], config: Da
         elif path.suffix == ".txt":
             samples = _text_samples(path, inputs, tokenizer, config)
         else:
-            raise DataError(f"cannot read calibration data '{path.name}'",
+            raise DataError(f"cannot read {role} data '{path.name}'",
                             "give a folder of images, .npy, .npz, a .txt with --tokenizer, or module:function")
     if len(samples) < 2:
-        raise DataError(f"calibration data {text} has {len(samples)} sample(s)", "give at least 2 (more is better)")
-    samples = samples[: config.max_samples] if labels is None else samples
-    split = _split(samples, labels, text, config, warnings, is_random=text == "random")
-    return with_fixed_batch(split, fixed_batch(inputs))
+        raise DataError(f"{role} data {text} has {len(samples)} sample(s)", "give at least 2 (more is better)")
+    return (samples[: config.max_samples] if labels is None else samples), labels, warnings
 
 
 def fixed_batch(inputs: Sequence[InputSpec]) -> int | None:
@@ -176,10 +195,13 @@ def with_fixed_batch(split: CalibrationSet, batch: int | None) -> CalibrationSet
 
 
 def _split(samples: list[tuple[torch.Tensor, ...]], labels: np.ndarray | None, source: str, config: DataConfig,
-           warnings: list[str], is_random: bool) -> CalibrationSet:
+           warnings: list[str], is_random: bool, held: tuple[list, np.ndarray | None, str] | None = None
+           ) -> CalibrationSet:
+    """Held-out (a share of `samples`, or `held`: samples, labels, source of their own), validation (a share of
+    the rest) and calibration, in a seeded order."""
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed)).tolist()
     order = order[: config.max_samples]
-    n_held = max(1, int(round(len(order) * config.held_out_fraction)))
+    n_held = 0 if held is not None else max(1, int(round(len(order) * config.held_out_fraction)))
     held_idx, rest = order[:n_held], order[n_held:]
     n_val = int(round(len(rest) * config.validation_fraction)) if len(rest) >= 5 else 0
     val_idx, calib_idx = rest[:n_val], rest[n_val:]
@@ -188,11 +210,18 @@ def _split(samples: list[tuple[torch.Tensor, ...]], labels: np.ndarray | None, s
         if len(labels) != len(samples):
             raise DataError(f"{source}: {len(labels)} labels for {len(samples)} samples", "give one label per sample")
         held_labels = torch.as_tensor(np.asarray(labels)[held_idx]).long()
+    held_samples = [samples[i] for i in held_idx]
+    if held is not None:
+        held_samples, given, source = held[0], held[1], f"{source} (held out: {held[2]})"
+        if given is not None and len(given) != len(held_samples):
+            raise DataError(f"{held[2]}: {len(given)} labels for {len(held_samples)} samples",
+                            "give one label per sample")
+        held_labels = None if given is None else torch.as_tensor(np.asarray(given)).long()
     digest = hashlib.sha256()
-    for sample in samples:
+    for sample in samples + (held_samples if held is not None else []):
         for tensor in sample:
             digest.update(tensor.contiguous().numpy().tobytes())
-    return CalibrationSet([samples[i] for i in calib_idx], [samples[i] for i in held_idx], held_labels, source,
+    return CalibrationSet([samples[i] for i in calib_idx], held_samples, held_labels, source,
                           digest.hexdigest()[:16], is_random, warnings, validation=[samples[i] for i in val_idx])
 
 
