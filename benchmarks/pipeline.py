@@ -42,7 +42,7 @@ def _minilm_inputs(folder: Path, quick: bool) -> dict[str, Any]:
     from peer_deploy import write_inputs
 
     case = build_case("minilm", QUICK if quick else FULL)
-    model, calib = write_inputs(case, folder / "minilm")
+    model, calib = write_inputs(case, folder / "minilm")  # the same files again for every row
     shapes = tuple(f"{s.name}:{'x'.join(map(str, s.shape))}:{s.dtype}" for s in case.inputs)
     return {"model": str(model), "trust_pickle": True, "calib": str(calib), "input_shapes": shapes}
 
@@ -62,41 +62,56 @@ def _row(report: dict[str, Any], speedup: float, seconds: float) -> dict[str, An
             "seconds": round(seconds, 1)}
 
 
-def run(quick: bool) -> dict[str, Any]:
-    import torch
+ROWS = [(case, target, speedup) for case, target, speedups in PLAN for speedup in speedups]
 
-    from deploy.compiler.budget import Budget
-    from deploy.core.errors import DeployError
-    from deploy.compiler.job import CompressRequest, compress
+
+def run(quick: bool) -> dict[str, Any]:
+    """Every row in a process of its own (a runtime that crashes the process loses that row only: OpenVINO's CPU
+    plugin once faulted in the 7th compress of one long process, and the same row alone ran through)."""
     from deploy.targets.measure.fingerprint import fingerprint
 
-    torch.set_num_threads(THREADS)
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     data: dict[str, Any] = {"created": started.isoformat(timespec="seconds"), "quick": quick, "threads": THREADS,
                             "fingerprint": fingerprint(threads=THREADS), "load_average_start": list(os.getloadavg()),
                             "rows": []}
     with tempfile.TemporaryDirectory(prefix="deploy-pipeline-") as tmp:
-        os.environ.setdefault("DEPLOY_CACHE_DIR", str(Path(tmp) / "cache"))
-        minilm = None
-        for case, target, speedups in PLAN:
-            if case == "minilm" and minilm is None:
-                minilm = _minilm_inputs(Path(tmp), quick)
-            source = {"example": True} if case == "digits" else minilm
-            for speedup in speedups:
-                request = CompressRequest(**source, target=target, budget=Budget("speedup", speedup),
-                                          out=str(Path(tmp) / f"{case}-{target}-{speedup}"), threads=THREADS,
-                                          recover_minutes=0.5 if quick else 1.0)
-                begin = time.perf_counter()
-                entry = {"case": case, "target": target, "speedup": speedup}
-                try:
-                    entry.update(_row(compress(request), speedup, time.perf_counter() - begin))
-                except DeployError as exc:
-                    entry.update(error=" ".join(str(exc).split()), seconds=round(time.perf_counter() - begin, 1))
-                data["rows"].append(entry)
-                print(json.dumps(entry)[:300], file=sys.stderr, flush=True)
+        env = {**os.environ, "DEPLOY_CACHE_DIR": os.environ.get("DEPLOY_CACHE_DIR", str(Path(tmp) / "cache"))}
+        for index, (case, target, speedup) in enumerate(ROWS):
+            begin = time.perf_counter()
+            done = subprocess.run([sys.executable, __file__, "--row", str(index), "--folder", tmp]
+                                  + (["--quick"] if quick else []), env=env, stdout=subprocess.PIPE, text=True)
+            entry = {"case": case, "target": target, "speedup": speedup}
+            if done.returncode == 0:
+                entry.update(json.loads(done.stdout.strip().splitlines()[-1]))
+            else:
+                entry.update(error=f"the process ended with {done.returncode} (a crash; see its stderr)",
+                             seconds=round(time.perf_counter() - begin, 1))
+            data["rows"].append(entry)
+            print(json.dumps(entry)[:300], file=sys.stderr, flush=True)
     data["elapsed_s"] = round(time.perf_counter() - t0, 1)
     data["load_average_end"] = list(os.getloadavg())
     return data
+
+
+def one_row(index: int, quick: bool, folder: Path) -> dict[str, Any]:
+    """One row's `deploy compress`, as a user calls it (the MiniLM inputs written once into `folder`)."""
+    import torch
+
+    from deploy.compiler.budget import Budget
+    from deploy.compiler.job import CompressRequest, compress
+    from deploy.core.errors import DeployError
+
+    torch.set_num_threads(THREADS)
+    case, target, speedup = ROWS[index]
+    source = {"example": True} if case == "digits" else _minilm_inputs(folder, quick)
+    request = CompressRequest(**source, target=target, budget=Budget("speedup", speedup),
+                              out=str(folder / f"{case}-{target}-{speedup}"), threads=THREADS,
+                              recover_minutes=0.5 if quick else 1.0)
+    begin = time.perf_counter()
+    try:
+        return _row(compress(request), speedup, time.perf_counter() - begin)
+    except DeployError as exc:
+        return {"error": " ".join(str(exc).split()), "seconds": round(time.perf_counter() - begin, 1)}
 
 
 def _used(r: dict[str, Any]) -> float:
@@ -149,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller MiniLM data sets and shorter recovery")
     parser.add_argument("--render-only", action="store_true", help="rewrite pipeline.md from pipeline.json")
+    parser.add_argument("--row", type=int, help=argparse.SUPPRESS)  # one row, in the process `run` starts
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.row is not None:
+        print(json.dumps(one_row(args.row, args.quick, args.folder)), flush=True)
+        return 0
     if args.render_only:
         data = json.loads(JSON_PATH.read_text())
     else:
