@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.compiler.plan import FILL, SAFE, Candidate, _alternate, _estimate_for, _level_for_latency
+from deploy.compiler.plan import FILL, SAFE, Candidate, _alternate, _level_for_latency
+from deploy.compiler.precision_fill import estimate_for
 
 
 class FakePlanner:
@@ -68,8 +69,8 @@ def test_pruning_level_lands_in_the_budget_window(budget):
 def test_estimate_is_steered_by_measured_points():
     # the estimate says 8 ms where 10 ms was measured, 4 ms where 6 ms was: linear between them
     points = [(8.0, 10.0), (4.0, 6.0)]
-    assert _estimate_for(8.0, points) == pytest.approx(6.0)
-    assert _estimate_for(5.0, [(4.0, 8.0)]) == pytest.approx(2.5)  # one point: proportional
+    assert estimate_for(8.0, points) == pytest.approx(6.0)
+    assert estimate_for(5.0, [(4.0, 8.0)]) == pytest.approx(2.5)  # one point: proportional
 
 
 @pytest.mark.parametrize("prune_cost, int8_cost, deeper_wins", [(0.5, 0.01, False), (0.01, 0.05, True)])
@@ -187,7 +188,7 @@ def test_ties_in_the_metric_go_to_the_higher_output_sqnr():
     candidate sat at 5 of 38: the output SQNR still tells how much of the output each one kept."""
     import math
 
-    from deploy.compiler.candidates import faithfulness
+    from deploy.compiler.candidate import faithfulness
     from deploy.compiler.plan import most_faithful
 
     planner = FakePlanner()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.compiler.candidates import Candidate
+from deploy.compiler.candidate import Candidate
 from deploy.compiler.plan import FILL, SAFE
 from test_plan_search import FakePlanner
 

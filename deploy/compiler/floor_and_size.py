@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from deploy.compiler.candidates import Candidate, Planner, faithfulness
+from deploy.compiler.candidate import Candidate, faithfulness
+from deploy.compiler.candidates import Planner
 from deploy.core.errors import BudgetInfeasibleError
 
 BISECT_STEPS = 6  # bisection steps on the pruning level

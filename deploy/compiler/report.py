@@ -3,7 +3,10 @@ deploy.toml that replays it; the verdict against the budget and the warnings a p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deploy.core.data import CalibrationSet
 
 
 def _p50(entry: dict[str, Any]) -> float:
@@ -161,7 +164,7 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
     return report
 
 
-def _data(calibration: Any) -> dict[str, Any]:
+def _data(calibration: "CalibrationSet") -> dict[str, Any]:
     """Where the samples came from and how they were split (the held-out part is what the fidelity is on)."""
     return {"source": calibration.source, "calibration": len(calibration.calibration),
             "validation": len(calibration.validation), "held_out": len(calibration.held_out)}

@@ -16,7 +16,7 @@ import copy
 import math
 from typing import Any
 
-from deploy.compiler.candidates import Candidate, faithfulness, ranked
+from deploy.compiler.candidate import Candidate, faithfulness, ranked
 
 TRIAL_SHARE = 0.15  # of the recovery's minutes (or steps), what each structure's trial gets
 TRIAL_MINUTES = (0.05, 1.0)  # the trial's minutes are clamped to this range
