@@ -56,7 +56,9 @@ def _row(report: dict[str, Any], speedup: float, seconds: float) -> dict[str, An
             "ratio_ci": [report["latency"]["comparison"]["ci_low"], report["latency"]["comparison"]["ci_high"]],
             "metric": report["fidelity_metric"], "fidelity": result["fidelity"],
             "accuracy": result["fidelity_detail"].get("accuracy"), "precision": result["precision"],
-            "level": decisions.get("level"),
+            "level": decisions.get("level"), "allocation": decisions.get("prune", {}).get("allocation"),
+            "blocks": len(decisions.get("prune", {}).get("blocks") or []),
+            "origin": next((c["origin"] for c in report["candidates"] if c.get("chosen")), None),
             "counts": dict(Counter(decisions.get("quantize", {}).get("labels", {}).values())),
             "retried": decisions.get("retried_after_miss"), "candidates": len(report["candidates"]),
             "seconds": round(seconds, 1)}
