@@ -126,8 +126,9 @@ def _read(text: str, inputs: Sequence[InputSpec], config: DataConfig, tokenizer:
     else:
         path = Path(text)
         if not path.exists():
+            kinds = "a folder of images, .npy/.npz, a .txt with --tokenizer, module:function"
             raise DataError(f"{role} data {path} does not exist",
-                            "give a folder of images, .npy/.npz, a .txt with --tokenizer, module:function, or 'random'")
+                            f"give {kinds}" + (", or 'random'" if role == "calibration" else ""))
         if path.is_dir():
             samples, labels = _image_samples(path, inputs, config)
         elif path.suffix == ".npy":
