@@ -263,7 +263,7 @@ class Planner:
 
     def fastest_measured(self, level: float = 0.0) -> list[Candidate]:
         """The distinct picks for the fastest plan (`fastest_plans`), each measured once, fastest first."""
-        if level <= 0 and self._twin() is not None:
+        if self._shares(level):
             return self._twin().fastest_measured(level)
         if level not in self._fastest:
             self._fastest[level] = sorted((self.evaluate(level, labels, origin)

@@ -110,8 +110,8 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
     """Depth mixes where pruning is needed: 1, 2, ... blocks dropped (`Planner.drop_order`), each followed by the
     pruning level at the fastest precisions (the precision fill where no width pruning is needed); the most
     faithful mix on the validation split (after its trial recovery where the plan will be recovered) then gets
-    the precision fill, and the more faithful of it and `best` is returned. Stops at the first mix that needs no width pruning (dropping more only loses fidelity) and after
-    two mixes in a row that were no better. Mixes are compared before the fill: it costs a precision problem of
+    the precision fill, and the more faithful of it and `best` is returned. Stops at the first mix that needs no
+    width pruning (dropping more only loses fidelity) and after two mixes in a row that were no better. Mixes are compared before the fill: it costs a precision problem of
     its own per pruned model (calibration, sensitivities), the most expensive step on a transformer."""
     worse, mix = 0, None
     order = [name for name, _ in planner.drop_order()]

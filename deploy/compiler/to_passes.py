@@ -17,6 +17,7 @@ def plan_passes(decisions: dict[str, Any], request: Any, setup: Any) -> list[Any
     """The passes for the decisions of `deploy.compiler.plan.search` (dropped blocks and removed units, ranks,
     labels, recovery)."""
     from deploy.compiler.candidates import quant_config
+    from deploy.compiler.candidate import structure_of
     from deploy.compress.distill import DistillConfig
     from deploy.compress.lowrank.api import LowRankConfig
     from deploy.compress.prune.api import PruneConfig
@@ -25,10 +26,9 @@ def plan_passes(decisions: dict[str, Any], request: Any, setup: Any) -> list[Any
     passes = []
     removed = {k: int(v) for k, v in decisions.get("prune", {}).get("removed", {}).items() if int(v) > 0}
     ranks = {k: int(v) for k, v in decisions.get("lowrank", {}).get("ranks", {}).items()}
-    blocks = tuple(decisions.get("prune", {}).get("blocks") or ())
+    blocks, method = structure_of(decisions)  # the method records how `removed` was allocated (replayed as is)
     labels = dict(decisions.get("quantize", {}).get("labels") or {})
-    if removed or blocks:  # the method records how `removed` was allocated (a replay applies it as it is)
-        method = decisions.get("prune", {}).get("allocation") or "dp"
+    if removed or blocks:
         passes.append(make_pass("prune", PruneConfig(budget_kind="macs", removed=removed, blocks=blocks,
                                                      method=method)))
     if ranks:
