@@ -17,9 +17,10 @@ difference to NNCF int8 in the per-sample metric (pooled cosine; top-1 agreement
 interleaved with NNCF int8 in this run (OpenVINO, the target's float precision, 2 threads; the ONNX Runtime row in
 ONNX Runtime), the ratio of medians with its 95% CI. Tool time: the wall time of the call that built the row.
 
-    .venv/bin/python benchmarks/frontier.py [--quick] [--case minilm|cnn]
+    .venv/bin/python benchmarks/frontier.py [--quick] [--case minilm|cnn] [--budget X]
     (--quick: MiniLM unless --case says, the 0.5x budget only, 300 held-out docstrings or 360 digits, 2-minute
-    recovery; the full run: both cases, three budgets, 3-minute recovery)
+    recovery; the full run: both cases, three budgets, 3-minute recovery; --budget: that budget alone, written
+    beside the main results as frontier-<X>x.json, .md and .png)
 Writes results/frontier.json, frontier.md, frontier.png, then BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -268,10 +269,11 @@ def timed_call(rows: dict[str, Any], key: str, build: Callable[[], tuple[Path, d
     return path
 
 
-def run_case(case: dict[str, Any], quick: bool, precision: str, folder: Path) -> dict[str, Any]:
+def run_case(case: dict[str, Any], quick: bool, precision: str, folder: Path, budget: float | None = None
+             ) -> dict[str, Any]:
     from deploy.compress.prune.depth import dropped
 
-    budgets = (0.5,) if quick else (1.0, 0.75, 0.5)
+    budgets = (budget,) if budget else (0.5,) if quick else (1.0, 0.75, 0.5)
     minutes, seconds = (2.0, 1.0) if quick else (3.0, 3.0)
     folder.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, Any]] = {}
@@ -316,7 +318,7 @@ def run_case(case: dict[str, Any], quick: bool, precision: str, folder: Path) ->
             "sets": {k: len(v[0]) for k, v in case["sets"].items()}, "recovery_minutes": minutes}
 
 
-def run(quick: bool, which: tuple[str, ...]) -> dict[str, Any]:
+def run(quick: bool, which: tuple[str, ...], budget: float | None = None) -> dict[str, Any]:
     from deploy.core.cache import cache_dir
     from deploy.profiles import load_builtin
     from deploy.targets.target import for_profile
@@ -330,7 +332,7 @@ def run(quick: bool, which: tuple[str, ...]) -> dict[str, Any]:
         os.environ["DEPLOY_CACHE_DIR"] = str(Path(tmp) / "cache")
         for name in which:
             case = minilm(quick) if name == "minilm" else cnn(quick, models)
-            out["cases"][name] = run_case(case, quick, precision, Path(tmp) / name)
+            out["cases"][name] = run_case(case, quick, precision, Path(tmp) / name, budget)
     return out
 
 
@@ -403,15 +405,20 @@ def _matched_note(row: dict[str, Any]) -> str:
             f"matching deploy's {row['aim']:.3f}x)")
 
 
-def markdown(result: dict[str, Any]) -> str:
-    lines = ["## Frontier: fidelity at a given latency (issue 16)", ""]
-    for part in __doc__.split("\n\n")[:3]:
-        lines += [" ".join(part.split()), ""]
+def markdown(result: dict[str, Any], stem: str = "frontier", budget: float | None = None) -> str:
+    if budget:  # one budget's run beside the main section: what differs is said, the rest is the main section's
+        lines = [f"## Frontier at {budget:g}x NNCF int8's p50 (issue 16)", "",
+                 f"As the frontier section, with one budget: `deploy compress` at {budget:g}x NNCF int8's p50, the "
+                 "structured baselines matched to the latency deploy's model measured.", ""]
+    else:
+        lines = ["## Frontier: fidelity at a given latency (issue 16)", ""]
+        for part in __doc__.split("\n\n")[:3]:
+            lines += [" ".join(part.split()), ""]
     lines += [f"OpenVINO in {result['precision']} for float layers, {result['threads']} threads. Each case below "
               "names the command and date of its latest run.", ""]
     for case in result["cases"].values():
         lines += _case_md(case)
-    lines += ["![frontier](benchmarks/results/frontier.png)"]
+    lines += [f"![{stem}](benchmarks/results/{stem}.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -419,25 +426,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one case, 0.5x only, fewer samples, 2-minute recovery")
     parser.add_argument("--case", choices=("minilm", "cnn"), action="append", help="one case (default: both)")
+    parser.add_argument("--budget", type=float, help="one budget, as a multiple of NNCF int8's p50 (with --quick: "
+                        "instead of 0.5); the results go to frontier-<budget>x.json/.md, the section beside the "
+                        "main one")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     which = tuple(args.case or (("minilm",) if args.quick else ("minilm", "cnn")))
-    result = run(args.quick, which)
+    result = run(args.quick, which, args.budget)
     command = "python benchmarks/frontier.py" + (" --quick" if args.quick else "") + \
-        "".join(f" --case {c}" for c in args.case or ())
+        "".join(f" --case {c}" for c in args.case or ()) + (f" --budget {args.budget:g}" if args.budget else "")
+    stem = f"frontier-{args.budget:g}x" if args.budget else "frontier"
     date = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for case in result["cases"].values():
         case.update(command=command, date=date, wall_min=(time.perf_counter() - started) / 60)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "frontier.json"
+    path = RESULTS / f"{stem}.json"
     if path.exists() and args.case:  # one case run: the other keeps its latest run
         earlier = json.loads(path.read_text())
         result["cases"] = {**{k: v for k, v in earlier.get("cases", {}).items() if k not in which},
                            **result["cases"]}
         result["cases"] = {k: result["cases"][k] for k in ("minilm", "cnn") if k in result["cases"]}
     path.write_text(json.dumps(result, indent=1))
-    plot(result, RESULTS / "frontier.png")
-    (RESULTS / "frontier.md").write_text(markdown(result))
+    plot(result, RESULTS / f"{stem}.png")
+    (RESULTS / f"{stem}.md").write_text(markdown(result, stem, args.budget))
     subprocess.run([sys.executable, str(HERE / "render.py")], check=True)
     return 0
 

@@ -6,7 +6,10 @@ MEAL V2; MSE for embeddings), optionally with PELA's weight-perturbation regular
 product near the weight it replaced. Bounded by a time budget (and a step budget where one is given); stops early
 when fidelity on the validation split stops improving and returns the best student seen. The learning rate warms up
 over the first steps and then decays (cosine) over the planned steps: the step budget, or the steps the time budget
-allows at the step time measured before training; text batches are cut to their longest unpadded sequence.
+allows at the step time measured before training; text batches are cut to their longest unpadded sequence. The
+peak rate is probed where the run is long enough: the first steps at each of RATES, the best on validation goes on
+(the losers' steps come out of the minutes): on the distorted-digits ResNet pruned to 0.4x NNCF's latency, 2 minutes
+at 1e-3 left KL 0.074 to the original on held-out digits, at 1e-4 0.176.
 """
 from __future__ import annotations
 
@@ -18,12 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from deploy.compress.lowrank.factor import LowRankConv2d, LowRankLinear
-from deploy.core.metrics import fidelity, first_tensor, primary_metric
+from deploy.compress.distill_loss import Features, matched_blocks, step_loss, text_mask
 from deploy.core.data import CalibrationSet
+from deploy.core.metrics import fidelity, first_tensor, primary_metric
+
+
+RATES = (1e-4, 3e-4, 1e-3)  # a fine-tuned transformer wants about 1e-4, a CNN trained from scratch 1e-3
+RATE_PROBE_SHARE = 0.06  # of the steps the minutes allow, each rate's probe (the winner goes on, the rest are lost)
+MIN_RATE_PROBE = 10  # a shorter probe shows nothing (the warm-up): the run keeps config.lr
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,8 @@ class DistillConfig:
     # minutes allow at the step time measured before training (`_steps_allowed`)
     steps: int | None = 300
     recover_minutes: float = 2.0
-    lr: float = 1e-4
+    lr: float = 3e-4  # the peak learning rate where `rates` are not probed (one rate, or too few steps)
+    rates: tuple[float, ...] = RATES  # peak rates probed on the first steps; the best on validation goes on
     batch_size: int = 32
     feature_weight: float = 1.0
     output_weight: float = 1.0
@@ -54,13 +62,12 @@ class DistillConfig:
             raise ValueError("steps, batch_size, eval_every and patience must be >= 1")
         if not (0.0 <= self.warmup < 1.0 and 0.0 < self.final_lr <= 1.0 and self.horizon >= 0):
             raise ValueError("warmup must be in [0, 1), final_lr in (0, 1], horizon >= 0")
-        if self.recover_minutes <= 0 or self.lr <= 0 or self.temperature <= 0:
-            raise ValueError("recover_minutes, lr and temperature must be positive")
+        if self.recover_minutes <= 0 or self.lr <= 0 or self.temperature <= 0 or any(r <= 0 for r in self.rates):
+            raise ValueError("recover_minutes, lr, rates and temperature must be positive")
 
 
 BACKOFF = 0.3  # the rate's cut when an evaluation is no better than the best: it was too high for these weights
-PROBE_STEPS = 8  # a run bound by its minutes times these training passes (after one untimed) to plan its schedule
-EVAL_SHARE = 0.85  # of the minutes, what the training steps get (the rest: evaluations every eval_every steps)
+TIMED_STEPS = 8  # a run bound by its minutes times these training passes (after one untimed) to plan its schedule
 
 
 @dataclass
@@ -77,9 +84,11 @@ class DistillResult:
     matched_blocks: list[str] = field(default_factory=list)
     kept_step: int = 0  # the step whose weights were kept (the best validation score; 0: the starting weights)
     trimmed_padding: bool = False  # whether text batches were cut to their longest real sequence
-    lr: float = 0.0  # the peak learning rate in use at the end (config.lr x BACKOFF per backoff)
+    lr: float = 0.0  # the peak learning rate in use at the end (`rate` x BACKOFF per backoff)
     scored_on: str = "validation"  # before/after/history: the split early stopping looked at (not the held-out one)
     horizon: int = 0  # the steps the learning-rate schedule spanned (a replay keeps it)
+    rate: float = 0.0  # the peak learning rate the kept run started at (the probes' winner, else config.lr)
+    probes: list[dict[str, float]] = field(default_factory=list)  # each probed rate's validation score
 
 
 def lr_factor(step: int, config: DistillConfig, horizon: int = 0) -> float:
@@ -100,7 +109,7 @@ def lr_factor(step: int, config: DistillConfig, horizon: int = 0) -> float:
 def trimmed(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """A text batch (input_ids, attention_mask, ...) cut to its longest real sequence: padding costs as much
     compute as text and teaches nothing."""
-    mask = _mask(batch)
+    mask = text_mask(batch)
     if mask is None:
         return batch
     length = int(mask.sum(1).max())
@@ -118,92 +127,6 @@ def _batch(samples: list[tuple[torch.Tensor, ...]], gen: torch.Generator, size: 
 
 
 
-class _Features:
-    """Collects block outputs through forward hooks."""
-
-    def __init__(self, model: nn.Module, names: list[str]):
-        self.values: dict[str, torch.Tensor] = {}
-        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            self.values[name] = first_tensor(output)
-        return hook
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def _matched_blocks(student: nn.Module, teacher: nn.Module, config: DistillConfig,
-                    example: tuple[torch.Tensor, ...]) -> list[str]:
-    """Blocks present in both models whose outputs have the same shape (pruned widths can differ). By default the
-    top-level children and the repeated blocks (the longest ModuleList: a transformer's layers), whose outputs
-    keep their width when heads and FFN channels are pruned. A dropped block is not matched: the student's next
-    block learns to stand in for it, matched to the teacher's block of the same name."""
-    names = list(config.blocks) or [n for n, m in teacher.named_children() if any(True for _ in m.parameters())]
-    if not config.blocks:
-        lists = [(n, m) for n, m in teacher.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
-        if lists:
-            prefix, longest = max(lists, key=lambda item: len(item[1]))
-            names += [f"{prefix}.{i}" for i in range(len(longest))]
-    names = [n for n in names if has_module(student, n) and has_module(teacher, n)
-             and any(True for _ in student.get_submodule(n).parameters())]  # a dropped block (Skip) has none
-    s_feat, t_feat = _Features(student, names), _Features(teacher, names)
-    try:
-        with torch.no_grad():
-            student(*example)
-            teacher(*example)
-    finally:
-        s_feat.close()
-        t_feat.close()
-    return [n for n in names if n in s_feat.values and n in t_feat.values
-            and s_feat.values[n].shape == t_feat.values[n].shape]
-
-
-def has_module(model: nn.Module, name: str) -> bool:
-    """`model` has a submodule at `name`."""
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def _output_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: float,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Soft targets for logits; MSE for other outputs, plus for token outputs (with an attention mask) the cosine
-    distance of the mean-pooled embeddings, the quantity an embedding model is used (and judged) by."""
-    if student_out.dim() == 2 and student_out.shape[1] > 1:  # logits: soft targets
-        t = temperature
-        return F.kl_div(F.log_softmax(student_out / t, 1), F.log_softmax(teacher_out / t, 1),
-                        log_target=True, reduction="batchmean") * t * t
-    loss = F.mse_loss(student_out, teacher_out)
-    if student_out.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(student_out.shape[:2]):
-        weights = mask.unsqueeze(-1).to(student_out.dtype)
-        count = weights.sum(1).clamp(min=1.0)
-        pooled_s, pooled_t = (student_out * weights).sum(1) / count, (teacher_out * weights).sum(1) / count
-        loss = loss + (1.0 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
-    return loss
-
-
-def _perturbation(student: nn.Module, teacher: nn.Module) -> torch.Tensor:
-    """Relative distance of each low-rank product from the teacher weight it replaced."""
-    terms = []
-    for name, module in student.named_modules():
-        if not isinstance(module, (LowRankLinear, LowRankConv2d)) or not has_module(teacher, name):
-            continue
-        original = teacher.get_submodule(name)
-        if isinstance(original, nn.Linear):
-            product = module.up.weight @ module.down.weight
-        elif isinstance(module, LowRankConv2d) and module.up.kernel_size == (1, 1):
-            product = (module.up.weight.flatten(1) @ module.down.weight.flatten(1)).reshape(original.weight.shape)
-        else:
-            continue
-        terms.append((product - original.weight).pow(2).sum() / original.weight.pow(2).sum().clamp(min=1e-12))
-    return torch.stack(terms).mean() if terms else torch.zeros(())
-
-
 def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration: CalibrationSet, batch_size: int = 64,
              split: str = "validation") -> dict[str, Any]:
     """Fidelity of `model` against precomputed teacher outputs on `split` (validation: what early stopping may
@@ -211,17 +134,10 @@ def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration:
     batches = calibration.batches(split, batch_size)
     with torch.no_grad():
         outs = [first_tensor(model(*b)) for b in batches]
-    masks = [_mask(b) for b in batches]
+    masks = [text_mask(b) for b in batches]
     mask = torch.cat(masks) if masks and masks[0] is not None else None
     labels = calibration.held_out_labels if split == "held_out" else None
     return fidelity(teacher_outputs, outs, labels=labels, attention_mask=mask)
-
-
-def _mask(batch: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-    """The attention mask of a (input_ids, attention_mask, ...) batch, None for other inputs."""
-    if len(batch) >= 2 and batch[1].dtype in (torch.int64, torch.int32) and batch[1].dim() == 2:
-        return batch[1]
-    return None
 
 
 def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet, config: DistillConfig = DistillConfig(),
@@ -235,109 +151,186 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
     student.eval()
     first = evaluate(student, teacher_held, calibration)
     metric, before = primary_metric(first)
-    before_sqnr = float(first["sqnr_db"])
-    blocks = _matched_blocks(student, teacher, config, _batch(calibration.calibration, gen, 2))
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    best_score, best_state, bad_evals = _score(first), copy.deepcopy(student.state_dict()), 0
-    best_value, best_sqnr, kept_step = before, before_sqnr, 0
-    history = [{"step": 0, metric: before, "sqnr_db": before_sqnr}]
-    start, stopped, step = time.monotonic(), "steps", 0
-    s_feat, t_feat = _Features(student, blocks), _Features(teacher, blocks)
+    blocks = matched_blocks(student, teacher, config, _batch(calibration.calibration, gen, 2))
+    feats = Features(student, blocks), Features(teacher, blocks)
     with ExitStack() as stack:
-        stack.callback(s_feat.close)
-        stack.callback(t_feat.close)
-        horizon = config.horizon or config.steps or _steps_allowed(
-            student, teacher, calibration, config, blocks, (s_feat, t_feat), config.recover_minutes * 60)
-        bar = _progress_bar(stack, progress, horizon)
-        trim, rate, backoffs = config.trim_padding, config.lr, 0
-        for step in range(1, (config.steps or sys.maxsize) + 1):
-            student.train()
-            batch = _batch(calibration.calibration, gen, config.batch_size)
-            if trim and step == 1 and trimmed(batch) is not batch:
-                trim = _runs_trimmed(student, trimmed(batch))  # a model with a fixed sequence length cannot
-            if trim:
-                batch = trimmed(batch)
-            with torch.no_grad():
-                t_out = first_tensor(teacher(*batch))
-            loss = _loss(student, teacher, batch, t_out, config, blocks, (s_feat, t_feat))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in optimizer.param_groups:
-                group["lr"] = rate * lr_factor(step, config, horizon)
-            optimizer.step()
-            if bar is not None:
-                bar[0].update(bar[1], advance=1)
-            if step % config.eval_every == 0 or step == config.steps:
-                student.eval()
-                result = evaluate(student, teacher_held, calibration)
-                value = primary_metric(result)[1]
-                history.append({"step": step, metric: value, "sqnr_db": float(result["sqnr_db"]),
-                                "loss": float(loss.detach()), "lr": rate})
-                if _score(result) > best_score:
-                    best_score, best_state, bad_evals = _score(result), copy.deepcopy(student.state_dict()), 0
-                    best_value, best_sqnr, kept_step = value, float(result["sqnr_db"]), step
-                elif backoffs < config.backoffs:  # no better than the best: back to the best weights, at a
-                    student.load_state_dict(best_state)  # lower rate (a fine-tuned transformer wants ~1e-4)
-                    optimizer = torch.optim.AdamW(params, lr=rate * BACKOFF, weight_decay=0.0)
-                    rate, backoffs, bad_evals = rate * BACKOFF, backoffs + 1, 0
-                else:
-                    bad_evals += 1
-                if bad_evals >= config.patience:
-                    stopped = "early-stop"
-                    break
-            if time.monotonic() - start > config.recover_minutes * 60:
-                stopped = "time"
-                break
-    student.load_state_dict(best_state)
+        for hooks in feats:
+            stack.callback(hooks.close)
+        trainer = _Trainer(student, teacher, calibration, config, blocks, feats, teacher_held, gen, metric)
+        allowed = config.horizon or config.steps or _steps_allowed(trainer, config.recover_minutes * 60)
+        probe = probe_steps(config, allowed)
+        lost = (len(config.rates) - 1) * probe  # the probes that lose: their steps come out of the minutes
+        trainer.horizon = allowed - lost if not (config.horizon or config.steps) else allowed
+        trainer.bar = _progress_bar(stack, progress, trainer.horizon + lost)
+        run = trainer.probe(config.rates, probe, first) if probe else trainer.new_run(config.lr, first)
+        trainer.advance(run, config.steps or sys.maxsize)
+    student.load_state_dict(run.best_state)
     student.eval()
-    return DistillResult(step, round(time.monotonic() - start, 3), stopped, metric, before, best_value,
-                         before_sqnr, best_sqnr, history, blocks, kept_step, trimmed_padding=trim, lr=rate,
-                         horizon=horizon)
+    return DistillResult(run.step, round(time.monotonic() - trainer.start, 3), run.stopped, metric, before,
+                         run.best_value, float(first["sqnr_db"]), run.best_sqnr, run.history, blocks, run.kept_step,
+                         trimmed_padding=trainer.trim, lr=run.rate, horizon=trainer.horizon, rate=run.start_rate,
+                         probes=trainer.probes)
 
 
-def _loss(student: nn.Module, teacher: nn.Module, batch: tuple[torch.Tensor, ...], t_out: torch.Tensor,
-          config: DistillConfig, blocks: list[str], feats: tuple[Any, Any]) -> torch.Tensor:
-    """One step's loss: outputs (and matched block features) against the teacher's, plus PELA's regulariser."""
-    s_feat, t_feat = feats
-    s_out = first_tensor(student(*batch))
-    loss = config.output_weight * _output_loss(s_out, t_out, config.temperature, _mask(batch))
-    if blocks and config.feature_weight:
-        matched = [F.mse_loss(s_feat.values[n], t_feat.values[n]) for n in blocks]
-        loss = loss + config.feature_weight * torch.stack(matched).mean()
-    if config.perturbation_weight:
-        loss = loss + config.perturbation_weight * _perturbation(student, teacher)
-    return loss
+def probe_steps(config: DistillConfig, allowed: int) -> int:
+    """Each learning-rate probe's steps for a run of `allowed` steps; 0 where there is nothing to choose or the
+    probes would be too short to show anything (the run then starts at config.lr)."""
+    steps = round(RATE_PROBE_SHARE * allowed)
+    return steps if len(config.rates) > 1 and steps >= MIN_RATE_PROBE else 0
 
 
-def _steps_allowed(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet, config: DistillConfig,
-                   blocks: list[str], feats: tuple[Any, Any], seconds: float) -> int:
-    """The steps `seconds` allow (EVAL_SHARE of them: evaluations take the rest), timed on PROBE_STEPS training
-    passes (forward and backward, after one untimed) that leave no trace: the weights, buffers (BatchNorm
-    statistics) and random state come back as they were and no optimizer step is taken, so a replay that runs a
-    fixed number of steps on the same schedule gets the same weights."""
+@dataclass
+class _Run:
+    """One training run's state between steps: what a winning learning-rate probe hands on to the rest."""
+    start_rate: float
+    rate: float  # the peak rate now (start_rate x BACKOFF per backoff)
+    optimizer: torch.optim.Optimizer
+    best: tuple[float, float]
+    best_state: dict[str, torch.Tensor]
+    best_value: float
+    best_sqnr: float
+    history: list[dict[str, float]]
+    kept_step: int = 0
+    step: int = 0
+    bad_evals: int = 0
+    backoffs: int = 0
+    stopped: str = "steps"
+
+
+class _Trainer:
+    """The training loop over one student, teacher and data: runs advance step by step, and short probes at
+    several peak learning rates pick the one the run goes on with (the rate a model wants differs by a decade:
+    1e-3 for a CNN trained from scratch, 1e-4 or less for a fine-tuned transformer)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, calibration: CalibrationSet, config: DistillConfig,
+                 blocks: list[str], feats: tuple[Any, Any], teacher_held: list[torch.Tensor],
+                 gen: torch.Generator, metric: str):
+        self.student, self.teacher, self.calibration, self.config = student, teacher, calibration, config
+        self.blocks, self.feats, self.teacher_held, self.gen, self.metric = blocks, feats, teacher_held, gen, metric
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        self.trim = config.trim_padding and _trims(student, calibration.calibration, config)
+        self.horizon, self.bar = 0, None
+        self.probes: list[dict[str, float]] = []
+        self.start = time.monotonic()
+
+    def new_run(self, rate: float, first: dict[str, Any]) -> _Run:
+        """A run from the student's weights as they are now, scored `first` on the validation split."""
+        value, sqnr = primary_metric(first)[1], float(first["sqnr_db"])
+        return _Run(rate, rate, torch.optim.AdamW(self.params, lr=rate, weight_decay=0.0), _score(first),
+                    copy.deepcopy(self.student.state_dict()), value, sqnr,
+                    [{"step": 0, self.metric: value, "sqnr_db": sqnr}])
+
+    def probe(self, rates: tuple[float, ...], steps: int, first: dict[str, Any]) -> _Run:
+        """The run at the rate whose first `steps` steps score best on the validation split, left where its probe
+        ended (weights, optimizer, random streams): it goes on as if it had been the only one."""
+        start = self._snapshot(None)
+        best: tuple[tuple[float, float], _Run, dict[str, Any]] | None = None
+        for rate in rates:
+            self._restore(start, None)
+            run = self.new_run(rate, first)
+            self.advance(run, steps)
+            self.student.eval()
+            score = _score(evaluate(self.student, self.teacher_held, self.calibration))
+            self.probes.append({"rate": rate, "steps": run.step, self.metric: score[0], "sqnr_db": score[1]})
+            if best is None or score > best[0]:
+                best = (score, run, self._snapshot(run))
+            if run.stopped != "steps":  # out of time (or stopped early): the rest cannot be tried
+                break
+        self._restore(best[2], best[1])
+        return best[1]
+
+    def _snapshot(self, run: _Run | None) -> dict[str, Any]:
+        return {"weights": copy.deepcopy(self.student.state_dict()), "gen": self.gen.get_state(),
+                "rng": torch.get_rng_state(),
+                "optimizer": copy.deepcopy(run.optimizer.state_dict()) if run is not None else None}
+
+    def _restore(self, snapshot: dict[str, Any], run: _Run | None) -> None:
+        self.student.load_state_dict(snapshot["weights"])
+        self.gen.set_state(snapshot["gen"])
+        torch.set_rng_state(snapshot["rng"])
+        if run is not None:
+            run.optimizer.load_state_dict(snapshot["optimizer"])
+
+    def advance(self, run: _Run, until: int) -> None:
+        """Train `run` up to step `until`, evaluating every eval_every steps (back to the best weights at a lower
+        rate when one is no better, stopping after `patience` more) and stopping when the minutes are spent."""
+        config, student = self.config, self.student
+        while run.step < until and run.stopped == "steps":
+            run.step += 1
+            student.train()
+            batch = _batch(self.calibration.calibration, self.gen, config.batch_size)
+            batch = trimmed(batch) if self.trim else batch
+            with torch.no_grad():
+                t_out = first_tensor(self.teacher(*batch))
+            loss = step_loss(student, self.teacher, batch, t_out, config, self.blocks, self.feats)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in run.optimizer.param_groups:
+                group["lr"] = run.rate * lr_factor(run.step, config, self.horizon)
+            run.optimizer.step()
+            if self.bar is not None:
+                self.bar[0].update(self.bar[1], advance=1)
+            if run.step % config.eval_every == 0 or run.step == config.steps:
+                self._evaluate(run, float(loss.detach()))
+            if run.stopped == "steps" and time.monotonic() - self.start > config.recover_minutes * 60:
+                run.stopped = "time"
+
+    def _evaluate(self, run: _Run, loss: float) -> None:
+        config = self.config
+        self.student.eval()
+        result = evaluate(self.student, self.teacher_held, self.calibration)
+        value = primary_metric(result)[1]
+        run.history.append({"step": run.step, self.metric: value, "sqnr_db": float(result["sqnr_db"]),
+                            "loss": loss, "lr": run.rate})
+        if _score(result) > run.best:
+            run.best, run.best_state, run.bad_evals = _score(result), copy.deepcopy(self.student.state_dict()), 0
+            run.best_value, run.best_sqnr, run.kept_step = value, float(result["sqnr_db"]), run.step
+        elif run.backoffs < config.backoffs:  # no better than the best: back to the best weights, at a lower rate
+            self.student.load_state_dict(run.best_state)
+            run.optimizer = torch.optim.AdamW(self.params, lr=run.rate * BACKOFF, weight_decay=0.0)
+            run.rate, run.backoffs, run.bad_evals = run.rate * BACKOFF, run.backoffs + 1, 0
+        else:
+            run.bad_evals += 1
+        if run.bad_evals >= config.patience:
+            run.stopped = "early-stop"
+
+
+def _trims(student: nn.Module, samples: list[tuple[torch.Tensor, ...]], config: DistillConfig) -> bool:
+    """Whether text batches can be cut to their longest sequence: a model with a fixed sequence length cannot
+    take them (tried on a batch drawn apart from the training stream)."""
+    batch = _batch(samples, torch.Generator().manual_seed(config.seed + 2), config.batch_size)
+    return trimmed(batch) is batch or _runs_trimmed(student, trimmed(batch))
+
+
+def _steps_allowed(trainer: "_Trainer", seconds: float) -> int:
+    """The steps `seconds` allow, with an evaluation every eval_every of them, timed on TIMED_STEPS training passes
+    (forward and backward, after one untimed) and one evaluation that leave no trace: the weights, buffers
+    (BatchNorm statistics) and random state come back as they were and no optimizer step is taken, so a replay
+    that runs a fixed number of steps on the same schedule gets the same weights."""
+    config, student, teacher = trainer.config, trainer.student, trainer.teacher
     began = time.monotonic()
     gen = torch.Generator().manual_seed(config.seed + 1)
     saved = copy.deepcopy(student.state_dict())
     with torch.random.fork_rng(devices=[]):
-        batch = _batch(calibration.calibration, gen, config.batch_size)
-        trim = config.trim_padding and trimmed(batch) is not batch and _runs_trimmed(student, trimmed(batch))
         student.train()
         timed = began
-        for index in range(PROBE_STEPS + 1):
+        for index in range(TIMED_STEPS + 1):
             if index == 1:
                 timed = time.monotonic()
-            batch = _batch(calibration.calibration, gen, config.batch_size)
-            batch = trimmed(batch) if trim else batch
+            batch = _batch(trainer.calibration.calibration, gen, config.batch_size)
+            batch = trimmed(batch) if trainer.trim else batch
             with torch.no_grad():
                 t_out = first_tensor(teacher(*batch))
-            _loss(student, teacher, batch, t_out, config, blocks, feats).backward()
-        per_step = max((time.monotonic() - timed) / PROBE_STEPS, 1e-6)
+            step_loss(student, teacher, batch, t_out, config, trainer.blocks, trainer.feats).backward()
+        per_step = max((time.monotonic() - timed) / TIMED_STEPS, 1e-6)
     student.zero_grad(set_to_none=True)
     student.load_state_dict(saved)
     student.eval()
+    timed = time.monotonic()
+    evaluate(student, trainer.teacher_held, trainer.calibration)
+    per_step += (time.monotonic() - timed) / config.eval_every
     left = seconds - (time.monotonic() - began)
-    return max(1, int(EVAL_SHARE * left / per_step))
+    return max(1, int(left / per_step))
 
 
 def _runs_trimmed(student: nn.Module, batch: tuple[torch.Tensor, ...]) -> bool:

@@ -15,14 +15,16 @@ from deploy.core.passes import Context, State, register_pass
 UNLIMITED_MINUTES = 1e6  # a replay is bound by its step count, never by the clock
 
 
-def replay_config(config: DistillConfig, kept_step: int, horizon: int = 0) -> DistillConfig | None:
+def replay_config(config: DistillConfig, kept_step: int, horizon: int = 0, rate: float = 0.0
+                  ) -> DistillConfig | None:
     """The config that reproduces a run whose best weights were those of step `kept_step`, on the schedule it ran
-    (`horizon`: what a run bound by its minutes measured; None: it kept the weights it started from, so replaying
-    it changes nothing)."""
+    (`horizon`: what a run bound by its minutes measured) at the peak rate it started at (`rate`: the probes'
+    winner; the replay probes nothing); None: it kept the weights it started from, so replaying it changes
+    nothing."""
     if kept_step < 1:
         return None
-    return dataclasses.replace(config, steps=kept_step, recover_minutes=UNLIMITED_MINUTES,
-                               patience=kept_step + 1, horizon=config.horizon or config.steps or horizon)
+    return dataclasses.replace(config, steps=kept_step, recover_minutes=UNLIMITED_MINUTES, patience=kept_step + 1,
+                               horizon=config.horizon or config.steps or horizon, lr=rate or config.lr, rates=())
 
 
 def default_minutes(macs: int) -> float:
@@ -30,7 +32,7 @@ def default_minutes(macs: int) -> float:
     return min(10.0, max(1.0, 2.0 * macs / 1e9))
 
 
-@register_pass("recover", DistillConfig, version=2, needs_calibration=True, invalidates=("sensitivity", "quantize"))
+@register_pass("recover", DistillConfig, version=3, needs_calibration=True, invalidates=("sensitivity", "quantize"))
 class RecoverPass:
     """Distils the compressed module towards the original (the state's `original`) on calibration data."""
 

@@ -64,7 +64,8 @@ def test_the_idle_blocks_are_dropped_first():
 
 
 def test_a_plan_that_drops_blocks_replays_and_recovery_skips_them():
-    from deploy.compress.distill import DistillConfig, _matched_blocks
+    from deploy.compress.distill import DistillConfig
+    from deploy.compress.distill_loss import matched_blocks
     from deploy.compress.prune.api import PruneConfig, PrunePass
     from deploy.core.passes import Context, State
     from deploy.core.spec import InputSpec
@@ -79,7 +80,7 @@ def test_a_plan_that_drops_blocks_replays_and_recovery_skips_them():
     assert isinstance(student.get_submodule("model.encoder.layer.1"), Skip)
     assert student.model.encoder.layer[0].attention.self.query.out_features == 48  # one of four 16-wide heads gone
     assert state.records[-1].data["blocks"] == ["model.encoder.layer.1"]
-    matched = _matched_blocks(student, teacher, DistillConfig(), example_inputs(2))
+    matched = matched_blocks(student, teacher, DistillConfig(), example_inputs(2))
     assert "model.encoder.layer.1" not in matched and "model.encoder.layer.2" in matched
 
 

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from deploy.compress.distill import DistillConfig, _matched_blocks, _output_loss, lr_factor, trimmed
+from deploy.compress.distill import DistillConfig, lr_factor, trimmed
+from deploy.compress.distill_loss import matched_blocks, output_loss
 from deploy.compress.recover import default_minutes, replay_config
 
 
@@ -43,12 +44,12 @@ def test_default_recovery_minutes_grow_with_the_work_of_one_sample():
 def test_embedding_loss_counts_the_pooled_direction():
     teacher = torch.randn(2, 6, 4)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
-    assert _output_loss(teacher.clone(), teacher, 2.0, mask) == pytest.approx(0.0, abs=1e-6)
+    assert output_loss(teacher.clone(), teacher, 2.0, mask) == pytest.approx(0.0, abs=1e-6)
     flipped = teacher.clone()
     flipped[0, :3] = -flipped[0, :3]  # the same MSE as a flipped padding position would give, but a new direction
     padded = teacher.clone()
     padded[0, 3:] = -padded[0, 3:]
-    assert _output_loss(flipped, teacher, 2.0, mask) > _output_loss(padded, teacher, 2.0, mask)
+    assert output_loss(flipped, teacher, 2.0, mask) > output_loss(padded, teacher, 2.0, mask)
 
 
 def test_transformer_layers_are_matched_block_by_block():
@@ -56,7 +57,7 @@ def test_transformer_layers_are_matched_block_by_block():
 
     teacher = tiny_bert().eval()
     student = copy.deepcopy(teacher)
-    blocks = _matched_blocks(student, teacher, DistillConfig(), example_inputs())
+    blocks = matched_blocks(student, teacher, DistillConfig(), example_inputs())
     layers = [b for b in blocks if b.rsplit(".", 1)[-1].isdigit()]
     assert len(layers) >= 2 and all(b.rsplit(".", 1)[0] == layers[0].rsplit(".", 1)[0] for b in layers)
 
@@ -64,7 +65,8 @@ def test_transformer_layers_are_matched_block_by_block():
 def test_recovery_bound_by_minutes_runs_until_them_and_its_replay_gets_the_same_weights():
     """Without a step count, recovery trains until its minutes are spent (or early stop): a default of 200 steps
     left 74 of 120 seconds unused on the digits ResNet. The schedule spans the steps the minutes allow at the step
-    time measured before training, and a replay of the kept step on that schedule gets the same weights."""
+    time measured before training; the first steps probe each peak rate and the best goes on, and a replay of the
+    kept step on that schedule, at that rate alone, gets the same weights."""
     from torch import nn
 
     from deploy.compress.distill import distill
@@ -82,8 +84,10 @@ def test_recovery_bound_by_minutes_runs_until_them_and_its_replay_gets_the_same_
     result = distill(student, teacher, data, config)
     assert result.stopped == "time" and result.seconds >= 0.03 * 60 and result.kept_step > 0
     assert 0.25 < result.steps / result.horizon < 4  # the schedule spans about what ran (not 200, not a million)
-    replay = replay_config(config, result.kept_step, result.horizon)
-    assert replay.steps == result.kept_step and replay.horizon == result.horizon
+    assert [p["rate"] for p in result.probes] == list(config.rates)  # long enough to probe each rate first
+    assert result.rate == max(result.probes, key=lambda p: (p["top1_agreement"], p["sqnr_db"]))["rate"]
+    replay = replay_config(config, result.kept_step, result.horizon, result.rate)
+    assert replay.steps == result.kept_step and replay.horizon == result.horizon and replay.rates == ()
     again = copy.deepcopy(start)
     distill(again, teacher, data, replay)
     for name, value in student.state_dict().items():

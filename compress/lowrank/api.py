@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from deploy.compress.allocate import Option, Unit, allocate
-from deploy.compress.distill import DistillConfig, distill, has_module
+from deploy.compress.distill import DistillConfig, distill
+from deploy.compress.distill_loss import has_module
 from deploy.core.metrics import first_tensor
 from deploy.compress.lowrank.factor import (FactorizeConfig, factorizable, factorize, input_covariance, layer_cost,
                                      max_useful_rank, replace_module, round_rank)

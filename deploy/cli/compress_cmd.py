@@ -97,8 +97,8 @@ def _print_report(report: dict) -> None:
         minutes = report["decisions"].get("recover", {}).get("minutes")
         limit = f" of a {minutes:g}-minute budget" if minutes else ""
         console.print(f"recovery: {recovery['steps']} steps in {recovery['seconds']:.0f} s{limit} ({recovery['stopped']}, "
-                      f"kept step {recovery['kept_step']}); validation {recovery['metric']} {recovery['before']:.4g} -> "
-                      f"{recovery['after']:.4g}", highlight=False)
+                      f"kept step {recovery['kept_step']}{_rate(recovery)}); validation {recovery['metric']} "
+                      f"{recovery['before']:.4g} -> {recovery['after']:.4g}", highlight=False)
     if r.get("speedup"):
         ci = r.get("speedup_ci")
         how = f" (95% CI {ci[0]:.3g}-{ci[1]:.3g}x, measured interleaved)" if ci else f"{source}"
@@ -112,6 +112,14 @@ def _print_report(report: dict) -> None:
         console.print(f"budget {word}: target {goal}", highlight=False)
     console.print(f"wrote {report['output']}/model.onnx, report.json, report.html, deploy.toml", highlight=False,
                   soft_wrap=True)
+
+
+def _rate(recovery: dict) -> str:
+    """The peak learning rate the recovery went on with, and whether the probes chose it."""
+    rate = recovery.get("rate")
+    if not rate:
+        return ""
+    return f", learning rate {rate:g}" + (f" of {len(recovery['probes'])} probed" if recovery.get("probes") else "")
 
 
 @app.command("search")

@@ -53,12 +53,12 @@ def replayable(passes: list[Any], state: Any) -> list[Any]:
     time limit (or dropped when it kept the weights it started from)."""
     from deploy.compress.recover import replay_config
 
-    kept = [(r.data.get("kept_step", 0), r.data.get("horizon", 0)) for r in state.records
+    kept = [(r.data.get("kept_step", 0), r.data.get("horizon", 0), r.data.get("rate", 0.0)) for r in state.records
             if r.source == "recover" and r.kind == "decision"]
     out, recovered = [], iter(kept)
     for pass_ in passes:
         if pass_.name == "recover":
-            config = replay_config(pass_.config, *next(recovered, (0, 0)))
+            config = replay_config(pass_.config, *next(recovered, (0, 0, 0.0)))
             if config is None:
                 continue
             pass_ = make_pass("recover", config)

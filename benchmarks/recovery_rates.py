@@ -1,0 +1,125 @@
+"""Recovery's peak learning rate: fixed rates beside the probed choice, on a pruned student of each frontier case.
+
+One student per case, pruned as the frontier's baselines are (CNN: Torch-Pruning uniform 0.68 of every conv's
+channels; MiniLM: every other block dropped), is distilled from the original for the same minutes at each fixed peak
+rate and with the default (the first steps probe 1e-4, 3e-4 and 1e-3, the best on the validation fifth goes on;
+the losers' steps come out of the minutes). Calibration, early stopping and scoring as in `frontier.py --quick`:
+256 calibration samples (a fifth for early stopping), scored in float (PyTorch) on the held-out sets no step saw.
+
+    .venv/bin/python benchmarks/recovery_rates.py [--case cnn|minilm]
+Writes results/recovery_rates.json and .md, then BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import frontier  # noqa: E402
+
+MINUTES = {"cnn": 2.0, "minilm": 4.0}  # MiniLM's steps are slow: 2 minutes are too few to probe (MIN_RATE_PROBE)
+FIXED = (1e-4, 3e-4, 1e-3)
+
+
+def student_of(name: str, case: dict[str, Any]) -> torch.nn.Module:
+    from deploy.compress.prune.depth import dropped
+    from deploy.targets.measure.feeds import make_feeds
+    from peers import prune_uniform
+
+    if name == "minilm":
+        return dropped(copy.deepcopy(case["module"]), case["every_other"])
+    peer = SimpleNamespace(module=case["module"], prune_roots=case["tp_roots"],
+                           timing_feeds=make_feeds(case["inputs"]), inputs=case["inputs"])
+    return prune_uniform(peer, 0.68)
+
+
+def run_case(name: str, case: dict[str, Any]) -> dict[str, Any]:
+    from deploy.compress.distill import DistillConfig, distill
+    from deploy.core.data import CalibrationSet
+
+    cal = list(case["calibration"].calibration)
+    cut = len(cal) - len(cal) // 5
+    split = CalibrationSet(cal[:cut], [], None, "recovery", "recovery", validation=cal[cut:])
+    start = student_of(name, case)
+    minutes = MINUTES[name]
+    with torch.no_grad():
+        refs = {k: torch.cat([case["module"](*s) for s in samples]).float() for k, (samples, _) in case["sets"].items()}
+    settings = [(f"fixed {r:g}", DistillConfig(steps=None, recover_minutes=minutes, eval_every=25, lr=r, rates=()))
+                for r in FIXED]
+    settings.append(("probed (the default)", DistillConfig(steps=None, recover_minutes=minutes, eval_every=25)))
+    rows = {}
+    for key, config in settings:
+        student = copy.deepcopy(start)
+        began = time.perf_counter()
+        result = distill(student, case["module"], split, config)
+        row: dict[str, Any] = {"seconds": time.perf_counter() - began, "steps": result.steps,
+                               "stopped": result.stopped, "kept_step": result.kept_step, "rate": result.rate,
+                               "probes": result.probes, "metric": result.metric}
+        with torch.no_grad():
+            for set_name, (samples, labels) in case["sets"].items():
+                got = torch.cat([student(*s) for s in samples]).float()
+                scored = frontier.scores(case, refs[set_name], got, samples, labels)
+                scored.pop("per_sample", None)
+                row[set_name] = {k: float(v) for k, v in scored.items() if isinstance(v, (int, float))}
+        rows[key] = row
+        print(f"{name} {key}: {row}", file=sys.stderr, flush=True)
+    return {"title": case["title"], "student": "every other block dropped" if name == "minilm" else
+            "Torch-Pruning uniform 0.68 of every conv's channels", "minutes": minutes, "rows": rows,
+            "metrics": list(case["metrics"]), "sets": {k: len(v[0]) for k, v in case["sets"].items()}}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["## Recovery's learning rate (issue 16, item 5)", ""]
+    lines += [" ".join(part.split()) for part in __doc__.split("\n\n")[:2]] + [""]
+    for case in result["cases"].values():
+        sets, metrics = list(case["sets"]), case["metrics"]
+        head = ["peak rate", "steps (stop)", "rate run"] + [f"{m} ({s})" for s in sets for m in metrics]
+        lines += [f"### {case['title']}", "", f"Command: `{case['command']}`; {case['date']}. Student: "
+                  f"{case['student']}; {case['minutes']:g} min of recovery; scored on "
+                  + ", ".join(f"{n} {s}" for s, n in case["sets"].items()) + ".", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for key, row in case["rows"].items():
+            probes = ", ".join(f"{p['rate']:g}: {p[row['metric']]:.3f}" for p in row["probes"])
+            rate = f"{row['rate']:g}" + (f" (probes {probes})" if probes else "")
+            cells = [key, f"{row['steps']} ({row['stopped']})", rate]
+            cells += [f"{row[s][m]:.4f}" for s in sets for m in metrics]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deploy.core.cache import cache_dir
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=("minilm", "cnn"), action="append", help="one case (default: both)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(frontier.THREADS)
+    which = tuple(args.case or ("minilm", "cnn"))
+    path = frontier.RESULTS / "recovery_rates.json"
+    result = json.loads(path.read_text()) if path.exists() else {"cases": {}}
+    command = "python benchmarks/recovery_rates.py" + "".join(f" --case {c}" for c in args.case or ())
+    for name in which:
+        case = frontier.minilm(True) if name == "minilm" else frontier.cnn(True, cache_dir() / "models")
+        result["cases"][name] = {**run_case(name, case), "command": command,
+                                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result["cases"] = {k: result["cases"][k] for k in ("minilm", "cnn") if k in result["cases"]}
+    frontier.RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    (frontier.RESULTS / "recovery_rates.md").write_text(markdown(result))
+    subprocess.run([sys.executable, str(HERE / "render.py")], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
