@@ -125,8 +125,6 @@ def _batch(samples: list[tuple[torch.Tensor, ...]], gen: torch.Generator, size: 
     return tuple(torch.cat([samples[i][k] for i in idx]) for k in range(len(samples[0])))
 
 
-
-
 def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration: CalibrationSet, batch_size: int = 64,
              split: str = "validation") -> dict[str, Any]:
     """Fidelity of `model` against precomputed teacher outputs on `split` (validation: what early stopping may

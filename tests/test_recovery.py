@@ -24,6 +24,17 @@ def test_learning_rate_warms_up_then_decays_and_a_replay_keeps_the_schedule():
     assert [lr_factor(s, replay) for s in range(1, 76)] == factors[:75]  # the same weights come back
 
 
+def test_the_learning_rate_is_probed_only_where_the_run_is_long_enough_to_show_a_difference():
+    from deploy.compress.distill import MIN_RATE_PROBE, RATE_PROBE_SHARE, probe_steps
+
+    long_run = round(10 * MIN_RATE_PROBE / RATE_PROBE_SHARE)
+    assert probe_steps(DistillConfig(), long_run) == round(RATE_PROBE_SHARE * long_run)
+    assert probe_steps(DistillConfig(), round(0.5 * MIN_RATE_PROBE / RATE_PROBE_SHARE)) == 0  # the warm-up alone
+    assert probe_steps(DistillConfig(rates=(1e-3,)), long_run) == 0  # nothing to choose
+    with pytest.raises(ValueError, match="rates"):
+        DistillConfig(rates=(1e-3, 0.0))
+
+
 def test_text_batches_are_cut_to_their_longest_sequence():
     ids = torch.arange(24).reshape(2, 12)
     mask = torch.tensor([[1] * 5 + [0] * 7, [1] * 8 + [0] * 4])

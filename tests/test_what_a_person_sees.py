@@ -294,3 +294,6 @@ def test_the_summary_says_what_recovery_did(runs, capsys):
     out = capsys.readouterr().out
     assert "recovery: 132 steps in 60 s of a 1-minute budget (time, kept step 25)" in out
     assert "validation pooled_cosine 0.7418 -> 0.8618" in out
+    report["recovery"].update(rate=0.001, probes=[{"rate": r} for r in (1e-4, 3e-4, 1e-3)])
+    _print_report(report)
+    assert "(time, kept step 25, learning rate 0.001 of 3 probed)" in " ".join(capsys.readouterr().out.split())
