@@ -184,17 +184,22 @@ def ort_int8(case: dict[str, Any], onnx: Path, path: Path) -> Path:
     return ort_static(onnx, path, {"inputs": case["inputs"], "calibration": case["calibration"]}, False)
 
 
+def early_stopping_split(case: dict[str, Any]) -> Any:
+    """The case's 256 calibration samples with the last fifth kept for early stopping, as deploy keeps it."""
+    from deploy.core.data import CalibrationSet
+
+    cal = list(case["calibration"].calibration)
+    cut = len(cal) - len(cal) // 5
+    return CalibrationSet(cal[:cut], [], None, "frontier", "frontier", validation=cal[cut:])
+
+
 def distilled_nncf(case: dict[str, Any], student: torch.nn.Module, minutes: float, folder: Path, name: str
                    ) -> tuple[Path, dict[str, Any]]:
     """A baseline's student distilled for `minutes` with deploy's recovery (output + block features, warm-up and
     decay, early stop on the same fifth of the calibration samples deploy keeps), then NNCF int8."""
     from deploy.compress.distill import DistillConfig, distill
-    from deploy.core.data import CalibrationSet
 
-    cal = list(case["calibration"].calibration)
-    cut = len(cal) - len(cal) // 5
-    split = CalibrationSet(cal[:cut], [], None, "frontier", "frontier", validation=cal[cut:])
-    result = distill(student, case["module"], split, DistillConfig(steps=None, recover_minutes=minutes,
+    result = distill(student, case["module"], early_stopping_split(case), DistillConfig(steps=None, recover_minutes=minutes,
                                                                    eval_every=25))
     xml = nncf_int8(case, export(case, student, folder / f"{name}.onnx"), folder / f"{name}.xml")
     return xml, {"steps": result.steps, "stopped": result.stopped, "validation_before": result.before,

@@ -47,11 +47,8 @@ def student_of(name: str, case: dict[str, Any]) -> torch.nn.Module:
 
 def run_case(name: str, case: dict[str, Any]) -> dict[str, Any]:
     from deploy.compress.distill import DistillConfig, distill
-    from deploy.core.data import CalibrationSet
 
-    cal = list(case["calibration"].calibration)
-    cut = len(cal) - len(cal) // 5
-    split = CalibrationSet(cal[:cut], [], None, "recovery", "recovery", validation=cal[cut:])
+    split = frontier.early_stopping_split(case)
     start = student_of(name, case)
     steps = STEPS[name]
     with torch.no_grad():

@@ -227,8 +227,12 @@ class _Trainer:
             self._restore(start, None)
             run = self.new_run(rate, first)
             self.advance(run, steps)
-            self.student.eval()
-            score = _score(evaluate(self.student, self.teacher_held, self.calibration))
+            last = run.history[-1]  # the probe's last step was evaluated already where it fell on eval_every
+            if last["step"] == run.step:
+                score = (round(last[self.metric], 4), last["sqnr_db"])
+            else:
+                self.student.eval()
+                score = _score(evaluate(self.student, self.teacher_held, self.calibration))
             self.probes.append({"rate": rate, "steps": run.step, self.metric: score[0], "sqnr_db": score[1]})
             if best is None or score > best[0]:
                 best = (score, run, self._snapshot(run))
