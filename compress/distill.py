@@ -9,7 +9,10 @@ over the first steps and then decays (cosine) over the planned steps: the step b
 allows at the step time measured before training; text batches are cut to their longest unpadded sequence. The
 peak rate is probed where the run is long enough: the first steps at each of RATES, the best on validation goes on
 (the losers' steps come out of the minutes): on the distorted-digits ResNet pruned to 0.4x NNCF's latency, 2 minutes
-at 1e-3 left KL 0.074 to the original on held-out digits, at 1e-4 0.176.
+at 1e-3 left KL 0.074 to the original on held-out digits, at 1e-4 0.176. Where every input is a float tensor
+(images, audio, features; token ids cannot be blended) half of each batch is mixup of two calibration inputs, run
+through teacher and student alike: the student learns the teacher's function between the samples too, not only at
+the few hundred it is shown (Beyer et al., "Knowledge distillation: a good teacher is patient and consistent").
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ class DistillConfig:
     horizon: int = 0  # steps the schedule spans (0: `steps`, else measured); a replay runs fewer on the same one
     trim_padding: bool = True  # cut (input_ids, attention_mask, ...) batches to their longest real sequence
     backoffs: int = 2  # times the rate is cut (x BACKOFF, from the best weights) when an evaluation did not improve
+    mixup: float = 0.5  # share of each batch blended from two inputs (weights uniform in [0, 1]); float inputs only
 
     def __post_init__(self) -> None:
         if (self.steps is not None and self.steps < 1) or self.batch_size < 1 or self.eval_every < 1 \
@@ -62,6 +66,8 @@ class DistillConfig:
             raise ValueError("steps, batch_size, eval_every and patience must be >= 1")
         if not (0.0 <= self.warmup < 1.0 and 0.0 < self.final_lr <= 1.0 and self.horizon >= 0):
             raise ValueError("warmup must be in [0, 1), final_lr in (0, 1], horizon >= 0")
+        if not 0.0 <= self.mixup <= 1.0:
+            raise ValueError("mixup must be in [0, 1]")
         if self.recover_minutes <= 0 or self.lr <= 0 or self.temperature <= 0 or any(r <= 0 for r in self.rates):
             raise ValueError("recover_minutes, lr, rates and temperature must be positive")
 
@@ -89,6 +95,7 @@ class DistillResult:
     horizon: int = 0  # the steps the learning-rate schedule spanned (a replay keeps it)
     rate: float = 0.0  # the peak learning rate the kept run started at (the probes' winner, else config.lr)
     probes: list[dict[str, float]] = field(default_factory=list)  # each probed rate's validation score
+    mixup: float = 0.0  # the share of each batch that was mixup (0: none, e.g. token ids)
 
 
 def lr_factor(step: int, config: DistillConfig, horizon: int = 0) -> float:
@@ -123,6 +130,27 @@ def trimmed(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 def _batch(samples: list[tuple[torch.Tensor, ...]], gen: torch.Generator, size: int) -> tuple[torch.Tensor, ...]:
     idx = torch.randint(len(samples), (min(size, len(samples)),), generator=gen).tolist()
     return tuple(torch.cat([samples[i][k] for i in idx]) for k in range(len(samples[0])))
+
+
+def mixed(batch: tuple[torch.Tensor, ...], gen: torch.Generator, share: float) -> tuple[torch.Tensor, ...]:
+    """`batch` with its first `share` of samples each blended with another sample of the batch (every input
+    tensor with the same partner and weight)."""
+    size = batch[0].shape[0]
+    count = round(share * size)
+    if count < 1 or size < 2:
+        return batch
+    partner = torch.randperm(size, generator=gen)[:count]
+    weight = torch.rand(count, generator=gen)
+    out = []
+    for t in batch:
+        w = weight.to(t.dtype).reshape(-1, *([1] * (t.dim() - 1)))
+        out.append(torch.cat([w * t[:count] + (1 - w) * t[partner], t[count:]]))
+    return tuple(out)
+
+
+def _mixes(samples: list[tuple[torch.Tensor, ...]], config: DistillConfig) -> float:
+    """The mixup share a run uses: config.mixup where every input is a float tensor, else 0."""
+    return config.mixup if samples and all(t.is_floating_point() for t in samples[0]) else 0.0
 
 
 def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration: CalibrationSet, batch_size: int = 64,
@@ -167,7 +195,7 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
     return DistillResult(run.step, round(time.monotonic() - trainer.start, 3), run.stopped, metric, before,
                          run.best_value, float(first["sqnr_db"]), run.best_sqnr, run.history, blocks, run.kept_step,
                          trimmed_padding=trainer.trim, lr=run.rate, horizon=trainer.horizon, rate=run.start_rate,
-                         probes=trainer.probes)
+                         probes=trainer.probes, mixup=trainer.mixup)
 
 
 def probe_steps(config: DistillConfig, allowed: int) -> int:
@@ -207,6 +235,7 @@ class _Trainer:
         self.blocks, self.feats, self.teacher_held, self.gen, self.metric = blocks, feats, teacher_held, gen, metric
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.trim = config.trim_padding and _trims(student, calibration.calibration, config)
+        self.mixup = _mixes(calibration.calibration, config)
         self.horizon, self.bar = 0, None
         self.probes: list[dict[str, float]] = []
         self.start = time.monotonic()
@@ -261,7 +290,10 @@ class _Trainer:
             run.step += 1
             student.train()
             batch = _batch(self.calibration.calibration, self.gen, config.batch_size)
-            batch = trimmed(batch) if self.trim else batch
+            if self.trim:
+                batch = trimmed(batch)
+            elif self.mixup:
+                batch = mixed(batch, self.gen, self.mixup)
             with torch.no_grad():
                 t_out = first_tensor(self.teacher(*batch))
             loss = step_loss(student, self.teacher, batch, t_out, config, self.blocks, self.feats)

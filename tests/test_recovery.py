@@ -46,6 +46,37 @@ def test_text_batches_are_cut_to_their_longest_sequence():
     assert trimmed(full) is full
 
 
+def test_image_batches_are_half_mixup_and_token_ids_are_never_blended():
+    from deploy.compress.distill import _mixes, mixed
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 1, 4, 4)
+    features = torch.randn(8, 3)
+    out = mixed((images, features), gen, 0.5)
+    assert torch.equal(out[0][4:], images[4:]) and torch.equal(out[1][4:], features[4:])  # the other half clean
+    assert not torch.equal(out[0][:4], images[:4])
+    # every blended sample is a convex mix of two batch samples, with the same partner and weight in each input
+    for row in range(4):
+        fits = [(j, w) for j in range(8) for w in [_weight(images[row], images[j], out[0][row])]
+                if w is not None and torch.allclose(w * features[row] + (1 - w) * features[j], out[1][row], atol=1e-5)]
+        assert fits, f"sample {row} is not a mix of two inputs"
+    assert _mixes([(images[:1],)], DistillConfig()) == 0.5
+    assert _mixes([(torch.ones(1, 12, dtype=torch.int64), torch.ones(1, 12, dtype=torch.int64))], DistillConfig()) == 0
+    one = (images[:1],)
+    assert mixed(one, gen, 0.5) is one  # one sample: nothing to blend it with
+    with pytest.raises(ValueError, match="mixup"):
+        DistillConfig(mixup=1.5)
+
+
+def _weight(a: torch.Tensor, b: torch.Tensor, got: torch.Tensor) -> torch.Tensor | None:
+    """w with w * a + (1 - w) * b == got (least squares), where one in [0, 1] fits."""
+    diff = (a - b).flatten()
+    if diff.norm() < 1e-6:
+        return None
+    w = torch.dot((got - b).flatten(), diff) / torch.dot(diff, diff)
+    return w if 0 <= w <= 1 and torch.allclose(w * a + (1 - w) * b, got, atol=1e-5) else None
+
+
 def test_default_recovery_minutes_grow_with_the_work_of_one_sample():
     assert default_minutes(8_000_000) == 1.0  # the digits CNN
     assert default_minutes(2_800_000_000) == pytest.approx(5.6)  # about all-MiniLM-L6-v2 at 128 tokens
