@@ -28,21 +28,21 @@ class MixingPlanner(FakePlanner):
     """Two droppable blocks; a mix is this planner again with its candidates tagged by the blocks dropped. Before
     recovery every block dropped costs more than the pruning it saves (FakePlanner's fidelity minus 0.3 per block)."""
 
-    def __init__(self, blocks: tuple[str, ...] = (), parent: "MixingPlanner | None" = None):
+    def __init__(self, blocks: tuple[str, ...] = (), parent: "MixingPlanner | None" = None, allocation: str = "dp"):
         super().__init__()
-        self.blocks, self.quantizes, self.parent = blocks, False, parent
+        self.blocks, self.quantizes, self.parent, self.allocation = blocks, False, parent, allocation
         if parent is not None:
             self.candidates, self.trials = parent.candidates, parent.trials
 
     def drop_order(self):
         return [("b0", 0.0), ("b1", 0.0)]
 
-    def mix(self, blocks):
-        return self if not blocks else MixingPlanner(tuple(blocks), self)
+    def mix(self, blocks, allocation="dp"):
+        return self if not blocks and allocation == "dp" else MixingPlanner(tuple(blocks), self, allocation)
 
     def evaluate(self, level, labels, origin, fidelity=False):
         cand = super().evaluate(level, labels, origin)
-        cand.blocks = self.blocks
+        cand.blocks, cand.allocation = self.blocks, self.allocation
         return cand
 
     def with_fidelity(self, cand):
@@ -71,6 +71,22 @@ def test_depth_mixes_are_compared_after_recovery(monkeypatch):
     planner, width, chosen = _mixes(monkeypatch, FakeTrials({("b0",): 0.9, ("b0", "b1"): 0.95}))
     assert chosen.blocks == ("b0", "b1")  # the most faithful after recovery, not before it
     assert planner.with_fidelity(chosen).fidelity < planner.with_fidelity(width).fidelity  # (before recovery)
+
+
+@pytest.mark.parametrize("uniform_wins", [True, False])
+def test_the_best_depth_mix_is_weighed_with_its_width_pruning_allocated_uniformly(monkeypatch, uniform_wins):
+    class ByAllocation(FakeTrials):
+        def promise(self, planner_, cand):
+            self.asked.append(cand)
+            value = super().promise(planner_, cand)[0]
+            return value + (0.02 if (cand.allocation == "uniform") == uniform_wins else 0.0), 0.0
+
+    trials = ByAllocation({("b0",): 0.9, ("b0", "b1"): 0.8})
+    planner, width, chosen = _mixes(monkeypatch, trials)
+    assert chosen.blocks == ("b0",) and chosen.level > 0  # the best mix still needs width pruning
+    assert (chosen.allocation == "uniform") == uniform_wins
+    tried = [c for c in trials.asked if c.allocation == "uniform"]
+    assert tried and {c.blocks for c in tried} == {("b0",)}  # only the best mix is tried uniformly
 
 
 def test_without_recovery_fidelity_before_it_decides(monkeypatch):

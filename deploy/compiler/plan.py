@@ -16,8 +16,9 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
    back in float, kept if its exported model is more faithful on the validation split;
 4. and, where pruning was needed, the low-rank family (per-layer ranks from the allocator for a share of the
    factorizable MACs, in float) at the least factorization that fits, and depth mixes (1, 2, ... whole blocks
-   dropped, each mix's pruning level found as in 3; the best mix gets the precision fill), and the uniform
-   allocation (one pruning ratio for every unit, its level found as in 3, then the fill); the more faithful
+   dropped, each mix's pruning level found as in 3; the best mix, its width pruning allocated by the DP or
+   uniformly, gets the precision fill), and the uniform allocation (one pruning ratio for every unit, its level
+   found as in 3, then the fill); the more faithful
    exported model wins, after a short recovery of each where the plan will be recovered (`trial_recovery`).
 
 A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only within
@@ -83,11 +84,17 @@ def _uniform_allocation(planner: Planner, budget: float, window: tuple[float, fl
     distortion measured alone before recovery; far from dense that stops predicting what recovery brings back
     (the distorted-digits ResNet at 0.5x NNCF's latency: the DP's plan recovered to 0.65 held-out top-1
     agreement, the uniform plan at fewer MACs to 0.90)."""
+    return _filled_if_better(planner, _uniform_of(planner, budget, window, dense, best), best, window)
+
+
+def _uniform_of(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
+                cand: Candidate) -> Candidate | None:
+    """The uniform allocation's plan for `cand`'s blocks dropped (its level found as in `_levels_for_latency`, at
+    the fastest precisions); None where even its most pruning does not fit."""
     try:
-        uniform = _levels_for_latency(planner.mix(best.blocks, "uniform"), budget, window, dense, refine=False)
+        return _levels_for_latency(planner.mix(cand.blocks, "uniform"), budget, window, dense, refine=False)
     except BudgetInfeasibleError:
-        return best
-    return _filled_if_better(planner, uniform, best, window)
+        return None
 
 
 def _filled_if_better(planner: Planner, cand: Candidate | None, best: Candidate | None,
@@ -109,8 +116,9 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
                  best: Candidate | None) -> Candidate | None:
     """Depth mixes where pruning is needed: 1, 2, ... blocks dropped (`Planner.drop_order`), each followed by the
     pruning level at the fastest precisions (the precision fill where no width pruning is needed); the most
-    faithful mix on the validation split (after its trial recovery where the plan will be recovered) then gets
-    the precision fill, and the more faithful of it and `best` is returned. Stops at the first mix that needs no
+    faithful mix on the validation split (after its trial recovery where the plan will be recovered), or the same
+    blocks dropped with the width pruning allocated uniformly where that is more faithful, then gets the precision
+    fill, and the more faithful of it and `best` is returned. Stops at the first mix that needs no
     width pruning (dropping more only loses fidelity) and after two mixes in a row that were no better. Mixes are compared before the fill: it costs a precision problem of
     its own per pruned model (calibration, sensitivities), the most expensive step on a transformer."""
     worse, mix = 0, None
@@ -126,6 +134,10 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
             worse += 1
         if cand.level <= 0 or worse >= 2:
             break
+    if mix is not None and mix.level > 0:  # the best mix's width pruning allocated uniformly, as for no blocks
+        uniform = _uniform_of(planner, budget, window, dense, mix)
+        if uniform is not None and promise(planner, uniform) > promise(planner, mix):
+            mix = uniform
     return _filled_if_better(planner, mix, best, window)
 
 
