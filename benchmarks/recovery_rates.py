@@ -1,13 +1,13 @@
-"""Recovery's peak learning rate and mixup: fixed rates beside the probed choice, and the default without mixup, on
-a pruned student of each frontier case.
+"""Recovery's peak learning rate and its augmentation: fixed rates beside the probed choice, and the default
+without augmentation, on a pruned student of each frontier case.
 
 One student per case, pruned as the frontier's baselines are (CNN: Torch-Pruning uniform 0.68 of every conv's
 channels; MiniLM: every other block dropped), is distilled from the original for the same number of steps (about
 what 2 and 4 minutes allow here) at each fixed peak rate and with the default (the first 6% of the steps probe
 1e-4, 3e-4 and 1e-3, the best on the validation fifth goes on; with a step budget the two losing probes' steps are
-run on top, with a time budget they come out of the minutes). Every row but the last blends half of each batch
-of images (mixup; token ids are never blended, so MiniLM has no such row). Steps, not minutes, so that the rows compare the
-same training whatever else the machine runs. Calibration, early stopping and scoring as in `frontier.py --quick`:
+run on top, with a time budget they come out of the minutes). Every row but the last augments half of each batch
+(images: mixup of two samples; text: 15% of the inner tokens swapped for others of the batch). Steps, not
+minutes, so that the rows compare the same training whatever else the machine runs. Calibration, early stopping and scoring as in `frontier.py --quick`:
 256 calibration samples (a fifth for early stopping), scored in float (PyTorch) on the held-out sets no step saw.
 
     .venv/bin/python benchmarks/recovery_rates.py [--case cnn|minilm]
@@ -49,7 +49,7 @@ def student_of(name: str, case: dict[str, Any]) -> torch.nn.Module:
 
 
 def run_case(name: str, case: dict[str, Any]) -> dict[str, Any]:
-    from deploy.compress.distill import DistillConfig, _mixes, distill
+    from deploy.compress.distill import DistillConfig, distill
 
     split = frontier.early_stopping_split(case)
     start = student_of(name, case)
@@ -61,8 +61,7 @@ def run_case(name: str, case: dict[str, Any]) -> dict[str, Any]:
                 for r in FIXED]
     default = DistillConfig(steps=steps, recover_minutes=unbounded, eval_every=25)
     settings.append(("probed (the default)", default))
-    if _mixes(split.calibration, default):
-        settings.append(("probed, no mixup", dataclasses.replace(default, mixup=0.0)))
+    settings.append(("probed, no augmentation", dataclasses.replace(default, augment=0.0)))
     rows = {}
     for key, config in settings:
         student = copy.deepcopy(start)
@@ -85,7 +84,7 @@ def run_case(name: str, case: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["## Recovery's learning rate and mixup (issue 16, item 5)", ""]
+    lines = ["## Recovery's learning rate and augmentation (issue 16, item 5)", ""]
     lines += [" ".join(part.split()) for part in __doc__.split("\n\n")[:2]] + [""]
     for case in result["cases"].values():
         sets, metrics = list(case["sets"]), case["metrics"]

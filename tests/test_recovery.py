@@ -47,7 +47,7 @@ def test_text_batches_are_cut_to_their_longest_sequence():
 
 
 def test_image_batches_are_half_mixup_and_token_ids_are_never_blended():
-    from deploy.compress.distill import _mixes, mixed
+    from deploy.compress.distill import _augmentation, mixed
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(8, 1, 4, 4)
@@ -60,12 +60,85 @@ def test_image_batches_are_half_mixup_and_token_ids_are_never_blended():
         fits = [(j, w) for j in range(8) for w in [_weight(images[row], images[j], out[0][row])]
                 if w is not None and torch.allclose(w * features[row] + (1 - w) * features[j], out[1][row], atol=1e-5)]
         assert fits, f"sample {row} is not a mix of two inputs"
-    assert _mixes([(images[:1],)], DistillConfig()) == 0.5
-    assert _mixes([(torch.ones(1, 12, dtype=torch.int64), torch.ones(1, 12, dtype=torch.int64))], DistillConfig()) == 0
+    assert _augmentation([(images[:1],)], DistillConfig()) == "mixup"
+    text = [(torch.ones(1, 12, dtype=torch.int64), torch.ones(1, 12, dtype=torch.int64))]
+    assert _augmentation(text, DistillConfig()) == "token swap"
+    assert _augmentation(text, DistillConfig(token_swap=0.0)) == _augmentation(text, DistillConfig(augment=0.0)) == ""
     one = (images[:1],)
     assert mixed(one, gen, 0.5) is one  # one sample: nothing to blend it with
-    with pytest.raises(ValueError, match="mixup"):
-        DistillConfig(mixup=1.5)
+    with pytest.raises(ValueError, match="augment"):
+        DistillConfig(augment=1.5)
+
+
+def test_token_swap_replaces_inner_tokens_of_the_first_share_with_tokens_of_the_batch():
+    from deploy.compress.distill import swapped
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.arange(100, 100 + 8 * 20).reshape(8, 20)
+    mask = torch.ones(8, 20, dtype=torch.int64)
+    mask[:, 15:] = 0
+    ids[mask == 0] = 0
+    out, out_mask = swapped((ids, mask), gen, 0.5, 0.5)
+    assert out_mask is mask and torch.equal(out[4:], ids[4:])  # the other half as it was
+    assert torch.equal(out[:, [0, 14]], ids[:, [0, 14]]) and torch.equal(out[:, 15:], ids[:, 15:])  # [CLS], [SEP], pad
+    changed = out[:4] != ids[:4]
+    assert 10 < int(changed.sum()) < 46  # about half of the 4 x 13 inner tokens
+    inner = set(ids[:, 1:14].flatten().tolist())
+    assert set(out[:4][changed].tolist()) <= inner  # drawn from the batch's own inner tokens
+    assert swapped((ids, mask), gen, 0.5, 0.0)[0] is ids
+    image = (torch.randn(4, 1, 8, 8),)
+    assert swapped(image, gen, 0.5, 0.5) is image
+
+
+class _Seen(torch.nn.Module):
+    """A teacher that records the inputs of every training step (batches larger than one validation sample)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, *inputs):
+        if inputs[0].shape[0] == 8:
+            self.seen.append(inputs[0].clone())
+        return self.inner(*inputs)
+
+
+class _Bag(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, ids, mask):
+        return self.head((self.embed(ids) * mask.unsqueeze(-1)).sum(1))
+
+
+@pytest.mark.parametrize("kind", ["features", "text"])
+def test_training_batches_are_augmented_as_configured(kind):
+    """The wiring: what recovery trains on is blended (features) or has tokens swapped (text) by default where
+    configured, and is the calibration samples as they are with both off."""
+    from deploy.compress.distill import distill
+    from deploy.core.data import CalibrationSet
+
+    torch.manual_seed(0)
+    if kind == "features":
+        inner = torch.nn.Sequential(torch.nn.Linear(6, 4))
+        samples = [(torch.randn(1, 6),) for _ in range(48)]
+        on, off = DistillConfig(steps=4, batch_size=8, rates=()), DistillConfig(steps=4, batch_size=8, augment=0.0)
+    else:
+        inner = _Bag()
+        samples = [(torch.randint(1, 50, (1, 10)), torch.ones(1, 10, dtype=torch.int64)) for _ in range(48)]
+        on = DistillConfig(steps=4, batch_size=8, rates=())
+        off = DistillConfig(steps=4, batch_size=8, rates=(), token_swap=0.0)
+    data = CalibrationSet(samples[:32], [], None, "test", "x", validation=samples[32:])
+    rows = torch.cat([s[0] for s in samples[:32]])
+    for config, augmented in ((on, True), (off, False)):
+        teacher = _Seen(copy.deepcopy(inner))
+        result = distill(copy.deepcopy(inner), teacher, data, config)
+        assert result.augmented == (0.5 if augmented else 0.0)
+        assert result.augmentation == ("" if not augmented else "mixup" if kind == "features" else "token swap")
+        seen = torch.cat(teacher.seen)
+        known = [any(torch.equal(row, r) for r in rows) for row in seen]
+        assert (not all(known)) == augmented, (kind, augmented)
 
 
 def _weight(a: torch.Tensor, b: torch.Tensor, got: torch.Tensor) -> torch.Tensor | None:

@@ -297,6 +297,6 @@ def test_the_summary_says_what_recovery_did(runs, capsys):
     report["recovery"].update(rate=0.001, probes=[{"rate": r} for r in (1e-4, 3e-4, 1e-3)])
     _print_report(report)
     assert "(time, kept step 25, learning rate 0.001 of 3 probed)" in " ".join(capsys.readouterr().out.split())
-    report["recovery"]["mixup"] = 0.5
+    report["recovery"].update(augmentation="mixup", augmented=0.5)
     _print_report(report)
-    assert "learning rate 0.001 of 3 probed, 50% of each batch mixup)" in " ".join(capsys.readouterr().out.split())
+    assert "learning rate 0.001 of 3 probed, mixup on 50% of each batch)" in " ".join(capsys.readouterr().out.split())

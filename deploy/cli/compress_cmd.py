@@ -97,7 +97,7 @@ def _print_report(report: dict) -> None:
         minutes = report["decisions"].get("recover", {}).get("minutes")
         limit = f" of a {minutes:g}-minute budget" if minutes else ""
         console.print(f"recovery: {recovery['steps']} steps in {recovery['seconds']:.0f} s{limit} ({recovery['stopped']}, "
-                      f"kept step {recovery['kept_step']}{_rate(recovery)}{_mixup(recovery)}); validation {recovery['metric']} "
+                      f"kept step {recovery['kept_step']}{_rate(recovery)}{_augmented(recovery)}); validation {recovery['metric']} "
                       f"{recovery['before']:.4g} -> {recovery['after']:.4g}", highlight=False)
     if r.get("speedup"):
         ci = r.get("speedup_ci")
@@ -122,9 +122,9 @@ def _rate(recovery: dict) -> str:
     return f", learning rate {rate:g}" + (f" of {len(recovery['probes'])} probed" if recovery.get("probes") else "")
 
 
-def _mixup(recovery: dict) -> str:
-    share = recovery.get("mixup")
-    return f", {share:.0%} of each batch mixup" if share else ""
+def _augmented(recovery: dict) -> str:
+    how, share = recovery.get("augmentation"), recovery.get("augmented")
+    return f", {how} on {share:.0%} of each batch" if how and share else ""
 
 
 @app.command("search")
