@@ -12,7 +12,8 @@ peak rate is probed where the run is long enough: the first steps at each of RAT
 at 1e-3 left KL 0.074 to the original on held-out digits, at 1e-4 0.176. Where every input is a float tensor
 (images, audio, features; token ids cannot be blended) half of each batch is mixup of two calibration inputs, run
 through teacher and student alike: the student learns the teacher's function between the samples too, not only at
-the few hundred it is shown (Beyer et al., "Knowledge distillation: a good teacher is patient and consistent").
+the few hundred it is shown (Beyer et al., "Knowledge distillation: a good teacher is patient and consistent"; the
+digits ResNet pruned to 0.68 of its channels, 450 steps: held-out top-1 agreement 0.917 -> 0.928, KL 0.076 -> 0.059).
 Text gets the same in its own terms: in half of each batch 15% of the inner tokens are swapped for tokens drawn from
 the batch (MiniLM with every other block dropped, 260 steps: held-out pooled cosine 0.673 -> 0.709).
 """
