@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deploy.compress.distill_augment import augmentation_of, mixed, swapped
 from deploy.compress.distill_loss import Features, matched_blocks, step_loss, text_mask
 from deploy.core.data import CalibrationSet
 from deploy.core.metrics import fidelity, first_tensor, primary_metric
@@ -137,52 +138,6 @@ def _batch(samples: list[tuple[torch.Tensor, ...]], gen: torch.Generator, size: 
     return tuple(torch.cat([samples[i][k] for i in idx]) for k in range(len(samples[0])))
 
 
-def mixed(batch: tuple[torch.Tensor, ...], gen: torch.Generator, share: float) -> tuple[torch.Tensor, ...]:
-    """`batch` with its first `share` of samples each blended with another sample of the batch (every input
-    tensor with the same partner and weight)."""
-    size = batch[0].shape[0]
-    count = round(share * size)
-    if count < 1 or size < 2:
-        return batch
-    partner = torch.randperm(size, generator=gen)[:count]
-    weight = torch.rand(count, generator=gen)
-    out = []
-    for t in batch:
-        w = weight.to(t.dtype).reshape(-1, *([1] * (t.dim() - 1)))
-        out.append(torch.cat([w * t[:count] + (1 - w) * t[partner], t[count:]]))
-    return tuple(out)
-
-
-def swapped(batch: tuple[torch.Tensor, ...], gen: torch.Generator, share: float, rate: float
-            ) -> tuple[torch.Tensor, ...]:
-    """A text batch (input_ids, attention_mask, ...) whose first `share` of samples have `rate` of their inner
-    tokens (real ones, neither the first nor the last: [CLS], [SEP]) replaced by inner tokens drawn from the batch."""
-    mask, ids = text_mask(batch), batch[0]
-    count = round(share * ids.shape[0])
-    if mask is None or count < 1 or rate <= 0:
-        return batch
-    position = torch.arange(ids.shape[1])
-    inner = (position >= 1) & (position < (mask.sum(1, keepdim=True) - 1))
-    pool = ids[inner]
-    pick = inner.clone()
-    pick[count:] = False
-    pick &= torch.rand(pick.shape, generator=gen) < rate
-    if len(pool) == 0 or not pick.any():
-        return batch
-    out = ids.clone()
-    out[pick] = pool[torch.randint(len(pool), (int(pick.sum()),), generator=gen)]
-    return (out, *batch[1:])
-
-
-def _augmentation(samples: list[tuple[torch.Tensor, ...]], config: DistillConfig) -> str:
-    """How a run augments its batches: mixup where every input is a float tensor, token swap for text, else not."""
-    if not samples or not config.augment:
-        return ""
-    if all(t.is_floating_point() for t in samples[0]):
-        return "mixup"
-    return "token swap" if text_mask(samples[0]) is not None and config.token_swap else ""
-
-
 def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration: CalibrationSet, batch_size: int = 64,
              split: str = "validation") -> dict[str, Any]:
     """Fidelity of `model` against precomputed teacher outputs on `split` (validation: what early stopping may
@@ -266,7 +221,7 @@ class _Trainer:
         self.blocks, self.feats, self.teacher_held, self.gen, self.metric = blocks, feats, teacher_held, gen, metric
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.trim = config.trim_padding and _trims(student, calibration.calibration, config)
-        self.augmentation = _augmentation(calibration.calibration, config)
+        self.augmentation = augmentation_of(calibration.calibration, config)
         self.horizon, self.bar = 0, None
         self.probes: list[dict[str, float]] = []
         self.start = time.monotonic()

@@ -47,7 +47,7 @@ def test_text_batches_are_cut_to_their_longest_sequence():
 
 
 def test_image_batches_are_half_mixup_and_token_ids_are_never_blended():
-    from deploy.compress.distill import _augmentation, mixed
+    from deploy.compress.distill_augment import augmentation_of, mixed
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(8, 1, 4, 4)
@@ -60,10 +60,10 @@ def test_image_batches_are_half_mixup_and_token_ids_are_never_blended():
         fits = [(j, w) for j in range(8) for w in [_weight(images[row], images[j], out[0][row])]
                 if w is not None and torch.allclose(w * features[row] + (1 - w) * features[j], out[1][row], atol=1e-5)]
         assert fits, f"sample {row} is not a mix of two inputs"
-    assert _augmentation([(images[:1],)], DistillConfig()) == "mixup"
+    assert augmentation_of([(images[:1],)], DistillConfig()) == "mixup"
     text = [(torch.ones(1, 12, dtype=torch.int64), torch.ones(1, 12, dtype=torch.int64))]
-    assert _augmentation(text, DistillConfig()) == "token swap"
-    assert _augmentation(text, DistillConfig(token_swap=0.0)) == _augmentation(text, DistillConfig(augment=0.0)) == ""
+    assert augmentation_of(text, DistillConfig()) == "token swap"
+    assert augmentation_of(text, DistillConfig(token_swap=0.0)) == augmentation_of(text, DistillConfig(augment=0.0)) == ""
     one = (images[:1],)
     assert mixed(one, gen, 0.5) is one  # one sample: nothing to blend it with
     with pytest.raises(ValueError, match="augment"):
@@ -71,7 +71,7 @@ def test_image_batches_are_half_mixup_and_token_ids_are_never_blended():
 
 
 def test_token_swap_replaces_inner_tokens_of_the_first_share_with_tokens_of_the_batch():
-    from deploy.compress.distill import swapped
+    from deploy.compress.distill_augment import swapped
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.arange(100, 100 + 8 * 20).reshape(8, 20)
