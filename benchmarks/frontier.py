@@ -199,8 +199,8 @@ def distilled_nncf(case: dict[str, Any], student: torch.nn.Module, minutes: floa
     decay, early stop on the same fifth of the calibration samples deploy keeps), then NNCF int8."""
     from deploy.compress.distill import DistillConfig, distill
 
-    result = distill(student, case["module"], early_stopping_split(case), DistillConfig(steps=None, recover_minutes=minutes,
-                                                                   eval_every=25))
+    result = distill(student, case["module"], early_stopping_split(case),
+                     DistillConfig(steps=None, recover_minutes=minutes, eval_every=25))
     xml = nncf_int8(case, export(case, student, folder / f"{name}.onnx"), folder / f"{name}.xml")
     return xml, {"steps": result.steps, "stopped": result.stopped, "validation_before": result.before,
                  "validation_after": result.after}

@@ -7,7 +7,8 @@ what 2 and 4 minutes allow here) at each fixed peak rate and with the default (t
 1e-4, 3e-4 and 1e-3, the best on the validation fifth goes on; with a step budget the two losing probes' steps are
 run on top, with a time budget they come out of the minutes). Every row but the last augments half of each batch
 (images: mixup of two samples; text: 15% of the inner tokens swapped for others of the batch). Steps, not
-minutes, so that the rows compare the same training whatever else the machine runs. Calibration, early stopping and scoring as in `frontier.py --quick`:
+minutes, so that the rows compare the same training whatever else the machine runs. Calibration, early stopping
+and scoring as in `frontier.py --quick`:
 256 calibration samples (a fifth for early stopping), scored in float (PyTorch) on the held-out sets no step saw.
 
     .venv/bin/python benchmarks/recovery_rates.py [--case cnn|minilm]
@@ -50,16 +51,15 @@ def student_of(name: str, case: dict[str, Any]) -> torch.nn.Module:
 
 def run_case(name: str, case: dict[str, Any]) -> dict[str, Any]:
     from deploy.compress.distill import DistillConfig, distill
+    from deploy.compress.recover import UNLIMITED_MINUTES
 
     split = frontier.early_stopping_split(case)
     start = student_of(name, case)
     steps = STEPS[name]
     with torch.no_grad():
         refs = {k: torch.cat([case["module"](*s) for s in samples]).float() for k, (samples, _) in case["sets"].items()}
-    unbounded = 1e6  # minutes: the step count bounds each run
-    settings = [(f"fixed {r:g}", DistillConfig(steps=steps, recover_minutes=unbounded, eval_every=25, lr=r, rates=()))
-                for r in FIXED]
-    default = DistillConfig(steps=steps, recover_minutes=unbounded, eval_every=25)
+    default = DistillConfig(steps=steps, recover_minutes=UNLIMITED_MINUTES, eval_every=25)  # the steps bound each run
+    settings = [(f"fixed {r:g}", dataclasses.replace(default, lr=r, rates=())) for r in FIXED]
     settings.append(("probed (the default)", default))
     settings.append(("probed, no augmentation", dataclasses.replace(default, augment=0.0)))
     rows = {}

@@ -40,7 +40,7 @@ def swapped(batch: tuple[torch.Tensor, ...], gen: torch.Generator, share: float,
     pick = inner.clone()
     pick[count:] = False
     pick &= torch.rand(pick.shape, generator=gen) < rate
-    if len(pool) == 0 or not pick.any():
+    if not pick.any():  # (no inner token at all: nothing picked, nothing to draw from)
         return batch
     out = ids.clone()
     out[pick] = pool[torch.randint(len(pool), (int(pick.sum()),), generator=gen)]

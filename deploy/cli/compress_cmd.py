@@ -97,7 +97,8 @@ def _print_report(report: dict) -> None:
         minutes = report["decisions"].get("recover", {}).get("minutes")
         limit = f" of a {minutes:g}-minute budget" if minutes else ""
         console.print(f"recovery: {recovery['steps']} steps in {recovery['seconds']:.0f} s{limit} ({recovery['stopped']}, "
-                      f"kept step {recovery['kept_step']}{_rate(recovery)}{_augmented(recovery)}); validation {recovery['metric']} "
+                      f"kept step {recovery['kept_step']}{_rate(recovery)}{_augmented(recovery)}); "
+                      f"validation {recovery['metric']} "
                       f"{recovery['before']:.4g} -> {recovery['after']:.4g}", highlight=False)
     if r.get("speedup"):
         ci = r.get("speedup_ci")
