@@ -128,7 +128,11 @@ def trimmed(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     length = int(mask.sum(1).max())
     if length <= 0 or length >= mask.shape[1]:
         return batch
-    width = mask.shape[1]
+    return _cut(batch, mask.shape[1], length)
+
+
+def _cut(batch: tuple[torch.Tensor, ...], width: int, length: int) -> tuple[torch.Tensor, ...]:
+    """The batch's token tensors (integer, [batch, width]) cut to their first `length` positions."""
     return tuple(t[:, :length] if t.dim() == 2 and t.shape[1] == width and not t.is_floating_point() else t
                  for t in batch)
 
@@ -318,10 +322,15 @@ class _Trainer:
 
 
 def _trims(student: nn.Module, samples: list[tuple[torch.Tensor, ...]], config: DistillConfig) -> bool:
-    """Whether text batches can be cut to their longest sequence: a model with a fixed sequence length cannot
-    take them (tried on a batch drawn apart from the training stream)."""
+    """Whether text batches can be cut to their longest sequence: only text has padding to cut, and a model with a
+    fixed sequence length cannot take a shorter one (tried on a batch drawn apart from the training stream, cut
+    by one position where it has no padding)."""
     batch = _batch(samples, torch.Generator().manual_seed(config.seed + 2), config.batch_size)
-    return trimmed(batch) is batch or _runs_trimmed(student, trimmed(batch))
+    mask = text_mask(batch)
+    if mask is None or mask.shape[1] < 2:
+        return False
+    cut = trimmed(batch)
+    return _runs_trimmed(student, cut if cut is not batch else _cut(batch, mask.shape[1], mask.shape[1] - 1))
 
 
 def _steps_allowed(trainer: "_Trainer", seconds: float) -> int:

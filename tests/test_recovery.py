@@ -1,5 +1,5 @@
-"""Recovery's pieces: the learning-rate schedule (and its replay), trimmed text batches, the default time budget,
-the embedding loss, and the blocks whose features are matched."""
+"""Recovery's pieces: the learning-rate schedule (and its replay), trimmed text batches (and which models take
+them), the default time budget, the embedding loss, and the blocks whose features are matched."""
 from __future__ import annotations
 
 import copy
@@ -44,6 +44,29 @@ def test_text_batches_are_cut_to_their_longest_sequence():
     assert trimmed(image) is image
     full = (ids, torch.ones(2, 12, dtype=torch.int64))
     assert trimmed(full) is full
+
+
+def test_padding_is_cut_only_for_text_a_model_takes_shorter():
+    from deploy.compress.distill import _trims
+
+    class AnyLength(torch.nn.Module):
+        def forward(self, ids, mask):
+            return (ids * mask).float().sum(1, keepdim=True)
+
+    class FixedLength(AnyLength):
+        def forward(self, ids, mask):
+            if ids.shape[1] != 12:
+                raise RuntimeError("expected 12 tokens")
+            return super().forward(ids, mask)
+
+    padded = [(torch.arange(12).reshape(1, 12), torch.tensor([[1] * 6 + [0] * 6]))] * 4
+    full = [(torch.arange(12).reshape(1, 12), torch.ones(1, 12, dtype=torch.int64))] * 4
+    config = DistillConfig(batch_size=4)
+    assert _trims(AnyLength(), padded, config) and _trims(AnyLength(), full, config)
+    assert not _trims(FixedLength(), padded, config)
+    assert not _trims(FixedLength(), full, config)  # no padding in the batch tried: tried one position shorter
+    images = [(torch.randn(1, 1, 4, 4),)] * 4
+    assert not _trims(torch.nn.Flatten(), images, config)  # nothing to cut: the report must not say it was
 
 
 def test_image_batches_are_half_mixup_and_token_ids_are_never_blended():
