@@ -28,6 +28,7 @@ class Candidate:
     sqnr_db: float | None = None  # output SQNR on the same split as `fidelity` (breaks its ties, `faithfulness`)
     trial: dict[str, Any] | None = None  # validation fidelity after a short recovery (`trial_recovery`)
     allocation: str = "dp"  # how `removed` was spread over the units: the DP's, or one uniform ratio
+    remeasured: dict[str, Any] | None = None  # measured again inside the noise margin (`near_fit`)
 
     def row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)

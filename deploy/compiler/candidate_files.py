@@ -36,7 +36,7 @@ def prepare_run(setup: Any, path: Path) -> Callable[[], object]:
 
 
 def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | None = None, plan: Any = None,
-            baseline: Path | None = None) -> dict[str, Any]:
+            baseline: Path | None = None, blocks: int = CANDIDATE_BLOCKS) -> dict[str, Any]:
     """p50 measured in the target's runtime here, or predicted (with its band) for a device not at hand.
     Measured against `baseline` (the dense model's file) when given, in the blocks of the final report
     (targets.measure.paired): a candidate's p50 is what the report will say (a small model timed alone keeps its
@@ -45,10 +45,10 @@ def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | No
     if not setup.target.measured:
         return predicted_latency(setup, path, module, plan)
     from deploy.targets.measure.loop import MeasureConfig, measure
-    from deploy.targets.measure.paired import measure_blocks
+    from deploy.targets.measure.paired import measure_blocks, median_interval
 
     config = MeasureConfig(warmup_min_s=0.1, warmup_min_runs=5, min_samples=32, min_seconds=seconds,
-                           max_seconds=max(10.0, seconds * 4), blocks=CANDIDATE_BLOCKS)
+                           max_seconds=max(10.0, seconds * 4), blocks=blocks)
     if baseline is None:
         result = measure(prepare_run(setup, path), config).to_dict()
         return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result}
@@ -57,8 +57,8 @@ def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | No
     result = candidate.to_dict()
     ratio = comparison.to_dict()
     return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result,
-            "ratio_to_dense": ratio["ratio"], "ratio_ci": [ratio["ci_low"], ratio["ci_high"]],
-            "block_ratios": ratio["block_ratios"]}
+            "interval_ms": list(median_interval(candidate)), "ratio_to_dense": ratio["ratio"],
+            "ratio_ci": [ratio["ci_low"], ratio["ci_high"]], "block_ratios": ratio["block_ratios"]}
 
 
 def planned_ms(timing: dict[str, Any]) -> float:

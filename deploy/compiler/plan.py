@@ -22,7 +22,9 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
    exported model wins, after a short recovery of each where the plan will be recovered (`trial_recovery`).
 
 A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only within
-3% of 0.9); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The final model is measured
+3% of 0.9); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The dense model at its
+fastest precisions measured inside the budget but not the margin is timed again as the final measurement times it
+and kept where that whole interval is within the budget (`near_fit`). The final model is measured
 again against the original, interleaved. Of every candidate measured inside 0.95 x budget, the most faithful on the
 validation split is the answer (`most_faithful`). Fidelity floors and size budgets: `floor_and_size`.
 """
@@ -33,6 +35,7 @@ from typing import Any, Callable
 
 from deploy.compiler.candidate import Candidate, structure_of
 from deploy.compiler.candidates import Planner
+from deploy.compiler.near_fit import fits_when_remeasured
 from deploy.compiler.precision_fill import PRECISION_STEPS, fill_precision
 from deploy.compiler.trial_recovery import Trials, needs_recovery, promise, structure
 from deploy.core.errors import BudgetInfeasibleError
@@ -165,7 +168,7 @@ def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, fl
     fast0 = None
     if planner.quantizes:
         fast0 = planner.fastest_candidate()
-        if fast0.latency_ms <= target:
+        if fast0.latency_ms <= target or fits_when_remeasured(planner, fast0, budget):
             sp = planner.quant(0.0).space
             points = [(sp.latency(sp.float_labels()), dense.latency_ms), (sp.latency(fast0.labels), fast0.latency_ms)]
             return fill_precision(planner, 0.0, window, points, fast0)

@@ -1,0 +1,93 @@
+"""The dense model at its fastest precisions, measured inside the budget but inside the search's 5% noise margin,
+is timed again as the final measurement times it and kept where that whole interval is within the budget."""
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+import pytest
+
+from deploy.compiler.candidate import Candidate
+from deploy.compiler.near_fit import fits_when_remeasured
+from deploy.compiler.plan import SAFE, _levels_for_latency
+from deploy.core.errors import BudgetInfeasibleError
+
+
+class Remeasuring:
+    """A planner whose second measurement of a candidate gives `ratio_ci` (x the dense model's 10 ms)."""
+
+    def __init__(self, ratio_ci: tuple[float, float], relative: bool = True, measured: bool = True):
+        self.ratio_ci, self.relative, self.calls = ratio_ci, relative, []
+        self.setup = NS(target=NS(measured=measured))
+        self.dense = Candidate("fp32", 0.0, {}, 10.0, None, 1.0)
+        self.candidates, self.expected = [self.dense], 1
+        self.note = lambda *args, **kwargs: None
+
+    def remeasured(self, candidate: Candidate, blocks: int) -> dict:
+        self.calls.append(blocks)
+        interval = [r * 9.0 for r in self.ratio_ci]  # the p50's own interval: a drifted machine, 9 ms dense
+        return {"ratio_ci": list(self.ratio_ci), "interval_ms": interval}
+
+
+def _int8(latency_ms: float) -> Candidate:
+    return Candidate("int8", 0.0, {}, latency_ms, 0.9985, 1.0, {"a": "int8"}, origin="dense, every layer int8")
+
+
+def test_a_near_fit_is_kept_only_where_its_whole_interval_is_within_the_budget():
+    from deploy.compiler.apply import FINAL_BLOCKS
+
+    budget = 10.0 / 1.1  # a speed-up of 1.1 asked: 9.09 ms on the planner's scale
+    cand = _int8(0.975 * budget)  # inside the budget, not inside SAFE x budget
+    assert cand.latency_ms > SAFE * budget
+    fits = Remeasuring((0.88, 0.905))
+    assert fits_when_remeasured(fits, cand, budget) and fits.calls == [FINAL_BLOCKS]  # timed as the final one
+    assert cand.remeasured["interval_ms"] == pytest.approx([8.8, 9.05]) and cand.remeasured["fits"]
+    assert fits_when_remeasured(fits, cand, budget) and len(fits.calls) == 1  # met again: not timed again
+    straddles = Remeasuring((0.89, 0.92))  # its interval reaches past the budget: the verdict would not say met
+    assert not fits_when_remeasured(straddles, _int8(0.975 * budget), budget)
+    absolute = Remeasuring((0.88, 0.905), relative=False)  # an ms budget: the p50's own interval decides
+    cand = _int8(0.975 * budget)
+    assert fits_when_remeasured(absolute, cand, budget) and cand.remeasured["interval_ms"] == pytest.approx(
+        [7.92, 8.145])
+    over, predicted = Remeasuring((0.5, 0.6)), Remeasuring((0.5, 0.6), measured=False)
+    assert not fits_when_remeasured(over, _int8(1.01 * budget), budget) and not over.calls  # over: not timed again
+    assert not fits_when_remeasured(predicted, _int8(0.975 * budget), budget) and not predicted.calls  # a band
+
+
+@pytest.mark.parametrize("ratio_ci, kept", [((0.88, 0.905), True), ((0.89, 0.92), False)])
+def test_the_precision_only_plan_in_the_margin_is_kept_when_it_measures_within_the_budget(monkeypatch, ratio_ci,
+                                                                                          kept):
+    import deploy.compiler.plan as plan
+
+    budget = 10.0 / 1.1
+    window = (0.85 * budget, SAFE * budget)
+    planner = Remeasuring(ratio_ci)
+    planner.quantizes, planner.can_prune = True, False  # where it does not fit, nothing else can
+    fast = _int8(0.975 * budget)
+    planner.fastest_candidate = lambda level=0.0: fast
+    planner.fastest = lambda level=0.0: fast.labels
+    planner.quant = lambda level: NS(space=NS(latency=lambda labels: 1.0, float_labels=lambda: {}))
+    monkeypatch.setattr(plan, "fill_precision", lambda planner_, level, window_, points, fits: fits)
+    if kept:
+        assert _levels_for_latency(planner, budget, window, planner.dense) is fast
+    else:
+        with pytest.raises(BudgetInfeasibleError):
+            _levels_for_latency(planner, budget, window, planner.dense)
+    assert len(planner.calls) == 1 and fast.remeasured["fits"] is kept
+
+
+def test_a_real_candidate_is_timed_again_against_the_dense_model(tmp_path):
+    """On the example model and ONNX Runtime: the second measurement is interleaved with the dense model and
+    lands on the planner's scale (the dense model timed against itself: a ratio near 1)."""
+    from deploy.compiler.budget import Budget
+    from deploy.compiler.candidates import Planner
+    from deploy.compiler.job import CompressRequest, _setup
+
+    request = CompressRequest(example=True, target="cpu", budget=Budget("speedup", 1.2), threads=1,
+                              measure_seconds=0.2, out=str(tmp_path / "out"))
+    planner = Planner(request, _setup(request, tmp_path / "work"))
+    planner.time_against_dense()
+    planner.dense = planner.evaluate(0.0, None, "dense fp32")
+    assert fits_when_remeasured(planner, planner.dense, 3 * planner.dense.latency_ms)
+    low, high = planner.dense.remeasured["interval_ms"]
+    assert 0.5 * planner.dense.latency_ms < low <= high < 2.0 * planner.dense.latency_ms
+    assert planner.dense.row()["remeasured"]["fits"] is True  # report.json's candidates say so
