@@ -198,8 +198,11 @@ def _candidate_table(report: dict[str, Any]) -> str:
     for c in report.get("candidates", []):
         removed = sum(c.get("removed", {}).values()) if c.get("removed") else 0
         star = "&#9733; " if c.get("chosen") else ""
+        again = c.get("remeasured")  # inside the noise margin: timed again, the top of that interval
+        latency = num(c.get("latency_ms"), " ms") + (f" (timed again: up to {num(again['interval_ms'][1], ' ms')})"
+                                                      if again else "")
         rows.append((star + esc(c.get("origin", "")), esc(c.get("precision")), num(len(c.get("blocks") or ())),
-                     num(c.get("level")), num(removed), num(c.get("latency_ms"), " ms"), num(c.get("fidelity")),
+                     num(c.get("level")), num(removed), latency, num(c.get("fidelity")),
                      num((c.get("trial") or {}).get("fidelity")), num(c.get("size_mb"), " MB")))
     return table(("candidate", "precision", "blocks dropped", "pruning level", "units removed", "latency p50",
                   "validation fidelity", "after trial recovery", "size"), rows)
