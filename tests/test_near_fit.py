@@ -17,13 +17,13 @@ class Remeasuring:
 
     def __init__(self, ratio_ci: tuple[float, float], relative: bool = True, measured: bool = True):
         self.ratio_ci, self.relative, self.calls = ratio_ci, relative, []
-        self.setup = NS(target=NS(measured=measured))
+        self.setup, self.request = NS(target=NS(measured=measured)), NS(measure_seconds=1.0)
         self.dense = Candidate("fp32", 0.0, {}, 10.0, None, 1.0)
         self.candidates, self.expected = [self.dense], 1
         self.note = lambda *args, **kwargs: None
 
-    def remeasured(self, candidate: Candidate, blocks: int) -> dict:
-        self.calls.append(blocks)
+    def remeasured(self, candidate: Candidate, config) -> dict:
+        self.calls.append(config)
         interval = [r * 9.0 for r in self.ratio_ci]  # the p50's own interval: a drifted machine, 9 ms dense
         return {"ratio_ci": list(self.ratio_ci), "interval_ms": interval}
 
@@ -33,13 +33,13 @@ def _int8(latency_ms: float) -> Candidate:
 
 
 def test_a_near_fit_is_kept_only_where_its_whole_interval_is_within_the_budget():
-    from deploy.compiler.apply import FINAL_BLOCKS
+    from deploy.compiler.apply import final_measure_config
 
     budget = 10.0 / 1.1  # a speed-up of 1.1 asked: 9.09 ms on the planner's scale
     cand = _int8(0.975 * budget)  # inside the budget, not inside SAFE x budget
     assert cand.latency_ms > SAFE * budget
     fits = Remeasuring((0.88, 0.905))
-    assert fits_when_remeasured(fits, cand, budget) and fits.calls == [FINAL_BLOCKS]  # timed as the final one
+    assert fits_when_remeasured(fits, cand, budget) and fits.calls == [final_measure_config(1.0)]  # as the final one
     assert cand.remeasured["interval_ms"] == pytest.approx([8.8, 9.05]) and cand.remeasured["fits"]
     assert fits_when_remeasured(fits, cand, budget) and len(fits.calls) == 1  # met again: not timed again
     straddles = Remeasuring((0.89, 0.92))  # its interval reaches past the budget: the verdict would not say met

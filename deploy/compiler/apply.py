@@ -40,7 +40,7 @@ def apply_plan(passes: list[Any], request: Any, setup: Any, out_dir: Path, note:
     setup.warnings.extend(r.data["message"] for r in state.records if r.kind == "warning" and "message" in r.data)
     dense_path = export_fp32(setup.loaded.module, setup, setup.workdir / "dense.onnx")
     note("measuring", 0.85)
-    result["latency"] = _final_latency(setup, dense_path, path, max(2.0, request.measure_seconds), state.module, plan)
+    result["latency"] = _final_latency(setup, dense_path, path, request.measure_seconds, state.module, plan)
     result["fidelity"] = fidelity_of(setup, path)
     if result["fidelity"].get("non_finite_samples"):
         from deploy.core.errors import MeasurementError
@@ -70,20 +70,26 @@ def _quantization(plan: Any, state: State) -> dict[str, Any] | None:
             "notes": export.get("notes", []), "files": export.get("files", [])}
 
 
+def final_measure_config(measure_seconds: float) -> Any:
+    """How the result is measured against the original (and a near fit timed again, `near_fit`): FINAL_BLOCKS
+    blocks of at least 64 samples and max(2, `measure_seconds`) s each."""
+    from deploy.targets.measure.loop import MeasureConfig
+
+    seconds = max(2.0, measure_seconds)
+    return MeasureConfig(min_samples=64, min_seconds=seconds, max_seconds=max(20.0, 4 * seconds), blocks=FINAL_BLOCKS)
+
+
 def _final_latency(setup: Any, dense: Path, final: Path, seconds: float, module: torch.nn.Module, plan: Any
                    ) -> dict[str, Any]:
     if not setup.target.measured:
         return {"source": "predicted", "original": predicted_latency(setup, dense, None, None),
                 "result": predicted_latency(setup, final, module, plan), "shapes": _shapes(setup)}
     from deploy.targets.measure.feeds import make_feeds
-    from deploy.targets.measure.loop import MeasureConfig
     from deploy.targets.measure.paired import measure_blocks, median_interval
     feeds = make_feeds(setup.measure_specs)
     runner = setup.target.runner()
-    config = MeasureConfig(min_samples=64, min_seconds=seconds, max_seconds=max(20.0, 4 * seconds),
-                           blocks=FINAL_BLOCKS)
     a, b, comparison = measure_blocks(lambda: runner.prepare(dense, feeds), lambda: runner.prepare(final, feeds),
-                                      config)
+                                      final_measure_config(seconds))
     return {"source": "measured", "original": a.to_dict(), "result": b.to_dict(), "comparison": comparison.to_dict(),
             "result_interval_ms": list(median_interval(b)), "shapes": _shapes(setup), "runtime": runner.describe()}
 

@@ -36,19 +36,19 @@ def prepare_run(setup: Any, path: Path) -> Callable[[], object]:
 
 
 def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | None = None, plan: Any = None,
-            baseline: Path | None = None, blocks: int = CANDIDATE_BLOCKS) -> dict[str, Any]:
+            baseline: Path | None = None, config: Any = None) -> dict[str, Any]:
     """p50 measured in the target's runtime here, or predicted (with its band) for a device not at hand.
     Measured against `baseline` (the dense model's file) when given, in the blocks of the final report
     (targets.measure.paired): a candidate's p50 is what the report will say (a small model timed alone keeps its
     weights in cache and looks faster than it does next to anything else), and its ratio to the dense model has
-    an interval that covers a session's placement."""
+    an interval that covers a session's placement. `config`: another measurement's (default: a candidate's)."""
     if not setup.target.measured:
         return predicted_latency(setup, path, module, plan)
     from deploy.targets.measure.loop import MeasureConfig, measure
     from deploy.targets.measure.paired import measure_blocks, median_interval
 
-    config = MeasureConfig(warmup_min_s=0.1, warmup_min_runs=5, min_samples=32, min_seconds=seconds,
-                           max_seconds=max(10.0, seconds * 4), blocks=blocks)
+    config = config or MeasureConfig(warmup_min_s=0.1, warmup_min_runs=5, min_samples=32, min_seconds=seconds,
+                                     max_seconds=max(10.0, seconds * 4), blocks=CANDIDATE_BLOCKS)
     if baseline is None:
         result = measure(prepare_run(setup, path), config).to_dict()
         return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result}

@@ -330,11 +330,11 @@ class Planner:
         candidate = self._keep(candidate)
         return self.with_fidelity(candidate) if fidelity else candidate
 
-    def remeasured(self, candidate: Candidate, blocks: int) -> dict[str, Any]:
-        """`candidate`'s file timed again against the dense model, in `blocks` blocks (`near_fit`)."""
+    def remeasured(self, candidate: Candidate, config: Any) -> dict[str, Any]:
+        """`candidate`'s file timed again against the dense model, measured as `config` says (`near_fit`)."""
         index = next(i for i, c in enumerate(self.candidates) if c is candidate)
         return latency(self.setup, self._path(index), self.request.measure_seconds, baseline=self._baseline,
-                       blocks=blocks)
+                       config=config)
 
     def _planned(self, timing: dict[str, Any]) -> float:
         """The latency a candidate is planned on. For a speed-up budget: its interleaved ratio to the dense model

@@ -6,8 +6,10 @@ the margin keeps that from turning a fit into a miss. Pruning levels are continu
 the margin; the dense model at its fastest precisions is one point, and throwing it away for sitting between SAFE
 and 1 x budget costs the most faithful answer there is. all-MiniLM-L6-v2 asked for NNCF int8's latency (OpenVINO,
 2 threads): its pure int8 plan measured 0.976x the budget at cosine 0.9985, and the search dropped a block instead
-(0.919, 0.947 after recovery). Timed again in FINAL_BLOCKS blocks interleaved with the dense model, it is kept where
-the whole interval of that measurement is within the budget: the rule the verdict calls "met".
+(0.919, 0.947 after recovery). Timed again as the final measurement is made (`final_measure_config`, interleaved
+with the dense model), it is kept where the whole interval of that measurement is within the budget: the rule the
+verdict calls "met". The final measurement is another draw: a plan kept at the edge can still come out "uncertain"
+(exit 3), which says what is true of it.
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ def fits_when_remeasured(planner: Any, candidate: Candidate, budget: float) -> b
     a measurement made as the final one: its ratio to the dense model's interval for a speed-up budget (the
     planner's scale), else its p50's. Recorded in the candidate's `remeasured`. False for a predicted target (its
     latency is already the band's upper end)."""
-    from deploy.compiler.apply import FINAL_BLOCKS
+    from deploy.compiler.apply import final_measure_config
 
     if not planner.setup.target.measured or candidate.latency_ms > budget:
         return False
     if candidate.remeasured is not None:  # the uniform allocation meets the same dense plan again
         return bool(candidate.remeasured["fits"])
-    timing = planner.remeasured(candidate, FINAL_BLOCKS)
+    timing = planner.remeasured(candidate, final_measure_config(planner.request.measure_seconds))
     if planner.relative and timing.get("ratio_ci"):
         low, high = (r * planner.dense.latency_ms for r in timing["ratio_ci"])
     else:
