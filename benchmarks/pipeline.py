@@ -87,7 +87,7 @@ def run(quick: bool) -> dict[str, Any]:
                 entry.update(json.loads(done.stdout.strip().splitlines()[-1]))
             else:
                 entry.update(error=f"the process ended with {done.returncode} (a crash; see its stderr)",
-                             seconds=round(time.perf_counter() - begin, 1))
+                             crashed=True, seconds=round(time.perf_counter() - begin, 1))
             data["rows"].append(entry)
             print(json.dumps(entry)[:300], file=sys.stderr, flush=True)
     data["elapsed_s"] = round(time.perf_counter() - t0, 1)
@@ -134,6 +134,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     rows = [r for r in data["rows"] if "error" not in r]
     inside = sum(0.85 <= _used(r) <= 1.0 for r in rows)
     met = sum(_verdict(r) == "met" for r in rows)
+    crashed = sum(bool(r.get("crashed")) for r in data["rows"])
     fp = data["fingerprint"]
     lines = ["## Pipeline: deploy compress at a latency budget", "",
              __doc__.split("\n\n")[0].replace("\n", " "), "",
@@ -143,19 +144,22 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"Budget met in {met} of {len(rows)} runs (deploy's verdict: the final interleaved comparison's "
              f"interval of the ratio within 1 / speed-up; uncertain when it straddles it); used budget inside "
              f"[0.85, 1] in {inside} of {len(rows)}. p50 and the dense p50 are deploy's final measurement "
-             "(interleaved, same run); used = result p50 / dense p50 x the speed-up asked.", "",
+             "(interleaved, same run); used = result p50 / dense p50 x the speed-up asked."
+             + (f" {crashed} run(s) crashed (the process died; its row has no result)." if crashed else ""), "",
              "| model | target | budget | dense p50 | result p50 (ratio 95% CI) | used | verdict | fidelity | plan "
              "| tool time |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         model = "digits CNN" if r["case"] == "digits" else "all-MiniLM-L6-v2"
         if "error" in r:
-            lines.append(f"| {model} | {r['target']} | {r['speedup']:g}x | – | – | – | refused | – | {r['error']} "
+            word = "crashed" if r.get("crashed") else "refused"
+            lines.append(f"| {model} | {r['target']} | {r['speedup']:g}x | – | – | – | {word} | – | {r['error']} "
                          f"| {r['seconds']:.0f} s |")
             continue
         lo, hi = r["ratio_ci"]
         fid = f"{r['metric']} {r['fidelity']:.4f}" + (f", accuracy {r['accuracy']:.3f}" if r["accuracy"] else "")
         counts = ", ".join(f"{v} x {k}" for k, v in sorted(r["counts"].items())) or "float"
-        plan = f"pruning level {r['level']:.2f}; {counts}" + (" (re-planned after a miss)" if r["retried"] else "")
+        blocks = f"{r['blocks']} block{'s' if r['blocks'] > 1 else ''} dropped, " if r.get("blocks") else ""
+        plan = f"{blocks}pruning level {r['level']:.2f}; {counts}" + (" (re-planned after a miss)" if r["retried"] else "")
         lines.append(f"| {model} | {r['target']} | {r['speedup']:g}x = {r['dense_ms'] / r['speedup']:.3g} ms | "
                      f"{r['dense_ms']:.3g} ms | {r['p50_ms']:.3g} ms ({lo:.2f}-{hi:.2f}) | {_used(r):.2f} | "
                      f"{_verdict(r)} | {fid} | {plan} | {r['seconds']:.0f} s |")
