@@ -160,6 +160,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         counts = ", ".join(f"{v} x {k}" for k, v in sorted(r["counts"].items())) or "float"
         blocks = f"{r['blocks']} block{'s' if r['blocks'] > 1 else ''} dropped, " if r.get("blocks") else ""
         plan = f"{blocks}pruning level {r['level']:.2f}; {counts}" + (" (re-planned after a miss)" if r["retried"] else "")
+        plan += f" ({r['rerun']})" if r.get("rerun") else ""
         lines.append(f"| {model} | {r['target']} | {r['speedup']:g}x = {r['dense_ms'] / r['speedup']:.3g} ms | "
                      f"{r['dense_ms']:.3g} ms | {r['p50_ms']:.3g} ms ({lo:.2f}-{hi:.2f}) | {_used(r):.2f} | "
                      f"{_verdict(r)} | {fid} | {plan} | {r['seconds']:.0f} s |")
