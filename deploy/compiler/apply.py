@@ -72,7 +72,7 @@ def _quantization(plan: Any, state: State) -> dict[str, Any] | None:
 
 def final_measure_config(measure_seconds: float) -> Any:
     """How the result is measured against the original (and a near fit timed again, `near_fit`): FINAL_BLOCKS
-    blocks of at least 64 samples and max(2, `measure_seconds`) s each."""
+    blocks sharing at least 64 samples and max(2, `measure_seconds`) s per model."""
     from deploy.targets.measure.loop import MeasureConfig
 
     seconds = max(2.0, measure_seconds)
