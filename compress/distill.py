@@ -329,8 +329,8 @@ def _trims(student: nn.Module, samples: list[tuple[torch.Tensor, ...]], config: 
     mask = text_mask(batch)
     if mask is None or mask.shape[1] < 2:
         return False
-    cut = trimmed(batch)
-    return _runs_trimmed(student, cut if cut is not batch else _cut(batch, mask.shape[1], mask.shape[1] - 1))
+    width = mask.shape[1]
+    return _runs_trimmed(student, _cut(batch, width, min(max(int(mask.sum(1).max()), 1), width - 1)))
 
 
 def _steps_allowed(trainer: "_Trainer", seconds: float) -> int:

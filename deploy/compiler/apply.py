@@ -79,8 +79,8 @@ def final_measure_config(measure_seconds: float) -> Any:
     return MeasureConfig(min_samples=64, min_seconds=seconds, max_seconds=max(20.0, 4 * seconds), blocks=FINAL_BLOCKS)
 
 
-def _final_latency(setup: Any, dense: Path, final: Path, seconds: float, module: torch.nn.Module, plan: Any
-                   ) -> dict[str, Any]:
+def _final_latency(setup: Any, dense: Path, final: Path, measure_seconds: float, module: torch.nn.Module,
+                   plan: Any) -> dict[str, Any]:
     if not setup.target.measured:
         return {"source": "predicted", "original": predicted_latency(setup, dense, None, None),
                 "result": predicted_latency(setup, final, module, plan), "shapes": _shapes(setup)}
@@ -89,7 +89,7 @@ def _final_latency(setup: Any, dense: Path, final: Path, seconds: float, module:
     feeds = make_feeds(setup.measure_specs)
     runner = setup.target.runner()
     a, b, comparison = measure_blocks(lambda: runner.prepare(dense, feeds), lambda: runner.prepare(final, feeds),
-                                      final_measure_config(seconds))
+                                      final_measure_config(measure_seconds))
     return {"source": "measured", "original": a.to_dict(), "result": b.to_dict(), "comparison": comparison.to_dict(),
             "result_interval_ms": list(median_interval(b)), "shapes": _shapes(setup), "runtime": runner.describe()}
 
