@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -88,3 +91,15 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_pickle_with_the_flag(model_files):
     result = run_cli("inspect", model_files["pickle"], "--trust-pickle", "--input-shape", SHAPE, "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["format"] == "pickle"
+
+
+def test_a_native_crash_prints_where_python_was():
+    """A segfault in a runtime's native code cannot be caught; main() has Python print the stack it crashed in."""
+    crash = ("import ctypes, deploy.cli as cli\n"
+             "def measuring_candidates(args, debug):\n"
+             "    ctypes.string_at(0)\n"
+             "cli._run = measuring_candidates\n"
+             "cli.main(['compress'])\n")
+    result = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGSEGV
+    assert "Segmentation fault" in result.stderr and "measuring_candidates" in result.stderr

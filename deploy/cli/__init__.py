@@ -69,10 +69,22 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+def _report_native_crashes() -> None:
+    """A crash inside a runtime's native code (OpenVINO once segfaulted in a long MiniLM search) ends the process
+    before any handler of ours runs; Python's stack on stderr at least says which step it was in."""
+    import faulthandler
+
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # stderr is not a file with a descriptor (captured)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    _report_native_crashes()
     if not debug:
         _quiet_libraries()
     for name in SIGNAL_EXITS:

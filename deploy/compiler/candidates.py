@@ -123,8 +123,7 @@ class Planner:
         return self._lowrank or None
 
     def evaluate_ranks(self, ranks: dict[str, int], origin: str, fidelity: bool = False) -> Candidate:
-        """A low-rank candidate of the dense model, in float: exported, timed against the dense model, maybe
-        scored."""
+        """A low-rank candidate of the dense model in float: exported, timed against it; scored with `fidelity`."""
         module = self.lowrank_family().build(ranks)
         path = self._path(len(self.candidates))
         export_fp32(module, self.setup, path)
@@ -332,8 +331,7 @@ class Planner:
 
     def remeasured(self, candidate: Candidate, config: Any) -> dict[str, Any]:
         """`candidate`'s file timed again against the dense model, measured as `config` says (`near_fit`)."""
-        index = next(i for i, c in enumerate(self.candidates) if c is candidate)
-        return latency(self.setup, self._path(index), self.request.measure_seconds, baseline=self._baseline,
+        return latency(self.setup, self.file_of(candidate), self.request.measure_seconds, baseline=self._baseline,
                        config=config)
 
     def _planned(self, timing: dict[str, Any]) -> float:
@@ -369,11 +367,14 @@ class Planner:
         if candidate.fidelity is None:
             from deploy.core.metrics import primary_metric
 
-            index = next(i for i, c in enumerate(self.candidates) if c is candidate)
-            result = fidelity_of(self.setup, self._path(index), self.split)
+            result = fidelity_of(self.setup, self.file_of(candidate), self.split)
             candidate.fidelity = primary_metric(result)[1]
             candidate.sqnr_db = float(result["sqnr_db"]) if result.get("sqnr_db") is not None else None
         return candidate
+
+    def file_of(self, candidate: Candidate) -> Path:
+        """`candidate`'s exported model, named by its place in `candidates`."""
+        return self._path(next(i for i, c in enumerate(self.candidates) if c is candidate))
 
     def _path(self, index: int) -> Path:
         return self.setup.workdir / f"candidate-{index}.onnx"

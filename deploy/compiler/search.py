@@ -119,7 +119,7 @@ def _run(request: SearchRequest, out: Path, progress: Callable[..., None] | None
         else:
             cand = planner.evaluate(float(params["level"]), _labels(planner, params), "search trial", fidelity=True)
         model = folder / "model.onnx"
-        (folder / f"candidate-{len(planner.candidates) - 1}.onnx").rename(model)
+        planner.file_of(cand).rename(model)
         details = {"removed": cand.removed, "ranks": cand.ranks, "size_mb": cand.size_mb, "band_ms": cand.band_ms}
         (folder / "trial.json").write_text(json.dumps({**params, **details, "latency_ms": cand.latency_ms,
                                                        "fidelity": cand.fidelity}, indent=2))
