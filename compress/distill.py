@@ -1,21 +1,22 @@
 """Recovery by distillation from the original model: no labels needed, only unlabeled calibration inputs.
 
 PELA's intermediate training: the frozen original is the teacher; the student (pruned, factorised or fake-quantised)
-matches the teacher's block outputs (feature MSE per block) and final outputs (soft-target KL for logits, as in
-MEAL V2; MSE for embeddings), optionally with PELA's weight-perturbation regulariser that keeps each low-rank
-product near the weight it replaced. Bounded by a time budget (and a step budget where one is given); stops early
-when fidelity on the validation split stops improving and returns the best student seen. The learning rate warms up
-over the first steps and then decays (cosine) over the planned steps: the step budget, or the steps the time budget
-allows at the step time measured before training; text batches are cut to their longest unpadded sequence. The
-peak rate is probed where the run is long enough: the first steps at each of RATES, the best on validation goes on
-(the losers' steps come out of the minutes): on the distorted-digits ResNet pruned to 0.4x NNCF's latency, 2 minutes
-at 1e-3 left KL 0.074 to the original on held-out digits, at 1e-4 0.176. Where every input is a float tensor
-(images, audio, features; token ids cannot be blended) half of each batch is mixup of two calibration inputs, run
-through teacher and student alike: the student learns the teacher's function between the samples too, not only at
-the few hundred it is shown (Beyer et al., "Knowledge distillation: a good teacher is patient and consistent"; the
-digits ResNet pruned to 0.68 of its channels, 450 steps: held-out top-1 agreement 0.917 -> 0.928, KL 0.076 -> 0.059).
-Text gets the same in its own terms: in half of each batch 15% of the inner tokens are swapped for tokens drawn from
-the batch (MiniLM with every other block dropped, 260 steps: held-out pooled cosine 0.673 -> 0.709).
+matches the teacher's block outputs (feature MSE per block) and final outputs (soft-target KL for logits, as in MEAL
+V2; MSE for embeddings), optionally with PELA's weight-perturbation regulariser that keeps each low-rank product
+near the weight it replaced. Bounded by a time budget (and a step budget where one is given); stops early when
+fidelity on the validation split stops improving and returns the best student seen. The learning rate warms up over
+the first steps and then decays (cosine) over the planned steps: the step budget, or the steps the time budget
+allows at the step time measured before training; text batches are grouped by length and cut to their longest real
+sequence (`distill_batches`). The peak rate is probed where the run is long enough: the first steps at each of
+RATES, the best on validation goes on (the losers' steps come out of the minutes): on the distorted-digits ResNet
+pruned to 0.4x NNCF's latency, 2 minutes at 1e-3 left KL 0.074 to the original on held-out digits, at 1e-4 0.176.
+Where every input is a float tensor (images, audio, features; token ids cannot be blended) half of each batch is
+mixup of two calibration inputs, run through teacher and student alike: the student learns the teacher's function
+between the samples too, not only at the few hundred it is shown (Beyer et al., "Knowledge distillation: a good
+teacher is patient and consistent"; the digits ResNet pruned to 0.68 of its channels, 450 steps: held-out top-1
+agreement 0.917 -> 0.928, KL 0.076 -> 0.059). Text gets the same in its own terms: in half of each batch 15% of the
+inner tokens are swapped for tokens drawn from the batch (MiniLM with every other block dropped, 260 steps: held-out
+pooled cosine 0.673 -> 0.709).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from deploy.compress.distill_augment import augmentation_of, mixed, swapped
+from deploy.compress.distill_batches import draw, text_lengths, trimmed, trims
 from deploy.compress.distill_loss import Features, matched_blocks, step_loss, text_mask
 from deploy.core.data import CalibrationSet
 from deploy.core.metrics import fidelity, first_tensor, primary_metric
@@ -119,29 +121,6 @@ def lr_factor(step: int, config: DistillConfig, horizon: int = 0) -> float:
     return config.final_lr + (1.0 - config.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def trimmed(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """A text batch (input_ids, attention_mask, ...) cut to its longest real sequence: padding costs as much
-    compute as text and teaches nothing."""
-    mask = text_mask(batch)
-    if mask is None:
-        return batch
-    length = int(mask.sum(1).max())
-    if length <= 0 or length >= mask.shape[1]:
-        return batch
-    return _cut(batch, mask.shape[1], length)
-
-
-def _cut(batch: tuple[torch.Tensor, ...], width: int, length: int) -> tuple[torch.Tensor, ...]:
-    """The batch's token tensors (integer, [batch, width]) cut to their first `length` positions."""
-    return tuple(t[:, :length] if t.dim() == 2 and t.shape[1] == width and not t.is_floating_point() else t
-                 for t in batch)
-
-
-def _batch(samples: list[tuple[torch.Tensor, ...]], gen: torch.Generator, size: int) -> tuple[torch.Tensor, ...]:
-    idx = torch.randint(len(samples), (min(size, len(samples)),), generator=gen).tolist()
-    return tuple(torch.cat([samples[i][k] for i in idx]) for k in range(len(samples[0])))
-
-
 def evaluate(model: nn.Module, teacher_outputs: list[torch.Tensor], calibration: CalibrationSet, batch_size: int = 64,
              split: str = "validation") -> dict[str, Any]:
     """Fidelity of `model` against precomputed teacher outputs on `split` (validation: what early stopping may
@@ -166,7 +145,7 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
     student.eval()
     first = evaluate(student, teacher_held, calibration)
     metric, before = primary_metric(first)
-    blocks = matched_blocks(student, teacher, config, _batch(calibration.calibration, gen, 2))
+    blocks = matched_blocks(student, teacher, config, draw(calibration.calibration, gen, 2))
     feats = Features(student, blocks), Features(teacher, blocks)
     with ExitStack() as stack:
         for hooks in feats:
@@ -224,7 +203,9 @@ class _Trainer:
         self.student, self.teacher, self.calibration, self.config = student, teacher, calibration, config
         self.blocks, self.feats, self.teacher_held, self.gen, self.metric = blocks, feats, teacher_held, gen, metric
         self.params = [p for p in student.parameters() if p.requires_grad]
-        self.trim = config.trim_padding and _trims(student, calibration.calibration, config)
+        self.trim = config.trim_padding and trims(student, calibration.calibration, config.batch_size,
+                                                  config.seed + 2)
+        self.lengths = text_lengths(calibration.calibration) if self.trim else None  # batches grouped by length
         self.augmentation = augmentation_of(calibration.calibration, config)
         self.horizon, self.bar = 0, None
         self.probes: list[dict[str, float]] = []
@@ -279,7 +260,7 @@ class _Trainer:
         while run.step < until and run.stopped == "steps":
             run.step += 1
             student.train()
-            batch = _batch(self.calibration.calibration, self.gen, config.batch_size)
+            batch = draw(self.calibration.calibration, self.gen, config.batch_size, self.lengths)
             if self.trim:
                 batch = trimmed(batch)
             if self.augmentation == "mixup":
@@ -321,23 +302,12 @@ class _Trainer:
             run.stopped = "early-stop"
 
 
-def _trims(student: nn.Module, samples: list[tuple[torch.Tensor, ...]], config: DistillConfig) -> bool:
-    """Whether text batches can be cut to their longest sequence: only text has padding to cut, and a model with a
-    fixed sequence length cannot take a shorter one (tried on a batch drawn apart from the training stream, cut
-    by one position where it has no padding)."""
-    batch = _batch(samples, torch.Generator().manual_seed(config.seed + 2), config.batch_size)
-    mask = text_mask(batch)
-    if mask is None or mask.shape[1] < 2:
-        return False
-    width = mask.shape[1]
-    return _runs_trimmed(student, _cut(batch, width, min(max(int(mask.sum(1).max()), 1), width - 1)))
-
-
 def _steps_allowed(trainer: "_Trainer", seconds: float) -> int:
     """The steps `seconds` allow, with an evaluation every eval_every of them, timed on TIMED_STEPS training passes
     (forward and backward, after one untimed) and one evaluation that leave no trace: the weights, buffers
     (BatchNorm statistics) and random state come back as they were and no optimizer step is taken, so a replay
-    that runs a fixed number of steps on the same schedule gets the same weights."""
+    that runs a fixed number of steps on the same schedule gets the same weights. Text grouped by length is timed
+    on each slice of its pools alike (the shortest and the longest slices differ several-fold)."""
     config, student, teacher = trainer.config, trainer.student, trainer.teacher
     began = time.monotonic()
     gen = torch.Generator().manual_seed(config.seed + 1)
@@ -348,7 +318,7 @@ def _steps_allowed(trainer: "_Trainer", seconds: float) -> int:
         for index in range(TIMED_STEPS + 1):
             if index == 1:
                 timed = time.monotonic()
-            batch = _batch(trainer.calibration.calibration, gen, config.batch_size)
+            batch = draw(trainer.calibration.calibration, gen, config.batch_size, trainer.lengths, part=index - 1)
             batch = trimmed(batch) if trainer.trim else batch
             with torch.no_grad():
                 t_out = first_tensor(teacher(*batch))
@@ -362,19 +332,6 @@ def _steps_allowed(trainer: "_Trainer", seconds: float) -> int:
     per_step += (time.monotonic() - timed) / config.eval_every
     left = seconds - (time.monotonic() - began)
     return max(1, int(left / per_step))
-
-
-def _runs_trimmed(student: nn.Module, batch: tuple[torch.Tensor, ...]) -> bool:
-    """Whether the student takes a shorter sequence than it was given (a model with a fixed length raises)."""
-    try:
-        with torch.no_grad():
-            student.eval()
-            student(*batch)
-        return True
-    except (RuntimeError, ValueError, IndexError):
-        return False
-    finally:
-        student.train()
 
 
 def _score(result: dict[str, Any]) -> tuple[float, float]:

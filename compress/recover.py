@@ -32,7 +32,7 @@ def default_minutes(macs: int) -> float:
     return min(10.0, max(1.0, 2.0 * macs / 1e9))
 
 
-@register_pass("recover", DistillConfig, version=4, needs_calibration=True, invalidates=("sensitivity", "quantize"))
+@register_pass("recover", DistillConfig, version=5, needs_calibration=True, invalidates=("sensitivity", "quantize"))
 class RecoverPass:
     """Distils the compressed module towards the original (the state's `original`) on calibration data."""
 

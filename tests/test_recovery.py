@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from deploy.compress.distill import DistillConfig, lr_factor, trimmed
+from deploy.compress.distill import DistillConfig, lr_factor
+from deploy.compress.distill_batches import trimmed
 from deploy.compress.distill_loss import matched_blocks, output_loss
 from deploy.compress.recover import default_minutes, replay_config
 
@@ -47,7 +48,7 @@ def test_text_batches_are_cut_to_their_longest_sequence():
 
 
 def test_padding_is_cut_only_for_text_a_model_takes_shorter():
-    from deploy.compress.distill import _trims
+    from deploy.compress.distill_batches import trims
 
     class AnyLength(torch.nn.Module):
         def forward(self, ids, mask):
@@ -61,12 +62,34 @@ def test_padding_is_cut_only_for_text_a_model_takes_shorter():
 
     padded = [(torch.arange(12).reshape(1, 12), torch.tensor([[1] * 6 + [0] * 6]))] * 4
     full = [(torch.arange(12).reshape(1, 12), torch.ones(1, 12, dtype=torch.int64))] * 4
-    config = DistillConfig(batch_size=4)
-    assert _trims(AnyLength(), padded, config) and _trims(AnyLength(), full, config)
-    assert not _trims(FixedLength(), padded, config)
-    assert not _trims(FixedLength(), full, config)  # no padding in the batch tried: tried one position shorter
+    assert trims(AnyLength(), padded, 4, 0) and trims(AnyLength(), full, 4, 0)
+    assert not trims(FixedLength(), padded, 4, 0)
+    assert not trims(FixedLength(), full, 4, 0)  # no padding in the batch tried: tried one position shorter
     images = [(torch.randn(1, 1, 4, 4),)] * 4
-    assert not _trims(torch.nn.Flatten(), images, config)  # nothing to cut: the report must not say it was
+    assert not trims(torch.nn.Flatten(), images, 4, 0)  # nothing to cut: the report must not say it was
+
+
+def test_text_is_drawn_grouped_by_length_with_every_sample_as_likely_as_before():
+    from deploy.compress.distill_batches import GROUP, draw, text_lengths
+
+    lengths = [2 + (7 * i) % 60 for i in range(64)]  # lengths in a scrambled order, as real text comes
+    samples = [(torch.full((1, 64), i), torch.tensor([[1] * n + [0] * (64 - n)])) for i, n in enumerate(lengths)]
+    real = text_lengths(samples)
+    assert real.tolist() == lengths and text_lengths([(torch.randn(1, 3),)]) is None
+    gen, drawn = torch.Generator().manual_seed(0), torch.zeros(64)
+    random_max, grouped_max = [], []
+    for _ in range(1000):
+        plain = draw(samples, gen, 8)
+        random_max.append(int(plain[1].sum(1).max()))
+        batch = draw(samples, gen, 8, real)
+        grouped_max.append(int(batch[1].sum(1).max()))
+        drawn += torch.bincount(batch[0][:, 0], minlength=64)
+    assert sum(grouped_max) < 0.8 * sum(random_max)  # fewer padded positions to run
+    expected = 1000 * 8 / 64
+    assert drawn.min() > 0.6 * expected and drawn.max() < 1.4 * expected  # no sample starved or favoured
+    parts = [int(draw(samples, torch.Generator().manual_seed(1), 8, real, part=p)[1].sum(1).max())
+             for p in range(GROUP)]
+    assert parts == sorted(parts) and parts[0] < parts[-1]  # the same pool, shortest slice first
 
 
 def test_image_batches_are_half_mixup_and_token_ids_are_never_blended():
