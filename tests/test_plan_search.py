@@ -66,27 +66,6 @@ def test_pruning_level_lands_in_the_budget_window(budget):
     assert len(planner.candidates) <= 2 + 3  # regula falsi on a straight line needs one or two steps
 
 
-def test_the_level_search_answers_the_least_pruning_that_fitted_wherever_it_stops():
-    """Latency is noisy and flat in level: a step can fit (inside SAFE x budget) without landing near the window's
-    middle, and a later, deeper step land there; the first is the more faithful answer."""
-
-    class Scripted(FakePlanner):
-        def __init__(self, steps: list[float]):
-            super().__init__()
-            self.steps = steps
-
-        def latency(self, level: float, labels: dict[str, str] | None) -> float:
-            return super().latency(level, labels) if level in (0.0, 1.0) else self.steps.pop(0)
-
-    budget = 5.0
-    window = (FILL * budget, SAFE * budget)
-    planner = Scripted([0.99 * window[1], sum(window) / 2])  # fits, outside NEAR of the middle; then the middle
-    low, high = planner.evaluate(0.0, None, "dense"), planner.evaluate(1.0, None, "most")
-    found = _level_for_latency(planner, None, window, low, high)
-    first, second = planner.candidates[2:]
-    assert second.level > first.level and found is first
-
-
 def test_estimate_is_steered_by_measured_points():
     # the estimate says 8 ms where 10 ms was measured, 4 ms where 6 ms was: linear between them
     points = [(8.0, 10.0), (4.0, 6.0)]

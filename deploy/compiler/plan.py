@@ -22,12 +22,11 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
    exported model wins, after a short recovery of each where the plan will be recovered (`trial_recovery`).
 
 A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only within
-3% of 0.9, and its answer is the least pruning measured inside 0.95 x budget on the way); a speed-up budget plans on
-each candidate's interleaved ratio to the dense model. The dense model at its fastest precisions measured inside the
-budget but not the margin is timed again as the final measurement times it and kept where that whole interval is
-within the budget (`near_fit`). The final model is measured again against the original, interleaved. Of every
-candidate measured inside 0.95 x budget, the most faithful on the validation split is the answer (`most_faithful`).
-Fidelity floors and size budgets: `floor_and_size`.
+3% of 0.9); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The dense model at its
+fastest precisions measured inside the budget but not the margin is timed again as the final measurement times it
+and kept where that whole interval is within the budget (`near_fit`). The final model is measured
+again against the original, interleaved. Of every candidate measured inside 0.95 x budget, the most faithful on the
+validation split is the answer (`most_faithful`). Fidelity floors and size budgets: `floor_and_size`.
 """
 from __future__ import annotations
 
@@ -266,9 +265,7 @@ def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: 
                        low: Candidate, high: Candidate) -> Candidate:
     """Regula falsi (Illinois) on the pruning level for the least pruning that fits, stopping early only within NEAR
     of the window's middle (latency is flat in level over wide spans: stopping anywhere in the window pruned MiniLM
-    0.39 in one run, 0.76 in the next). Wherever it stops, the answer is the least pruning measured to fit: MiniLM
-    with 3 blocks dropped fitted at level 0.33 (0.944x the budget, validation 0.591) before the search stopped at
-    0.40 (0.916x, 0.571). `low` does not fit (level 0), `high` does (level 1)."""
+    0.39 in one run, 0.76 in the next). `low` does not fit (level 0), `high` does (level 1)."""
     target = window[1]
     aim = sum(window) / 2
     best = high
@@ -282,7 +279,7 @@ def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: 
         if cand.latency_ms <= target and cand.level < best.level:
             best = cand
         if abs(cand.latency_ms - aim) <= NEAR * target:
-            return best  # the least pruning measured to fit: an earlier step may have fitted with less
+            return cand
         value = cand.latency_ms - aim
         if value > 0:  # still too slow: more pruning
             a, f_low = level, value
