@@ -52,10 +52,10 @@ def trimmed(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     length = int(mask.sum(1).max())
     if length <= 0 or length >= mask.shape[1]:
         return batch
-    return cut(batch, mask.shape[1], length)
+    return _cut(batch, mask.shape[1], length)
 
 
-def cut(batch: tuple[torch.Tensor, ...], width: int, length: int) -> tuple[torch.Tensor, ...]:
+def _cut(batch: tuple[torch.Tensor, ...], width: int, length: int) -> tuple[torch.Tensor, ...]:
     """The batch's token tensors (integer, [batch, width]) cut to their first `length` positions."""
     return tuple(t[:, :length] if t.dim() == 2 and t.shape[1] == width and not t.is_floating_point() else t
                  for t in batch)
@@ -70,7 +70,7 @@ def trims(student: nn.Module, samples: list[tuple[torch.Tensor, ...]], size: int
     if mask is None or mask.shape[1] < 2:
         return False
     width = mask.shape[1]
-    return _runs_trimmed(student, cut(batch, width, min(max(int(mask.sum(1).max()), 1), width - 1)))
+    return _runs_trimmed(student, _cut(batch, width, min(max(int(mask.sum(1).max()), 1), width - 1)))
 
 
 def _runs_trimmed(student: nn.Module, batch: tuple[torch.Tensor, ...]) -> bool:
