@@ -22,9 +22,13 @@ class Remeasuring:
         self.candidates, self.expected = [self.dense], 1
         self.note = lambda *args, **kwargs: None
 
-    def remeasured(self, candidate: Candidate, config) -> dict:
+    def remeasured(self, candidate: Candidate, config, decided) -> dict:
         self.calls.append(config)
         interval = [r * 9.0 for r in self.ratio_ci]  # the p50's own interval: a drifted machine, 9 ms dense
+        look = NS(ci_low=self.ratio_ci[0], ci_high=self.ratio_ci[1])
+        b = NS(summary={"p50": sum(interval) / 2, "median_ci": interval}, structure={}, samples_ms=(),
+               config=NS(confidence=0.95))
+        self.settled = decided(b, look)  # what the sequential measurement would have asked of its last look
         return {"ratio_ci": list(self.ratio_ci), "interval_ms": interval}
 
 
@@ -42,8 +46,10 @@ def test_a_near_fit_is_kept_only_where_its_whole_interval_is_within_the_budget()
     assert fits_when_remeasured(fits, cand, budget) and fits.calls == [final_measure_config(1.0)]  # as the final one
     assert cand.remeasured["interval_ms"] == pytest.approx([8.8, 9.05]) and cand.remeasured["fits"]
     assert fits_when_remeasured(fits, cand, budget) and len(fits.calls) == 1  # met again: not timed again
+    assert fits.settled  # an interval inside the budget settles it: no more blocks
     straddles = Remeasuring((0.89, 0.92))  # its interval reaches past the budget: the verdict would not say met
     assert not fits_when_remeasured(straddles, _int8(0.975 * budget), budget)
+    assert not straddles.settled  # more blocks would have been timed (up to LOOKS rounds)
     absolute = Remeasuring((0.88, 0.905), relative=False)  # an ms budget: the p50's own interval decides
     cand = _int8(0.975 * budget)
     assert fits_when_remeasured(absolute, cand, budget) and cand.remeasured["interval_ms"] == pytest.approx(

@@ -104,6 +104,53 @@ def test_measure_blocks_prepares_fresh_runs_alternates_order_and_records_the_str
     assert data["structure"]["design"] == "blocks" and len(data["samples_ms"]) == a.summary["n"]
 
 
+def test_a_sequential_comparison_adds_rounds_of_blocks_only_while_undecided():
+    """With a question (`decided`), blocks come in rounds of `config.blocks`: a settled first look stops there, an
+    unsettled one goes on up to LOOKS rounds, and every look's interval is made at the Bonferroni-raised
+    confidence, which a look sees as it decides."""
+    from deploy.targets.measure.paired import LOOKS
+
+    rng = np.random.default_rng(7)
+    config = MeasureConfig(warmup_min_s=0.01, warmup_min_runs=3, min_samples=12, min_seconds=0.06, max_seconds=5.0,
+                           blocks=2, min_sample_ms=0.5)
+    seen: list[tuple[int, float]] = []
+
+    def never(b, comparison) -> bool:
+        seen.append((len(comparison.block_ratios), comparison.confidence))
+        return False
+
+    a, b, c = measure_blocks(lambda: _device_timed(0.2, rng), lambda: _device_timed(0.3, rng), config, decided=never)
+    assert [n for n, _ in seen] == [2 * (look + 1) for look in range(LOOKS)]  # a round of 2 blocks per look
+    assert len(c.block_ratios) == len(b.structure["blocks"]) == 2 * LOOKS
+    assert all(conf == pytest.approx(1 - 0.05 / LOOKS) for _, conf in seen) and c.confidence == seen[-1][1]
+    assert b.config.confidence == c.confidence  # the p50's interval (median_interval) is made at the same level
+    _, _, once = measure_blocks(lambda: _device_timed(0.2, rng), lambda: _device_timed(0.3, rng), config,
+                                decided=lambda b, comparison: True)
+    assert len(once.block_ratios) == 2
+    _, _, plain = measure_blocks(lambda: _device_timed(0.2, rng), lambda: _device_timed(0.3, rng), config)
+    assert len(plain.block_ratios) == 2 and plain.confidence == 0.95  # no question: one look at the asked level
+
+
+def test_the_final_measurement_goes_on_only_while_its_verdict_is_uncertain():
+    """`settles` asks of a look what the verdict will: the speed-up's interval against the asked speed-up, the
+    p50's interval against a latency budget; nothing for a budget that is not a latency."""
+    from deploy.compiler.verdict import settles
+    from deploy.targets.measure.loop import measurement_from
+    from deploy.targets.measure.lock import LockRecord
+
+    ratio = lambda low, high: Comparison(ratio=(low + high) / 2, ci_low=low, ci_high=high, confidence=0.95,  # noqa: E731
+                                         p_value=0.01, median_a=1.0, median_b=(low + high) / 2, n_a=10, n_b=10)
+    speedup = settles({"kind": "speedup", "value": 2.0, "target_ms": 0.5})
+    assert speedup(None, ratio(0.40, 0.48))  # speed-up 2.08-2.5: met
+    assert speedup(None, ratio(0.55, 0.60))  # 1.67-1.82: missed
+    assert not speedup(None, ratio(0.45, 0.52))  # 1.92-2.22 straddles 2: another round
+    rng = np.random.default_rng(8)
+    b = measurement_from(_noisy(rng, 1.0, 200, 0.01), MeasureConfig(), LockRecord.from_dict({}))
+    assert settles({"kind": "latency_ms", "value": 1.2, "target_ms": 1.2})(b, None)
+    assert not settles({"kind": "latency_ms", "value": 1.0, "target_ms": 1.0})(b, None)
+    assert settles({"kind": "size_mb", "value": 3.0, "target_ms": None}) is None
+
+
 def test_noise_is_judged_within_blocks_not_across_their_sessions():
     """Two blocks whose sessions run 30% apart: pooled, that looks like a noisy measurement; within each block the
     samples are tight, and the gate judges them."""

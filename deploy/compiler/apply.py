@@ -10,15 +10,18 @@ import torch
 
 from deploy.compiler.candidate_files import export_fp32, fidelity_of, predicted_latency
 from deploy.compiler.to_passes import precision_name
+from deploy.compiler.verdict import settles
 from deploy.core.passes import Context, PassTiming, State, run_pipeline
 
 FINAL_BLOCKS = 6  # the final original-vs-result measurement: enough blocks for a 97% order-statistic interval
 
 
 def apply_plan(passes: list[Any], request: Any, setup: Any, out_dir: Path, note: Callable[..., None],
-               prebuilt: dict[str, Any] | None = None) -> tuple[dict[str, Any], State]:
+               prebuilt: dict[str, Any] | None = None, budget: dict[str, Any] | None = None
+               ) -> tuple[dict[str, Any], State]:
     """Run the passes on the loaded model, then measure and score what they wrote. `prebuilt` lends what the plan
-    search built for the same weights (the quantize pass's calibration)."""
+    search built for the same weights (the quantize pass's calibration); `budget` (the decisions' record) lets
+    the final measurement time more blocks until its verdict is settled (`settles`)."""
     import copy
 
     from deploy.core.cache import cache_dir
@@ -40,7 +43,8 @@ def apply_plan(passes: list[Any], request: Any, setup: Any, out_dir: Path, note:
     setup.warnings.extend(r.data["message"] for r in state.records if r.kind == "warning" and "message" in r.data)
     dense_path = export_fp32(setup.loaded.module, setup, setup.workdir / "dense.onnx")
     note("measuring", 0.85)
-    result["latency"] = _final_latency(setup, dense_path, path, request.measure_seconds, state.module, plan)
+    result["latency"] = _final_latency(setup, dense_path, path, request.measure_seconds, state.module, plan,
+                                       settles(budget or {}))
     result["fidelity"] = fidelity_of(setup, path)
     if result["fidelity"].get("non_finite_samples"):
         from deploy.core.errors import MeasurementError
@@ -80,7 +84,7 @@ def final_measure_config(measure_seconds: float) -> Any:
 
 
 def _final_latency(setup: Any, dense: Path, final: Path, measure_seconds: float, module: torch.nn.Module,
-                   plan: Any) -> dict[str, Any]:
+                   plan: Any, decided: Any = None) -> dict[str, Any]:
     if not setup.target.measured:
         return {"source": "predicted", "original": predicted_latency(setup, dense, None, None),
                 "result": predicted_latency(setup, final, module, plan), "shapes": _shapes(setup)}
@@ -89,7 +93,7 @@ def _final_latency(setup: Any, dense: Path, final: Path, measure_seconds: float,
     feeds = make_feeds(setup.measure_specs)
     runner = setup.target.runner()
     a, b, comparison = measure_blocks(lambda: runner.prepare(dense, feeds), lambda: runner.prepare(final, feeds),
-                                      final_measure_config(measure_seconds))
+                                      final_measure_config(measure_seconds), decided=decided)
     return {"source": "measured", "original": a.to_dict(), "result": b.to_dict(), "comparison": comparison.to_dict(),
             "result_interval_ms": list(median_interval(b)), "shapes": _shapes(setup), "runtime": runner.describe()}
 

@@ -36,12 +36,13 @@ def prepare_run(setup: Any, path: Path) -> Callable[[], object]:
 
 
 def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | None = None, plan: Any = None,
-            baseline: Path | None = None, config: Any = None) -> dict[str, Any]:
+            baseline: Path | None = None, config: Any = None, decided: Any = None) -> dict[str, Any]:
     """p50 measured in the target's runtime here, or predicted (with its band) for a device not at hand.
     Measured against `baseline` (the dense model's file) when given, in the blocks of the final report
     (targets.measure.paired): a candidate's p50 is what the report will say (a small model timed alone keeps its
     weights in cache and looks faster than it does next to anything else), and its ratio to the dense model has
-    an interval that covers a session's placement. `config`: another measurement's (default: a candidate's)."""
+    an interval that covers a session's placement. `config`: another measurement's (default: a candidate's);
+    `decided`: a sequential comparison's question (`measure_blocks`)."""
     if not setup.target.measured:
         return predicted_latency(setup, path, module, plan)
     from deploy.targets.measure.loop import MeasureConfig, measure
@@ -53,12 +54,13 @@ def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | No
         result = measure(prepare_run(setup, path), config).to_dict()
         return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result}
     _, candidate, comparison = measure_blocks(lambda: prepare_run(setup, baseline), lambda: prepare_run(setup, path),
-                                              config)
+                                              config, decided=decided)
     result = candidate.to_dict()
     ratio = comparison.to_dict()
     return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result,
             "interval_ms": list(median_interval(candidate)), "ratio_to_dense": ratio["ratio"],
-            "ratio_ci": [ratio["ci_low"], ratio["ci_high"]], "block_ratios": ratio["block_ratios"]}
+            "ratio_ci": [ratio["ci_low"], ratio["ci_high"]], "block_ratios": ratio["block_ratios"],
+            "blocks": len(ratio["block_ratios"] or ())}
 
 
 def planned_ms(timing: dict[str, Any]) -> float:

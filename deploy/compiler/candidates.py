@@ -329,10 +329,10 @@ class Planner:
         candidate = self._keep(candidate)
         return self.with_fidelity(candidate) if fidelity else candidate
 
-    def remeasured(self, candidate: Candidate, config: Any) -> dict[str, Any]:
-        """`candidate`'s file timed again against the dense model, measured as `config` says (`near_fit`)."""
+    def remeasured(self, candidate: Candidate, config: Any, decided: Any = None) -> dict[str, Any]:
+        """`candidate`'s file timed again against the dense model, measured as `config` and `decided` say."""
         return latency(self.setup, self.file_of(candidate), self.request.measure_seconds, baseline=self._baseline,
-                       config=config)
+                       config=config, decided=decided)
 
     def _planned(self, timing: dict[str, Any]) -> float:
         """The latency a candidate is planned on. For a speed-up budget: its interleaved ratio to the dense model

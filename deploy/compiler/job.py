@@ -112,7 +112,7 @@ def compress(request: CompressRequest, progress: ProgressFn | None = None) -> di
 
             decisions, planner = search(request, setup, note)
             passes, prebuilt = plan_passes(decisions, request, setup), planner.prebuilt(decisions)
-        result, state = apply_plan(passes, request, setup, tmp, note, prebuilt)
+        result, state = apply_plan(passes, request, setup, tmp, note, prebuilt, decisions["budget"])
         if planner is not None and result["latency"]["source"] == "measured":
             from deploy.compiler.plan import replan_after_miss
             from deploy.compiler.to_passes import plan_passes
@@ -123,7 +123,8 @@ def compress(request: CompressRequest, progress: ProgressFn | None = None) -> di
             if again is not None:
                 note("re-planning after a miss", 0.9)
                 decisions, passes = again, plan_passes(again, request, setup)
-                result, state = apply_plan(passes, request, setup, tmp, note, planner.prebuilt(again))
+                result, state = apply_plan(passes, request, setup, tmp, note, planner.prebuilt(again),
+                                           again["budget"])
         report = build_result(request, setup, decisions, result, passes, state, tmp)
         shutil.rmtree(tmp / ".work", ignore_errors=True)
     report["output"] = str(Path(request.out).resolve())

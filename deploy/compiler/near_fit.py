@@ -7,9 +7,9 @@ the margin; the dense model at its fastest precisions is one point, and throwing
 and 1 x budget costs the most faithful answer there is. all-MiniLM-L6-v2 asked for NNCF int8's latency (OpenVINO,
 2 threads): its pure int8 plan measured 0.976x the budget at cosine 0.9985, and the search dropped a block instead
 (0.919, 0.947 after recovery). Timed again as the final measurement is made (`final_measure_config`, interleaved
-with the dense model), it is kept where the whole interval of that measurement is within the budget: the rule the
-verdict calls "met". The final measurement is another draw: a plan kept at the edge can still come out "uncertain"
-(exit 3), which says what is true of it.
+with the dense model, more blocks while its interval straddles the budget), it is kept where the whole interval of
+that measurement is within the budget: the rule the verdict calls "met". The final measurement is another draw: a
+plan kept at the edge can still come out "uncertain" (exit 3), which says what is true of it.
 """
 from __future__ import annotations
 
@@ -20,21 +20,35 @@ from deploy.compiler.candidate import Candidate
 
 def fits_when_remeasured(planner: Any, candidate: Candidate, budget: float) -> bool:
     """Whether `candidate` (measured within `budget` on the planner's scale) still fits with the whole interval of
-    a measurement made as the final one: its ratio to the dense model's interval for a speed-up budget (the
-    planner's scale), else its p50's. Recorded in the candidate's `remeasured`. False for a predicted target (its
-    latency is already the band's upper end)."""
+    a measurement made as the final one (sequential, as the final one is: more blocks while the interval straddles
+    the budget): its ratio to the dense model's interval for a speed-up budget (the planner's scale), else its
+    p50's. Recorded in the candidate's `remeasured`. False for a predicted target (its latency is already the
+    band's upper end)."""
     from deploy.compiler.apply import final_measure_config
 
     if not planner.setup.target.measured or candidate.latency_ms > budget:
         return False
     if candidate.remeasured is not None:  # the uniform allocation meets the same dense plan again
         return bool(candidate.remeasured["fits"])
-    timing = planner.remeasured(candidate, final_measure_config(planner.request.measure_seconds))
+
+    def interval(b: Any, comparison: Any) -> tuple[float, float]:
+        from deploy.targets.measure.paired import median_interval
+
+        if planner.relative:
+            return comparison.ci_low * planner.dense.latency_ms, comparison.ci_high * planner.dense.latency_ms
+        return median_interval(b)
+
+    def decided(b: Any, comparison: Any) -> bool:
+        low, high = interval(b, comparison)
+        return high <= budget or low > budget
+
+    timing = planner.remeasured(candidate, final_measure_config(planner.request.measure_seconds), decided)
     if planner.relative and timing.get("ratio_ci"):
         low, high = (r * planner.dense.latency_ms for r in timing["ratio_ci"])
     else:
         low, high = timing["interval_ms"]
-    candidate.remeasured = {"interval_ms": [low, high], "budget_ms": budget, "fits": high <= budget}
+    candidate.remeasured = {"interval_ms": [low, high], "budget_ms": budget, "fits": high <= budget,
+                            "blocks": timing.get("blocks")}
     planner.note("measuring candidates", 0.5, len(planner.candidates), planner.expected,
                  f"measured again: {candidate.origin}, up to {high:.3g} ms for {budget:.3g} ms")
     return high <= budget

@@ -3,11 +3,13 @@
 met (exit 0): the whole interval of the measured p50 (over the blocks of the final measurement), or the whole
 predicted band, is within the budget; uncertain (exit 3): that interval or band straddles the budget; missed
 (exit 4): all of it is over. A speed-up budget measured here is judged the same way on the interval of the
-speed-up from the final interleaved comparison. The model and the report are written in every case.
+speed-up from the final interleaved comparison. The model and the report are written in every case. The final
+measurement times more blocks while its interval straddles the budget (`settles`), so "uncertain" is what remains
+after up to three rounds, each interval at the confidence that keeps the whole design at 95%.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from deploy.core.errors import EXIT_INCONCLUSIVE, EXIT_MISSED, EXIT_OK
 
@@ -35,3 +37,18 @@ def speedup_verdict(speedup_ci: Sequence[float], asked: float) -> str:
 
 def size_verdict(size_mb: float, budget_mb: float) -> str:
     return "met" if size_mb <= budget_mb else "missed"
+
+
+def settles(budget: dict[str, Any]) -> Callable[[Any, Any], bool] | None:
+    """For the final measurement (sequential, `measure_blocks`): whether a look's interval settles the verdict on
+    `budget` (the decisions' record of it), met or missed, so that no more blocks are timed; None where the budget
+    is not a latency."""
+    from deploy.targets.measure.paired import median_interval
+
+    if budget.get("kind") == "speedup":
+        return lambda b, comparison: speedup_verdict([1.0 / comparison.ci_high, 1.0 / comparison.ci_low],
+                                                     budget["value"]) != "uncertain"
+    if budget.get("target_ms") is not None:
+        return lambda b, comparison: latency_verdict(b.summary["p50"], budget["target_ms"],
+                                                     median_interval(b)) != "uncertain"
+    return None
