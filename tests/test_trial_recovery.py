@@ -18,6 +18,9 @@ class FakeTrials:
         self.recovered = recovered
         self.asked: list[Candidate] = []
 
+    def settle(self, planner, a: Candidate, b: Candidate) -> None:
+        """(Each trial is final here: no second round.)"""
+
     def promise(self, planner, cand: Candidate) -> tuple[float, float]:
         self.asked.append(cand)
         value = self.recovered.get(cand.blocks, 1.0 - 0.2 * cand.level)
@@ -176,6 +179,38 @@ def test_a_trial_recovers_each_structure_once(tmp_path, monkeypatch):
     assert calls == {"distill": 1, "calibrated": 1}
     dense.fidelity = 0.5
     assert trials.promise(planner, dense)[0] == 0.5 and dense.trial is None  # nothing to recover: its own score
+
+
+def test_close_trials_of_two_structures_get_another_round_before_they_are_compared(tmp_path, monkeypatch):
+    """Two structures whose trials came out close both recover for another round from where they stopped (its own
+    steps, the earlier round's score kept for the report); trials that are far apart, or have had ROUNDS rounds,
+    are compared as they are."""
+    import deploy.compiler.trial_recovery as trial_recovery
+    from deploy.compiler.candidates import Planner
+    from deploy.compiler.job import CompressRequest, _setup
+
+    request = CompressRequest(example=True, target="cpu", recover_steps=40, recover_minutes=0.5, threads=1,
+                              out=str(tmp_path / "out"))
+    setup = _setup(request, tmp_path / "work")
+    planner = Planner(request, setup)
+    planner.trials = trial_recovery.Trials(request, setup)
+    a = Candidate("fp32", 0.0, {}, 1.0, None, 1.0, None, blocks=(planner.drop_order()[0][0],))
+    b, c = (Candidate("fp32", level, planner.removed(level), 1.0, None, 1.0, None) for level in (0.5, 0.3))
+    monkeypatch.setattr(trial_recovery, "CLOSE", 0.0)  # no two trials are close
+    trial_recovery.more_promising(planner, a, b)
+    assert a.trial["round"] == b.trial["round"] == 1 and a.trial["steps"] == 6
+    earlier = a.trial["fidelity"], b.trial["fidelity"]
+    monkeypatch.setattr(trial_recovery, "CLOSE", 1e9)  # every two trials are close
+    answer = trial_recovery.more_promising(planner, a, b)
+    assert a.trial["round"] == b.trial["round"] == trial_recovery.ROUNDS == 2
+    assert (a.trial["earlier"], b.trial["earlier"]) == ([earlier[0]], [earlier[1]]) and a.trial["steps"] == 6
+    assert answer == (trial_recovery.promise(planner, a) > trial_recovery.promise(planner, b))
+    trial_recovery.more_promising(planner, a, b)  # ROUNDS reached: compared as they are
+    assert a.trial["round"] == 2 and len(a.trial["earlier"]) == 1
+    assert trial_recovery.most_promising(planner, [a, b]) is (a if answer else b)
+    monkeypatch.setattr(trial_recovery, "CLOSE", 0.0)
+    trial_recovery.more_promising(planner, c, a)  # a structure met first against a two-round one: caught up
+    assert c.trial["round"] == 2 and "earlier" not in c.trial  # (its first round was never scored)
 
 
 @pytest.mark.parametrize("uniform_wins", [True, False])

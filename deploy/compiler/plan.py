@@ -37,7 +37,8 @@ from deploy.compiler.candidate import Candidate, structure_of
 from deploy.compiler.candidates import Planner
 from deploy.compiler.near_fit import fits_when_remeasured
 from deploy.compiler.precision_fill import PRECISION_STEPS, fill_precision
-from deploy.compiler.trial_recovery import Trials, needs_recovery, promise, structure
+from deploy.compiler.trial_recovery import (Trials, more_promising, most_promising, needs_recovery, promise,
+                                            structure)
 from deploy.core.errors import BudgetInfeasibleError
 
 FILL = 0.85  # a latency budget is met when FILL x budget <= p50 <= budget, where the model family allows
@@ -70,14 +71,14 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
             if window[1] < fastest < math.inf:
                 _infeasible(budget, fastest, dense)
             raise error
-        return max(found, key=lambda c: promise(planner, c))
+        return most_promising(planner, found)
     if structured.level <= 0:  # precision alone fits (nothing pruned): nothing needs cutting or factorizing
         return structured
     if depth:  # a re-plan stays with the allocation chosen too
         structured = _uniform_allocation(planner, budget, window, dense, structured)
     found = [c for c in (structured, _lowrank_for_latency(planner, window, dense),
                          _depth_mixes(planner, budget, window, dense, structured) if depth else None) if c is not None]
-    return max(found, key=lambda c: promise(planner, c))
+    return most_promising(planner, found)
 
 
 def _uniform_allocation(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
@@ -110,7 +111,7 @@ def _filled_if_better(planner: Planner, cand: Candidate | None, best: Candidate 
         filled = _precision_at(planner.owner(cand), cand, window)
         if filled.latency_ms <= window[1] and promise(planner, filled) > promise(planner, cand):
             cand = filled
-    if best is None or promise(planner, cand) > promise(planner, best):
+    if best is None or more_promising(planner, cand, best):
         return cand
     return best
 
@@ -131,7 +132,7 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
             cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense, refine=False)
         except BudgetInfeasibleError:
             continue
-        if mix is None or promise(planner, cand) > promise(planner, mix):
+        if mix is None or more_promising(planner, cand, mix):
             mix, worse = cand, 0
         else:
             worse += 1
@@ -139,7 +140,7 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
             break
     if mix is not None and mix.level > 0:  # the best mix's width pruning allocated uniformly, as for no blocks
         uniform = _uniform_of(planner, budget, window, dense, mix)
-        if uniform is not None and promise(planner, uniform) > promise(planner, mix):
+        if uniform is not None and more_promising(planner, uniform, mix):
             mix = uniform
     return _filled_if_better(planner, mix, best, window)
 
@@ -258,7 +259,7 @@ def _alternate(planner: Planner, first: Candidate, pruned: Candidate, most: Cand
     second = _precision_at(planner, deeper, window)
     if second.latency_ms > window[1] or second.labels == deeper.labels:  # nothing was given back to precision
         return first
-    return second if promise(planner, second) > promise(planner, first) else first
+    return second if more_promising(planner, second, first) else first
 
 
 def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: tuple[float, float],
