@@ -266,6 +266,9 @@ def deploy_row(case: dict[str, Any], speedup: float, minutes: float, folder: Pat
             "mixes": sorted({len(c.get("blocks") or []) for c in report["candidates"]})}
     if report.get("recovery"):
         info.update(steps=report["recovery"].get("steps"), stopped=report["recovery"].get("stopped"))
+    info["trials"] = [{"origin": c["origin"], "level": c["level"], "blocks": len(c.get("blocks") or []),
+                       "fidelity": c["trial"]["fidelity"], "round": c["trial"].get("round"),
+                       "earlier": c["trial"].get("earlier", [])} for c in report["candidates"] if c.get("trial")]
     dense = [c for c in report["candidates"] if c["level"] == 0 and not c.get("blocks") and not c.get("ranks")]
     precision_only = min((c for c in dense if c["precision"] != "fp32"), key=lambda c: c["latency_ms"], default=None)
     if precision_only is not None:  # the dense model's fastest precision plan: where it measured against the
