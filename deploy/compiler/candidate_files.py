@@ -59,8 +59,7 @@ def latency(setup: Any, path: Path, seconds: float, module: torch.nn.Module | No
     ratio = comparison.to_dict()
     return {"latency_ms": result["summary"]["p50"], "source": "measured", "measurement": result,
             "interval_ms": list(median_interval(candidate)), "ratio_to_dense": ratio["ratio"],
-            "ratio_ci": [ratio["ci_low"], ratio["ci_high"]], "block_ratios": ratio["block_ratios"],
-            "blocks": len(ratio["block_ratios"] or ())}
+            "ratio_ci": [ratio["ci_low"], ratio["ci_high"]], "block_ratios": ratio["block_ratios"]}
 
 
 def planned_ms(timing: dict[str, Any]) -> float:

@@ -31,24 +31,22 @@ def fits_when_remeasured(planner: Any, candidate: Candidate, budget: float) -> b
     if candidate.remeasured is not None:  # the uniform allocation meets the same dense plan again
         return bool(candidate.remeasured["fits"])
 
-    def interval(b: Any, comparison: Any) -> tuple[float, float]:
-        from deploy.targets.measure.paired import median_interval
-
-        if planner.relative:
-            return comparison.ci_low * planner.dense.latency_ms, comparison.ci_high * planner.dense.latency_ms
-        return median_interval(b)
+    def on_scale(ratio_ci: Any, interval_ms: Any) -> tuple[float, float]:
+        """The interval the budget is judged on: the ratio's (x the dense model) for a speed-up budget."""
+        if planner.relative and ratio_ci:
+            return ratio_ci[0] * planner.dense.latency_ms, ratio_ci[1] * planner.dense.latency_ms
+        return interval_ms[0], interval_ms[1]
 
     def decided(b: Any, comparison: Any) -> bool:
-        low, high = interval(b, comparison)
+        from deploy.targets.measure.paired import median_interval
+
+        low, high = on_scale((comparison.ci_low, comparison.ci_high), median_interval(b))
         return high <= budget or low > budget
 
     timing = planner.remeasured(candidate, final_measure_config(planner.request.measure_seconds), decided)
-    if planner.relative and timing.get("ratio_ci"):
-        low, high = (r * planner.dense.latency_ms for r in timing["ratio_ci"])
-    else:
-        low, high = timing["interval_ms"]
+    low, high = on_scale(timing.get("ratio_ci"), timing["interval_ms"])
     candidate.remeasured = {"interval_ms": [low, high], "budget_ms": budget, "fits": high <= budget,
-                            "blocks": timing.get("blocks")}
+                            "blocks": len(timing.get("block_ratios") or ())}
     planner.note("measuring candidates", 0.5, len(planner.candidates), planner.expected,
                  f"measured again: {candidate.origin}, up to {high:.3g} ms for {budget:.3g} ms")
     return high <= budget
