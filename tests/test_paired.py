@@ -98,7 +98,9 @@ def test_measure_blocks_prepares_fresh_runs_alternates_order_and_records_the_str
     assert [blk["first"] for blk in blocks] == ["a", "b", "a"]
     assert all(4 <= blk["inner_loop"] <= 6 for blk in blocks)  # 0.2 ms per inference: k = 5 for a 1 ms sample
     assert sum(blk["n"] for blk in blocks) == a.summary["n"] == len(a.samples_ms)
-    assert c.method == "blocks" and len(c.block_ratios) == 3 and c.ci_low < 2.0 < c.ci_high
+    # the interval sits on the true ratio 2 (to 1%): a 95% interval misses the exact value one run in twenty, and the
+    # samples drawn here depend on the wall clock (how many fit in min_seconds), so no seed fixes that run
+    assert c.method == "blocks" and len(c.block_ratios) == 3 and c.ci_low < 2.0 * 1.01 and c.ci_high > 2.0 * 0.99
     assert 1.9 < c.ratio < 2.1 and c.excludes_one
     data = a.to_dict()
     assert data["structure"]["design"] == "blocks" and len(data["samples_ms"]) == a.summary["n"]
