@@ -94,12 +94,13 @@ def reference(case: dict[str, Any]) -> torch.Tensor:
 
 
 def scores(ref: torch.Tensor, got: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
-    from deploy.core.metrics import mean_pool, nearest_neighbour_agreement
+    from deploy.core.metrics import mean_pool, nearest_neighbour_hits
 
     a, b = mean_pool(ref, mask), mean_pool(got, mask)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
-    return {"pooled_cosine": cos.mean().item(), "nn_agreement": nearest_neighbour_agreement(a, b),
-            "per_sample": cos.numpy()}
+    hits = nearest_neighbour_hits(a, b).float()
+    return {"pooled_cosine": cos.mean().item(), "nn_agreement": hits.mean().item(),
+            "per_sample": cos.numpy(), "nn_per_sample": hits.numpy()}
 
 
 def paired_ci(ours: np.ndarray, theirs: np.ndarray, seed: int = 0) -> list[float]:
@@ -172,6 +173,7 @@ def run(quick: bool, threads: int, log: Any = print) -> dict[str, Any]:
                                 1.0 if quick else 2.0, log)
     for row in rows.values():
         row.pop("per_sample")
+        row.pop("nn_per_sample")
     return {"rows": rows, "parity": parity, "n_calibration": n_cal, "n_held_out": n_eval, "threads": threads, "precision": precision,
             "nncf_key": nncf_key}
 

@@ -41,3 +41,18 @@ def test_embedding_cosine_respects_the_mask():
     assert masked["task"] == "embedding" and abs(masked["pooled_cosine"] - 1.0) < 1e-6
     assert unmasked["pooled_cosine"] < 0.99
     assert primary_metric(masked)[0] == "pooled_cosine"
+
+
+def test_nearest_neighbour_hits_mark_the_samples_whose_neighbour_moved():
+    from deploy.core.metrics import nearest_neighbour_agreement, nearest_neighbour_hits
+
+    def at(*degrees: float) -> torch.Tensor:
+        rad = torch.tensor(degrees) * math.pi / 180
+        return torch.stack([rad.cos(), rad.sin()], dim=1)
+
+    ref = at(0, 10, 90, 80)  # neighbours: 0 <-> 1, 2 <-> 3
+    cand = at(0, 60, 90, 80)  # sample 1 moves towards 3: its neighbour changes, 0's (still 1) and 3's (2) do not
+    hits = nearest_neighbour_hits(ref, cand)
+    assert hits.tolist() == [True, False, True, True]
+    assert nearest_neighbour_agreement(ref, cand) == 0.75
+    assert nearest_neighbour_hits(ref[:2], cand[:2]).tolist() == [True, True]  # too few samples to have neighbours

@@ -104,8 +104,14 @@ def _mean_where(values: torch.Tensor, ok: torch.Tensor) -> float:
 
 def nearest_neighbour_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """Share of samples whose nearest other sample (by cosine) is the same for both models' embeddings."""
+    return nearest_neighbour_hits(reference, candidate).float().mean().item()
+
+
+def nearest_neighbour_hits(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Per sample, whether its nearest other sample (by cosine) is the same for both models' embeddings: the
+    per-sample values a paired interval on the agreement is drawn from."""
     if reference.shape[0] < 3:
-        return 1.0
+        return torch.ones(reference.shape[0], dtype=torch.bool)
 
     def nearest(x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(x, dim=1)
@@ -113,7 +119,7 @@ def nearest_neighbour_agreement(reference: torch.Tensor, candidate: torch.Tensor
         sim.fill_diagonal_(-math.inf)
         return sim.argmax(1)
 
-    return (nearest(reference) == nearest(candidate)).float().mean().item()
+    return nearest(reference) == nearest(candidate)
 
 
 def primary_metric(result: dict[str, float | str]) -> tuple[str, float]:
