@@ -133,6 +133,30 @@ def test_a_sequential_comparison_adds_rounds_of_blocks_only_while_undecided():
     assert len(plain.block_ratios) == 2 and plain.confidence == 0.95  # no question: one look at the asked level
 
 
+def test_a_sequential_measurement_logs_its_warnings_once_not_per_look(caplog):
+    """Every look summarises the blocks so far; only the finished measurement's warnings reach the log."""
+    import logging
+
+    from deploy.targets.measure.paired import LOOKS
+
+    rng = np.random.default_rng(3)
+    config = MeasureConfig(warmup_min_s=0.01, warmup_min_runs=3, min_samples=12, min_seconds=0.06, max_seconds=5.0,
+                           blocks=2, min_sample_ms=0.5, cov_warn=0.001)  # any jitter is "noisy" here
+    looks = []
+
+    def never(b, comparison) -> bool:
+        looks.append(len(comparison.block_ratios))
+        return False
+
+    with caplog.at_level(logging.WARNING, logger="deploy.targets.measure.loop"):
+        a, b, c = measure_blocks(lambda: _device_timed(0.2, rng), lambda: _device_timed(0.3, rng), config,
+                                 decided=never)
+    assert len(looks) == LOOKS and len(c.block_ratios) == 2 * LOOKS
+    noisy = [r.getMessage() for r in caplog.records if r.getMessage().startswith("noisy measurement")]
+    assert noisy and len(noisy) == len(set(noisy)) <= 2  # each text once (one per side at most), not once per look
+    assert set(noisy) == {w for w in a.warnings + b.warnings if w.startswith("noisy measurement")}
+
+
 def test_the_final_measurement_goes_on_only_while_its_verdict_is_uncertain():
     """`settles` asks of a look what the verdict will: the speed-up's interval against the asked speed-up, the
     p50's interval against a latency budget; nothing for a budget that is not a latency."""

@@ -213,8 +213,10 @@ def _run(timers: Sequence[Callable[[], float]], config: MeasureConfig,
     return samples, lock
 
 
-def measurement_from(samples: list[float], config: MeasureConfig, lock: LockRecord) -> Measurement:
-    """A Measurement from raw samples (here or from a remote device): summary, warnings, lock record."""
+def measurement_from(samples: list[float], config: MeasureConfig, lock: LockRecord, announce: bool = True
+                     ) -> Measurement:
+    """A Measurement from raw samples (here or from a remote device): summary, warnings, lock record. `announce`
+    False: the warnings are kept in it but not logged (a sequential measurement's earlier looks)."""
     summary = summarize(samples, config.confidence)
     warnings = []
     if summary["cov"] > config.cov_warn:
@@ -225,7 +227,7 @@ def measurement_from(samples: list[float], config: MeasureConfig, lock: LockReco
                         f"{config.max_seconds:g}")
     if config.is_quick:
         warnings.append("quick mode: a sub-second measurement, fine for a smoke test, not for decisions")
-    for text in warnings:
+    for text in warnings if announce else ():
         log.warning(text)
     return Measurement(tuple(samples), summary, config, lock, tuple(warnings),
                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))

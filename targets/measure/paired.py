@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from deploy.targets.measure.lock import measurement_lock
-from deploy.targets.measure.loop import (MeasureConfig, Measurement, ProgressFn, RateLimited, gc_paused,
+from deploy.targets.measure.loop import (MeasureConfig, Measurement, ProgressFn, RateLimited, gc_paused, log,
                                          measurement_from, sample_timer, timed_rounds)
 from deploy.targets.measure.stats import Comparison, compare, median_ci, ratio_ci
 
@@ -114,6 +114,8 @@ def measure_blocks(prepare_a: Prepare, prepare_b: Prepare, config: MeasureConfig
             ma, mb, comparison = _summaries(blocks, config, lock)
             if decided is None or decided(mb, comparison):
                 break
+    for text in dict.fromkeys(ma.warnings + mb.warnings):  # the finished measurement's, once (not every look's)
+        log.warning(text)
     return ma, mb, comparison
 
 
@@ -122,8 +124,8 @@ def _summaries(blocks: list[dict], config: MeasureConfig, lock: Any) -> tuple[Me
     b = [x for blk in blocks for x in blk["b_ms"]]
     structure = {"design": "blocks", "blocks": [{"first": blk["first"], "inner_loop": blk["inner_loop"],
                                                  "n": len(blk["a_ms"])} for blk in blocks]}
-    ma = replace(measurement_from(a, config, lock), structure=structure)
-    mb = replace(measurement_from(b, config, lock), structure=structure)
+    ma = replace(measurement_from(a, config, lock, announce=False), structure=structure)
+    mb = replace(measurement_from(b, config, lock, announce=False), structure=structure)
     return ma, mb, combine([(blk["a_ms"], blk["b_ms"]) for blk in blocks], config.confidence)
 
 
