@@ -184,6 +184,24 @@ def test_calibrated_ranges_are_per_tensor_and_shared(digits_prepared):
     assert {r["method"] for r in prep.calibration.values()} <= {"minmax", "percentile", "mse"}
 
 
+def test_activation_ranges_are_calibrated_on_the_validation_samples_too():
+    """Ranges are statistics: every sample not held out counts (`CalibrationSet`'s "statistics" split)."""
+    from deploy.core.data import CalibrationSet
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    spec = [InputSpec("x", ("batch", 8))]
+    small = [(torch.rand(1, 8),) for _ in range(24)]  # in [0, 1)
+    large = [(torch.full((1, 8), 6.0),) for _ in range(8)]  # only in validation
+    data = CalibrationSet(small, [], None, "test", "x", validation=large)
+    prep = prepare(model, spec, data, CPU, config=CalibrationConfig(methods=("minmax",), batches=2, batch_size=16))
+    act = prep.plan.layers["0"].act_in
+    assert act.scale * 255 >= 6.0 * 0.99  # the validation samples' 6.0 is inside the u8 range
+    only_calibration = prepare(model, spec, CalibrationSet(small, [], None, "test", "y"), CPU,
+                               config=CalibrationConfig(methods=("minmax",), batches=2, batch_size=16))
+    assert only_calibration.plan.layers["0"].act_in.scale * 255 < 1.01
+
+
 # --- sensitivity ---------------------------------------------------------------------------------------------------
 
 def test_sensitivity_ranks_4bit_worse_than_8bit(digits_prepared, digits_calibration):

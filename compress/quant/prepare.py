@@ -174,7 +174,7 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Calibra
             notes.append(f"not in the exported graph, left alone: {', '.join(unused)}")
             shapes = [s for s in shapes if s.name in graph.nodes]
     policy = policy_for(target.qdq_policy)
-    batches = calibration.leading("calibration", config.batch_size, config.batches)
+    batches = calibration.leading("statistics", config.batch_size, config.batches)  # validation too: `CalibrationSet`
     attention = [n for n in attention_layers(graph, policy) if any(s.name == n and s.kind == "linear" for s in shapes)]
     params, smooth, report = calibrate_tensors(folded, graph, shapes, batches, policy.act_signed, config, attention)
     spaces = {s.name: layer_space(s, target.profile, space) for s in shapes}
