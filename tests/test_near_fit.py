@@ -106,3 +106,29 @@ def test_report_html_shows_the_second_measurement():
     row["remeasured"] = {"interval_ms": [3.061, 3.1336], "budget_ms": 3.167, "fits": True}
     html = _candidate_table({"candidates": [row, _int8(2.5).row()]})
     assert "3.09 ms (timed again: up to 3.134 ms)" in html and html.count("timed again") == 1
+
+
+def test_a_precision_only_plan_given_up_just_over_the_budget_is_named_with_the_budget_that_keeps_it():
+    """Pruning won because the unpruned int8 model measured 0.4% over the budget: the person is told, with the flag
+    that would have kept it (the measurement inside the search's 5% margin)."""
+    import torch
+
+    from deploy.compiler.near_fit import near_miss_line
+
+    budget = 10.0 / 1.1  # --speedup 1.1 of a 10 ms dense model
+    planner = Remeasuring((0.5, 0.6))
+    planner.trials, planner.with_fidelity = None, lambda c: c
+    planner.setup.reference = [torch.randn(4, 10)]  # logits: top-1 agreement is the metric
+    pruned = Candidate("int8", 0.0, {}, 0.9 * budget, 0.918, 1.0, {"a": "int8"}, blocks=("block.3",))
+    int8 = _int8(1.004 * budget)
+    planner.candidates += [int8, pruned]
+    line = near_miss_line(planner, pruned, budget)
+    assert line is not None and "1.004x the budget" in line and "0.9985" in line and "0.918" in line
+    assert "--speedup 1.04 would have kept it" in line  # 10 ms / (1.004 x 9.09 ms / 0.95), rounded down
+    planner.relative = False
+    assert "--budget-ms 9.608 " in near_miss_line(planner, pruned, budget)  # an ms budget: rounded up
+    assert near_miss_line(planner, int8, budget) is None  # the answer is unpruned: nothing was given up
+    int8.latency_ms = 1.06 * budget
+    assert near_miss_line(planner, pruned, budget) is None  # not near: pruning was needed
+    int8.latency_ms, int8.fidelity = 1.004 * budget, 0.9
+    assert near_miss_line(planner, pruned, budget) is None  # less faithful than what pruning gave

@@ -13,6 +13,7 @@ plan kept at the edge can still come out "uncertain" (exit 3), which says what i
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from deploy.compiler.candidate import Candidate
@@ -50,3 +51,44 @@ def fits_when_remeasured(planner: Any, candidate: Candidate, budget: float) -> b
     planner.note("measuring candidates", 0.5, len(planner.candidates), planner.expected,
                  f"measured again: {candidate.origin}, up to {high:.3g} ms for {budget:.3g} ms")
     return high <= budget
+
+
+NEAR_MISS = 1.05  # a precision-only plan given up within this share over the budget is named beside the answer
+
+
+def near_miss_line(planner: Any, choice: Candidate, budget: float) -> str | None:
+    """Where the answer prunes (or factorizes) but the dense model at its fastest precisions was given up within
+    NEAR_MISS over the budget and ranks above the answer on the validation split (the answer after its trial
+    recovery, where it had one): one line naming the budget that keeps the unpruned model. A budget set at another
+    tool's latency lands on this edge: all-MiniLM-L6-v2 asked for NNCF int8's p50 measured its own int8 plan at
+    0.98x that budget in one run and 1.004x in another (pooled cosine 0.9986), and the second run dropped a block
+    (0.918 after its trial recovery). None where nothing was given up near the budget."""
+    from deploy.compiler.plan import SAFE
+    from deploy.compiler.trial_recovery import needs_recovery, promise
+    from deploy.core.metrics import PRIMARY, task_of
+
+    if not needs_recovery(choice) or not planner.setup.target.measured:
+        return None
+    dense = [c for c in planner.candidates if c.labels and c.level <= 0 and not c.blocks and not c.ranks
+             and c.latency_ms > SAFE * budget]  # measured outside what the search keeps
+    if not dense:
+        return None
+    fast = min(dense, key=lambda c: c.latency_ms)
+    over = max(fast.latency_ms, (fast.remeasured or {}).get("interval_ms", [0, 0])[1])
+    if over > NEAR_MISS * budget or promise(planner, fast) <= promise(planner, choice):
+        return None
+    keep = over / SAFE  # a budget this measurement is inside of with the search's margin
+    flag = (f"--speedup {math.floor(planner.dense.latency_ms / keep * 1000) / 1000:g}" if planner.relative
+            else f"--budget-ms {math.ceil(keep * 1000) / 1000:g}")
+    metric = PRIMARY[task_of(planner.setup.reference[0])]
+    again = f" (timed again: up to {over / budget:.3f}x)" if over > fast.latency_ms else ""
+    return (f"near miss: the unpruned model at its fastest precisions measured {fast.latency_ms / budget:.3f}x the "
+            f"budget{again} and was more faithful on validation ({metric} {planner.with_fidelity(fast).fidelity:.4g})"
+            f" than the plan chosen ({_shown(choice)}); {flag} would have kept it, unpruned")
+
+
+def _shown(choice: Candidate) -> str:
+    """The chosen plan's validation fidelity as the search compared it."""
+    if choice.trial is not None:
+        return f"{choice.trial['fidelity']:.4g} after its trial recovery"
+    return f"{choice.fidelity:.4g}"

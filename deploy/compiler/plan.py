@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from deploy.compiler.candidate import Candidate, structure_of
 from deploy.compiler.candidates import Planner
-from deploy.compiler.near_fit import fits_when_remeasured
+from deploy.compiler.near_fit import fits_when_remeasured, near_miss_line
 from deploy.compiler.precision_fill import PRECISION_STEPS, fill_precision
 from deploy.compiler.trial_recovery import (Trials, more_promising, most_promising, needs_recovery, promise,
                                             structure)
@@ -335,6 +335,9 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
     floor = fidelity_floor(request.budget, task_of(setup.reference[0]))
     if target is not None:
         choice = most_faithful(planner, meet_latency(planner, target, dense), SAFE * target)
+        missed = near_miss_line(planner, choice, target)
+        if missed:
+            setup.warnings.append(missed)
     elif floor is not None:
         choice = meet_floor(planner, floor[0], floor[1], dense)
     else:
