@@ -9,7 +9,8 @@ accuracy is below 100%, so compression errors show).
 Data. MiniLM: 256 English docstrings for calibration, scored on 1,000 other docstrings and on a small out-of-domain
 English set shipped here (`data/ood_english.txt`, everyday sentences). CNN: 256 distorted training images for
 calibration, scored on 1,080 distorted held-out images (3 distortions of each of the 360). Every tool gets the same
-calibration samples; deploy and the distilled baselines keep a fifth of them for early stopping; no tool sees the
+calibration samples; deploy and the distilled baselines keep a fifth of them for early stopping (deploy's quantizer
+calibrates on all, as NNCF does); no tool sees the
 scored samples (deploy's own report is scored on 64 other samples, `--held-out`, so that all 256 calibrate and
 recover as for the baselines). Fidelity: MiniLM, cosine of mean-pooled embeddings to fp32 and nearest-neighbour agreement; CNN,
 top-1 agreement with fp32, KL(fp32 || model), logit SQNR and accuracy. A paired bootstrap 95% CI of each row's
