@@ -78,7 +78,7 @@ def near_miss_line(planner: Any, choice: Candidate, budget: float) -> str | None
     if over > NEAR_MISS * budget or promise(planner, fast) <= promise(planner, choice):
         return None
     keep = over / SAFE  # a budget this measurement is inside of with the search's margin
-    flag = (f"--speedup {math.floor(planner.dense.latency_ms / keep * 1000) / 1000:g}" if planner.relative
+    flag = (f"--speedup {max(1.0, math.floor(planner.dense.latency_ms / keep * 1000) / 1000):g}" if planner.relative
             else f"--budget-ms {math.ceil(keep * 1000) / 1000:g}")
     metric = PRIMARY[task_of(planner.setup.reference[0])]
     again = f" (timed again: up to {over / budget:.3f}x)" if over > fast.latency_ms else ""
