@@ -122,13 +122,13 @@ def test_a_precision_only_plan_given_up_just_over_the_budget_is_named_with_the_b
     pruned = Candidate("int8", 0.0, {}, 0.9 * budget, 0.918, 1.0, {"a": "int8"}, blocks=("block.3",))
     int8 = _int8(1.004 * budget)
     planner.candidates += [int8, pruned]
-    line = near_miss_line(planner, pruned, budget)
+    line = near_miss_line(planner, pruned, budget, SAFE)
     assert line is not None and "1.004x the budget" in line and "0.9985" in line and "0.918" in line
     assert "--speedup 1.04 would have kept it" in line  # 10 ms / (1.004 x 9.09 ms / 0.95), rounded down
     planner.relative = False
-    assert "--budget-ms 9.608 " in near_miss_line(planner, pruned, budget)  # an ms budget: rounded up
-    assert near_miss_line(planner, int8, budget) is None  # the answer is unpruned: nothing was given up
+    assert "--budget-ms 9.608 " in near_miss_line(planner, pruned, budget, SAFE)  # an ms budget: rounded up
+    assert near_miss_line(planner, int8, budget, SAFE) is None  # the answer is unpruned: nothing was given up
     int8.latency_ms = 1.06 * budget
-    assert near_miss_line(planner, pruned, budget) is None  # not near: pruning was needed
+    assert near_miss_line(planner, pruned, budget, SAFE) is None  # not near: pruning was needed
     int8.latency_ms, int8.fidelity = 1.004 * budget, 0.9
-    assert near_miss_line(planner, pruned, budget) is None  # less faithful than what pruning gave
+    assert near_miss_line(planner, pruned, budget, SAFE) is None  # less faithful than what pruning gave

@@ -56,28 +56,28 @@ def fits_when_remeasured(planner: Any, candidate: Candidate, budget: float) -> b
 NEAR_MISS = 1.05  # a precision-only plan given up within this share over the budget is named beside the answer
 
 
-def near_miss_line(planner: Any, choice: Candidate, budget: float) -> str | None:
+def near_miss_line(planner: Any, choice: Candidate, budget: float, safe: float) -> str | None:
     """Where the answer prunes (or factorizes) but the dense model at its fastest precisions was given up within
     NEAR_MISS over the budget and ranks above the answer on the validation split (the answer after its trial
     recovery, where it had one): one line naming the budget that keeps the unpruned model. A budget set at another
     tool's latency lands on this edge: all-MiniLM-L6-v2 asked for NNCF int8's p50 measured its own int8 plan at
     0.98x that budget in one run and 1.004x in another (pooled cosine 0.9986), and the second run dropped a block
-    (0.918 after its trial recovery). None where nothing was given up near the budget."""
-    from deploy.compiler.plan import SAFE
+    (0.918 after its trial recovery). None where nothing was given up near the budget. `safe`: the share of the
+    budget the search keeps candidates at (plan.SAFE)."""
     from deploy.compiler.trial_recovery import needs_recovery, promise
     from deploy.core.metrics import PRIMARY, task_of
 
     if not needs_recovery(choice) or not planner.setup.target.measured:
         return None
     dense = [c for c in planner.candidates if c.labels and c.level <= 0 and not c.blocks and not c.ranks
-             and c.latency_ms > SAFE * budget]  # measured outside what the search keeps
+             and c.latency_ms > safe * budget]  # measured outside what the search keeps
     if not dense:
         return None
     fast = min(dense, key=lambda c: c.latency_ms)
     over = max(fast.latency_ms, (fast.remeasured or {}).get("interval_ms", [0, 0])[1])
     if over > NEAR_MISS * budget or promise(planner, fast) <= promise(planner, choice):
         return None
-    keep = over / SAFE  # a budget this measurement is inside of with the search's margin
+    keep = over / safe  # a budget this measurement is inside of with the search's margin
     flag = (f"--speedup {max(1.0, math.floor(planner.dense.latency_ms / keep * 1000) / 1000):g}" if planner.relative
             else f"--budget-ms {math.ceil(keep * 1000) / 1000:g}")
     metric = PRIMARY[task_of(planner.setup.reference[0])]

@@ -335,7 +335,7 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
     floor = fidelity_floor(request.budget, task_of(setup.reference[0]))
     if target is not None:
         choice = most_faithful(planner, meet_latency(planner, target, dense), SAFE * target)
-        missed = near_miss_line(planner, choice, target)
+        missed = near_miss_line(planner, choice, target, SAFE)
         if missed:
             setup.warnings.append(missed)
     elif floor is not None:
