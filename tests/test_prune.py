@@ -151,7 +151,10 @@ def test_bert_prunes_heads_and_neurons_counts_macs_honestly_and_runs_in_onnxrunt
     assert report.cost == analyze(from_module(pruned, BERT_INPUTS)).total_macs
     for row in report.units:
         assert row["kept"] >= 1
-    replayed = replay(bert, BERT_INPUTS, report.to_dict())
+    assert report.refit
+    with pytest.raises(ConfigError, match="refit on calibration data"):
+        replay(bert, BERT_INPUTS, report.to_dict())
+    replayed = replay(bert, BERT_INPUTS, report.to_dict(), bert_samples)
     assert torch.equal(replayed(*bert_samples[0]), pruned(*bert_samples[0]))
     got = _ort_outputs(pruned, BERT_INPUTS, bert_samples[0], tmp_path)
     np.testing.assert_allclose(got, pruned(*bert_samples[0]).detach().numpy(), rtol=1e-3, atol=1e-4)

@@ -73,7 +73,7 @@ def test_fused_qkv_attention_is_not_offered_and_the_rest_prunes(attribute):
     plan = plan_dp(problem, 0.8 * problem.costs.base)
     pruned = problem.build(plan)
     assert problem.cost.of_module(pruned) == problem.cost.of_plan(plan) <= 0.8 * problem.costs.base
-    with Masker(model, units).applied(problem.removal(plan)):
+    with Masker(model, units, problem.refit).applied(problem.removal(plan)):
         masked = model(*x)
     assert torch.allclose(pruned(*x), masked, atol=1e-5)
 

@@ -22,7 +22,7 @@ from deploy.compress.prune.baselines import global_magnitude, plan_uniform
 from deploy.compress.prune.cost import Plan
 from deploy.compress.prune.depth import dropped
 from deploy.compress.prune.edit import remove_physically
-from deploy.compress.prune.problem import PruneConfig, PruneProblem, build_problem, check_reachable
+from deploy.compress.prune.problem import PruneConfig, PruneProblem, build_problem, check_reachable, input_moments
 from deploy.compress.prune.units import UnitConfig, all_units, check_plan, ratio_of
 from deploy.compress.prune.sensitivity import OutputProbe, ProbeData, ranking
 from deploy.core.errors import ConfigError
@@ -60,6 +60,7 @@ class PruneReport:
     held_out: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    refit: bool = False  # the readers of removed channels were refit on the calibration samples (prune.refit)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,7 +190,8 @@ def execute(problem: PruneProblem, method: str, budget: float, held_out: Sequenc
         removed=dict(removed), elements=_elements(problem, removed), units=_unit_rows(problem, removed),
         predicted_distortion=predicted, measured_distortion=measured,
         reference_power=problem.curves.reference_power, held_out=held_out_fidelity(problem, pruned, held_out, labels),
-        warnings=warnings, seconds={k: round(v, 3) for k, v in seconds.items()})
+        warnings=warnings, seconds={k: round(v, 3) for k, v in seconds.items()},
+        refit=problem.refit is not None and method != "global")
     return pruned, report
 
 
@@ -219,20 +221,27 @@ def held_out_fidelity(problem: PruneProblem, pruned: nn.Module, held_out: Sequen
     return fidelity(reference, candidate, labels, mask)
 
 
-def replay(module: nn.Module, inputs: Sequence[InputSpec], report: dict[str, Any]) -> nn.Module:
+def replay(module: nn.Module, inputs: Sequence[InputSpec], report: dict[str, Any],
+           samples: Sequence[tuple[torch.Tensor, ...]] | None = None) -> nn.Module:
     """Rebuild a pruned model from a recorded report (PruneReport.to_dict()): the recorded channels and heads,
-    or for sparse modes the recorded counts of the smallest weights. Global-magnitude results are not replayable
-    this way (Torch-Pruning chose them)."""
+    or for sparse modes the recorded counts of the smallest weights; a refit plan needs the calibration `samples`
+    it was refit on. Global-magnitude results are not replayable this way (Torch-Pruning chose them)."""
     if report["method"] == "global" and report["mode"] == "structured":
         raise ConfigError("a global-magnitude plan records no per-unit elements", "re-run the prune pass")
-    return apply_removed(module, inputs, report["mode"], report["removed"], report.get("elements", {}))
+    if report.get("refit") and not samples:
+        raise ConfigError("the plan's pruned layers were refit on calibration data",
+                          "replay it with the calibration samples the prune pass had")
+    return apply_removed(module, inputs, report["mode"], report["removed"], report.get("elements", {}),
+                         samples if report.get("refit") else None)
 
 
 def apply_removed(module: nn.Module, inputs: Sequence[InputSpec], mode: str, removed: dict[str, int],
-                  elements: dict[str, list[int]] | None = None) -> nn.Module:
+                  elements: dict[str, list[int]] | None = None,
+                  samples: Sequence[tuple[torch.Tensor, ...]] | None = None) -> nn.Module:
     """A physically pruned copy for a plan (unit -> count removed): each unit loses its `count` least important
-    elements by magnitude (or exactly the listed `elements`). Data-free and deterministic: the plan search's
-    candidates and a replayed deploy.toml get the same model."""
+    elements by magnitude (or exactly the listed `elements`); with `samples` (structured mode), the linear layers
+    reading removed channels are refit on them (`prune.refit`). Deterministic: the plan search's candidates and a
+    replayed deploy.toml get the same model from the same calibration samples."""
     gen = torch.Generator().manual_seed(0)
     example = tuple(spec.example({"batch": 2}, gen) for spec in inputs)
     config = UnitConfig(mode, 1, (0.0,), sparse_2_4=mode == "2:4")
@@ -247,7 +256,9 @@ def apply_removed(module: nn.Module, inputs: Sequence[InputSpec], mode: str, rem
             removal[unit.name] = torch.tensor(elements[unit.name], dtype=torch.long)
         else:
             removal[unit.name] = ranking(module, unit)[: int(removed[unit.name])]
-    return remove_physically(module, example, units, removal)
+    refit = input_moments(module, units, samples, [s.name for s in inputs]) if samples and mode == "structured" \
+        else None
+    return remove_physically(module, example, units, removal, refit)
 
 
 @register_pass("prune", PruneConfig, needs_calibration=True, invalidates=("sensitivity", "quantize", "lowrank"))
@@ -264,7 +275,11 @@ class PrunePass:
         if self.config.removed or self.config.blocks:  # a plan found before (deploy compress, deploy.toml)
             module = dropped(state.module, self.config.blocks) if self.config.blocks else state.module
             if self.config.removed:
-                module = apply_removed(module, state.inputs, self.config.mode, self.config.removed)
+                if self.config.refit and ctx.calibration is None:
+                    raise ConfigError("the prune pass refits the layers reading removed channels on calibration "
+                                      "data, and none was given", "give calibration data, or set refit = false")
+                samples = list(ctx.calibration.calibration) if self.config.refit else None
+                module = apply_removed(module, state.inputs, self.config.mode, self.config.removed, samples=samples)
             state.module = module
             state.record(self.name, "decision", removed=dict(self.config.removed), mode=self.config.mode,
                          blocks=list(self.config.blocks))

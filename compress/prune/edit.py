@@ -18,17 +18,10 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from deploy.compress.prune.units import WEIGHTED, PruneUnit, Slice, dependency_graph
+from deploy.compress.prune.refit import InputMoments, write_refit
+from deploy.compress.prune.units import WEIGHTED, PruneUnit, Slice, dependency_graph, element_channels
 
 Removal = Mapping[str, torch.Tensor]  # unit name -> indices of the elements removed
-
-
-def element_channels(slice_: Slice, elements: torch.Tensor) -> torch.Tensor:
-    """Channel (or flat weight) indices of `elements` along the slice's axis."""
-    elements = torch.as_tensor(elements, dtype=torch.long).reshape(-1)
-    if slice_.width == 1:
-        return elements
-    return (elements[:, None] * slice_.width + torch.arange(slice_.width)).reshape(-1)
 
 
 def slice_params(root: nn.Module, slice_: Slice) -> list[tuple[nn.Parameter, int | None]]:
@@ -53,17 +46,22 @@ def _zero(param: torch.Tensor, dim: int | None, index: torch.Tensor) -> None:
 
 
 class Masker:
-    """Zeroes the parameter slices of removed elements in place and puts every value back afterwards."""
+    """Zeroes the parameter slices of removed elements in place (after refitting the linear layers that read
+    them, given `refit`) and puts every value back afterwards."""
 
-    def __init__(self, module: nn.Module, units: Sequence[PruneUnit]):
+    def __init__(self, module: nn.Module, units: Sequence[PruneUnit], refit: InputMoments | None = None):
         self.module = module
         self.units = {u.name: u for u in units}
+        self.refit = refit
 
     @contextmanager
     def applied(self, removal: Removal) -> Iterator[nn.Module]:
         saved: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
         try:
             with torch.no_grad():
+                if self.refit is not None:
+                    for param, original in write_refit(self.module, self.refit, self.units.values(), removal):
+                        saved.setdefault(id(param), (param, original))
                 for name, elements in removal.items():
                     if len(elements) == 0:
                         continue
@@ -81,9 +79,12 @@ class Masker:
 
 
 def remove_physically(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], units: Sequence[PruneUnit],
-                      removal: Removal) -> nn.Module:
-    """A deep copy of `module` with the elements gone: smaller layers, fewer heads, or zeroed weights."""
+                      removal: Removal, refit: InputMoments | None = None) -> nn.Module:
+    """A deep copy of `module` with the elements gone: smaller layers, fewer heads, or zeroed weights; with
+    `refit`, the linear layers reading removed channels refit first (`refit`)."""
     model = copy.deepcopy(module).eval()
+    if refit is not None:
+        write_refit(model, refit, units, removal)
     by_name = {u.name: u for u in units}
     todo = {n: torch.as_tensor(e, dtype=torch.long) for n, e in removal.items() if len(e)}
     channel_units = [n for n in todo if by_name[n].kind == "channels"]

@@ -15,6 +15,7 @@ from torch import nn
 from deploy.compress.allocate import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS
 from deploy.compress.prune.cost import CostModel, CountedCost, MeasuredLatency, OptionCosts, Plan, median_ms
 from deploy.compress.prune.edit import Masker, remove_physically
+from deploy.compress.prune.refit import InputMoments, readers
 from deploy.compress.prune.trace import CallTrace, PrefixReuse, SkipPlan, unit_plans
 from deploy.compress.prune.units import PruneUnit, UnitConfig, find_units
 from deploy.compress.prune.sensitivity import (Curves, OutputProbe, ProbeData, distortion_curves, measured_counts, ranking,
@@ -53,6 +54,9 @@ class PruneConfig:
     removed: dict[str, int] = field(default_factory=dict)
     # Whole blocks dropped before `removed` applies (prune.depth; names as in the unpruned model).
     blocks: tuple[str, ...] = ()
+    # Structured mode: refit the linear layers that read removed channels to their unpruned outputs on the
+    # calibration data (prune.refit), in the curves the allocator plans on and in the pruned model.
+    refit: bool = True
 
     def __post_init__(self) -> None:
         if not (self.budget > 0 and math.isfinite(self.budget)):
@@ -98,17 +102,18 @@ class PruneProblem:
     cost: CostModel
     costs: OptionCosts
     seconds: dict[str, float] = field(default_factory=dict)
+    refit: InputMoments | None = None
 
     def removal(self, removed: Plan) -> dict[str, torch.Tensor]:
         return removal_for(self.rankings, dict(removed))
 
     def build(self, removed: Plan) -> nn.Module:
         """The physically pruned copy for a plan."""
-        return remove_physically(self.module, self.example, self.units, self.removal(removed))
+        return remove_physically(self.module, self.example, self.units, self.removal(removed), self.refit)
 
     def masked_distortion(self, removed: Plan) -> float:
         """Measured distortion of a whole plan, by masking (equal to the physically pruned model's)."""
-        with Masker(self.module, self.units).applied(self.removal(removed)):
+        with Masker(self.module, self.units, self.refit).applied(self.removal(removed)):
             return self.probe.distortion()
 
     def budget(self, value: float, is_fraction: bool) -> float:
@@ -153,15 +158,25 @@ def build_problem(module: nn.Module, inputs: Sequence[InputSpec], samples: Seque
     data = ProbeData.from_samples(samples, names, count, config.batch_size)
     probe = OutputProbe(module, data)
     reuse = PrefixReuse(module, trace, plans, data.batches)
-    curves = distortion_curves(probe, units, config.importance, cache_dir, config.curve_points, reuse)
+    t_refit = time.perf_counter()
+    refit = input_moments(module, units, samples, names) if config.refit and config.mode == "structured" else None
+    timings["refit"] = time.perf_counter() - t_refit
+    curves = distortion_curves(probe, units, config.importance, cache_dir, config.curve_points, reuse, refit)
     timings["curves"] = curves.seconds
     problem = PruneProblem(module, list(inputs), example, config, multiple, units, rankings, curves, probe,
-                           cost=None, costs=None, seconds=timings)  # type: ignore[arg-type]
+                           cost=None, costs=None, seconds=timings, refit=refit)  # type: ignore[arg-type]
     t1 = time.perf_counter()
     problem.cost = cost or default_cost(problem, target)
     problem.costs = OptionCosts.measure(problem.cost, units)
     timings["costs"] = time.perf_counter() - t1
     return problem
+
+
+def input_moments(module: nn.Module, units: Sequence[PruneUnit], samples: Sequence[tuple[torch.Tensor, ...]],
+                  names: Sequence[str]) -> InputMoments | None:
+    """The refit's input moments for the linear layers `units` read from; None where there are none."""
+    layers = readers(module, units)
+    return InputMoments.collect(module, layers, samples, names) if layers else None
 
 
 MIN_PROBE_SAMPLES = 2

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from deploy.compress.prune.edit import Masker, Removal, slice_params
+from deploy.compress.prune.refit import InputMoments
 from deploy.compress.prune.trace import CallTrace, PrefixReuse, unit_plans
 from deploy.compress.prune.units import PruneUnit
 from deploy.core.metrics import first_tensor
@@ -242,21 +243,23 @@ def model_hash(module: nn.Module) -> str:
 
 
 def cache_key(module: nn.Module, units: Sequence[PruneUnit], data: ProbeData, importance: str,
-              points: int = 0) -> str:
+              points: int = 0, refit: InputMoments | None = None) -> str:
     signature = {"model": model_hash(module), "data": data.data_hash, "importance": importance,
-                 "version": CACHE_VERSION, "points": int(points),
+                 "version": CACHE_VERSION, "points": int(points), "refit": refit.key() if refit else None,
                  "units": [[u.name, u.kind, u.size, list(u.options), [list(map(str, (s.module, s.axis, s.width)))
                                                                       for s in u.slices]] for u in units]}
     return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def distortion_curves(probe: OutputProbe, units: Sequence[PruneUnit], importance: Importance = "l2",
-                      cache_dir: Path | None = None, points: int = 0, reuse: PrefixReuse | None = None) -> Curves:
+                      cache_dir: Path | None = None, points: int = 0, reuse: PrefixReuse | None = None,
+                      refit: InputMoments | None = None) -> Curves:
     """d_l(n) for every unit and legal count on the probe's model and data, from the cache when the same weights,
-    data, units and measured counts were seen before. `points`: non-zero counts measured per unit (0: all), the
-    rest interpolated; `reuse`: replay of the untouched prefix (built here when not given)."""
+    data, units, measured counts and refit were seen before. `points`: non-zero counts measured per unit (0: all),
+    the rest interpolated; `reuse`: replay of the untouched prefix (built here when not given); `refit`: the
+    readers of removed channels refit at every point (`prune.refit`)."""
     start = time.perf_counter()
-    key = cache_key(probe.module, units, probe.data, importance, points)
+    key = cache_key(probe.module, units, probe.data, importance, points, refit)
     path = Path(cache_dir) / "sensitivity" / f"{key}.json" if cache_dir is not None else None
     if path is not None and path.exists():
         try:
@@ -268,7 +271,7 @@ def distortion_curves(probe: OutputProbe, units: Sequence[PruneUnit], importance
     if reuse is None:
         trace = CallTrace.record(probe.module, probe.data.batches[0])
         reuse = PrefixReuse(probe.module, trace, unit_plans(probe.module, trace, units), probe.data.batches)
-    curves = _measure_curves(probe, units, importance, key, points, reuse)
+    curves = _measure_curves(probe, units, importance, key, points, reuse, refit)
     curves.seconds = time.perf_counter() - start
     if path is not None:
         _write_atomic(path, json.dumps(curves.to_dict()))
@@ -276,9 +279,9 @@ def distortion_curves(probe: OutputProbe, units: Sequence[PruneUnit], importance
 
 
 def _measure_curves(probe: OutputProbe, units: Sequence[PruneUnit], importance: Importance, key: str,
-                    points: int, reuse: PrefixReuse | None) -> Curves:
+                    points: int, reuse: PrefixReuse | None, refit: InputMoments | None) -> Curves:
     module = probe.module
-    masker = Masker(module, units)
+    masker = Masker(module, units, refit)
     if reuse is not None:
         reuse.record()  # before any mask: the recorded outputs are the reference pass's
     result = {}

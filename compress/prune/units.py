@@ -43,6 +43,14 @@ class Slice:
     width: int = 1
 
 
+def element_channels(slice_: Slice, elements: torch.Tensor) -> torch.Tensor:
+    """Channel (or flat weight) indices of `elements` along the slice's axis."""
+    elements = torch.as_tensor(elements, dtype=torch.long).reshape(-1)
+    if slice_.width == 1:
+        return elements
+    return (elements[:, None] * slice_.width + torch.arange(slice_.width)).reshape(-1)
+
+
 @dataclass(frozen=True)
 class PruneUnit:
     """A legal unit: `size` elements, of which any count in `options` (ascending, starting at 0) may be removed."""

@@ -1,0 +1,91 @@
+"""The least-squares refit of layers reading pruned channels: it never fits its calibration data worse than plain
+removal, masking equals physical removal with it, padded positions do not count, and the pruned model gets
+closer to the unpruned one."""
+from __future__ import annotations
+
+import torch
+
+from deploy.compress.prune.edit import Masker, remove_physically
+from deploy.compress.prune.refit import InputMoments, consumer_channels, readers
+from deploy.compress.prune.sensitivity import OutputProbe, ProbeData, ranking
+from deploy.compress.prune.units import UnitConfig, find_units
+from deploy.examples.tiny_bert import example_inputs, tiny_bert
+
+NAMES = ("input_ids", "attention_mask")
+
+
+def _setup(seed: int = 0):
+    model = tiny_bert(seed=seed, vocab_size=1000).eval()
+    samples = []
+    for i in range(12):
+        ids, mask = example_inputs(batch=1, seq_len=16, seed=100 + i)
+        mask[0, 10 + i % 5:] = 0
+        samples.append((ids, mask))
+    units = find_units(model, samples[0], UnitConfig(channel_multiple=8))
+    removal = {u.name: ranking(model, u)[: u.options[len(u.options) // 2]] for u in units}
+    return model, samples, units, removal
+
+
+def _layer_inputs(model, layer, samples):
+    seen = []
+    handle = model.get_submodule(layer).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        for sample in samples:
+            model(*sample)
+    handle.remove()
+    return [(x, s[1]) for x, s in zip(seen, samples)]
+
+
+def test_refit_fits_each_reader_at_least_as_well_as_plain_removal():
+    model, samples, units, removal = _setup()
+    moments = InputMoments.collect(model, readers(model, units), samples, NAMES)
+    gone = consumer_channels(model, units, removal)
+    assert {n.split(".")[-2] for n in gone} == {"output"}  # FFN second linears and attention output projections
+    for name, removed in gone.items():
+        layer = model.get_submodule(name)
+        weight, bias = moments.refit(layer, name, removed)
+        assert torch.all(weight[:, removed] == 0)
+        plain = layer.weight.detach().clone()
+        plain[:, removed] = 0
+        errors = {"plain": 0.0, "refit": 0.0}
+        for x, mask in _layer_inputs(model, name, samples):
+            real = x[mask > 0]
+            want = layer(real)
+            errors["plain"] += ((real @ plain.T + layer.bias - want) ** 2).sum().item()
+            errors["refit"] += ((real @ weight.T + bias - want) ** 2).sum().item()
+        assert errors["refit"] < errors["plain"], name
+
+
+def test_masking_with_refit_equals_the_physically_pruned_refit_model_and_is_closer_to_the_original():
+    model, samples, units, removal = _setup()
+    moments = InputMoments.collect(model, readers(model, units), samples, NAMES)
+    pruned = remove_physically(model, samples[0], units, removal, moments)
+    plain = remove_physically(model, samples[0], units, removal)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    probe = OutputProbe(model, ProbeData([tuple(torch.cat(t) for t in zip(*samples))], NAMES))
+    with Masker(model, units, moments).applied(removal):
+        masked = [model(*s) for s in samples]
+        refit_distortion = probe.distortion()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # every value put back
+    with torch.no_grad():
+        for sample, got in zip(samples, masked):
+            torch.testing.assert_close(pruned(*sample), got, atol=1e-5, rtol=1e-4)
+    with Masker(model, units).applied(removal):
+        plain_distortion = probe.distortion()
+    assert refit_distortion < plain_distortion
+    assert not torch.equal(plain(*samples[0]), pruned(*samples[0]))
+
+
+def test_padded_positions_do_not_count_in_the_moments():
+    model, samples, units, _ = _setup()
+    other = []
+    for ids, mask in samples:
+        ids = ids.clone()
+        ids[mask == 0] = 7  # different tokens where nobody attends
+        other.append((ids, mask))
+    layers = readers(model, units)
+    a = InputMoments.collect(model, layers, samples, NAMES)
+    b = InputMoments.collect(model, layers, other, NAMES)
+    assert a.key() == b.key()
+    c = InputMoments.collect(model, layers, samples[:6], NAMES)
+    assert c.key() != a.key()
