@@ -122,6 +122,7 @@ def test_a_precision_only_plan_given_up_just_over_the_budget_is_named_with_the_b
     pruned = Candidate("int8", 0.0, {}, 0.9 * budget, 0.918, 1.0, {"a": "int8"}, blocks=("block.3",))
     int8 = _int8(1.004 * budget)
     planner.candidates += [int8, pruned]
+    planner.quantizes, planner.fastest_measured = True, lambda level=0.0: [int8]  # the search's dense int8 plan
     line = near_miss_line(planner, pruned, budget, SAFE)
     assert line is not None and "1.004x the budget" in line and "0.9985" in line and "0.918" in line
     assert "--speedup 1.04 would have kept it" in line  # 10 ms / (1.004 x 9.09 ms / 0.95), rounded down

@@ -67,13 +67,11 @@ def near_miss_line(planner: Any, choice: Candidate, budget: float, safe: float) 
     from deploy.compiler.trial_recovery import needs_recovery, promise
     from deploy.core.metrics import PRIMARY, task_of
 
-    if not needs_recovery(choice) or not planner.setup.target.measured:
+    if not needs_recovery(choice) or not planner.setup.target.measured or not planner.quantizes:
         return None
-    dense = [c for c in planner.candidates if c.labels and c.level <= 0 and not c.blocks and not c.ranks
-             and c.latency_ms > safe * budget]  # measured outside what the search keeps
-    if not dense:
+    fast = planner.fastest_measured(0.0)[0]  # measured by the search before it turned to pruning
+    if fast.latency_ms <= safe * budget:  # kept by the search, and still ranked below the answer
         return None
-    fast = min(dense, key=lambda c: c.latency_ms)
     over = max(fast.latency_ms, (fast.remeasured or {}).get("interval_ms", [0, 0])[1])
     if over > NEAR_MISS * budget or promise(planner, fast) <= promise(planner, choice):
         return None

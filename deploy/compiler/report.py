@@ -20,17 +20,10 @@ def _plan_only(decisions: dict[str, Any]) -> dict[str, Any]:
 
 def _verdict(budget: dict[str, Any], result_ms: float, size_mb: float, timing: dict[str, Any]) -> str | None:
     """met / uncertain / missed for a latency or size budget; None for a fidelity floor (met by construction)."""
-    from deploy.compiler.verdict import latency_verdict, size_verdict, speedup_verdict
+    from deploy.compiler.verdict import judged
 
-    ci = _speedup_ci(timing)
-    if budget.get("kind") == "speedup" and ci:
-        return speedup_verdict(ci, budget["value"])
-    if budget.get("target_ms") is not None:
-        band = timing["result"].get("band_ms") if timing["source"] == "predicted" else timing.get("result_interval_ms")
-        return latency_verdict(result_ms, budget["target_ms"], band)
-    if budget.get("kind") == "size_mb":
-        return size_verdict(size_mb, budget["value"])
-    return None
+    band = timing["result"].get("band_ms") if timing["source"] == "predicted" else timing.get("result_interval_ms")
+    return judged(budget, result_ms, band, _speedup_ci(timing), size_mb)
 
 
 def _speedup_ci(timing: dict[str, Any]) -> list[float] | None:

@@ -9,6 +9,7 @@ after up to three rounds, each interval at the confidence that keeps the whole d
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 from deploy.core.errors import EXIT_INCONCLUSIVE, EXIT_MISSED, EXIT_OK
@@ -39,16 +40,31 @@ def size_verdict(size_mb: float, budget_mb: float) -> str:
     return "met" if size_mb <= budget_mb else "missed"
 
 
+def judged(budget: dict[str, Any], p50_ms: float, interval_ms: Sequence[float] | None,
+           speedup_ci: Sequence[float] | None, size_mb: float | None = None) -> str | None:
+    """The verdict on `budget` (the decisions' record of it): a speed-up on the interval of the speed-up where
+    there is one, a latency on the p50's interval (or predicted band), a size on the file; None for a fidelity
+    floor (met by construction)."""
+    if budget.get("kind") == "speedup" and speedup_ci:
+        return speedup_verdict(speedup_ci, budget["value"])
+    if budget.get("target_ms") is not None:
+        return latency_verdict(p50_ms, budget["target_ms"], interval_ms)
+    if budget.get("kind") == "size_mb" and size_mb is not None:
+        return size_verdict(size_mb, budget["value"])
+    return None
+
+
 def settles(budget: dict[str, Any]) -> Callable[[Any, Any], bool] | None:
     """For the final measurement (sequential, `measure_blocks`): whether a look's interval settles the verdict on
     `budget` (the decisions' record of it), met or missed, so that no more blocks are timed; None where the budget
     is not a latency."""
     from deploy.targets.measure.paired import median_interval
 
-    if budget.get("kind") == "speedup":
-        return lambda b, comparison: speedup_verdict([1.0 / comparison.ci_high, 1.0 / comparison.ci_low],
-                                                     budget["value"]) != "uncertain"
-    if budget.get("target_ms") is not None:
-        return lambda b, comparison: latency_verdict(b.summary["p50"], budget["target_ms"],
-                                                     median_interval(b)) != "uncertain"
-    return None
+    if budget.get("kind") != "speedup" and budget.get("target_ms") is None:
+        return None
+
+    def settled(b: Any, comparison: Any) -> bool:  # a speed-up is judged on the comparison, a latency on b alone
+        if budget.get("kind") == "speedup":
+            return judged(budget, math.nan, None, [1.0 / comparison.ci_high, 1.0 / comparison.ci_low]) != "uncertain"
+        return judged(budget, b.summary["p50"], median_interval(b), None) != "uncertain"
+    return settled
