@@ -261,7 +261,9 @@ def apply_removed(module: nn.Module, inputs: Sequence[InputSpec], mode: str, rem
     return remove_physically(module, example, units, removal, refit)
 
 
-@register_pass("prune", PruneConfig, needs_calibration=True, invalidates=("sensitivity", "quantize", "lowrank"))
+# version 2: a plan's pruned model has the readers of removed channels refit on the calibration data (prune.refit)
+@register_pass("prune", PruneConfig, version=2, needs_calibration=True,
+               invalidates=("sensitivity", "quantize", "lowrank"))
 class PrunePass:
     """Structured or sparse pruning under a budget (see PruneConfig); records the whole plan."""
 

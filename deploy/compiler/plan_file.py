@@ -4,7 +4,7 @@
     schema = "deploy.plan"            schema_version = 2        deploy_version = "0.1.0"
     model_sha256 = "..."              layers_digest = "..."     target = "cpu-avx512-vnni"
     [header.budget]                   (what was asked: the verdict of a replay is judged against it)
-    [[passes]]  type = "prune"     version = 1   [passes.data] removed = {...}
+    [[passes]]  type = "prune"     version = 2   [passes.data] removed = {...}
     [[passes]]  type = "recover"   ...           (exactly the steps the run kept, no time limit)
     [[passes]]  type = "quantize"  ...           [passes.data.labels] "layer1.conv1" = "w8a8-pc-sa"
     [[passes]]  type = "export"    ...
