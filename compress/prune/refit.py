@@ -43,15 +43,19 @@ def consumer_channels(module: nn.Module, units: Iterable[PruneUnit], removal: Ma
             continue
         for slice_ in unit.slices:
             layer = module.get_submodule(slice_.module)
-            if slice_.axis == "in" and type(layer) is nn.Linear and layer.in_features <= MAX_INPUTS:
+            if slice_.axis == "in" and _refittable(layer):
                 gone.setdefault(slice_.module, set()).update(element_channels(slice_, elements).tolist())
     return {name: torch.tensor(sorted(channels), dtype=torch.long) for name, channels in gone.items()}
 
 
 def readers(module: nn.Module, units: Iterable[PruneUnit]) -> list[str]:
     """The linear layers any of `units` may take input channels from: the ones whose inputs are collected."""
-    full = {u.name: torch.arange(u.size) for u in units}
-    return sorted(consumer_channels(module, units, full))
+    return sorted({s.module for u in units if u.kind in ("channels", "heads") for s in u.slices
+                   if s.axis == "in" and _refittable(module.get_submodule(s.module))})
+
+
+def _refittable(layer: nn.Module) -> bool:
+    return type(layer) is nn.Linear and layer.in_features <= MAX_INPUTS
 
 
 class InputMoments:
