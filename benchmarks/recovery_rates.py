@@ -6,7 +6,8 @@ channels; MiniLM: every other block dropped), is distilled from the original for
 what 2 and 4 minutes allow here) at each fixed peak rate and with the default (the first 6% of the steps probe
 1e-4, 3e-4 and 1e-3, the best on the validation fifth goes on; with a step budget the two losing probes' steps are
 run on top, with a time budget they come out of the minutes). Every row but the last augments half of each batch
-(images: mixup of two samples; text: 15% of the inner tokens swapped for others of the batch). Steps, not
+(images: mixup of two samples; text: 30% of the inner tokens swapped for others of the batch; the text case
+also runs the default at 15%, the default before). Steps, not
 minutes, so that the rows compare the same training whatever else the machine runs. Calibration, early stopping
 and scoring as in `frontier.py --quick`:
 256 calibration samples (a fifth for early stopping), scored in float (PyTorch) on the held-out sets no step saw.
@@ -61,6 +62,8 @@ def run_case(name: str, case: dict[str, Any]) -> dict[str, Any]:
     default = DistillConfig(steps=steps, recover_minutes=UNLIMITED_MINUTES, eval_every=25)  # the steps bound each run
     settings = [(f"fixed {r:g}", dataclasses.replace(default, lr=r, rates=())) for r in FIXED]
     settings.append(("probed (the default)", default))
+    if case["transformer"]:
+        settings.append(("probed, token swap 15% (before)", dataclasses.replace(default, token_swap=0.15)))
     settings.append(("probed, no augmentation", dataclasses.replace(default, augment=0.0)))
     rows = {}
     for key, config in settings:

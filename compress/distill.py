@@ -65,7 +65,10 @@ class DistillConfig:
     trim_padding: bool = True  # cut (input_ids, attention_mask, ...) batches to their longest real sequence
     backoffs: int = 2  # times the rate is cut (x BACKOFF, from the best weights) when an evaluation did not improve
     augment: float = 0.5  # share of each batch augmented: mixup where every input is a float tensor, else token swap
-    token_swap: float = 0.15  # text: the share of the inner tokens swapped in an augmented sample (0: text left as is)
+    # text: the share of the inner tokens swapped in an augmented sample (0: text left as is); 0.3 over 0.15: all-MiniLM-L6-v2
+    # with 3 blocks dropped and width-pruned, 2 minutes, 2 seeds: held-out cosine +0.004 and +0.005 (0.799 -> 0.803,
+    # 0.797 -> 0.802), out-of-domain +0.005 and +0.004; 0.5 gave held-out 0.806 but out-of-domain 0.676 (0.699 at 0.15)
+    token_swap: float = 0.3
 
     def __post_init__(self) -> None:
         if (self.steps is not None and self.steps < 1) or self.batch_size < 1 or self.eval_every < 1 \
