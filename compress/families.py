@@ -58,6 +58,15 @@ class PruneFamily:
             return copy.deepcopy(self.module).eval()
         return self.problem.build(removed).eval()
 
+    def lent(self) -> dict[str, Any]:
+        """What the prune pass that applies a plan of this family may reuse (`Context.prebuilt`): the refit's
+        input moments, collected on the same weights and calibration samples."""
+        if self.problem.refit is None:
+            return {}
+        from deploy.compress.prune.api import moments_key
+
+        return {moments_key(self.module): self.problem.refit}
+
 
 def precision_problem(module: torch.nn.Module, inputs: Sequence[InputSpec], calibration: CalibrationSet,
                       target: Target, config: Any, prices_from: Any = None) -> Any:

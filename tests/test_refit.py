@@ -89,3 +89,29 @@ def test_padded_positions_do_not_count_in_the_moments():
     assert a.key() == b.key()
     c = InputMoments.collect(model, layers, samples[:6], NAMES)
     assert c.key() != a.key()
+
+
+def test_the_prune_pass_uses_lent_moments_and_builds_the_same_model(monkeypatch):
+    """A plan search lends its moments (same weights, same samples): the pass collects none and gets the model it
+    gets when it collects them itself."""
+    import copy
+
+    from deploy.compress.prune.api import PruneConfig, PrunePass, apply_removed, moments_key
+    from deploy.core.data import CalibrationSet
+    from deploy.core.passes import Context, State
+    from deploy.core.spec import InputSpec
+
+    model, samples, units, removal = _setup()
+    inputs = [InputSpec("input_ids", (1, 16), "int64"), InputSpec("attention_mask", (1, 16), "int64")]
+    removed = {u.name: len(removal[u.name]) for u in units}
+    own = apply_removed(copy.deepcopy(model), inputs, "structured", removed, samples=samples)
+    lent = InputMoments.collect(model, readers(model, units), samples, NAMES)
+    calls = []
+    monkeypatch.setattr(InputMoments, "collect", classmethod(lambda cls, *a, **k: calls.append(a)))
+    ctx = Context(calibration=CalibrationSet(samples, [], None, "t", "t"), prebuilt={moments_key(model): lent})
+    state = State(copy.deepcopy(model), inputs, None)
+    state = PrunePass(PruneConfig(removed=removed)).run(state, ctx)
+    assert not calls
+    with torch.no_grad():
+        for sample in samples:
+            torch.testing.assert_close(state.module(*sample), own(*sample), atol=1e-6, rtol=1e-5)

@@ -24,7 +24,8 @@ from deploy.compress.prune.depth import dropped
 from deploy.compress.prune.edit import remove_physically
 from deploy.compress.prune.problem import PruneConfig, PruneProblem, build_problem, check_reachable, input_moments
 from deploy.compress.prune.units import UnitConfig, all_units, check_plan, ratio_of
-from deploy.compress.prune.sensitivity import OutputProbe, ProbeData, ranking
+from deploy.compress.prune.refit import InputMoments
+from deploy.compress.prune.sensitivity import OutputProbe, ProbeData, model_hash, ranking
 from deploy.core.errors import ConfigError
 from deploy.core.passes import Context, State, register_pass
 from deploy.core.spec import InputSpec
@@ -237,11 +238,13 @@ def replay(module: nn.Module, inputs: Sequence[InputSpec], report: dict[str, Any
 
 def apply_removed(module: nn.Module, inputs: Sequence[InputSpec], mode: str, removed: dict[str, int],
                   elements: dict[str, list[int]] | None = None,
-                  samples: Sequence[tuple[torch.Tensor, ...]] | None = None) -> nn.Module:
+                  samples: Sequence[tuple[torch.Tensor, ...]] | None = None,
+                  moments: InputMoments | None = None) -> nn.Module:
     """A physically pruned copy for a plan (unit -> count removed): each unit loses its `count` least important
     elements by magnitude (or exactly the listed `elements`); with `samples` (structured mode), the linear layers
-    reading removed channels are refit on them (`prune.refit`). Deterministic: the plan search's candidates and a
-    replayed deploy.toml get the same model from the same calibration samples."""
+    reading removed channels are refit on them (`prune.refit`; `moments`: their input moments collected before on
+    this module and these samples). Deterministic: the plan search's candidates and a replayed deploy.toml get the
+    same model from the same calibration samples."""
     gen = torch.Generator().manual_seed(0)
     example = tuple(spec.example({"batch": 2}, gen) for spec in inputs)
     config = UnitConfig(mode, 1, (0.0,), sparse_2_4=mode == "2:4")
@@ -256,9 +259,15 @@ def apply_removed(module: nn.Module, inputs: Sequence[InputSpec], mode: str, rem
             removal[unit.name] = torch.tensor(elements[unit.name], dtype=torch.long)
         else:
             removal[unit.name] = ranking(module, unit)[: int(removed[unit.name])]
-    refit = input_moments(module, units, samples, [s.name for s in inputs]) if samples and mode == "structured" \
-        else None
+    refit = input_moments(module, units, samples, [s.name for s in inputs], moments) \
+        if samples and mode == "structured" else None
     return remove_physically(module, example, units, removal, refit)
+
+
+def moments_key(module: nn.Module) -> str:
+    """The key under which a plan search lends the prune pass the refit's input moments it collected on the same
+    weights (blocks dropped) and the same calibration samples."""
+    return f"refit-moments:{model_hash(module)}"
 
 
 # version 2: a plan's pruned model has the readers of removed channels refit on the calibration data (prune.refit)
@@ -281,7 +290,8 @@ class PrunePass:
                     raise ConfigError("the prune pass refits the layers reading removed channels on calibration "
                                       "data, and none was given", "give calibration data, or set refit = false")
                 samples = list(ctx.calibration.calibration) if self.config.refit else None
-                module = apply_removed(module, state.inputs, self.config.mode, self.config.removed, samples=samples)
+                module = apply_removed(module, state.inputs, self.config.mode, self.config.removed, samples=samples,
+                                       moments=ctx.prebuilt.get(moments_key(module)) if samples else None)
             state.module = module
             state.record(self.name, "decision", removed=dict(self.config.removed), mode=self.config.mode,
                          blocks=list(self.config.blocks))

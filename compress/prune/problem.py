@@ -173,10 +173,16 @@ def build_problem(module: nn.Module, inputs: Sequence[InputSpec], samples: Seque
 
 
 def input_moments(module: nn.Module, units: Sequence[PruneUnit], samples: Sequence[tuple[torch.Tensor, ...]],
-                  names: Sequence[str]) -> InputMoments | None:
-    """The refit's input moments for the linear layers `units` read from; None where there are none."""
+                  names: Sequence[str], lent: InputMoments | None = None) -> InputMoments | None:
+    """The refit's input moments for the linear layers `units` read from; None where there are none. `lent`:
+    moments collected before on the same module and samples (the plan search's), used where they cover every
+    such layer (a layer's moments do not depend on which others were collected beside it)."""
     layers = readers(module, units)
-    return InputMoments.collect(module, layers, samples, names) if layers else None
+    if not layers:
+        return None
+    if lent is not None and all(name in lent.moments for name in layers):
+        return InputMoments({name: lent.moments[name] for name in layers})
+    return InputMoments.collect(module, layers, samples, names)
 
 
 MIN_PROBE_SAMPLES = 2

@@ -152,16 +152,16 @@ class Planner:
         return self._modules[level]
 
     def prebuilt(self, decisions: dict[str, Any]) -> dict[str, Any]:
-        """What the apply step may reuse: the calibrated precision problem of the chosen level, keyed by the
-        weights it was calibrated on (a recovered model has other weights, so it calibrates afresh)."""
-        owner = self.mix(*structure_of(decisions))
-        level = float(decisions.get("level", 0.0))
+        """What the apply step may reuse, keyed by the weights it was made on: the pruning family's refit moments,
+        the chosen level's calibrated precision problem (a recovered model has other weights: calibrated afresh)."""
+        owner, level = self.mix(*structure_of(decisions)), float(decisions.get("level", 0.0))
+        lent = owner.family().lent() if level > 0 and owner.family() is not None else {}
         built = owner.built_quant(level)
-        if built is None:
-            return {}
-        from deploy.compress.quant.api import weights_key
+        if built is not None:
+            from deploy.compress.quant.api import weights_key
 
-        return {weights_key(owner.module(level)): built.prep}
+            lent[weights_key(owner.module(level))] = built.prep
+        return lent
 
     # --- depth mixes ------------------------------------------------------------------------------------------
 
