@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The demo: a ResNet at ResNet's widths (64/128/256) trained on scikit-learn's digits, compressed for this CPU
-# under OpenVINO to 1.6x the speed of the original, calibrated on held-out images.
+# under OpenVINO to 1.6x the speed of the original, calibrated on held-out images. An uncertain verdict (exit 3)
+# is a finished run whose measured interval reaches the target: reported, not a failure of the demo.
 demo: $(STAMP)
 	$(BIN)/deploy compress examples/digits_resnet64.pt --arch deploy.examples.digits_cnn:digits_resnet64 \
 		--input-shape image:1x1x32x32:float32 --calib deploy.examples.digits_data:held_out_images \
-		--target cpu-openvino --speedup 1.6 -o out/ --force
+		--target cpu-openvino --speedup 1.6 -o out/ --force; status=$$?; \
+	if [ $$status -eq 3 ]; then echo "make demo: verdict uncertain (exit 3, CLI.md): the measured interval reaches" \
+		"the target; the result is written" >&2; status=0; fi; exit $$status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q; status=$$?; \
