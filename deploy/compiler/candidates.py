@@ -32,8 +32,6 @@ def quant_config(request: Any, setup: Any) -> Any:
     """The quantization settings compress uses: the fast preset, the request's weight bits, the run's threads.
     int8 weights are per-channel only where the target has per-channel kernels: per-tensor runs no faster there
     and is less faithful, and each option costs a sensitivity pass per layer."""
-    import dataclasses as dc
-
     from deploy.compress.quant.api import QuantizeConfig
 
     bits = tuple(b for b, p in ((8, "int8"), (4, "int4")) if p in request.precisions) or (8,)
@@ -42,8 +40,8 @@ def quant_config(request: Any, setup: Any) -> Any:
     if "per-channel" in setup.target.profile.weight_granularities:
         grans = tuple(g for g in grans if g != "per-tensor")
     floats = ("fp32",) + tuple(p for p in ("fp16", "bf16") if p in request.precisions)
-    return QuantizeConfig.fast(space=dc.replace(fast.space, weight_bits=bits, granularities=grans,
-                                                float_precisions=floats))
+    return QuantizeConfig.fast(space=dataclasses.replace(fast.space, weight_bits=bits, granularities=grans,
+                                                        float_precisions=floats))
 
 
 class Planner:
@@ -155,7 +153,8 @@ class Planner:
         """What the apply step may reuse, keyed by the weights it was made on: the pruning family's refit moments,
         the chosen level's calibrated precision problem (a recovered model has other weights: calibrated afresh)."""
         owner, level = self.mix(*structure_of(decisions)), float(decisions.get("level", 0.0))
-        lent = owner.family().lent() if level > 0 and owner.family() is not None else {}
+        family = owner.family() if level > 0 else None
+        lent = family.lent() if family is not None else {}
         built = owner.built_quant(level)
         if built is not None:
             from deploy.compress.quant.api import weights_key
