@@ -20,7 +20,8 @@ QDQ_POLICIES = ("ort-cpu", "openvino", "tensorrt")
 MEASURE_MODES = ("local", "predicted")
 ALIASES = {"jetson": "jetson-orin-nano"}
 # resolved by reading this machine's CPU flags: the first profile in the list that runs here
-CPU_ALIASES = {"cpu": ("cpu-avx512-vnni", "cpu-avx2"), "cpu-openvino": ("cpu-avx512-vnni-openvino",)}
+CPU_ALIASES = {"cpu": ("cpu-avx512-vnni", "cpu-avx2"),
+               "cpu-openvino": ("cpu-avx512-vnni-openvino", "cpu-avx2-openvino")}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class Profile:
     cores: int = 0
     sparse_2_4: bool = False
     required_cpu_flags: tuple[str, ...] = ()
+    # 7 where the CPU's int8 dot products may saturate (no VNNI: vpmaddubsw's 16-bit pair sums): int8 weights in
+    # [-63, 63], so that u8 x s8 pairs cannot overflow (OpenVINO's documented workaround, NNCF's overflow fix)
+    int8_weight_bits: int = 8
     published_fit: PublishedFit | None = None  # absent: the default efficiency and the unverified band
     source: str = ""  # where the numbers came from; "builtin" or a path, set by the loader
 
@@ -95,6 +99,7 @@ _FIELD_TYPES: dict[str, tuple[type, str]] = {
     "cores": (int, "a non-negative integer"),
     "sparse_2_4": (bool, "true or false"),
     "required_cpu_flags": (list, "a list of CPU flag names"),
+    "int8_weight_bits": (int, "7 or 8 (7 where int8 dot products may saturate: a CPU without VNNI)"),
     "published_fit": (dict, "a table: efficiency, band, points, architectures, source"),
 }
 _FIT_FIELDS: dict[str, tuple[type, str]] = {
@@ -121,7 +126,7 @@ def parse_profile(data: dict[str, Any], source: str) -> Profile:
             close = nearest(key, known)
             hint = f"did you mean '{close}'?" if close else f"known fields: {', '.join(sorted(known))}"
             raise ProfileError(f"{source}: unknown field '{key}'", hint)
-    optional = {"cores", "sparse_2_4", "required_cpu_flags", "published_fit"}
+    optional = {"cores", "sparse_2_4", "required_cpu_flags", "int8_weight_bits", "published_fit"}
     values: dict[str, Any] = {}
     for key, (typ, expected) in _FIELD_TYPES.items():
         if key not in data:
@@ -145,6 +150,8 @@ def parse_profile(data: dict[str, Any], source: str) -> Profile:
             value = tuple(str(v) for v in value)
         if key == "published_fit":
             value = _published_fit(value, source)
+        if key == "int8_weight_bits" and value not in (7, 8):
+            raise ProfileError(f"{source}: field '{key}' must be {expected}, got {value!r}")
         if key == "channel_multiple" and value < 1:
             raise ProfileError(f"{source}: field '{key}' must be {expected}, got {value!r}")
         if key in ("memory_bandwidth_gbs",) and value <= 0:
@@ -252,9 +259,10 @@ def resolve_target(name: str | None = None, profile_path: str | Path | None = No
                 best = prof
                 break
         if best is None:
+            least = load_builtin(CPU_ALIASES[name][-1]).required_cpu_flags
             raise UnknownTargetError(
                 f"target '{name}' found no matching CPU profile: this CPU lacks "
-                f"{'AVX2' if name == 'cpu' else 'AVX-512 VNNI'}",
+                f"{', '.join(sorted(set(least) - flags))}",
                 "write a profile for it and pass --profile FILE",
             )
         return Resolved(best, name, f"'{name}' resolved to '{best.name}' from this CPU's flags")

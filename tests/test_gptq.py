@@ -86,7 +86,7 @@ def test_the_exported_model_holds_gptq_integers_and_computes_what_the_simulation
     from deploy.core.spec import InputSpec
     from deploy.examples.tiny_bert import example_inputs, tiny_bert
     from deploy.export.qdq.writer import export_quantized
-    from deploy.profiles import load_builtin
+    from deploy.profiles import resolve_target
 
     model = tiny_bert()
     calib = from_tensors([example_inputs(seed=i) for i in range(48)])
@@ -97,8 +97,9 @@ def test_the_exported_model_holds_gptq_integers_and_computes_what_the_simulation
     errors = {}
     for gptq in (False, True):
         config = CalibrationConfig(batches=2, batch_size=16, smoothquant=True, gptq=gptq)
-        prep = prepare(model, spec, calib, load_builtin("cpu-avx512-vnni"), config=config)
-        options = {n: next(o for o in opts if o.label == "w8a8-pc-sa") for n, opts in prep.spaces.items()}
+        prep = prepare(model, spec, calib, resolve_target("cpu").profile, config=config)  # this CPU's int8 bits
+        options = {n: next(o for o in opts if o.precision == "int8" and o.granularity == "per-channel")
+                   for n, opts in prep.spaces.items()}
         plan = prep.plan.with_options(options)
         assert bool(plan.rounded) == gptq and all(plan.rounded_weight(n) is not None for n in options if gptq)
         path = tmp_path / f"bert-{gptq}.onnx"

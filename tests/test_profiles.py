@@ -1,4 +1,4 @@
-"""Device profiles: the nine built-ins, strict validation, aliases and suggestions."""
+"""Device profiles: the ten built-ins, strict validation, aliases and suggestions."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from deploy.core.errors import ProfileError, UnknownTargetError
 from deploy.profiles import builtin_names, builtin_profiles, load_profile_file, resolve_target
 
-NINE = {"cpu-avx2", "cpu-avx512-vnni", "cpu-avx512-vnni-openvino", "nvidia-a100", "nvidia-h100", "jetson-orin-nano", "jetson-orin-nx",
+TEN = {"cpu-avx2", "cpu-avx2-openvino", "cpu-avx512-vnni", "cpu-avx512-vnni-openvino", "nvidia-a100", "nvidia-h100", "jetson-orin-nano", "jetson-orin-nx",
          "jetson-agx-orin", "rpi5"}
 
 GOOD = """
@@ -27,8 +27,8 @@ int8 = 2.0
 """
 
 
-def test_the_nine_builtin_profiles_load():
-    assert set(builtin_names()) == NINE
+def test_the_ten_builtin_profiles_load():
+    assert set(builtin_names()) == TEN
     for profile in builtin_profiles():
         assert set(profile.precisions) <= set(profile.peak_tops)
         assert profile.memory_bandwidth_gbs > 0 and profile.channel_multiple >= 1
@@ -71,6 +71,7 @@ def test_user_profile_file(tmp_path):
     (("memory_bandwidth_gbs = 25.6\n", ""), "missing field 'memory_bandwidth_gbs'"),
     (("int8 = 2.0", "int8 = -1"), "peak_tops.int8"),
     (("int8 = 2.0", ""), "no entry for precision 'int8'"),
+    (("op_overhead_us = 8", "op_overhead_us = 8\nint8_weight_bits = 6"), "field 'int8_weight_bits' must be 7 or 8"),
 ])
 def test_invalid_profile_names_file_field_and_type(tmp_path, edit, message):
     path = tmp_path / "bad.toml"
@@ -91,10 +92,27 @@ def test_profile_that_is_not_toml(tmp_path):
 def test_cpu_openvino_alias_follows_the_cpu_flags():
     from deploy.profiles import local_cpu_flags
 
-    if {"avx512f", "avx512_vnni"} <= local_cpu_flags():
+    flags = local_cpu_flags()
+    if {"avx2", "fma"} <= flags:
         resolved = resolve_target("cpu-openvino")
         assert resolved.profile.runtime == "openvino" and resolved.profile.qdq_policy == "openvino"
-        assert "cpu-avx512-vnni-openvino" in resolved.note
+        vnni = {"avx512f", "avx512_vnni"} <= flags
+        assert resolved.profile.name == ("cpu-avx512-vnni-openvino" if vnni else "cpu-avx2-openvino")
+        assert resolved.profile.name in resolved.note
     else:
-        with pytest.raises(UnknownTargetError, match="AVX-512 VNNI"):
+        with pytest.raises(UnknownTargetError, match="avx2"):
             resolve_target("cpu-openvino")
+
+
+def test_cpu_openvino_takes_the_first_profile_whose_flags_this_cpu_has(monkeypatch):
+    """An AVX2 CPU without AVX-512 VNNI (AMD Zen 2/3) gets OpenVINO's AVX2 profile; a CPU without AVX2 is refused
+    naming what it lacks."""
+    import deploy.profiles.schema as schema
+
+    for flags, expected in (({"avx2", "fma"}, "cpu-avx2-openvino"),
+                            ({"avx2", "fma", "avx512f", "avx512_vnni"}, "cpu-avx512-vnni-openvino")):
+        monkeypatch.setattr(schema, "local_cpu_flags", lambda flags=flags: set(flags))
+        assert resolve_target("cpu-openvino").profile.name == expected
+    monkeypatch.setattr(schema, "local_cpu_flags", lambda: {"sse4_2"})
+    with pytest.raises(UnknownTargetError, match="this CPU lacks avx2, fma"):
+        resolve_target("cpu-openvino")

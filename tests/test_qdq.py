@@ -20,6 +20,7 @@ from deploy.export.qdq.verify import layer_precisions, mismatches, op_counts, or
 from deploy.core.metrics import first_tensor
 from deploy.core.spec import InputSpec
 from deploy.profiles import load_builtin
+from deploy.profiles.schema import resolve_target
 
 CPU = load_builtin("cpu-avx512-vnni")
 SPEC = [InputSpec("image", ("batch", 1, 32, 32))]
@@ -192,9 +193,7 @@ def test_openvino_profile_quantizes_to_a_budget_end_to_end(digits_model, digits_
     The budget is the all-int8 plan's own estimate (feasible by construction): on a CPU whose bf16 kernels are
     fast, this small CNN's int8 prices above float and no budget below float's would be feasible."""
     from deploy.compress.quant.api import QuantizeConfig, build_problem, solve_budget
-    from deploy.profiles.schema import resolve_target
-
-    profile = resolve_target("cpu-avx512-vnni-openvino").profile  # measured at one thread (a bare profile)
+    profile = resolve_target("cpu-openvino").profile  # this CPU's, measured at one thread (a bare profile)
     config = QuantizeConfig.fast(price_seconds=0.05, cache=False)
     problem = build_problem(digits_model, SPEC, digits_calibration, profile, config)
     sp = problem.space
@@ -232,12 +231,13 @@ def test_openvino_policy_runs_attention_matmuls_in_int8(tmp_path):
     ids, mask = example_inputs(batch=24, seq_len=32)
     calib = from_tensors([(ids[i:i + 1], mask[i:i + 1]) for i in range(24)])
     spec = [InputSpec("input_ids", ("batch", 32), "int64"), InputSpec("attention_mask", ("batch", 32), "int64")]
-    profile = dataclasses.replace(CPU, runtime="openvino", qdq_policy="openvino")
+    profile = resolve_target("cpu-openvino").profile  # this CPU's: without VNNI its int8 weights keep 7 bits
     prep = prepare(model, spec, calib, profile, config=CalibrationConfig(batches=1, batch_size=8))
     attention = prep.graph.attention_feeders()
     assert {n.rsplit(".", 1)[-1] for n in attention} == {"query", "key", "value"}
     assert all(prep.plan.layers[n].act_out is not None and prep.plan.layers[n].act_out.signed for n in attention)
-    plan = prep.plan.with_options({n: option_by_label(o, "w8a8-pc-sa") for n, o in prep.spaces.items()})
+    label = f"w{profile.int8_weight_bits}a8-pc-sa"
+    plan = prep.plan.with_options({n: option_by_label(o, label) for n, o in prep.spaces.items()})
     result = export_quantized(plan, model, spec, tmp_path / "bert.onnx")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "bert.onnx")).graph.node]
     assert ops.count("QuantizeLinear") > sum(lp.option.precision == "int8" for lp in plan.layers.values())
@@ -255,3 +255,17 @@ def test_openvino_policy_runs_attention_matmuls_in_int8(tmp_path):
         sim = first_tensor(prep.qmodel(ids[:1], mask[:1]))
     got = torch.from_numpy(np.asarray(compiled({"input_ids": ids[:1].numpy(), "attention_mask": mask[:1].numpy()})[0]))
     assert torch.mean((got - sim) ** 2) < 0.25 * torch.mean((got - ref) ** 2) + 1e-6
+
+
+def test_a_cpu_without_vnni_keeps_int8_weights_in_seven_bits(digits_model, digits_calibration, tmp_path):
+    """cpu-avx2-openvino's int8 options have 7-bit weights: every exported weight integer is in [-63, 63], so no
+    u8 x s8 pair can saturate the 16-bit sums of vpmaddubsw (OpenVINO's int8 kernels on a CPU without VNNI)."""
+    profile = load_builtin("cpu-avx2-openvino")
+    prep = prepare(digits_model, SPEC, digits_calibration, profile, config=CalibrationConfig(batches=1))
+    int8 = {n: next(o for o in opts if o.precision == "int8") for n, opts in prep.spaces.items()}
+    assert int8 and {o.label for o in int8.values()} <= {"w7a8-pc-sa", "w7a8-pt-sa"}
+    result = export_quantized(prep.plan.with_options(int8), digits_model, SPEC, tmp_path / "avx2.onnx")
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(result.onnx)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert len(weights) == len(int8)
+    assert max(int(np.abs(w).max()) for w in weights) == 63

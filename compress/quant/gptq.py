@@ -134,7 +134,7 @@ def rounded_weight(weight: torch.Tensor, smooth: torch.Tensor | None, hessian: t
     pinned = rows.abs().argmax(1)  # each row's largest weight keeps its integer (the scale's +-127 among them)
     scale = plain.scale.reshape(-1, 1).double().expand(rows.shape[0], 1).contiguous()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
-    q = gptq_rows(rows, hessian, scale, pinned)
+    q = gptq_rows(rows, hessian, scale, pinned, qmax=plain.qmax)
     out = (q * scale).float().reshape(smoothed.shape)
     back = out if s is None else out / s
     check = quantize_weight(back if s is None else back * s, option)

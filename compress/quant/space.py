@@ -70,7 +70,7 @@ def layer_space(layer: LayerShape, profile: Profile, config: SpaceConfig = Space
         act_sym = policy == "tensorrt"  # TensorRT: symmetric int8 everywhere; ORT CPU/OpenVINO: u8 activations
         for gran in ("per-channel",) if policy == "tensorrt" else ("per-channel", "per-tensor"):
             if gran in grans:  # TensorRT wants per-channel weights on axis 0
-                options.append(QuantOption("int8", 8, 8, gran, 0, True, act_sym))
+                options.append(QuantOption("int8", profile.int8_weight_bits, 8, gran, 0, True, act_sym))
     if policy == "tensorrt" and "fp8" in precisions:
         options.append(QuantOption("fp8", 8, 8, "per-tensor", 0, True, True))
     if 4 in config.weight_bits and "int4" in precisions and layer.kind == "linear" and "per-group" in grans \
