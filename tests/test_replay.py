@@ -87,6 +87,20 @@ def test_editing_one_layers_precision_changes_exactly_that_layer(sized_run, tmp_
     assert all(before[n]["params_after"] == after[n]["params_after"] for n in before)  # the pruning is the same
 
 
+def test_a_precision_the_target_does_not_run_is_refused(sized_run, tmp_path, env):
+    """A plan's label that none of the target's options has (here TensorRT's symmetric activations on a CPU; or a
+    plan made before the profile's int8 weights changed bits) is refused, not run in float."""
+    out, _ = sized_run
+    plan = _plan(out)
+    labels = next(p for p in plan["passes"] if p["type"] == "quantize")["data"]["labels"]
+    labels[next(iter(labels))] = "w8a8-pc-ss"
+    edited = tmp_path / "foreign.toml"
+    edited.write_text(tomli_w.dumps(plan))
+    result = run_cli("compress", "--example", "--plan", edited, "-o", tmp_path / "foreign", *FAST, env=env)
+    assert result.returncode == 2 and not (tmp_path / "foreign").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the precision plan asks for w8a8-pc-ss, which")
+
+
 @dataclass(frozen=True)
 class MarkerConfig:
     path: str = ""

@@ -345,6 +345,12 @@ class QuantizePass:
                 raise ConfigError(f"the precision plan names layers this model does not have "
                                   f"({', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''})",
                                   "replay a plan with the model it was made for")
+            offered = {o.label for opts in prep.spaces.values() for o in opts}
+            foreign = sorted({v for v in self.config.labels.values() if v not in offered and not v.startswith("w4-g")})
+            if foreign:  # a w4 group size may be missing only where pruning left layers too narrow for it
+                raise ConfigError(f"the precision plan asks for {', '.join(foreign)}, which this target does not "
+                                  f"run (its options: {', '.join(sorted(offered))})",
+                                  "re-plan without --plan (a plan made before its profile changed names old options)")
             plan = plan_for(prep, self.config.labels)
             state.module, state.attached["quant_plan"] = prep.folded, plan
             state.record(self.name, "decision", policy=plan.policy, float_precision=plan.float_precision,
