@@ -48,14 +48,16 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 from int8_fidelity import paired_ci, scores as embedding_scores  # noqa: E402
+from int8_saturation import saturating_int8  # noqa: E402
 from quantization import SEQ, timing_config  # noqa: E402
 
-TARGET = "cpu-avx512-vnni-openvino"
+TARGET = "cpu-openvino"  # this CPU's OpenVINO profile (AVX-512 VNNI or AVX2), measured here, never predicted
 THREADS = 2
 N_CAL = 256
 N_REPORT = 64  # samples deploy's own report is scored on (`--held-out`), disjoint from calibration and the scored
 OOD = HERE / "data" / "ood_english.txt"
 NNCF = "NNCF int8"
+NNCF_ALL = "NNCF int8, overflow fix on every layer"
 ORT = "ONNX Runtime int8 (static QDQ)"
 
 
@@ -169,13 +171,16 @@ def export(case: dict[str, Any], module: torch.nn.Module, path: Path) -> Path:
     return export_onnx(module.eval(), case["inputs"], path, OnnxExportConfig(dynamic=False))
 
 
-def nncf_int8(case: dict[str, Any], onnx: Path, path: Path, samples: int = N_CAL) -> Path:
+def nncf_int8(case: dict[str, Any], onnx: Path, path: Path, samples: int = N_CAL, everywhere: bool = False
+              ) -> Path:
     """NNCF int8 as the peer benchmark calls it (the transformer preset for MiniLM), on the 256 samples (fewer
-    where only its latency is wanted)."""
+    where only its latency is wanted); `everywhere`: its overflow fix (7-bit weights) on every layer, not only the
+    first (its default), as OpenVINO's docs advise for a CPU without VNNI."""
     from peers import _nncf_int8
 
     feeds = [{n: t.numpy() for n, t in zip(names(case), s)} for s in case["calibration"].calibration[:samples]]
-    _nncf_int8(SimpleNamespace(fp32=onnx, case=SimpleNamespace(transformer=case["transformer"], calib=feeds)), path)
+    _nncf_int8(SimpleNamespace(fp32=onnx, case=SimpleNamespace(transformer=case["transformer"], calib=feeds,
+                                                               overflow_fix_everywhere=everywhere)), path)
     return path
 
 
@@ -301,6 +306,9 @@ def run_case(case: dict[str, Any], quick: bool, precision: str, folder: Path, bu
     files: dict[str, tuple[Path, str]] = {}
     fp32 = export(case, case["module"], folder / "fp32.onnx")
     files[NNCF] = (timed_call(rows, NNCF, lambda: (nncf_int8(case, fp32, folder / "nncf.xml"), {})), "openvino")
+    if saturating_int8():  # beside NNCF's default (the reference): its overflow fix on every layer
+        files[NNCF_ALL] = (timed_call(rows, NNCF_ALL, lambda: (
+            nncf_int8(case, fp32, folder / "nncf-all.xml", everywhere=True), {})), "openvino")
     files[ORT] = (timed_call(rows, ORT, lambda: (ort_int8(case, fp32, folder / "ort.onnx"), {})), "onnxruntime")
     nncf = files[NNCF][0]
     dense = against_nncf(case, nncf, fp32, "openvino", precision, max(seconds, 3.0))  # fp32 / NNCF, interleaved
@@ -347,19 +355,21 @@ def run_case(case: dict[str, Any], quick: bool, precision: str, folder: Path, bu
 
 def run(quick: bool, which: tuple[str, ...], budget: float | None = None) -> dict[str, Any]:
     from deploy.core.cache import cache_dir
-    from deploy.profiles import load_builtin
-    from deploy.targets.target import for_profile
+    from deploy.targets.measure.fingerprint import fingerprint
+    from deploy.targets.target import resolve
 
     torch.set_num_threads(THREADS)
     models = cache_dir() / "models"  # the trained CNN stays between runs (the run's own cache is temporary)
-    target = for_profile(load_builtin(TARGET), threads=THREADS)
+    target = resolve(TARGET, threads=THREADS)
     precision = "bf16" if target.float_precision == "bf16" else "f32"
+    machine = {"cpu": fingerprint(THREADS)["cpu"], "target": target.profile.name, "precision": precision,
+               "saturating": saturating_int8()}
     out: dict[str, Any] = {"precision": precision, "threads": THREADS, "quick": quick, "cases": {}}
     with tempfile.TemporaryDirectory(prefix="deploy-frontier-") as tmp:
         os.environ["DEPLOY_CACHE_DIR"] = str(Path(tmp) / "cache")
         for name in which:
             case = minilm(quick) if name == "minilm" else cnn(quick, models)
-            out["cases"][name] = run_case(case, quick, precision, Path(tmp) / name, budget)
+            out["cases"][name] = {**run_case(case, quick, precision, Path(tmp) / name, budget), **machine}
     return out
 
 
@@ -390,6 +400,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _machine_line(case: dict[str, Any]) -> str:
+    """Where a case ran: the CPU, deploy's profile for it, what OpenVINO ran float layers in (a case kept from an
+    earlier run may come from another machine)."""
+    if "cpu" not in case:
+        return ("Machine not recorded (an older run: a CPU with AVX-512 VNNI and bf16, profile "
+                "cpu-avx512-vnni-openvino, float layers in bf16).")
+    fix = (" This CPU has no VNNI, so int8 dot products may saturate: deploy's profile keeps int8 weights in 7 bits; "
+           "NNCF int8 (the reference, and the baselines' int8) is NNCF's default, its overflow fix on the first "
+           f"layer only; '{NNCF_ALL}' is the row with it everywhere.") if case.get("saturating") else ""
+    return (f"Machine: {case['cpu']}; profile {case['target']}; float layers in {case['precision']} "
+            f"(NNCF int8 and fp32 too).{fix}")
+
+
 def _case_md(case: dict[str, Any]) -> list[str]:
     sets, metrics = list(case["sets"]), case["metrics"]
     head = ["row", "p50 / NNCF (95% CI)"]
@@ -399,7 +422,7 @@ def _case_md(case: dict[str, Any]) -> list[str]:
     head += ["tool s", "notes"]
     lines = [f"### {case['title']}", "", f"Command: `{case['command']}`; {case['date']}; wall time "
              f"{case['wall_min']:.0f} min (of the whole command)." + (f" {case['caveat']}" if case.get("caveat") else ""),
-             "",
+             "", _machine_line(case), "",
              f"NNCF int8 p50 {case['nncf_ms']:.3f} ms; recovery {case['recovery_minutes']:g} min; scored on "
              + ", ".join(f"{n} {name}" for name, n in case["sets"].items()) + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -463,8 +486,8 @@ def markdown(result: dict[str, Any], stem: str = "frontier", budget: float | Non
         lines = ["## Frontier: fidelity at a given latency (issue 16)", ""]
         for part in __doc__.split("\n\n")[:3]:
             lines += [" ".join(part.split()), ""]
-    lines += [f"OpenVINO in {result['precision']} for float layers, {result['threads']} threads. Each case below "
-              "names the command and date of its latest run.", ""]
+    lines += [f"OpenVINO, {result['threads']} threads. Each case below names the command, date, CPU and profile of "
+              "its latest run.", ""]
     for case in result["cases"].values():
         lines += _case_md(case)
     lines += [f"![{stem}](benchmarks/results/{stem}.png)"]

@@ -108,8 +108,11 @@ def _nncf_int8(ws: Workspace, path: Path) -> Path:
     nncf.set_log_level(logging.ERROR)
     model = ov.Core().read_model(str(ws.fp32))
     model_type = nncf.ModelType.TRANSFORMER if ws.case.transformer else None
+    advanced = None  # NNCF's default overflow fix: 7-bit weights in the first layer only
+    if getattr(ws.case, "overflow_fix_everywhere", False):  # for a CPU without VNNI, as OpenVINO's docs advise
+        advanced = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE)
     quantized = nncf.quantize(model, nncf.Dataset(ws.case.calib), subset_size=len(ws.case.calib),
-                              model_type=model_type)
+                              model_type=model_type, advanced_parameters=advanced)
     ov.save_model(quantized, str(path))
     return path
 

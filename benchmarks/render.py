@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["peers", "latency_prediction", "reference_fit", "regress_validation", "pruning", "quantization",
-         "int8_fidelity", "lowrank", "recovery_rates", "pipeline", "frontier"]
+         "int8_fidelity", "int8_saturation", "lowrank", "recovery_rates", "pipeline", "frontier"]
 
 HEADER = """# Benchmarks
 
