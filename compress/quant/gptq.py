@@ -4,10 +4,11 @@ Hessian (H = E[x x^T] on calibration data), so that the layer's output, not each
 
 Rounding to nearest minimizes each weight's error alone; on all-MiniLM-L6-v2's int8 plan the output error is what
 the pooled embedding feels. The scales stay those of round-to-nearest (per channel or per tensor, symmetric: the
-largest magnitude over 127): each row's largest weight keeps its +-127, so that the exported model, which
-recomputes the scales from the weights, finds the same scales and the same integers (checked per layer; a layer
-where it would not is left to round-to-nearest). The result is a float weight per layer and option that lies on
-the integer grid; the simulation, the bias correction and the export all use it in place of the float weight.
+largest magnitude over qmax, 127 or 63 for 7-bit weights): each row's largest weight keeps its +-qmax, so that the
+exported model, which recomputes the scales from the weights, finds the same scales and the same integers (checked
+per layer; a layer where it would not is left to round-to-nearest). The result is a float weight per layer and
+option that lies on the integer grid; the simulation, the bias correction and the export all use it in place of
+the float weight.
 Columns go in order of decreasing Hessian diagonal ("act order"); 1% of the mean diagonal damps H.
 """
 from __future__ import annotations
@@ -131,7 +132,7 @@ def rounded_weight(weight: torch.Tensor, smooth: torch.Tensor | None, hessian: t
     smoothed = weight.detach().float() if s is None else weight.detach().float() * s
     plain = quantize_weight(smoothed, option)
     rows = smoothed.reshape(smoothed.shape[0], -1).double()
-    pinned = rows.abs().argmax(1)  # each row's largest weight keeps its integer (the scale's +-127 among them)
+    pinned = rows.abs().argmax(1)  # each row's largest weight keeps its integer (the scale's +-qmax among them)
     scale = plain.scale.reshape(-1, 1).double().expand(rows.shape[0], 1).contiguous()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
     q = gptq_rows(rows, hessian, scale, pinned, qmax=plain.qmax)
