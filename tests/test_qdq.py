@@ -19,8 +19,7 @@ from deploy.export.qdq.writer import export_quantized
 from deploy.export.qdq.verify import layer_precisions, mismatches, op_counts, ort_optimized
 from deploy.core.metrics import first_tensor
 from deploy.core.spec import InputSpec
-from deploy.profiles import load_builtin
-from deploy.profiles.schema import resolve_target
+from deploy.profiles import load_builtin, resolve_target
 
 CPU = load_builtin("cpu-avx512-vnni")
 SPEC = [InputSpec("image", ("batch", 1, 32, 32))]
