@@ -119,10 +119,26 @@ PT2_ATTACKS = {
 
 
 @pytest.mark.parametrize("attack", sorted(PT2_ATTACKS))
-def test_crafted_pt2_never_runs_code_without_trust_pickle(cli, models, attack):
+@pytest.mark.parametrize("loader", ["load_model", "load_exported_program"])
+def test_crafted_pt2_is_refused_by_both_loaders(tmp_path, models, attack, loader):
     """torch.export.load unpickles weights/constants with weights_only=False, retries example inputs unsafely and
-    exec-s input guards: each crafted archive is refused by every command that loads a model, naming
-    --trust-pickle, and its payload never runs."""
+    exec-s input guards: each crafted archive is refused by both loaders the commands use (the model loader, and
+    the PyTorch runner's program loader), naming --trust-pickle, and its payload never runs."""
+    from deploy.core.errors import ModelLoadError
+    from deploy.core.model import load
+
+    sentinel = tmp_path / f"pwned-{attack}"
+    path = PT2_ATTACKS[attack](models["pt2"], tmp_path / f"{attack}.pt2", sentinel)
+    with pytest.raises(ModelLoadError) as caught:
+        getattr(load, loader)(path)
+    assert "safe load" in caught.value.one_line() and "--trust-pickle" in caught.value.one_line()
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("attack", ["exec_guard", "pickled_weight"])
+def test_crafted_pt2_never_runs_code_without_trust_pickle(cli, models, attack):
+    """The same archives through every command that loads a model (a guard exec-ed when the program becomes a
+    module, and a pickled weight): refused in one line naming --trust-pickle; the payload never runs."""
     sentinel = cli.root / f"pwned-{attack}"
     path = PT2_ATTACKS[attack](models["pt2"], cli.root / f"{attack}.pt2", sentinel)
     before = cli.snapshot()
@@ -146,9 +162,26 @@ def test_benign_pt2_still_loads(cli, models):
     assert layers["layer1.conv1"] == "Conv2d" and layers["fc"] == "Linear"
 
 
-@pytest.mark.parametrize("protocol, container", [(p, "zip") for p in range(6)] + [(2, "legacy"), (4, "raw")])
+@pytest.mark.parametrize("protocol", range(6))
+def test_every_pickle_protocol_is_refused_as_code_by_the_loader(tmp_path, protocol):
+    """A malicious .pt in torch.save's zip container, in each pickle protocol, through the loader every command
+    uses (the commands themselves, with each container: the test below): refused as code, never 'corrupt'."""
+    from deploy.core.errors import ModelLoadError
+    from deploy.core.model.load import load_model
+
+    sentinel = tmp_path / "pwned"
+    path = hostile.pickled_pt(tmp_path / f"evil-{protocol}.pt", sentinel, protocol)
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(path)
+    line = caught.value.one_line()
+    assert all(needle in line for needle in ("a safe load of", "refused code", "builtins.eval", "--trust-pickle"))
+    assert "corrupt" not in line and not sentinel.exists()
+
+
+@pytest.mark.parametrize("protocol, container", [(2, "zip"), (2, "legacy"), (4, "raw")])
 def test_pt_pickle_is_refused_as_code_not_called_corrupt(cli, protocol, container):
-    """A malicious .pt was refused, but called 'corrupt'; the line now says a safe load refused code in it."""
+    """A malicious .pt was refused, but called 'corrupt'; the line now says a safe load refused code in it, in
+    every command that loads a model."""
     sentinel = cli.root / "pwned"
     path = hostile.pickled_pt(cli.root / f"evil-{protocol}-{container}.pt", sentinel, protocol, container)
     before = cli.snapshot()
@@ -284,15 +317,14 @@ def graph_runs(tmp_path_factory, models):
     crashed ONNX Runtime with calibration batches of 8) and from .pt2, side by side."""
     cli = Cli(tmp_path_factory.mktemp("graph-runs"))
     runs = {"torchscript": (models["ts"], "--input-shape", "image:2x1x32x32", "--calib", models["digits"],
-                            "--precision", "int8"),
-            "pt2": (models["pt2"], "--calib", models["digits"], "--precision", "int8", "--force"),
-            "size": ("--example", "--size-mb", "0.06")}  # met by pruning hard without recovery: low fidelity
+                            "--precision", "int8", "--no-prune"),
+            "pt2": (models["pt2"], "--calib", models["digits"], "--precision", "int8", "--no-prune", "--force")}
     outs = {name: cli.work / name for name in runs}
     outs["pt2"].write_text("a file that --force replaces")
     calls = [lambda n=n, a=a: (n, cli("compress", *a, "-o", outs[n], "--json", *QUICK)) for n, a in runs.items()]
     old = os.umask(0o022)
     try:
-        results = dict(parallel(calls, workers=3))
+        results = dict(parallel(calls, workers=2))
     finally:
         os.umask(old)
     return cli, outs, results
@@ -329,25 +361,23 @@ def test_force_onto_a_file_and_the_umask(graph_runs):
     assert {p.stat().st_mode & 0o777 for p in outs["pt2"].iterdir()} == {0o644}
 
 
-def test_fidelity_below_the_default_floor_is_a_warning(graph_runs):
-    cli, outs, results = graph_runs
-    result = results["size"]
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+def test_fidelity_below_the_default_floor_is_a_warning(example_runs):
+    run = example_runs["sized"]  # conftest's size budget, met only by pruning hard
+    assert run.returncode == 0, run.stderr
+    report = run.report()
     assert report["result"]["fidelity"] < 0.99 and report["verdict"] == "met"
-    assert "fidelity below the default floor" in result.stderr
+    assert "fidelity below the default floor" in run.stderr
     assert any("fidelity below the default floor" in w for w in report["warnings"])
-    assert "fidelity below the default floor" in (outs["size"] / "report.html").read_text()
+    assert "fidelity below the default floor" in (run.out / "report.html").read_text()
 
 
-def test_missed_budget_exits_4_and_still_writes_the_model(graph_runs):
+def test_missed_budget_exits_4_and_still_writes_the_model(cli, example_runs):
     """A missed latency or size budget exited 0; now exit 4, with the model and the report written."""
     import tomllib
 
     import tomli_w
 
-    cli, outs, _ = graph_runs
-    plan = tomllib.loads((outs["size"] / "deploy.toml").read_text())
+    plan = tomllib.loads((example_runs["sized"].out / "deploy.toml").read_text())
     plan["header"]["budget"]["value"] = 0.001  # the same model, judged against a budget it cannot meet
     edited = cli.root / "missed.toml"
     edited.write_text(tomli_w.dumps(plan))
@@ -444,15 +474,14 @@ def test_resumed_search_with_another_target_or_model_is_refused(cli, models):
     refused(other_model, 2, "made for another run", "model_sha256")
 
 
-def test_plan_from_another_model_is_refused(cli, graph_runs):
+def test_plan_from_another_model_is_refused(cli, example_runs):
     """A deploy.toml names the model it was made for (weights and layers): another model is refused, naming the
     difference; so is a plan whose passes name layers the model does not have."""
     import tomllib
 
     import tomli_w
 
-    _, outs, _ = graph_runs
-    plan = tomllib.loads((outs["size"] / "deploy.toml").read_text())  # made for the bundled example
+    plan = tomllib.loads((example_runs["sized"].out / "deploy.toml").read_text())  # made for the bundled example
     path = cli.root / "deploy.toml"
     path.write_text(tomli_w.dumps(plan))
     before = cli.snapshot()

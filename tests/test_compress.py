@@ -7,10 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import FAST, run_cli
 from deploy.profiles import local_cpu_flags
-
-FAST = ("--measure-seconds", "0.2", "--recover-steps", "16")
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +17,12 @@ def env(tmp_path_factory):
     return {"DEPLOY_CACHE_DIR": str(cache), "DEPLOY_MEASURE_LOCK": str(cache / "measure.lock")}
 
 
-@pytest.fixture(scope="module")
-def example_run(tmp_path_factory, env):
-    out = tmp_path_factory.mktemp("runs") / "example"
-    result = run_cli("compress", "--example", "--target", "cpu", "-o", out, *FAST, env=env)
-    assert result.returncode == 0, result.stderr
-    return out, result
+@pytest.fixture
+def example_run(example_runs):
+    """conftest's run of the example with no budget flag (the default floor), on this CPU."""
+    run = example_runs["floor"]
+    assert run.returncode == 0, run.stderr
+    return run.out, run
 
 
 def _ort(path: Path, x: np.ndarray) -> np.ndarray:
@@ -113,19 +111,17 @@ def test_tiny_transformer_with_text_calibration(tmp_path, env):
     result = run_cli("compress", tmp_path / "bert.pt", "--arch", "deploy.examples.tiny_bert:tiny_bert",
                      "--input-shape", "input_ids:batchx32:int64", "--input-shape", "attention_mask:batchx32:int64",
                      "--calib", tmp_path / "corpus.txt", "--tokenizer", tmp_path / "tok", "--max-drop", "0.05",
-                     "-o", out, *FAST, env=env)
+                     "--no-prune", "-o", out, *FAST, env=env)  # pruning a transformer: test_depth
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["fidelity_metric"] == "pooled_cosine"
     assert report["result"]["fidelity"] >= 0.95
 
 
-def test_device_not_at_hand_gets_predicted_latency_with_a_band(tmp_path, env):
-    out = tmp_path / "jetson"
-    result = run_cli("compress", "--example", "--target", "jetson", "--no-prune", "-o", out, *FAST, "--json",
-                     env=env)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+def test_device_not_at_hand_gets_predicted_latency_with_a_band(example_runs):
+    run = example_runs["predicted"]  # --target jetson, not at hand here
+    assert run.returncode == 0, run.stderr
+    report = run.report()
     assert report["target"]["name"] == "jetson-orin-nano" and "resolved" in report["target"]["note"]
     assert report["latency_source"] == "predicted"
     low, high = report["result"]["band_ms"]
@@ -140,14 +136,11 @@ def test_device_not_at_hand_gets_predicted_latency_with_a_band(tmp_path, env):
         assert report["quantization"]["policy"] == "tensorrt"
 
 
-def test_a_predicted_budget_is_planned_on_the_upper_end_of_the_band(tmp_path, env):
+def test_a_predicted_budget_is_planned_on_the_upper_end_of_the_band(example_runs, tmp_path, env):
     """For a device not at hand, "met" must hold wherever in its band the device lands: a budget just above the
     dense model's upper end is met as it is; one at its point estimate cannot be promised."""
-    first = run_cli("compress", "--example", "--target", "jetson", "--precision", "fp32", "--no-prune",
-                    "--no-lowrank", "-o", tmp_path / "a", *FAST, "--json", env=env)
-    assert first.returncode == 0, first.stderr
-    dense = json.loads(first.stdout)["original"]
-    band = json.loads(first.stdout)["latency"]["original"]["band_ms"]
+    first = example_runs["predicted"].report()  # the same example on jetson: the original's prediction and band
+    dense, band = first["original"], first["latency"]["original"]["band_ms"]
     roomy = run_cli("compress", "--example", "--target", "jetson", "--precision", "fp32", "--no-prune",
                     "--no-lowrank", "--budget-ms", f"{band[1] * 1.1:.6g}", "-o", tmp_path / "b", *FAST, "--json",
                     env=env)
@@ -162,18 +155,18 @@ def test_a_predicted_budget_is_planned_on_the_upper_end_of_the_band(tmp_path, en
     assert not (tmp_path / "c").exists()
 
 
-def test_latency_budget_is_met_with_a_per_layer_precision_plan(tmp_path, env):
-    """A speed-up budget on the local CPU: the report's final p50 (measured interleaved) fits, the plan names each
-    layer's precision, and the replayed plan gives the same Q/DQ model."""
-    out = tmp_path / "budget"
-    result = run_cli("compress", "--example", "--target", "cpu", "--speedup", "1.25", "--threads", "1", "-o", out,
-                     *FAST, "--json", env=env)
+def test_latency_budget_is_met_with_a_per_layer_precision_plan(example_runs):
+    """A speed-up budget on the local CPU (conftest's 'budget' run, one thread): the report's final p50 (measured
+    interleaved) fits, the plan names each layer's precision, and the exported model is what was planned: Q/DQ
+    around exactly the layers planned in integers. Whether int8 or pruning wins is this CPU's to say (without VNNI,
+    int8 convolutions of this tiny model may be no faster than fp32), so neither is asserted."""
+    run = example_runs["budget"]
     # On a loaded machine the final interleaved comparison of a 0.1 ms model can straddle 1.25x: deploy then says
     # "uncertain" (exit 3) and still writes the model; anything else is a failure.
-    assert result.returncode in (0, 3), result.stderr
-    report = json.loads(result.stdout)
+    assert run.returncode in (0, 3), run.stderr
+    report = run.report()
     low, high = report["result"]["speedup_ci"]
-    if result.returncode == 3:
+    if run.returncode == 3:
         assert report["verdict"] == "uncertain" and low < 1.25 <= high
     else:
         assert report["verdict"] == "met" and low >= 1.25
@@ -185,11 +178,13 @@ def test_latency_budget_is_met_with_a_per_layer_precision_plan(tmp_path, env):
     assert set(labels) == {"stem.0", "layer1.conv1", "layer1.conv2", "layer2.conv1", "layer2.conv2",
                            "layer2.downsample.0", "layer3.conv1", "layer3.conv2", "layer3.downsample.0", "fc"}
     assert report["quantization"]["labels"] == labels  # what was exported is what was planned
-    assert any(label != "fp32" for label in labels.values())
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    graph = onnx.load(str(run.out / "model.onnx")).graph
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    integer_layers = {node.name.strip("/").rsplit("/", 1)[0].replace("/", ".") for node in graph.node
+                   if node.op_type in ("Conv", "Gemm") and set(node.input[1:2]) & dequantized}
+    assert integer_layers == {name for name, label in labels.items() if label.startswith("w")}  # w8a8, w7a8, w4-g
 
 
 @pytest.mark.skipif(not {"avx2", "fma"} <= local_cpu_flags(),

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import tomli_w
 
-from conftest import run_cli
-
-FAST = ("--measure-seconds", "0.2", "--recover-steps", "24")
+from conftest import FAST, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +21,12 @@ def env(tmp_path_factory):
     return {"DEPLOY_CACHE_DIR": str(cache), "DEPLOY_MEASURE_LOCK": str(cache / "measure.lock")}
 
 
-@pytest.fixture(scope="module")
-def sized_run(tmp_path_factory, env):
-    """A size budget the example meets only by pruning and int8: prune, recover, quantize and export passes."""
-    out = tmp_path_factory.mktemp("runs") / "sized"
-    result = run_cli("compress", "--example", "--size-mb", "0.08", "-o", out, *FAST, "--json", env=env)
-    assert result.returncode == 0, result.stderr
-    return out, json.loads(result.stdout)
+@pytest.fixture
+def sized_run(example_runs):
+    """conftest's size budget the example meets only by pruning and int8: prune, recover, quantize and export."""
+    run = example_runs["sized"]
+    assert run.returncode == 0, run.stderr
+    return run.out, run.report()
 
 
 def _ort(path: Path, x: np.ndarray) -> np.ndarray:

@@ -9,70 +9,23 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import threading
 import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import PROGRESS_S, Run, run_cli
 
-FAST = ("--measure-seconds", "0.2", "--recover-steps", "16")
-PROGRESS_S = 2.0  # DEPLOY_PROGRESS_SECONDS for these runs: the lines' spacing is checked against it
 SLACK_S = 2.5  # a line is due every PROGRESS_S; the job's own step may hold the printing lock a little longer
 LINE = re.compile(r"^(compress|search): (?P<step>[a-z ,-]+?)(?: (?P<done>\d+)/(?P<total>\d+))? \[(?P<pct>\d+)%\] "
                   r"(?P<elapsed>\d+ s|\d+:\d\d) elapsed(?P<rest>.*)$")
 
 
-class Run:
-    def __init__(self, returncode: int, stdout: str, lines: list[tuple[float, str]], out: Path):
-        self.returncode, self.stdout, self.lines, self.out = returncode, stdout, lines, out
-
-    @property
-    def stderr(self) -> str:
-        return "\n".join(line for _, line in self.lines)
-
-
-def timed_cli(*args: object, env: dict[str, str]) -> tuple[int, str, list[tuple[float, str]]]:
-    """The CLI with stderr piped (not a terminal), each stderr line stamped with when it arrived."""
-    start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-    lines: list[tuple[float, str]] = []
-
-    def read() -> None:
-        for line in proc.stderr:
-            lines.append((time.monotonic() - start, line.rstrip("\n")))
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    stdout = proc.stdout.read()
-    proc.wait(timeout=600)
-    reader.join()
-    return proc.returncode, stdout, lines
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Run]:
-    """A latency-budget run, a predicted-target run, a fidelity-floor run and a search, as a CI log would see them
-    (stderr piped, 80 columns)."""
-    root = tmp_path_factory.mktemp("person")
-    env = {"DEPLOY_CACHE_DIR": str(root / "cache"), "DEPLOY_MEASURE_LOCK": str(root / "measure.lock"),
-           "DEPLOY_PROGRESS_SECONDS": str(PROGRESS_S), "COLUMNS": "80"}
-    commands = {
-        "budget": ("compress", "--example", "--target", "cpu", "--speedup", "1.05", *FAST),
-        "predicted": ("compress", "--example", "--target", "jetson", "--no-prune", *FAST),
-        "floor": ("compress", "--example", "--target", "cpu", "--max-drop", "0.01", "--no-prune", *FAST),
-        "search": ("search", "--example", "--trials", "5", "--measure-seconds", "0.2"),
-    }
-    done = {}
-    for name, args in commands.items():
-        out = root / name
-        code, stdout, lines = timed_cli(*args, "-o", out, env=env)
-        done[name] = Run(code, stdout, lines, out)
-    return done
+@pytest.fixture
+def runs(example_runs: dict[str, Run]) -> dict[str, Run]:
+    """conftest's example runs: a latency budget, a predicted target, the default floor and a search."""
+    return example_runs
 
 
 def progress_lines(run: Run, label: str) -> list[tuple[float, re.Match]]:
