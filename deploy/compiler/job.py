@@ -87,12 +87,14 @@ def compress(request: CompressRequest, progress: ProgressFn | None = None) -> di
     import shutil
 
     from deploy.compiler.apply import apply_plan
+    from deploy.compiler.plan_file import load_plan
     from deploy.compiler.report import build_result
     from deploy.core.atomic_io import atomic_output_dir
 
     note = progress or (lambda phase, fraction, *rest, **kw: None)
     with atomic_output_dir(request.out, request.force, inputs_of(request)) as tmp:
-        setup = _setup(request, tmp / ".work")
+        plan = load_plan(request.plan) if request.plan else None  # a malformed plan is refused before any work
+        setup = _setup(request, tmp / ".work", plan_header=plan[0] if plan else None)
         if request.recover_minutes is None:
             import dataclasses
 
@@ -102,9 +104,9 @@ def compress(request: CompressRequest, progress: ProgressFn | None = None) -> di
             request = dataclasses.replace(request, recover_minutes=default_minutes(analyze(setup.loaded).total_macs))
         note("dense model", 0.05)
         planner = None
-        if request.plan:
-            budget, passes = _replayed(request.plan, setup)
-            decisions: dict[str, Any] = {"budget": budget, "replayed_from": str(request.plan)}
+        if plan is not None:
+            header, passes = plan
+            decisions: dict[str, Any] = {"budget": dict(header.get("budget", {})), "replayed_from": str(request.plan)}
             prebuilt: dict[str, Any] = {}
         else:
             from deploy.compiler.plan import search
@@ -141,17 +143,9 @@ def inputs_of(request: CompressRequest) -> list[str]:
     return [p for p in named if p]
 
 
-def _replayed(path: str, setup: Setup) -> tuple[dict[str, Any], list[Any]]:
-    """A deploy.toml's budget and passes, refused (exit 2) when it was made for another model or target."""
-    from deploy.compiler.plan_file import check_header, load_plan
-    from deploy.core.model.load import layer_digest
-
-    header, passes = load_plan(path)
-    check_header(path, header, setup.loaded.sha256, layer_digest(setup.loaded.module), setup.target.profile.name)
-    return dict(header.get("budget", {})), passes
-
-
-def _setup(request: CompressRequest, workdir: Path) -> Setup:
+def _setup(request: CompressRequest, workdir: Path, plan_header: dict[str, Any] | None = None) -> Setup:
+    """The run's shared state; a replayed plan's header is checked against the model and target first, so a plan
+    made for another model or target is refused before any data is read."""
     from deploy.core.data import DataConfig, load_calibration, torch_takes_any_batch
     from deploy.core.model.checks import check_finite_weights
     from deploy.targets.target import resolve
@@ -160,6 +154,11 @@ def _setup(request: CompressRequest, workdir: Path) -> Setup:
     loaded = _load(request)
     if loaded.module is None:
         raise UserInputError("deploy compress takes a PyTorch model, not ONNX", "give the .pt/.pt2 it came from")
+    if plan_header is not None:
+        from deploy.compiler.plan_file import check_header
+        from deploy.core.model.load import layer_digest
+
+        check_header(request.plan, plan_header, loaded.sha256, layer_digest(loaded.module), target.profile.name)
     check_finite_weights(loaded.module)
     calib = request.calib
     if calib is None:
