@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.core.errors import ModelLoadError
-from deploy.core.model.load import file_sha256, onnx_input_specs
+from deploy.core.model.files import file_sha256, onnx_input_specs
 from deploy.core.spec import InputSpec
 
 

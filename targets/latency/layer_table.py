@@ -137,7 +137,7 @@ def layer_table(model: torch.nn.Module | str | Path, inputs: Sequence[InputSpec]
 def layer_table_of_file(path: Path, specs: Sequence[InputSpec], config: LayerTableConfig,
                         module_names: set[str] | None = None) -> LayerTable:
     """Profile, map, and time end to end one ONNX file (cached)."""
-    from deploy.core.model.load import file_sha256
+    from deploy.core.model.files import file_sha256
     from deploy.targets.latency import cache as latency_cache
 
     sha = file_sha256(path)

@@ -110,7 +110,7 @@ def script_args(config: RemoteConfig, model_name: str) -> list[str]:
 def measure_remote(url: str, model_path: str | Path, feeds_or_input_specs: Any = None,
                    config: RemoteConfig = RemoteConfig(), progress: ProgressFn | None = None) -> Measurement:
     """Copy the model to the ssh:// host, time it there and return the Measurement (remote fingerprint)."""
-    from deploy.core.model.load import file_sha256
+    from deploy.core.model.files import file_sha256
 
     target = parse_ssh_url(url)
     ssh = target.apply(config.ssh)

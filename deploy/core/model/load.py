@@ -18,6 +18,7 @@ import torch
 from deploy.core.errors import InputSpecError, ModelLoadError
 from deploy.core.spec import InputSpec, dtype_name, torch_dtype
 from deploy.core.model.checks import check_input_sizes, check_runs
+from deploy.core.model.files import file_sha256, onnx_input_specs
 from deploy.core.user_code import call_user, import_object, short as _short
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ts", ".bin")
@@ -54,14 +55,6 @@ def layer_digest(module: torch.nn.Module) -> str:
         for pname, param in module.get_submodule(name).named_parameters(recurse=False):
             digest.update(f"{name}.{pname}:{tuple(param.shape)}\n".encode())
     return digest.hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- input shapes ----------------------------------------------------------------------------------------------
@@ -341,23 +334,3 @@ def _load_onnx(path: Path, specs: list[InputSpec]) -> LoadedModel:
     except Exception as exc:
         raise ModelLoadError(f"{path.name} is not a valid ONNX model ({_short(exc)})", "re-export it") from None
     return LoadedModel(None, specs or onnx_input_specs(model), "onnx")
-
-
-def onnx_input_specs(model: Any) -> list[InputSpec]:
-    from onnx import helper
-
-    initializers = {init.name for init in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tensor = value.type.tensor_type
-        dims: list[int | str] = []
-        for axis, dim in enumerate(tensor.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                dims.append(int(dim.dim_value))
-            else:
-                dims.append(dim.dim_param or ("batch" if axis == 0 else f"dim{axis}"))
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-        specs.append(InputSpec(value.name, tuple(dims), dtype))
-    return specs
