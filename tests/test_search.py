@@ -130,18 +130,28 @@ def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
         assert end_a <= start_b, "two measurement windows overlapped"
 
 
-def test_search_command_produces_a_front(tmp_path):
+def test_search_command_produces_a_front(example_runs, tmp_path):
+    """conftest's search of the example (5 trials): a front, its plot and every front trial's model; resumed (in a
+    copy of its folder), it runs nothing again."""
     from conftest import run_cli
 
-    env = {"DEPLOY_CACHE_DIR": str(tmp_path / "cache"), "DEPLOY_MEASURE_LOCK": str(tmp_path / "lock")}
-    out = tmp_path / "search"
-    result = run_cli("search", "--example", "--trials", "3", "-o", out, "--measure-seconds", "0.1",
-                     "--precision", "fp32", "--json", env=env)
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["completed"] == 3 and summary["front"]
-    assert (out / "front.png").stat().st_size > 0 and (out / "front.json").exists()
+    run = example_runs["search"]
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((run.out / "front.json").read_text())
+    assert summary["completed"] == 5 and summary["front"]
+    assert (run.out / "front.png").stat().st_size > 0
     for row in summary["front"]:
         assert (Path(row["artifact"]) / "model.onnx").exists()
-    again = run_cli("search", "--example", "--trials", "3", "-o", out, "--precision", "fp32", "--json", env=env)
-    assert again.returncode == 0 and json.loads(again.stdout)["completed"] == 3  # resumed: nothing re-run
+    import onnx
+
+    int8 = [t for t in summary["trials"] if t["params"]["precision"] == "int8"]
+    assert int8  # the allocator's seeds include the all-int8 plan
+    for trial in int8:  # an int8 trial is int8, even where this CPU runs the tiny model's fp32 faster
+        ops = {n.op_type for n in onnx.load(str(Path(trial["artifact"]) / "model.onnx")).graph.node}
+        assert "DequantizeLinear" in ops, trial
+    out = tmp_path / "search"
+    shutil.copytree(run.out, out)
+    env = {"DEPLOY_CACHE_DIR": str(tmp_path / "cache"), "DEPLOY_MEASURE_LOCK": str(tmp_path / "lock")}
+    again = run_cli("search", "--example", "--trials", "5", "-o", out, "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["completed"] == 5  # resumed: nothing re-run
