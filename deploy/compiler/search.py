@@ -103,15 +103,24 @@ def _run(request: SearchRequest, out: Path, progress: Callable[..., None] | None
     check_identity(open_study(request.search, out), identity)  # before any measuring
     planner = Planner(request.compress, setup)
     planner.split = "held_out"  # each trial is scored for the person choosing from the front; nothing is tuned on it
-    planner.time_against_dense()
-    if planner.quantizes:  # measured once here, not inside a trial (it times the price table's fastest picks)
-        planner.fastest()
+    timed: list[bool] = []
+
+    def time_once() -> None:
+        """The dense model and the fastest precision plan (the price table's picks), timed once, before the first
+        trial this run evaluates: a resumed study with every trial done measures nothing."""
+        if not timed:
+            planner.time_against_dense()
+            if planner.quantizes:
+                planner.fastest()
+            timed.append(True)
+
     precisions = (["fp32"] if "fp32" in request.compress.precisions else []) + \
         (["int8", "mixed"] if planner.quantizes else [])
     lowrank = planner.lowrank_family() if "fp32" in request.compress.precisions else None
     precisions += ["lowrank"] if lowrank is not None else []
 
     def evaluate(params: dict[str, Any], folder: Path) -> TrialOutcome:
+        time_once()  # in the run's own work folder, not the trial's
         setup.workdir = folder
         if params["precision"] == "lowrank":
             fraction = 1.0 - float(params["level"]) * (1.0 - lowrank.least_fraction())
