@@ -181,9 +181,10 @@ def test_latency_budget_is_met_with_a_per_layer_precision_plan(example_runs):
     import onnx
 
     graph = onnx.load(str(run.out / "model.onnx")).graph
-    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
-    integer_layers = {node.name.strip("/").rsplit("/", 1)[0].replace("/", ".") for node in graph.node
-                   if node.op_type in ("Conv", "Gemm") and set(node.input[1:2]) & dequantized}
+    dequantized = {out: node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"
+                   for out in node.output}  # the writer names integer weights LAYER.weight_q
+    integer_layers = {dequantized[node.input[1]].rsplit(".weight", 1)[0] for node in graph.node
+                      if node.op_type in ("Conv", "Gemm") and node.input[1] in dequantized}
     assert integer_layers == {name for name, label in labels.items() if label.startswith("w")}  # w8a8, w7a8, w4-g
 
 
