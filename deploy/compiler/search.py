@@ -5,6 +5,7 @@ Precision is fp32, int8 (every layer at its fastest option) or mixed: the quanti
 plan at a point `mix` between the fastest and the float model's estimated latency (0 = fastest, 1 = float)."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,16 +104,13 @@ def _run(request: SearchRequest, out: Path, progress: Callable[..., None] | None
     check_identity(open_study(request.search, out), identity)  # before any measuring
     planner = Planner(request.compress, setup)
     planner.split = "held_out"  # each trial is scored for the person choosing from the front; nothing is tuned on it
-    timed: list[bool] = []
-
+    @functools.cache
     def time_once() -> None:
         """The dense model and the fastest precision plan (the price table's picks), timed once, before the first
         trial this run evaluates: a resumed study with every trial done measures nothing."""
-        if not timed:
-            planner.time_against_dense()
-            if planner.quantizes:
-                planner.fastest()
-            timed.append(True)
+        planner.time_against_dense()
+        if planner.quantizes:
+            planner.fastest()
 
     precisions = (["fp32"] if "fp32" in request.compress.precisions else []) + \
         (["int8", "mixed"] if planner.quantizes else [])
