@@ -62,7 +62,7 @@ def test_planner_chooses_low_rank_for_a_low_rank_layer(tmp_path):
 
 def test_the_chosen_ranks_apply_as_a_lowrank_pass(tmp_path):
     """The decisions become pass configs; the lowrank pass rebuilds exactly the candidate the planner measured."""
-    from deploy.compiler.plan import _decisions
+    from deploy.compiler.plan import decisions_for
     from deploy.compiler.to_passes import plan_passes
     from deploy.core.passes import Context, State, run_pipeline
 
@@ -72,7 +72,7 @@ def test_the_chosen_ranks_apply_as_a_lowrank_pass(tmp_path):
     dense = planner.evaluate(0.0, None, "dense fp32")
     planner.dense = dense
     choice = meet_latency(planner, dense.latency_ms / 2.0, dense)
-    passes = plan_passes(_decisions(planner, choice, {"target_ms": dense.latency_ms / 2.0}), request, setup)
+    passes = plan_passes(decisions_for(planner, choice, {"target_ms": dense.latency_ms / 2.0}), request, setup)
     assert [p.name for p in passes] == ["lowrank", "export"] and passes[0].config.ranks == choice.ranks
     state = State(setup.loaded.module, setup.loaded.inputs, setup.target, original=setup.loaded.module)
     (tmp_path / "out").mkdir()

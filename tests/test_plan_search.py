@@ -201,3 +201,35 @@ def test_ties_in_the_metric_go_to_the_higher_output_sqnr():
     assert faithfulness(exact) > faithfulness(b)  # identical outputs: SQNR is +inf, the best there is
     better = Candidate("fp32", 0.0, {}, 1.0, 6 / 38, 1.0, sqnr_db=-5.0)
     assert faithfulness(better) > faithfulness(exact)  # the metric first
+
+
+def test_a_floor_answer_slower_than_the_original_gives_way_to_it():
+    """The fastest candidate that keeps a floor was picked on short timings; when the final interleaved comparison
+    puts its whole interval of the ratio above 1, the original (faster, and faithful) is written instead."""
+    from types import SimpleNamespace
+
+    from deploy.compiler.floor_and_size import dense_if_slower
+    from deploy.compiler.plan import decisions_for
+
+    planner = FakePlanner()
+    planner.request = SimpleNamespace(precisions=("fp32", "int8"), recover_steps=0, recover_minutes=0.0, seed=0)
+    planner.dense = planner.with_fidelity(planner.evaluate(0.0, None, "dense fp32"))
+    picked = planner.with_fidelity(planner.evaluate(0.0, {"a": "int8"}, "every layer in low precision"))
+    floor = {"floor": ["pooled_cosine", 0.98], "target_ms": None}
+    decisions = decisions_for(planner, picked, floor)
+
+    def timing(low, high, source="measured"):
+        return {"source": source, "comparison": {"ratio": (low + high) / 2, "ci_low": low, "ci_high": high}}
+
+    fell = dense_if_slower(planner, decisions, timing(1.04, 1.12))
+    assert fell["fell_back_to_dense"] == {"instead_of": "every layer in low precision", "ratio": pytest.approx(1.08),
+                                          "ratio_ci": [1.04, 1.12]}
+    assert fell["precision"] == "fp32" and fell["quantize"] == {} and planner.dense.chosen and not picked.chosen
+
+    decisions = decisions_for(planner, picked, floor)
+    assert dense_if_slower(planner, decisions, timing(0.97, 1.05)) is None  # may be faster: kept
+    assert dense_if_slower(planner, decisions, timing(1.04, 1.12, "predicted")) is None
+    latency = decisions_for(planner, picked, {"floor": None, "target_ms": 12.0})
+    assert dense_if_slower(planner, latency, timing(1.04, 1.12)) is None  # a latency budget is judged on itself
+    planner.request.precisions = ("int8",)  # the user ruled float out
+    assert dense_if_slower(planner, decisions_for(planner, picked, floor), timing(1.04, 1.12)) is None

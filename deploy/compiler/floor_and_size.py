@@ -3,7 +3,7 @@ bisected on validation fidelity (a floor: the fastest candidate that keeps it) o
 most faithful candidate that fits)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from deploy.compiler.candidate import Candidate, faithfulness
 from deploy.compiler.candidates import Planner
@@ -63,6 +63,25 @@ def meet_floor(planner: Planner, metric: str, minimum: float, dense: Candidate) 
     if not feasible:
         raise BudgetInfeasibleError(f"no candidate keeps {metric} >= {minimum:.4g}", "lower the floor (--max-drop)")
     return min(feasible, key=lambda c: (c.latency_ms, -(c.fidelity or 0.0)))
+
+
+def dense_if_slower(planner: Planner, decisions: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any] | None:
+    """A floor's answer is the fastest candidate that keeps it, picked on short timings; where the final
+    interleaved comparison shows it slower than the original (the whole 95% interval of the ratio above 1), the
+    original is both faster and faithful: the decisions for the dense model, or None to keep the answer."""
+    from deploy.compiler.plan import decisions_for
+
+    budget, comparison, dense = decisions["budget"], timing.get("comparison") or {}, planner.dense
+    if budget.get("floor") is None or budget.get("target_ms") is not None or timing.get("source") != "measured":
+        return None
+    if not comparison.get("ci_low") or comparison["ci_low"] <= 1.0 or dense.chosen:
+        return None
+    if "fp32" not in planner.request.precisions or (dense.fidelity or 0.0) < budget["floor"][1]:
+        return None
+    chosen = next((c for c in planner.candidates if c.chosen), None)
+    fell = {"instead_of": chosen.origin if chosen else None, "ratio": comparison["ratio"],
+            "ratio_ci": [comparison["ci_low"], comparison["ci_high"]]}
+    return {**decisions_for(planner, dense, budget), "fell_back_to_dense": fell}
 
 
 # --- size budgets ---------------------------------------------------------------------------------------------------

@@ -345,7 +345,7 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
     planner.score_all()  # every measured candidate gets its held-out fidelity: the report plots them all
     budget = {"kind": request.budget.kind, "value": request.budget.value, "target_ms": target,
               "floor": list(floor) if floor else None, "described": request.budget.describe()}
-    return _decisions(planner, choice, budget), planner
+    return decisions_for(planner, choice, budget), planner
 
 
 def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: float,
@@ -372,10 +372,11 @@ def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: 
         return None
     planner.score_all()
     retried = {"measured_ms": measured_ms, "searched_for_ms": tighter}
-    return {**_decisions(planner, choice, budget), "retried_after_miss": retried}
+    return {**decisions_for(planner, choice, budget), "retried_after_miss": retried}
 
 
-def _decisions(planner: Planner, choice: Candidate, budget: dict[str, Any]) -> dict[str, Any]:
+def decisions_for(planner: Planner, choice: Candidate, budget: dict[str, Any]) -> dict[str, Any]:
+    """The record of `choice` that the passes are built from and report.json keeps (`choice` marked chosen)."""
     for cand in planner.candidates:
         cand.chosen = cand is choice
     request = planner.request
