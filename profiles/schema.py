@@ -20,8 +20,8 @@ QDQ_POLICIES = ("ort-cpu", "openvino", "tensorrt")
 MEASURE_MODES = ("local", "predicted")
 ALIASES = {"jetson": "jetson-orin-nano"}
 # resolved by reading this machine's CPU flags: the first profile in the list that runs here
-CPU_ALIASES = {"cpu": ("cpu-avx512-vnni", "cpu-avx2"),
-               "cpu-openvino": ("cpu-avx512-vnni-openvino", "cpu-avx2-openvino")}
+CPU_ALIASES = {"cpu": ("cpu-avx512-vnni", "cpu-avx-vnni", "cpu-avx2"),
+               "cpu-openvino": ("cpu-avx512-vnni-openvino", "cpu-avx-vnni-openvino", "cpu-avx2-openvino")}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Device profiles: the ten built-ins, strict validation, aliases and suggestions."""
+"""Device profiles: the twelve built-ins, strict validation, aliases and suggestions."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,9 @@ import pytest
 from deploy.core.errors import ProfileError, UnknownTargetError
 from deploy.profiles import builtin_names, builtin_profiles, load_profile_file, resolve_target
 
-TEN = {"cpu-avx2", "cpu-avx2-openvino", "cpu-avx512-vnni", "cpu-avx512-vnni-openvino", "nvidia-a100", "nvidia-h100", "jetson-orin-nano", "jetson-orin-nx",
-         "jetson-agx-orin", "rpi5"}
+BUILTINS = {"cpu-avx2", "cpu-avx2-openvino", "cpu-avx-vnni", "cpu-avx-vnni-openvino", "cpu-avx512-vnni",
+            "cpu-avx512-vnni-openvino", "nvidia-a100", "nvidia-h100", "jetson-orin-nano", "jetson-orin-nx",
+            "jetson-agx-orin", "rpi5"}
 
 GOOD = """
 name = "my-board"
@@ -28,7 +29,7 @@ int8 = 2.0
 
 
 def test_the_ten_builtin_profiles_load():
-    assert set(builtin_names()) == TEN
+    assert set(builtin_names()) == BUILTINS
     for profile in builtin_profiles():
         assert set(profile.precisions) <= set(profile.peak_tops)
         assert profile.memory_bandwidth_gbs > 0 and profile.channel_multiple >= 1
@@ -96,8 +97,9 @@ def test_cpu_openvino_alias_follows_the_cpu_flags():
     if {"avx2", "fma"} <= flags:
         resolved = resolve_target("cpu-openvino")
         assert resolved.profile.runtime == "openvino" and resolved.profile.qdq_policy == "openvino"
-        vnni = {"avx512f", "avx512_vnni"} <= flags
-        assert resolved.profile.name == ("cpu-avx512-vnni-openvino" if vnni else "cpu-avx2-openvino")
+        vnni = ("avx512-vnni" if {"avx512f", "avx512_vnni"} <= flags else "avx-vnni" if "avx_vnni" in flags
+                else "avx2")
+        assert resolved.profile.name == f"cpu-{vnni}-openvino"
         assert resolved.profile.name in resolved.note
     else:
         with pytest.raises(UnknownTargetError, match="avx2"):
@@ -105,14 +107,18 @@ def test_cpu_openvino_alias_follows_the_cpu_flags():
 
 
 def test_cpu_openvino_takes_the_first_profile_whose_flags_this_cpu_has(monkeypatch):
-    """An AVX2 CPU without AVX-512 VNNI (AMD Zen 2/3) gets OpenVINO's AVX2 profile; a CPU without AVX2 is refused
-    naming what it lacks."""
+    """An AVX2 CPU without VNNI (AMD Zen 2/3) gets the AVX2 profiles, whose int8 weights keep 7 bits against
+    vpmaddubsw's 16-bit saturation; one with AVX-VNNI (Alder Lake) the AVX-VNNI ones, with 8-bit weights; a CPU
+    without AVX2 is refused naming what it lacks."""
     import deploy.profiles.schema as schema
 
-    for flags, expected in (({"avx2", "fma"}, "cpu-avx2-openvino"),
-                            ({"avx2", "fma", "avx512f", "avx512_vnni"}, "cpu-avx512-vnni-openvino")):
+    avx2 = {"avx2", "fma"}
+    for flags, expected, bits in ((avx2, "cpu-avx2", 7), (avx2 | {"avx_vnni"}, "cpu-avx-vnni", 8),
+                                  (avx2 | {"avx_vnni", "avx512f", "avx512_vnni"}, "cpu-avx512-vnni", 8)):
         monkeypatch.setattr(schema, "local_cpu_flags", lambda flags=flags: set(flags))
-        assert resolve_target("cpu-openvino").profile.name == expected
+        for alias, suffix in (("cpu", ""), ("cpu-openvino", "-openvino")):
+            profile = resolve_target(alias).profile
+            assert (profile.name, profile.int8_weight_bits) == (expected + suffix, bits)
     monkeypatch.setattr(schema, "local_cpu_flags", lambda: {"sse4_2"})
     with pytest.raises(UnknownTargetError, match="this CPU lacks avx2, fma"):
         resolve_target("cpu-openvino")
