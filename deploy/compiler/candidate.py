@@ -64,3 +64,17 @@ def structure_of(decisions: dict[str, Any]) -> tuple[tuple[str, ...], str]:
     """The blocks dropped and the allocation of a plan's decisions (what `Planner.mix` takes)."""
     prune = decisions.get("prune", {})
     return tuple(prune.get("blocks") or ()), str(prune.get("allocation") or "dp")
+
+
+def precision_word(labels: dict[str, str] | None, prep: Any) -> str:
+    """A candidate's `precision`: fp32 (no low-precision layer), int8 or int4 (every layer in it), or mixed."""
+    if labels is None:
+        return "fp32"
+    from deploy.compress.families import options_of
+
+    options = options_of(prep.spaces, labels).values()
+    low = [o for o in options if not o.is_float]
+    if not low:
+        return "fp32"
+    kinds = {o.precision for o in low}
+    return kinds.pop() if len(low) == len(options) and len(kinds) == 1 else "mixed"

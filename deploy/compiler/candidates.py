@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from deploy.compiler.candidate import Candidate, structure_label, structure_of
+from deploy.compiler.candidate import Candidate, precision_word, structure_label, structure_of
 from deploy.compiler.candidate_files import (export_candidate, export_fp32, fidelity_of, latency, outputs_finite,
                                              planned_ms, point_ms)
 from deploy.core.errors import BudgetInfeasibleError, UserInputError
@@ -246,8 +246,7 @@ class Planner:
             self._baseline = export_fp32(self.setup.loaded.module, self.setup,
                                          self.setup.workdir / "dense-baseline.onnx")
 
-    def fastest(self, level: float = 0.0) -> dict[str, str]:
-        """The labels of the fastest precision plan as measured (`fastest_candidate`)."""
+    def fastest(self, level: float = 0.0) -> dict[str, str]:  # the labels of `fastest_candidate`
         return self.fastest_candidate(level).labels or {}
 
     def fastest_candidate(self, level: float = 0.0) -> Candidate:
@@ -269,14 +268,19 @@ class Planner:
                                           key=lambda c: c.latency_ms)
         return self._fastest[level]
 
+    def low_precision(self, level: float = 0.0) -> dict[str, str]:
+        """Every layer in its fastest low-precision option by the price table (search's "int8" trial)."""
+        sp = self.quant(level).space
+        return {n: min((o for o in opts if not o.is_float), default=opts[0],
+                       key=lambda o: sp.table.kernel.get(n, {}).get(o.kernel_class, 0.0)).label
+                for n, opts in sp.spaces.items()}
+
     def fastest_plans(self, level: float) -> list[tuple[str, dict[str, str]]]:
+        """The picks `fastest_measured` times: all low precision, the table's fastest kernels, the allocator's."""
         from deploy.compress.quant.search import allocator_plan
 
-        sp = self.quant(level).space
+        sp, low = self.quant(level).space, self.low_precision(level)
         kernel = sp.fastest()
-        low = {n: min((o for o in opts if not o.is_float), default=opts[0],
-                      key=lambda o: sp.table.kernel.get(n, {}).get(o.kernel_class, 0.0)).label
-               for n, opts in sp.spaces.items()}
         prefix = "dense, " if level <= 0 else ""
         plans = [(f"{prefix}every layer in low precision", low)]
         if "fp32" in self.request.precisions:  # else float layers are not allowed: every layer low precision
@@ -316,12 +320,12 @@ class Planner:
         prep = self.calibrated(level) if labels is not None else None
         plan = export_candidate(module, self.setup, labels, prep, path)
         if not outputs_finite(self.setup, path):  # rejected: it can never be chosen, whatever the budget
-            candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level), math.inf,
+            candidate = Candidate(precision_word(labels, prep), round(level, 4), self.removed(level), math.inf,
                                   0.0, math.inf, labels, None, f"{origin} (rejected: NaN or infinite outputs)",
                                   blocks=self.blocks, allocation=self.allocation)
             return self._keep(candidate)
         timing = latency(self.setup, path, self.request.measure_seconds, module, plan, self._baseline)
-        candidate = Candidate(_precision_name(labels, prep), round(level, 4), self.removed(level),
+        candidate = Candidate(precision_word(labels, prep), round(level, 4), self.removed(level),
                               self._planned(timing), None, path.stat().st_size / 1e6, labels,
                               timing.get("band_ms"), origin, predicted_ms=point_ms(timing), blocks=self.blocks,
                               allocation=self.allocation)
@@ -377,19 +381,6 @@ class Planner:
 
     def _path(self, index: int) -> Path:
         return self.setup.workdir / f"candidate-{index}.onnx"
-
-
-def _precision_name(labels: dict[str, str] | None, prep: Any) -> str:
-    if labels is None:
-        return "fp32"
-    from deploy.compress.families import options_of
-
-    options = options_of(prep.spaces, labels).values()
-    low = [o for o in options if not o.is_float]
-    if not low:
-        return "fp32"
-    kinds = {o.precision for o in low}
-    return kinds.pop() if len(low) == len(options) and len(kinds) == 1 else "mixed"
 
 
 def problem_summary(problem: Any) -> dict[str, Any]:

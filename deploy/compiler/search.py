@@ -49,7 +49,7 @@ def _labels(planner: Any, params: dict[str, Any]) -> dict[str, str] | None:
     if params["precision"] == "fp32":
         return None
     if params["precision"] == "int8":  # every layer in low precision, even where this CPU runs fp32 faster
-        return planner.fastest_plans(0.0)[0][1]
+        return planner.low_precision()
     from deploy.compress.quant.search import allocator_plan
 
     sp = planner.quant(0.0).space
