@@ -115,7 +115,7 @@ def test_a_final_miss_is_planned_again_against_a_tighter_budget():
     assert replan_after_miss(planner, decisions, measured_ms=1000.0) is None  # nothing that fast: keep the first
 
 
-def test_a_speedup_budget_plans_on_ratios_to_the_dense_model():
+def test_a_speedup_budget_or_a_floor_plans_on_ratios_to_the_dense_model():
     """A first measurement of the dense model that came out slow (1.72 ms for a 0.94 ms model) scales the target
     and every candidate alike: a candidate is planned on its interleaved ratio x the dense p50."""
     from types import SimpleNamespace as NS
@@ -132,6 +132,10 @@ def test_a_speedup_budget_plans_on_ratios_to_the_dense_model():
     absolute = Planner(NS(precisions=("fp32",), prune=False, budget=Budget("latency_ms", 1.0)), setup)
     absolute.dense = relative.dense
     assert absolute._planned(timing) == 0.95
+    for floor in (Budget("max_drop", 0.01), Budget()):  # a floor's fastest is the lowest ratio, drift-free too
+        planner = Planner(NS(precisions=("fp32",), prune=False, budget=floor), setup)
+        planner.dense = relative.dense
+        assert planner._planned(timing) == pytest.approx(0.55 * 1.72)
 
 
 def test_the_most_faithful_candidate_inside_the_budget_is_chosen():

@@ -68,7 +68,9 @@ class Planner:
         self.note: Callable[..., None] = lambda *args, **kwargs: None  # progress: one call per candidate measured
         self.expected = 1  # how many candidates the search may measure at most (for N/M and the ETA)
         self.split = "validation"  # candidates are compared on validation data; the held-out split is the report's
-        self.relative = getattr(getattr(request, "budget", None), "kind", None) == "speedup"  # plan on ratios
+        # on ratios to the dense model where the budget is not in ms: drift between measurements cancels out
+        budget = getattr(request, "budget", None)
+        self.relative = budget is not None and (budget.kind == "speedup" or budget.is_fidelity_floor)
         allowed = set(setup.target.profile.precisions)
         self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
         self.can_prune = request.prune and setup.loaded.structural
@@ -338,9 +340,10 @@ class Planner:
                        config=config, decided=decided)
 
     def _planned(self, timing: dict[str, Any]) -> float:
-        """The latency a candidate is planned on. For a speed-up budget: its interleaved ratio to the dense model
-        times the dense model's p50, so that a dense measurement that came out slow or fast (a shared machine in
-        its first seconds) scales the target and every candidate alike; else the measured p50 (or a band's top)."""
+        """The latency a candidate is planned on. For a speed-up budget or a floor: its interleaved ratio to the
+        dense model times the dense model's p50, so that a dense measurement that came out slow or fast (a shared
+        machine in its first seconds) scales the target and every candidate alike, and a floor's fastest is the
+        lowest ratio, not the p50 of a quiet spell; else the measured p50 (or a band's top)."""
         if self.relative and self.dense is not None and timing.get("ratio_to_dense"):
             return float(timing["ratio_to_dense"]) * self.dense.latency_ms
         return planned_ms(timing)
