@@ -166,3 +166,25 @@ def test_editing_one_rank_factorizes_exactly_that_layer(sized_run, tmp_path, env
     assert changed == ["fc"] and again["decisions"]["lowrank"]["ranks"] == {"fc": 4}
     assert after["fc"]["params_after"] < before["fc"]["params_after"]
     assert "lowrank" in again["decisions"]["passes"]
+
+
+def test_only_an_int4_group_wider_than_a_pruned_linear_may_be_absent():
+    """A replayed label the layer's options lack would run in float unasked, so it is refused, with one exception:
+    an int4 group wider than a Linear pruning left narrower, on a target that runs int4 (the plan search priced
+    that layer in float too)."""
+    from types import SimpleNamespace as NS
+
+    from deploy.compress.quant.apply import refused_labels
+    from deploy.compress.quant.space import LayerShape, layer_space
+    from deploy.profiles import load_builtin
+
+    shapes = [LayerShape("fc", "linear", 24, 16), LayerShape("conv", "conv", 72, 16)]
+    for name, runs_int4 in (("cpu-avx2", True), ("cpu-avx2-openvino", False)):
+        profile = load_builtin(name)
+        prep = NS(shapes=shapes, spaces={s.name: layer_space(s, profile) for s in shapes})
+        int8 = f"w{profile.int8_weight_bits}a8-pc-sa"
+        assert refused_labels(prep, {"fc": int8, "conv": int8}, profile) == []
+        assert refused_labels(prep, {"fc": "w4-g32-a"}, profile) == ([] if runs_int4 else [("fc", "w4-g32-a")])
+        assert refused_labels(prep, {"conv": "w4-g32-a"}, profile) == [("conv", "w4-g32-a")]  # no int4 conv
+        assert refused_labels(prep, {"fc": "w4-g16-a"}, profile) == [("fc", "w4-g16-a")]  # 16 fits 24: not narrow
+        assert refused_labels(prep, {"fc": "w8a8-pc-ss"}, profile) == [("fc", "w8a8-pc-ss")]

@@ -333,7 +333,7 @@ class QuantizePass:
         from deploy.compress.quant.fold import unwrap
 
         if self.config.labels:
-            from deploy.compress.quant.apply import plan_for
+            from deploy.compress.quant.apply import plan_for, refused_labels
             from deploy.compress.quant.prepare import prepare
 
             prep = ctx.prebuilt.get(weights_key(state.module))
@@ -345,11 +345,12 @@ class QuantizePass:
                 raise ConfigError(f"the precision plan names layers this model does not have "
                                   f"({', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''})",
                                   "replay a plan with the model it was made for")
-            offered = {o.label for opts in prep.spaces.values() for o in opts}
-            foreign = sorted({v for v in self.config.labels.values() if v not in offered and not v.startswith("w4-g")})
-            if foreign:  # a w4 group size may be missing only where pruning left layers too narrow for it
-                raise ConfigError(f"the precision plan asks for {', '.join(foreign)}, which this target does not "
-                                  f"run (its options: {', '.join(sorted(offered))})",
+            foreign = refused_labels(prep, self.config.labels, state.target.profile)
+            if foreign:
+                name, label = foreign[0]
+                offered = ", ".join(o.label for o in prep.spaces[name])
+                raise ConfigError(f"the precision plan asks for {label}, which this target does not run for layer "
+                                  f"{name} (its options there: {offered})",
                                   "re-plan without --plan (a plan made before its profile changed names old options)")
             plan = plan_for(prep, self.config.labels)
             state.module, state.attached["quant_plan"] = prep.folded, plan

@@ -33,6 +33,26 @@ def options_for(spaces: dict[str, tuple[QuantOption, ...]], labels: Labels) -> d
     return options
 
 
+def refused_labels(prep: Any, labels: Labels, profile: Any) -> list[tuple[str, str]]:
+    """(layer, label) pairs of a replayed plan that the layer's options lack: `options_for` would run them in float
+    unasked. Only one absence is expected: an int4 group wider than a Linear that pruning left narrower (on a
+    target that runs int4), which `options_for` runs in float as the plan search priced it."""
+    import re
+
+    shapes = {s.name: s for s in prep.shapes}
+    refused = []
+    for name, label in labels.items():
+        if any(o.label == label for o in prep.spaces[name]):
+            continue
+        group = re.fullmatch(r"w4-g(\d+)-[as]", label)
+        shape = shapes.get(name)
+        narrow = (group is not None and "int4" in profile.precisions and shape is not None
+                  and shape.kind == "linear" and int(group[1]) > shape.in_features)
+        if not narrow:
+            refused.append((name, label))
+    return refused
+
+
 def plan_for(prep: Any, labels: Labels) -> QuantPlan:
     """The calibrated plan of `prep` (prepare.Prepared) with the labelled options (tied as the policy
     runs them: see `tied_labels`)."""
