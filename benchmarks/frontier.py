@@ -354,7 +354,15 @@ def run_case(case: dict[str, Any], quick: bool, precision: str, folder: Path, bu
             row[name].pop("per_sample")
             row[name].pop("nn_per_sample", None)
     return {"title": case["title"], "rows": rows, "nncf_ms": nncf_ms, "metrics": list(case["metrics"]),
-            "sets": {k: len(v[0]) for k, v in case["sets"].items()}, "recovery_minutes": minutes}
+            "sets": {k: len(v[0]) for k, v in case["sets"].items()}, "recovery_minutes": minutes,
+            "fp32_accuracy": fp32_accuracy(case, refs)}
+
+
+def fp32_accuracy(case: dict[str, Any], refs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The fp32 model's own accuracy on each labelled set: how hard the set is (the CNN's is meant for 85-95%;
+    its training, fixed seed, still lands elsewhere on another CPU's float arithmetic)."""
+    return {name: float((refs[name].argmax(1) == labels).float().mean())
+            for name, (_, labels) in case["sets"].items() if labels is not None}
 
 
 def run(quick: bool, which: tuple[str, ...], budget: float | None = None) -> dict[str, Any]:
@@ -428,7 +436,9 @@ def _case_md(case: dict[str, Any]) -> list[str]:
              f"{case['wall_min']:.0f} min (of the whole command)." + (f" {case['caveat']}" if case.get("caveat") else ""),
              "", _machine_line(case), "",
              f"NNCF int8 p50 {case['nncf_ms']:.3f} ms; recovery {case['recovery_minutes']:g} min; scored on "
-             + ", ".join(f"{n} {name}" for name, n in case["sets"].items()) + ".", "",
+             + ", ".join(f"{n} {name}" for name, n in case["sets"].items()) + "."
+             + "".join(f" fp32 accuracy on the {name}: {acc:.4f}." for name, acc in
+                       case.get("fp32_accuracy", {}).items()), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, row in case["rows"].items():
         vs = row.get("vs_nncf")
