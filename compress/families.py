@@ -91,6 +91,13 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, calibration: Cal
     return distill(student, teacher, calibration, config)
 
 
+def problem_summary(problem: Any) -> dict[str, Any]:
+    """A precision problem in the report: its size, its cost model, where its time went, its latency range."""
+    sp = problem.space
+    return {"layers": len(sp.spaces), "cost_model": sp.table.source, "seconds": problem.seconds,
+            "estimated_float_ms": sp.latency(sp.float_labels()), "estimated_fastest_ms": sp.latency(sp.fastest())}
+
+
 def options_of(spaces: dict[str, tuple[Any, ...]], labels: Labels) -> dict[str, Any]:
     """Each layer's option for `labels` (a layer not named keeps its float option)."""
     from deploy.compress.quant.apply import options_for

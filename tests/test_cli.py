@@ -84,8 +84,9 @@ def test_inspect_errors_are_one_line_exit_2(tmp_path, model_files, setup, args, 
 def test_debug_shows_the_traceback(tmp_path):
     path = tmp_path / "zero.pt"
     path.write_bytes(b"")
-    result = run_cli("--debug", "inspect", path)
-    assert result.returncode != 0 and "Traceback" in result.stderr
+    for args in (("--debug", "inspect", path), ("inspect", path, "--debug")):  # where a one-line error says to add it
+        result = run_cli(*args)
+        assert result.returncode != 0 and "Traceback" in result.stderr and "No such option" not in result.stderr
 
 
 def test_pickle_with_the_flag(model_files):

@@ -21,6 +21,10 @@ from deploy.compress.prune.units import PruneUnit, UnitConfig, find_units
 from deploy.compress.prune.sensitivity import (Curves, OutputProbe, ProbeData, distortion_curves, measured_counts, ranking,
                                          removal_for)
 from deploy.core.errors import BudgetInfeasibleError, ConfigError
+
+
+class NothingToPruneError(ConfigError):
+    """The model has no unit pruning can remove (a recurrent model, or only layers that produce its outputs)."""
 from deploy.core.spec import InputSpec
 from deploy.profiles import Profile
 from deploy.targets.target import Target, as_target
@@ -147,8 +151,8 @@ def build_problem(module: nn.Module, inputs: Sequence[InputSpec], samples: Seque
         _check_measurable(target)
     units = find_units(module, example, unit_config)
     if not units:
-        raise ConfigError(f"found nothing to prune in {config.mode} mode",
-                          "the model has no prunable conv/linear groups or attention heads")
+        raise NothingToPruneError(f"found nothing to prune in {config.mode} mode",
+                                  "the model has no prunable conv/linear groups or attention heads")
     rankings = {u.name: ranking(module, u, config.importance) for u in units}
     names = [s.name for s in inputs]
     trace = CallTrace.record(module, ProbeData.from_samples(samples, names, 1, 1).batches[0])

@@ -18,9 +18,12 @@ QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
 
 def layer_shapes(module: nn.Module, skip: tuple[str, ...] = ()) -> list[LayerShape]:
-    """Conv2d and Linear layers (in module order), skipping names in `skip` and anything inside them."""
+    """Conv2d and Linear layers (in module order), skipping names in `skip` and anything inside them, and the
+    layers of an nn.MultiheadAttention: it reads its out_proj's weight itself (and its input projection is a bare
+    parameter), so they stay float."""
     out = []
     wrapped = _wrapped(module)
+    skip = (*skip, *(n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)))
     for name, mod in module.named_modules():
         if not name or any(name == s or name.startswith(s + ".") for s in skip):
             continue

@@ -56,15 +56,23 @@ class SimFlags:
     int_bias: bool = False
 
 
+def _no_fused_path(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing: PyTorch's fused transformer fast path (nn.TransformerEncoderLayer in
+    eval mode) reads its Linears' float weights itself and is skipped for a module holding a hooked submodule, so
+    a wrapped Linear inside one runs through its simulation."""
+
+
 class QuantLayer(nn.Module):
     """A Conv2d or Linear that quantizes its input activation, its weights and (when the policy puts a Q on the
-    output, as ONNX Runtime's QLinearConv needs) its output, following its LayerPlan."""
+    output, as ONNX Runtime's QLinearConv needs) its output, following its LayerPlan. `weight` and `bias` are the
+    wrapped layer's, for parents that read them (nn.TransformerEncoderLayer does)."""
 
     def __init__(self, layer: nn.Module, plan: LayerPlan, flags: SimFlags = SimFlags()):
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"QuantLayer wraps Conv2d or Linear, got {type(layer).__name__}")
         self.layer = layer
+        self.register_forward_pre_hook(_no_fused_path)
         self.plan = plan
         self.output_q = flags.output_q
         self.int_bias = flags.int_bias
@@ -74,6 +82,14 @@ class QuantLayer(nn.Module):
         self.register_buffer("smooth", smooth, persistent=False)
         self.shifts: dict[str, torch.Tensor] = {}  # bias correction per option label (bias)
         self.rounded: dict[str, torch.Tensor] = {}  # GPTQ's weight per option label (compress.quant.gptq)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
 
     def set_option(self, option: QuantOption) -> None:
         self.plan = replace(self.plan, option=option)
@@ -92,10 +108,10 @@ class QuantLayer(nn.Module):
         x, w = self._smoothed(x, self.layer.weight if weight is None else weight)
         bias = self.layer.bias
         if self.mode == "off" or opt.precision == "fp32":
-            return self._apply(x, w, bias)
+            return self._layer_op(x, w, bias)
         if opt.precision in ("fp16", "bf16"):
             dt = _float_dtype(opt.precision)
-            return self._apply(x.to(dt).float(), w.to(dt).float(), bias).to(dt).float()
+            return self._layer_op(x.to(dt).float(), w.to(dt).float(), bias).to(dt).float()
         act = self.plan.act_in if opt.quantizes_activations else None
         if self.mode == "noise":
             return self._noisy(x, w, bias, act)
@@ -107,7 +123,7 @@ class QuantLayer(nn.Module):
         if bias is not None and act is not None and opt.precision == "int8" and self._int_bias(x):
             bias = _ste(bias, quantized_bias(bias, act.scale, quantize_weight(w, opt)))
         w = _ste(w, dequantized_weight(w, opt))
-        y = self._apply(x, w, bias)
+        y = self._layer_op(x, w, bias)
         if self.output_q and act is not None and self.plan.act_out is not None:
             y = fake_quant_act(y, self.plan.act_out)
         return y
@@ -121,16 +137,17 @@ class QuantLayer(nn.Module):
                act: ActParams | None) -> torch.Tensor:
         opt = self.plan.option
         if opt.precision == "fp8":
-            return self._apply(fake_fp8_act(x, act) if act else x, dequantized_weight(w, opt), bias)
+            return self._layer_op(fake_fp8_act(x, act) if act else x, dequantized_weight(w, opt), bias)
         if act is not None:
             x = _noise_like(x, act.scale, self.generator)
         w = _noise_like(w, weight_step(w, opt), self.generator)
-        y = self._apply(x, w, bias)
+        y = self._layer_op(x, w, bias)
         if self.output_q and act is not None and self.plan.act_out is not None:
             y = _noise_like(y, self.plan.act_out.scale, self.generator)
         return y
 
-    def _apply(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _layer_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The wrapped layer's operation (not `_apply`, which is nn.Module's: .to() and .float() call it)."""
         layer = self.layer
         if isinstance(layer, nn.Linear):
             return F.linear(x, w, bias)

@@ -84,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if debug:  # an option of `deploy` itself, taken wherever it is given (`deploy compress ... --debug` too)
+        args = ["--debug"] + [a for a in args if a != "--debug"]
     _report_native_crashes()
     if not debug:
         _quiet_libraries()

@@ -17,15 +17,21 @@ from deploy.compiler.candidate_files import (export_candidate, export_fp32, fide
 from deploy.core.errors import BudgetInfeasibleError, UserInputError
 
 
-def pruning_family(setup: Any, enabled: bool = True) -> Any:
-    """The model's pruning family, or None where nothing may be pruned (a graph model, or pruning off)."""
-    if not (enabled and setup.loaded.structural):
+def pruning_family(setup: Any) -> Any:
+    """The model's pruning family, or None where nothing may be pruned: a graph model, or nothing in it pruning can
+    remove (a recurrent model; only layers that produce outputs), which a warning names."""
+    if not setup.loaded.structural:
         return None
     from deploy.compress.families import PruneFamily
+    from deploy.compress.prune.problem import NothingToPruneError
     from deploy.core.cache import cache_dir
 
-    return PruneFamily(setup.loaded.module, setup.loaded.inputs, setup.calibration, setup.target,
-                       cache_dir() / "sensitivity")
+    try:
+        return PruneFamily(setup.loaded.module, setup.loaded.inputs, setup.calibration, setup.target,
+                           cache_dir() / "sensitivity")
+    except NothingToPruneError as exc:
+        setup.warnings.append(f"pruning found nothing to remove: {exc.hint}")
+        return None
 
 
 def quant_config(request: Any, setup: Any) -> Any:
@@ -73,7 +79,6 @@ class Planner:
         self.relative = budget is not None and (budget.kind == "speedup" or budget.is_fidelity_floor)
         allowed = set(setup.target.profile.precisions)
         self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
-        self.can_prune = request.prune and setup.loaded.structural
         self.trials: Any = parent.trials if parent else None  # short recoveries where the plan is recovered
         if parent is not None:
             self._baseline, self.dense, self.note, self.expected = parent._baseline, parent.dense, parent.note, 1
@@ -88,6 +93,12 @@ class Planner:
 
     # --- the two knobs ----------------------------------------------------------------------------------------
 
+    @property
+    def can_prune(self) -> bool:
+        """Pruning is on, the model is a Python module, and its pruning family (built on this first ask) found
+        something to remove."""
+        return bool(self.request.prune and self.setup.loaded.structural and self.family() is not None)
+
     def family(self) -> Any:
         """The pruning family (built on first use), or None where the model cannot be pruned; the uniform
         allocation's is a view of the same problem as the DP's."""
@@ -96,7 +107,7 @@ class Planner:
                 dp = self._twin().family()
                 self._family = dp.uniform() if dp is not None else False
             else:
-                self._family = pruning_family(self.setup, True) or False
+                self._family = pruning_family(self.setup) or False
         return self._family or None
 
     def _twin(self) -> "Planner | None":
@@ -204,6 +215,8 @@ class Planner:
 
     def problems(self) -> dict[str, Any]:
         """Every precision problem built, by level (a depth mix's with its blocks dropped: "N blocks, level")."""
+        from deploy.compress.families import problem_summary
+
         out = {str(level): problem_summary(p) for level, p in self._quant.items()}
         for (blocks, allocation), sub in self._mixes.items():
             label = structure_label(blocks, allocation)
@@ -384,10 +397,3 @@ class Planner:
 
     def _path(self, index: int) -> Path:
         return self.setup.workdir / f"candidate-{index}.onnx"
-
-
-def problem_summary(problem: Any) -> dict[str, Any]:
-    """A precision problem in the report: its size, its cost model, where its time went, its latency range."""
-    sp = problem.space
-    return {"layers": len(sp.spaces), "cost_model": sp.table.source, "seconds": problem.seconds,
-            "estimated_float_ms": sp.latency(sp.float_labels()), "estimated_fastest_ms": sp.latency(sp.fastest())}

@@ -98,8 +98,6 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
     # the run works in a partial folder renamed to -o at the end: a warning naming a file names it where it will be
     final = str(Path(request.out).resolve())
     warnings = [w.replace(str(out_dir.resolve()), final).replace(str(out_dir), final) for w in setup.warnings]
-    if setup.calibration.is_random:
-        warnings.append("calibration data is random (--calib random): the fidelity numbers mean nothing")
     verdict = _verdict(budget, result_ms, result["size_mb"], timing)
     if verdict == "missed":
         speedup = original_ms / result_ms if result_ms else None

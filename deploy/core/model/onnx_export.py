@@ -46,8 +46,12 @@ def export_onnx(module: torch.nn.Module, inputs: Sequence[InputSpec], path: str 
         if batch_dynamic:
             for name in config.output_names:
                 dynamic_axes[name] = {0: "batch"}
+    # nn.TransformerEncoder / MultiheadAttention in eval mode take a fused fast path (aten::_transformer_encoder_
+    # layer_fwd, _native_multi_head_attention) that has no ONNX form: exported as their plain operators instead
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         module = module.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
         with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(tmp), input_names=[s.name for s in inputs],
@@ -59,6 +63,7 @@ def export_onnx(module: torch.nn.Module, inputs: Sequence[InputSpec], path: str 
         raise DeployError(f"ONNX export failed ({' '.join(str(exc).split())[:200]})",
                           "rerun with --debug for the traceback") from exc
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
