@@ -86,6 +86,13 @@ def test_random_only_when_asked_and_flagged():
     assert data.is_random and RANDOM_WARNING in data.warnings
 
 
+def test_random_samples_fill_a_fixed_batch_one_sample_a_row():
+    """A model whose batch is fixed at 2 (a .pt2 exported with static shapes) gets batches of exactly 2 rows."""
+    data = load_calibration("random", [InputSpec("image", (2, 1, 8, 8))])
+    assert data.fixed_batch == 2 and all(s[0].shape == (1, 1, 8, 8) for s in data.calibration)
+    assert {b[0].shape for b in data.batches("held_out", 32)} == {(2, 1, 8, 8)}
+
+
 @pytest.mark.parametrize("source, message", [("missing_dir/", "does not exist"), ("x.csv", "cannot read")])
 def test_bad_sources(tmp_path, source, message):
     if source.endswith(".csv"):
