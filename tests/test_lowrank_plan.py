@@ -62,7 +62,7 @@ def test_planner_chooses_low_rank_for_a_low_rank_layer(tmp_path):
 
 def test_the_chosen_ranks_apply_as_a_lowrank_pass(tmp_path):
     """The decisions become pass configs; the lowrank pass rebuilds exactly the candidate the planner measured."""
-    from deploy.compiler.plan import decisions_for
+    from deploy.compiler.candidate import decisions_for
     from deploy.compiler.to_passes import plan_passes
     from deploy.core.passes import Context, State, run_pipeline
 

@@ -213,7 +213,7 @@ def test_a_floor_answer_slower_than_the_original_gives_way_to_it():
     from types import SimpleNamespace
 
     from deploy.compiler.floor_and_size import dense_if_slower
-    from deploy.compiler.plan import decisions_for
+    from deploy.compiler.candidate import decisions_for
 
     planner = FakePlanner()
     planner.request = SimpleNamespace(precisions=("fp32", "int8"), recover_steps=0, recover_minutes=0.0, seed=0)

@@ -21,13 +21,13 @@ from deploy.compress.prune.units import PruneUnit, UnitConfig, find_units
 from deploy.compress.prune.sensitivity import (Curves, OutputProbe, ProbeData, distortion_curves, measured_counts, ranking,
                                          removal_for)
 from deploy.core.errors import BudgetInfeasibleError, ConfigError
+from deploy.core.spec import InputSpec
+from deploy.profiles import Profile
+from deploy.targets.target import Target, as_target
 
 
 class NothingToPruneError(ConfigError):
     """The model has no unit pruning can remove (a recurrent model, or only layers that produce its outputs)."""
-from deploy.core.spec import InputSpec
-from deploy.profiles import Profile
-from deploy.targets.target import Target, as_target
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def options_for(spaces: dict[str, tuple[QuantOption, ...]], labels: Labels) -> d
     return options
 
 
-def refused_labels(prep: Any, labels: Labels, profile: Any) -> list[tuple[str, str]]:
+def refused_labels(prep: Any, labels: Labels, profile: Profile) -> list[tuple[str, str]]:
     """(layer, label) pairs of a replayed plan that the layer's options lack: `options_for` would run them in float
     unasked. Only one absence is expected: an int4 group wider than a Linear that pruning left narrower (on a
     target that runs int4), which `options_for` runs in float as the plan search priced it."""

@@ -1,6 +1,6 @@
 """One candidate of a plan search: what was built (blocks dropped, pruning allocation and level, ranks,
-precisions), how it measured and scored; how candidates are ranked (`faithfulness`) and how a structure is named
-and read back from a plan's decisions."""
+precisions), how it measured and scored; how candidates are ranked (`faithfulness`), how a structure is named and
+read back from a plan's decisions, and the decisions recorded for the one chosen (`decisions_for`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -78,3 +78,21 @@ def precision_word(labels: dict[str, str] | None, prep: Any) -> str:
         return "fp32"
     kinds = {o.precision for o in low}
     return kinds.pop() if len(low) == len(options) and len(kinds) == 1 else "mixed"
+
+
+def decisions_for(planner: Any, choice: Candidate, budget: dict[str, Any]) -> dict[str, Any]:
+    """The record of `choice` (among `planner`'s candidates, marked chosen) that the passes are built from and
+    report.json keeps."""
+    for cand in planner.candidates:
+        cand.chosen = cand is choice
+    request = planner.request
+    return {
+        "precision": choice.precision, "level": choice.level,
+        "prune": {"removed": choice.removed, "blocks": list(choice.blocks), "allocation": choice.allocation},
+        "lowrank": {"ranks": choice.ranks}, "quantize": {"labels": choice.labels} if choice.labels else {},
+        "budget": budget, "dense_latency_ms": planner.dense.latency_ms,
+        "candidates": [c.row() for c in planner.candidates],
+        "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed},
+        "quant_problems": planner.problems(),
+        "layer_price_ms": planner.layer_prices(choice),
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from deploy.compiler.candidate import Candidate, faithfulness
+from deploy.compiler.candidate import Candidate, decisions_for, faithfulness
 from deploy.compiler.candidates import Planner
 from deploy.core.errors import BudgetInfeasibleError
 
@@ -69,8 +69,6 @@ def dense_if_slower(planner: Planner, decisions: dict[str, Any], timing: dict[st
     """A floor's answer is the fastest candidate that keeps it, picked on short timings; where the final
     interleaved comparison shows it slower than the original (the whole 95% interval of the ratio above 1), the
     original is both faster and faithful: the decisions for the dense model, or None to keep the answer."""
-    from deploy.compiler.plan import decisions_for
-
     budget, comparison, dense = decisions["budget"], timing.get("comparison") or {}, planner.dense
     if budget.get("floor") is None or budget.get("target_ms") is not None or timing.get("source") != "measured":
         return None

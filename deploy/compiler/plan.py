@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from deploy.compiler.candidate import Candidate, structure_of
+from deploy.compiler.candidate import Candidate, decisions_for, structure_of
 from deploy.compiler.candidates import Planner
 from deploy.compiler.near_fit import fits_when_remeasured, near_miss_line
 from deploy.compiler.precision_fill import PRECISION_STEPS, fill_precision
@@ -373,20 +373,3 @@ def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: 
     planner.score_all()
     retried = {"measured_ms": measured_ms, "searched_for_ms": tighter}
     return {**decisions_for(planner, choice, budget), "retried_after_miss": retried}
-
-
-def decisions_for(planner: Planner, choice: Candidate, budget: dict[str, Any]) -> dict[str, Any]:
-    """The record of `choice` that the passes are built from and report.json keeps (`choice` marked chosen)."""
-    for cand in planner.candidates:
-        cand.chosen = cand is choice
-    request = planner.request
-    return {
-        "precision": choice.precision, "level": choice.level,
-        "prune": {"removed": choice.removed, "blocks": list(choice.blocks), "allocation": choice.allocation},
-        "lowrank": {"ranks": choice.ranks}, "quantize": {"labels": choice.labels} if choice.labels else {},
-        "budget": budget, "dense_latency_ms": planner.dense.latency_ms,
-        "candidates": [c.row() for c in planner.candidates],
-        "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed},
-        "quant_problems": planner.problems(),
-        "layer_price_ms": planner.layer_prices(choice),
-    }
