@@ -6,6 +6,10 @@ compressed model scores 100%).
 Training (fixed seed, about 3 minutes on 2 cores) uses the same kind of distortion, milder; the weights are cached
 outside git (`deploy cache` folder, `models/`), so a benchmark trains once per machine. Every image set here is
 deterministic: calibration = distorted training images, evaluation = distorted held-out images (never trained on).
+
+The test-time strength is set per trained model (`held_out_scale`), not fixed: the same seed trained on another CPU's
+float arithmetic gives another model, and accuracy falls steeply with strength (one model: 0.94 at 0.8x, 0.80 at
+1x), so a fixed strength tuned on one machine lands outside 85-95% on another.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from deploy.examples.digits_cnn import PIXEL_MEAN, PIXEL_STD, BasicBlock, load_d
 VERSION = 1  # part of the cache file name: bump when training or the architecture changes
 WIDTHS = (64, 128, 256, 512)
 TRAIN_DISTORTION = (0.8, 0.15, 2.0, 0.5)  # rotation (rad) ... see `distort`: max rotation, scale, shift px, noise
-TEST_DISTORTION = (0.55, 0.2, 3.0, 1.1)  # set so the trained model's fp32 accuracy lands in 85-95%
+TEST_DISTORTION = (0.55, 0.2, 3.0, 1.1)  # the shape of the test-time distortion; `held_out_scale` sets its strength
+TARGET_ACCURACY = 0.90  # fp32 accuracy the test-time strength is set for (the frontier wants 85-95%)
 EPOCHS = 6
 BATCH = 64
 
@@ -67,14 +72,29 @@ def distort(x: torch.Tensor, strength: tuple[float, float, float, float], gen: t
     return warped + noise * torch.randn(x.shape, generator=gen)
 
 
-def images(split: str, copies: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def images(split: str, copies: int = 1, seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Distorted images and labels: "calibration" from the training images (train-time strength), "held_out"
-    from the held-out ones (test-time strength); `copies` distorted versions of each image."""
+    from the held-out ones (test-time strength times `scale`); `copies` distorted versions of each image."""
     train_x, train_y, test_x, test_y = load_digits_split(0)
-    x, y, strength = (train_x, train_y, TRAIN_DISTORTION) if split == "calibration" else (test_x, test_y,
-                                                                                         TEST_DISTORTION)
+    x, y, strength = (train_x, train_y, TRAIN_DISTORTION) if split == "calibration" else (
+        test_x, test_y, tuple(scale * v for v in TEST_DISTORTION))
     gen = torch.Generator().manual_seed(1000 + seed + (0 if split == "calibration" else 1))
     return torch.cat([distort(x, strength, gen) for _ in range(copies)]), y.repeat(copies)
+
+
+SETTING_SEED = 7_000  # the draw `held_out_scale` looks at: same held-out images, other distortions than the scored ones
+
+
+def held_out_scale(model: nn.Module, target: float = TARGET_ACCURACY, low: float = 0.4, high: float = 1.6,
+                   steps: int = 7, copies: int = 3) -> float:
+    """The test-time strength multiple at which `model`'s accuracy is `target`, bisected on a draw of the held-out
+    images that is not scored (`SETTING_SEED`; the distortions' random draws stay fixed while only their size
+    changes, so accuracy falls smoothly with the multiple). Returns about `low` or `high` when the target lies outside them."""
+    for _ in range(steps):
+        middle = (low + high) / 2
+        x, y = images("held_out", copies=copies, seed=SETTING_SEED, scale=middle)
+        low, high = (middle, high) if accuracy(model, x, y) > target else (low, middle)
+    return (low + high) / 2
 
 
 def train(epochs: int = EPOCHS, seed: int = 0, log=print) -> nn.Module:
@@ -127,5 +147,7 @@ def load_or_train(cache: Path | None = None, log=print) -> nn.Module:
 if __name__ == "__main__":
     torch.set_num_threads(2)
     trained = load_or_train()
-    x, y = images("held_out", copies=3)
-    print(f"fp32 accuracy on {len(y)} distorted held-out digits: {accuracy(trained, x, y):.3f}")
+    scale = held_out_scale(trained)
+    x, y = images("held_out", copies=3, scale=scale)
+    print(f"test-time strength {scale:.3f}x; fp32 accuracy on {len(y)} distorted held-out digits: "
+          f"{accuracy(trained, x, y):.3f}")

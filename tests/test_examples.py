@@ -148,3 +148,28 @@ def test_noisy_digits_case_is_resnet18_wide_and_its_image_sets_are_fixed_and_dis
     clean = test_x.reshape(len(test_x), -1)
     dist = torch.cdist(x1[:360].reshape(360, -1), clean)
     assert (dist.diagonal() < dist.mean(1)).float().mean() > 0.9
+
+
+def test_held_out_strength_is_set_for_the_trained_model_on_a_draw_that_is_not_scored():
+    """The test-time distortion is scaled per model so its accuracy lands at the target on the scored draw too
+    (a fixed strength tuned on one CPU's trained model put another CPU's at 0.79); a nearest-centroid classifier
+    stands in for the CNN: its accuracy falls with distortion as the CNN's does, and it needs no training."""
+    from deploy.examples import noisy_digits as nd
+
+    train_x, train_y, _, _ = dc.load_digits_split()
+    centroids = torch.stack([train_x[train_y == k].mean(0).flatten() for k in range(10)])
+
+    class NearestCentroid(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return -torch.cdist(x.flatten(1), centroids)
+
+    model = NearestCentroid()
+    milder, harsher = (nd.accuracy(model, *nd.images("held_out", copies=3, scale=k)) for k in (0.5, 1.0))
+    assert milder > harsher + 0.1  # strength moves accuracy, steeply
+    for target in (0.6, 0.75):
+        scale = nd.held_out_scale(model, target=target)
+        scored = nd.accuracy(model, *nd.images("held_out", copies=3, scale=scale))
+        assert abs(scored - target) < 0.03, (target, scale, scored)
+    setting, _ = nd.images("held_out", copies=1, seed=nd.SETTING_SEED)
+    scored_x, _ = nd.images("held_out", copies=1)
+    assert not torch.equal(setting, scored_x)  # the draw the strength is set on is not the one scored
