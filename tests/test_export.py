@@ -46,3 +46,18 @@ def test_failed_export_leaves_no_file(tmp_path):
     with pytest.raises(DeployError, match="ONNX export failed"):
         export_onnx(Broken(), [InputSpec("x", (1, 2))], tmp_path / "broken.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_failing_before_any_file_is_named_says_so(tmp_path):
+    """A failure before the temporary file exists (here in eval()) is reported as the export's error, not hidden
+    behind a NameError from the clean-up."""
+    class NoEval(torch.nn.Module):
+        def eval(self):
+            raise RuntimeError("eval is broken")
+
+    import pytest
+    from deploy.core.errors import DeployError
+
+    with pytest.raises(DeployError, match="eval is broken"):
+        export_onnx(NoEval(), [InputSpec("x", (1, 2))], tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

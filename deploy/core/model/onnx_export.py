@@ -4,7 +4,6 @@ Written atomically: the file appears complete or not at all.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +61,6 @@ def export_onnx(module: torch.nn.Module, inputs: Sequence[InputSpec], path: str 
     except Exception as exc:
         raise DeployError(f"ONNX export failed ({' '.join(str(exc).split())[:200]})",
                           "rerun with --debug for the traceback") from exc
-    finally:
+    finally:  # the temporary file is atomic_path's to remove
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
