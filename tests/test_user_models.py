@@ -65,6 +65,21 @@ def test_a_model_with_nothing_to_prune_is_planned_on_its_precisions(tmp_path):
     assert written["result"]["precision"] == "fp32" and not written["decisions"]["prune"]["removed"]
 
 
+def test_only_the_users_model_warns_that_pruning_found_nothing_to_remove():
+    """A depth mix (some blocks dropped) whose blocks left have nothing to prune is one candidate among others: its
+    family is None without a second warning, which would read as if the user's model had nothing to prune."""
+    from types import SimpleNamespace
+
+    from deploy.compiler.candidates import pruning_family
+    from deploy.targets.target import resolve
+
+    setup = SimpleNamespace(loaded=SimpleNamespace(structural=True, module=gru_head().eval(),
+                                                   inputs=[InputSpec("x", ("batch", 10, 4))]),
+                            calibration=SimpleNamespace(calibration=[]), target=resolve("cpu-avx2"), warnings=[])
+    assert pruning_family(setup, warn=False) is None and setup.warnings == []
+    assert pruning_family(setup) is None and len(setup.warnings) == 1
+
+
 def test_a_transformer_encoder_exports_in_eval_mode(tmp_path):
     import onnxruntime as ort
 

@@ -17,9 +17,9 @@ from deploy.compiler.candidate_files import (export_candidate, export_fp32, fide
 from deploy.core.errors import BudgetInfeasibleError, UserInputError
 
 
-def pruning_family(setup: Any) -> Any:
-    """The model's pruning family, or None where nothing may be pruned: a graph model, or nothing in it pruning can
-    remove (a recurrent model; only layers that produce outputs), which a warning names."""
+def pruning_family(setup: Any, warn: bool = True) -> Any:
+    """The pruning family, or None where nothing may be pruned: a graph model, or nothing pruning can remove (a
+    recurrent model; only output layers), which a warning names when `warn` (the user's model, not a depth mix)."""
     if not setup.loaded.structural:
         return None
     from deploy.compress.families import PruneFamily
@@ -30,7 +30,8 @@ def pruning_family(setup: Any) -> Any:
         return PruneFamily(setup.loaded.module, setup.loaded.inputs, setup.calibration, setup.target,
                            cache_dir() / "sensitivity")
     except NothingToPruneError as exc:
-        setup.warnings.append(f"pruning found nothing to remove: {exc.hint}")
+        if warn:
+            setup.warnings.append(f"pruning found nothing to remove: {exc.hint}")
         return None
 
 
@@ -107,7 +108,7 @@ class Planner:
                 dp = self._twin().family()
                 self._family = dp.uniform() if dp is not None else False
             else:
-                self._family = pruning_family(self.setup) or False
+                self._family = pruning_family(self.setup, warn=not self.blocks) or False
         return self._family or None
 
     def _twin(self) -> "Planner | None":
