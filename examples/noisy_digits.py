@@ -89,7 +89,7 @@ def held_out_scale(model: nn.Module, target: float = TARGET_ACCURACY, low: float
                    steps: int = 7, copies: int = 3) -> float:
     """The test-time strength multiple at which `model`'s accuracy is `target`, bisected on a draw of the held-out
     images that is not scored (`SETTING_SEED`; the distortions' random draws stay fixed while only their size
-    changes, so accuracy falls smoothly with the multiple). Returns about `low` or `high` when the target lies outside them."""
+    changes, so accuracy falls smoothly with the multiple). About `low` or `high` where the target lies outside."""
     for _ in range(steps):
         middle = (low + high) / 2
         x, y = images("held_out", copies=copies, seed=SETTING_SEED, scale=middle)
