@@ -155,3 +155,26 @@ def test_search_command_produces_a_front(example_runs, tmp_path):
     again = run_cli("search", "--example", "--trials", "5", "-o", out, "--json", env=env)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["completed"] == 5  # resumed: nothing re-run
+
+
+def test_a_finished_search_resumed_builds_no_pruning_family(example_runs, tmp_path, monkeypatch):
+    """Resuming a study whose trials are all done reads the front back without pricing anything: neither the
+    pruning family (measured sensitivity curves) nor the low-rank one is built for it."""
+    from deploy.compiler import candidates
+    from deploy.compiler.job import DEFAULT_PRECISIONS, CompressRequest
+    from deploy.compiler.search import SearchRequest, search
+    from deploy.compress.study import StudyConfig
+
+    out = tmp_path / "search"
+    shutil.copytree(example_runs["search"].out, out)
+    monkeypatch.setenv("DEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a finished study built a family")
+
+    monkeypatch.setattr(candidates, "pruning_family", refused)
+    monkeypatch.setattr(candidates.Planner, "lowrank_family", refused)
+    request = CompressRequest(example=True, out=str(out), force=True, precisions=DEFAULT_PRECISIONS,
+                              recover_steps=0, measure_seconds=0.2)
+    summary = search(SearchRequest(request, StudyConfig(trials=5)))
+    assert summary["completed"] == 5 and summary["front"]

@@ -25,11 +25,19 @@ class SearchRequest:
 
 class PlanSpace:
     """Precision x pruning level (x mix for mixed plans), or low rank (float, `level` = how much of the
-    factorizable MACs it cuts); allocator solutions at several budgets seed the study."""
+    factorizable MACs it cuts); allocator solutions at several budgets seed the study. Both axes are asked for on
+    first use: a resumed study with every trial done asks for neither, so no pruning or low-rank family is built."""
 
-    def __init__(self, precisions: list[str], can_prune: bool):
-        self.precisions = precisions
-        self.can_prune = can_prune or "lowrank" in precisions
+    def __init__(self, precisions: Callable[[], list[str]], can_prune: Callable[[], bool]):
+        self._precisions, self._can_prune = precisions, can_prune
+
+    @functools.cached_property
+    def precisions(self) -> list[str]:
+        return self._precisions()
+
+    @functools.cached_property
+    def can_prune(self) -> bool:
+        return self._can_prune() or "lowrank" in self.precisions
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         precision = trial.suggest_categorical("precision", self.precisions)
@@ -112,17 +120,21 @@ def _run(request: SearchRequest, out: Path, progress: Callable[..., None] | None
         if planner.quantizes:
             planner.fastest()
 
-    precisions = (["fp32"] if "fp32" in request.compress.precisions else []) + \
-        (["int8", "mixed"] if planner.quantizes else [])
-    lowrank = planner.lowrank_family() if "fp32" in request.compress.precisions else None
-    precisions += ["lowrank"] if lowrank is not None else []
+    @functools.cache
+    def lowrank() -> Any:
+        return planner.lowrank_family() if "fp32" in request.compress.precisions else None
+
+    def precisions() -> list[str]:
+        names = (["fp32"] if "fp32" in request.compress.precisions else []) + \
+            (["int8", "mixed"] if planner.quantizes else [])
+        return names + (["lowrank"] if lowrank() is not None else [])
 
     def evaluate(params: dict[str, Any], folder: Path) -> TrialOutcome:
         time_once()  # in the run's own work folder, not the trial's
         setup.workdir = folder
         if params["precision"] == "lowrank":
-            fraction = 1.0 - float(params["level"]) * (1.0 - lowrank.least_fraction())
-            cand = planner.evaluate_ranks(lowrank.ranks(fraction), "search trial", fidelity=True)
+            fraction = 1.0 - float(params["level"]) * (1.0 - lowrank().least_fraction())
+            cand = planner.evaluate_ranks(lowrank().ranks(fraction), "search trial", fidelity=True)
         else:
             cand = planner.evaluate(float(params["level"]), _labels(planner, params), "search trial", fidelity=True)
         model = folder / "model.onnx"
@@ -132,7 +144,7 @@ def _run(request: SearchRequest, out: Path, progress: Callable[..., None] | None
                                                        "fidelity": cand.fidelity}, indent=2))
         return TrialOutcome(cand.latency_ms, cand.fidelity, str(folder), details)
 
-    space = PlanSpace(precisions, bool(planner.can_prune and planner.family() is not None))
+    space = PlanSpace(precisions, lambda: planner.can_prune)
     summary = run_study(space, evaluate, out, request.search, progress, identity)
     summary["target"] = setup.target.profile.name
     summary["latency_source"] = "measured" if setup.target.measured else "predicted"
