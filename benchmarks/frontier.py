@@ -357,8 +357,7 @@ def run_case(case: dict[str, Any], quick: bool, precision: str, folder: Path, bu
             row[name].pop("nn_per_sample", None)
     return {"title": case["title"], "rows": rows, "nncf_ms": nncf_ms, "metrics": list(case["metrics"]),
             "sets": {k: len(v[0]) for k, v in case["sets"].items()}, "recovery_minutes": minutes,
-            "fp32_accuracy": fp32_accuracy(case, refs), **({"test_scale": case["test_scale"]} if "test_scale" in case
-                                                              else {})}
+            "fp32_accuracy": fp32_accuracy(case, refs), "test_scale": case.get("test_scale")}
 
 
 def fp32_accuracy(case: dict[str, Any], refs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -443,7 +442,7 @@ def _case_md(case: dict[str, Any]) -> list[str]:
              + "".join(f" fp32 accuracy on the {name}: {acc:.4f}." for name, acc in
                        case.get("fp32_accuracy", {}).items())
              + (f" Test-time distortion at {case['test_scale']:.3f}x its base strength, the strength at which this "
-                "trained model scores 90% on a draw that is not scored." if "test_scale" in case else ""), "",
+                "trained model scores 90% on a draw that is not scored." if case.get("test_scale") else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, row in case["rows"].items():
         vs = row.get("vs_nncf")
