@@ -96,9 +96,9 @@ class Planner:
 
     @property
     def can_prune(self) -> bool:
-        """Pruning is on, the model is a Python module, and its pruning family (built on this first ask) found
-        something to remove."""
-        return bool(self.request.prune and self.setup.loaded.structural and self.family() is not None)
+        """Pruning is on and the pruning family (built on this first ask) exists: the model is a Python module in
+        which pruning found something to remove."""
+        return bool(self.request.prune and self.family() is not None)
 
     def family(self) -> Any:
         """The pruning family (built on first use), or None where the model cannot be pruned; the uniform

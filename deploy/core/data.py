@@ -340,8 +340,8 @@ def _random_samples(inputs: Sequence[InputSpec], config: DataConfig) -> list[tup
     """One sample per row (batch axis 1, as every reader gives them): a batch fixed at 2 by the model is made of
     two samples, not of two samples of 2."""
     gen = torch.Generator().manual_seed(config.seed)
-    return [tuple(spec.example(None, gen)[:1] if spec.shape else spec.example(None, gen) for spec in inputs)
-            for _ in range(config.random_samples)]
+    first_row = lambda x: x[:1] if x.dim() else x  # noqa: E731
+    return [tuple(first_row(spec.example(None, gen)) for spec in inputs) for _ in range(config.random_samples)]
 
 
 def from_tensors(samples: Iterable[Sequence[torch.Tensor]], labels: Sequence[int] | None = None,
