@@ -286,3 +286,30 @@ def test_the_uniform_allocation_shares_the_problem_and_the_dense_model(tmp_path)
     assert uniform.module(1.0) is planner.module(1.0)  # the same model: built once
     assert flat.removed(0.0) == {} and uniform.module(0.0) is planner.module(0.0)
     assert uniform.calibrated(0.0) is planner.calibrated(0.0)  # one calibration of the dense model
+
+
+def test_the_search_rounds_to_nearest_and_the_plan_applied_rounds_by_gptq(tmp_path):
+    """GPTQ is most of a plan search's calibration time and latency does not depend on it: every calibration the
+    search makes (a level timed, a level priced, a trial's recovered weights) rounds int8 weights to nearest; the
+    quantize pass of the plan applied calibrates afresh, GPTQ on, instead of reusing the search's."""
+    from deploy.compiler.candidates import Planner, quant_config
+    from deploy.compiler.job import CompressRequest, _setup
+    from deploy.compiler.to_passes import plan_passes
+    from deploy.core.passes import Context, State
+
+    request = CompressRequest(example=True, target="cpu", precisions=("fp32", "int8"), threads=1,
+                              out=str(tmp_path / "out"))
+    setup = _setup(request, tmp_path / "work")
+    planner = Planner(request, setup)
+    assert quant_config(request, setup).calibration.gptq and not quant_config(request, setup, True).calibration.gptq
+    prep = planner.calibrated(0.0)
+    labels = {n: next(o for o in opts if not o.is_float).label for n, opts in prep.spaces.items()}
+    assert not prep.plan.rounded and not planner.quant(0.25).prep.plan.rounded
+    decisions = {"budget": {}, "level": 0.0, "quantize": {"labels": labels}}
+    assert planner.prebuilt(decisions) == {}
+    quantize = next(p for p in plan_passes(decisions, request, setup) if p.name == "quantize")
+    state = State(planner.module(0.0), list(setup.loaded.inputs), setup.target)
+    state = quantize.run(state, Context(calibration=setup.calibration, prebuilt=planner.prebuilt(decisions)))
+    rounded = state.attached["quant_plan"].rounded
+    assert rounded and set(rounded) <= set(labels)
+    assert all(state.attached["quant_plan"].layers[n].option.label in per for n, per in rounded.items())

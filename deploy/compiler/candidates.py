@@ -35,10 +35,13 @@ def pruning_family(setup: Any, warn: bool = True) -> Any:
         return None
 
 
-def quant_config(request: Any, setup: Any) -> Any:
+def quant_config(request: Any, setup: Any, search: bool = False) -> Any:
     """The quantization settings compress uses: the fast preset, the request's weight bits, the run's threads.
     int8 weights are per-channel only where the target has per-channel kernels: per-tensor runs no faster there
-    and is less faithful, and each option costs a sensitivity pass per layer."""
+    and is less faithful, and each option costs a sensitivity pass per layer. The plan search's calibrations
+    (`search`) round weights to nearest: GPTQ, half of the distorted-digits CNN's search when every level it timed
+    was rounded so, runs once, in the quantize pass of the plan applied (latency does not depend on the rounding;
+    on all-MiniLM-L6-v2's int8 plan it moved the pooled cosine by 0.001, less than structures differ by)."""
     from deploy.compress.quant.api import QuantizeConfig
 
     bits = tuple(b for b, p in ((8, "int8"), (4, "int4")) if p in request.precisions) or (8,)
@@ -47,8 +50,9 @@ def quant_config(request: Any, setup: Any) -> Any:
     if "per-channel" in setup.target.profile.weight_granularities:
         grans = tuple(g for g in grans if g != "per-tensor")
     floats = ("fp32",) + tuple(p for p in ("fp16", "bf16") if p in request.precisions)
+    calibration = dataclasses.replace(fast.calibration, gptq=fast.calibration.gptq and not search)
     return QuantizeConfig.fast(space=dataclasses.replace(fast.space, weight_bits=bits, granularities=grans,
-                                                        float_precisions=floats))
+                                                        float_precisions=floats), calibration=calibration)
 
 
 class Planner:
@@ -164,17 +168,11 @@ class Planner:
         return self._modules[level]
 
     def prebuilt(self, decisions: dict[str, Any]) -> dict[str, Any]:
-        """What the apply step may reuse, keyed by the weights it was made on: the pruning family's refit moments,
-        the chosen level's calibrated precision problem (a recovered model has other weights: calibrated afresh)."""
+        """What the apply step may reuse, keyed by the weights it was made on: the pruning family's refit moments.
+        Not the search's calibrations: they round to nearest (`quant_config`), the plan applied by GPTQ."""
         owner, level = self.mix(*structure_of(decisions)), float(decisions.get("level", 0.0))
         family = owner.family() if level > 0 else None
-        lent = family.lent() if family is not None else {}
-        built = owner.built_quant(level)
-        if built is not None:
-            from deploy.compress.quant.api import weights_key
-
-            lent[weights_key(owner.module(level))] = built.prep
-        return lent
+        return family.lent() if family is not None else {}
 
     # --- depth mixes ------------------------------------------------------------------------------------------
 
@@ -238,7 +236,7 @@ class Planner:
         if level not in self._quant and level not in self._preps:
             from deploy.compress.families import calibrated
             self._preps[level] = calibrated(self.module(level), self.setup.loaded.inputs, self.setup.calibration,
-                                            self.setup.target, quant_config(self.request, self.setup))
+                                            self.setup.target, quant_config(self.request, self.setup, search=True))
         return self._quant[level].prep if level in self._quant else self._preps[level]
 
     def quant(self, level: float) -> Any:
@@ -248,7 +246,7 @@ class Planner:
         if level not in self._quant:
             from deploy.compress.families import precision_problem
 
-            config = quant_config(self.request, self.setup)
+            config = quant_config(self.request, self.setup, search=True)
             # a pruned model's prices: the dense one's, rescaled (a depth mix's: the whole model's)
             sibling = self.quant(0.0) if level > 0 else (self.parent.quant(0.0) if self.parent else None)
             self._quant[level] = precision_problem(self.module(level), self.setup.loaded.inputs,

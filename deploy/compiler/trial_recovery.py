@@ -138,7 +138,7 @@ class Trials:
             from deploy.compress.families import calibrated
 
             preps.append(calibrated(student, self.setup.loaded.inputs, self.setup.calibration, self.setup.target,
-                                    quant_config(self.request, self.setup)))
+                                    quant_config(self.request, self.setup, search=True)))
         prep = preps[0] if candidate.labels is not None else None
         self.count += 1
         path = self.setup.workdir / f"trial-{self.count}.onnx"
