@@ -103,12 +103,12 @@ def minilm(quick: bool) -> dict[str, Any]:
 
 def cnn(quick: bool, cache: Path) -> dict[str, Any]:
     from deploy.core.spec import InputSpec
-    from deploy.examples.noisy_digits import held_out_scale, images, load_or_train
+    from deploy.examples.noisy_digits import cached_held_out_scale, images, load_or_train
     from peer_cases import _all_but_final
 
     module = load_or_train(cache, log=lambda text: print(f"training the CNN: {text}", file=sys.stderr, flush=True))
     cal_x, _ = images("calibration")
-    scale = held_out_scale(module)
+    scale = cached_held_out_scale(module, cache)
     test_x, test_y = images("held_out", copies=1 if quick else 3, scale=scale)
     as_samples = lambda x: [(x[i:i + 1],) for i in range(len(x))]  # noqa: E731
     held_out = as_samples(test_x)

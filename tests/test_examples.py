@@ -150,20 +150,28 @@ def test_noisy_digits_case_is_resnet18_wide_and_its_image_sets_are_fixed_and_dis
     assert (dist.diagonal() < dist.mean(1)).float().mean() > 0.9
 
 
+def _nearest_centroid() -> torch.nn.Module:
+    """A classifier of the digits that needs no training: the nearest class mean of the training images."""
+    train_x, train_y, _, _ = dc.load_digits_split()
+
+    class NearestCentroid(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("centroids", torch.stack([train_x[train_y == k].mean(0).flatten() for k in range(10)]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return -torch.cdist(x.flatten(1), self.centroids)
+
+    return NearestCentroid()
+
+
 def test_held_out_strength_is_set_for_the_trained_model_on_a_draw_that_is_not_scored():
     """The test-time distortion is scaled per model so its accuracy lands at the target on the scored draw too
     (a fixed strength tuned on one CPU's trained model put another CPU's at 0.79); a nearest-centroid classifier
     stands in for the CNN: its accuracy falls with distortion as the CNN's does, and it needs no training."""
     from deploy.examples import noisy_digits as nd
 
-    train_x, train_y, _, _ = dc.load_digits_split()
-    centroids = torch.stack([train_x[train_y == k].mean(0).flatten() for k in range(10)])
-
-    class NearestCentroid(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return -torch.cdist(x.flatten(1), centroids)
-
-    model = NearestCentroid()
+    model = _nearest_centroid()
     milder, harsher = (nd.accuracy(model, *nd.images("held_out", copies=3, scale=k)) for k in (0.5, 1.0))
     assert milder > harsher + 0.1  # strength moves accuracy, steeply
     for target in (0.6, 0.75):
@@ -173,3 +181,18 @@ def test_held_out_strength_is_set_for_the_trained_model_on_a_draw_that_is_not_sc
     setting, _ = nd.images("held_out", copies=1, seed=nd.SETTING_SEED)
     scored_x, _ = nd.images("held_out", copies=1)
     assert not torch.equal(setting, scored_x)  # the draw the strength is set on is not the one scored
+
+
+def test_the_strength_is_set_once_per_weights(tmp_path, monkeypatch):
+    """The frontier reads the strength set for these weights from the cache; other weights get their own."""
+    from deploy.examples import noisy_digits as nd
+
+    model = _nearest_centroid()
+    first = nd.cached_held_out_scale(model, tmp_path)
+    assert first == nd.held_out_scale(model)
+    monkeypatch.setattr(nd, "held_out_scale", lambda m: pytest.fail("set again for the same weights"))
+    assert nd.cached_held_out_scale(model, tmp_path) == first
+    with torch.no_grad():
+        model.centroids += 0.01
+    monkeypatch.setattr(nd, "held_out_scale", lambda m: 0.5)
+    assert nd.cached_held_out_scale(model, tmp_path) == 0.5 and len(list(tmp_path.glob("*.json"))) == 2
