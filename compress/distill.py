@@ -283,6 +283,8 @@ class _Trainer:
             if run.step % config.eval_every == 0 or run.step == config.steps:
                 self._evaluate(run, float(loss.detach()))
             if run.stopped == "steps" and time.monotonic() - self.start > config.recover_minutes * 60:
+                if run.history[-1]["step"] != run.step:  # the steps since the last evaluation are judged, not lost
+                    self._evaluate(run, float(loss.detach()))
                 run.stopped = "time"
 
     def _evaluate(self, run: _Run, loss: float) -> None:
