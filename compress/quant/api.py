@@ -311,18 +311,12 @@ class _Clock:
         self._last = now
 
 
-def weights_key(module: nn.Module) -> str:
-    """The key under which a plan search hands its calibrated problem to the quantize pass: the same weights."""
-    from deploy.compress.prune.sensitivity import model_hash
-
-    return f"quantize:{model_hash(module)}"
-
-
 # version 2: no `search` / `measure_finalists` fields (the NSGA-II refinement was removed); version 1 entries refused
 @register_pass("quantize", QuantizeConfig, version=2, needs_calibration=True, invalidates=("sensitivity",))
 class QuantizePass:
-    """Quantizes the module: with `labels`, calibrates and applies that per-layer plan (reusing a calibration the
-    plan search made on the same weights, if the context holds one); without, searches a plan under the budget.
+    """Quantizes the module: with `labels`, calibrates and applies that per-layer plan (afresh, with its own
+    settings: a plan search's calibrations round to nearest, the plan applied by GPTQ); without, searches a plan
+    under the budget.
     Afterwards `state.module` is the float model the plan was calibrated on (BatchNorm folded, any recovered
     weights) and `state.attached["quant_plan"]` the plan the export pass writes as Q/DQ."""
 
@@ -336,10 +330,8 @@ class QuantizePass:
             from deploy.compress.quant.apply import plan_for, refused_labels
             from deploy.compress.quant.prepare import prepare
 
-            prep = ctx.prebuilt.get(weights_key(state.module))
-            if prep is None:
-                prep = prepare(state.module, state.inputs, ctx.calibration, state.target, self.config.space,
-                               self.config.calibration, self.config.skip)
+            prep = prepare(state.module, state.inputs, ctx.calibration, state.target, self.config.space,
+                           self.config.calibration, self.config.skip)
             unknown = sorted(set(self.config.labels) - set(prep.spaces))
             if unknown:
                 raise ConfigError(f"the precision plan names layers this model does not have "

@@ -20,7 +20,7 @@ def apply_plan(passes: list[Any], request: Any, setup: Any, out_dir: Path, note:
                prebuilt: dict[str, Any] | None = None, budget: dict[str, Any] | None = None
                ) -> tuple[dict[str, Any], State]:
     """Run the passes on the loaded model, then measure and score what they wrote. `prebuilt` lends what the plan
-    search built for the same weights (the quantize pass's calibration); `budget` (the decisions' record) lets
+    search built for the same weights (the prune pass's refit moments); `budget` (the decisions' record) lets
     the final measurement time more blocks until its verdict is settled (`settles`)."""
     import copy
 
