@@ -233,6 +233,9 @@ def test_recovery_bound_by_minutes_runs_until_them_and_its_replay_gets_the_same_
     from deploy.compress.distill import distill
     from deploy.core.data import CalibrationSet
 
+    warm = nn.Linear(1, 1)  # a process's first AdamW step costs over a second (imports): not this 1.8-s run's time
+    warm(torch.ones(1)).sum().backward()
+    torch.optim.AdamW(warm.parameters()).step()
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4)).eval()
     start = copy.deepcopy(teacher)
