@@ -105,13 +105,10 @@ def cached_held_out_scale(model: nn.Module, cache: Path | None = None) -> float:
     import json
 
     from deploy.core.atomic_io import atomic_write_json
-    from deploy.core.cache import cache_dir
+    from deploy.core.cache import cache_dir, model_hash
 
-    digest = hashlib.sha256(repr((TARGET_ACCURACY, TEST_DISTORTION, SETTING_SEED)).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    path = (cache or cache_dir() / "models") / f"noisy_digits_scale_{digest.hexdigest()[:20]}.json"
+    setting = hashlib.sha256(repr((TARGET_ACCURACY, TEST_DISTORTION, SETTING_SEED)).encode()).hexdigest()[:8]
+    path = (cache or cache_dir() / "models") / f"noisy_digits_scale_{model_hash(model)}_{setting}.json"
     if path.exists():
         return float(json.loads(path.read_text())["scale"])
     scale = held_out_scale(model)

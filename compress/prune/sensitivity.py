@@ -25,6 +25,7 @@ from deploy.compress.prune.edit import Masker, Removal, slice_params
 from deploy.compress.prune.refit import InputMoments
 from deploy.compress.prune.trace import CallTrace, PrefixReuse, unit_plans
 from deploy.compress.prune.units import PruneUnit
+from deploy.core.cache import model_hash
 from deploy.core.metrics import first_tensor
 
 CACHE_VERSION = 2
@@ -231,15 +232,6 @@ class Curves:
         curves = {n: Curve(tuple(v["removed"]), tuple(v["distortion"]), tuple(v.get("measured", ())))
                   for n, v in data["units"].items()}
         return cls(curves, float(data["reference_power"]), data["key"], cached=True)
-
-
-def model_hash(module: nn.Module) -> str:
-    """Hash of the state_dict's names, shapes, dtypes and bytes: the same weights give the same hash."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def cache_key(module: nn.Module, units: Sequence[PruneUnit], data: ProbeData, importance: str,

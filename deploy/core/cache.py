@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 
 def cache_dir() -> Path:
@@ -47,3 +48,17 @@ def clear_cache() -> tuple[int, int]:
         else:
             child.unlink()
     return removed
+
+
+def model_hash(module: Any) -> str:
+    """Hash of an nn.Module's state_dict names, shapes, dtypes and bytes: the same weights give the same hash (the
+    key of every cache entry that depends on a model's weights)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
