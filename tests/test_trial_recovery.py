@@ -62,12 +62,13 @@ def _mixes(monkeypatch, trials):
     planner.trials = trials
     width = planner.evaluate(0.8, None, "width pruning")  # 3.6 ms, 0.6 before recovery
 
-    def levels(mix, budget, window, dense, refine=True):  # each block dropped spares 0.3 of pruning level
+    def levels(mix, budget, window, dense):  # each block dropped spares 0.3 of pruning level
         return mix.evaluate(max(0.0, 0.8 - 0.3 * len(mix.blocks)), None, "mix level")
 
     monkeypatch.setattr(ps, "_levels_for_latency", levels)
     budget = 4.0
-    return planner, width, ps._depth_mixes(planner, budget, (FILL * budget, SAFE * budget), None, width)
+    mixed = ps._depth_mixes(planner, budget, (FILL * budget, SAFE * budget), None)
+    return planner, width, ps.most_promising(planner, [width] + ([mixed] if mixed else []))
 
 
 def test_depth_mixes_are_compared_after_recovery(monkeypatch):
@@ -213,6 +214,36 @@ def test_close_trials_of_two_structures_get_another_round_before_they_are_compar
     assert c.trial["round"] == 2 and "earlier" not in c.trial  # (its first round was never scored)
 
 
+def test_trials_bound_by_minutes_time_their_steps_once(tmp_path, monkeypatch):
+    """The first trial that its minutes stop times its training steps; every later trial and round runs as many
+    steps per round without timing them again."""
+    import deploy.compiler.trial_recovery as trial_recovery
+    import deploy.compress.distill as distill_module
+    import deploy.compress.families as families
+    from deploy.compiler.candidates import Planner
+    from deploy.compiler.job import CompressRequest, _setup
+
+    request = CompressRequest(example=True, target="cpu", recover_minutes=0.1, threads=1, out=str(tmp_path / "out"))
+    setup = _setup(request, tmp_path / "work")
+    planner = Planner(request, setup)
+    planner.trials = trials = trial_recovery.Trials(request, setup)
+    timed: list[float] = []
+    original = distill_module._steps_allowed
+    monkeypatch.setattr(distill_module, "_steps_allowed", lambda t, s: timed.append(s) or original(t, s))
+    asked: list[int | None] = []  # each run's steps (None: as many as its minutes allow)
+    run = families.recover
+    monkeypatch.setattr(families, "recover", lambda *args: asked.append(args[-1].steps) or run(*args))
+    a = Candidate("fp32", 0.0, {}, 1.0, None, 1.0, None, blocks=(planner.drop_order()[0][0],))
+    b = Candidate("fp32", 0.5, planner.removed(0.5), 1.0, None, 1.0, None)
+    for cand in (a, b):
+        trials.promise(planner, cand)
+    trials._another_round(planner, a)
+    trials.promise(planner, a)
+    assert len(timed) == 1 and trials.steps is not None and trials.steps > 1  # the first trial alone was timed
+    assert a.trial["round"] == 2 and asked == [None, trials.steps, trials.steps]  # the rest: the first's steps
+    assert b.trial["steps"] <= trials.steps  # (or fewer, stopped early)
+
+
 @pytest.mark.parametrize("uniform_wins", [True, False])
 def test_the_uniform_allocation_is_kept_where_it_recovers_further(monkeypatch, uniform_wins):
     """The DP's cuts follow each unit's distortion measured alone before recovery; one ratio for every unit is
@@ -249,17 +280,17 @@ def test_the_uniform_allocation_is_kept_where_it_recovers_further(monkeypatch, u
     dp = planner.evaluate(0.6, None, "pruning level")
     searched: list[str] = []
 
-    def levels(sub, budget, window, dense, refine=True):
+    def levels(sub, budget, window, dense):
         searched.append(sub.allocation)
-        assert not refine  # the fill follows the comparison
         return sub.evaluate(0.7, None, "pruning level")
 
     monkeypatch.setattr(ps, "_levels_for_latency", levels)
-    monkeypatch.setattr(ps, "_precision_at", lambda p, cand, w: p.evaluate(cand.level, {"a": "int8"}, "filled"))
+    filled: list[str] = []
+    monkeypatch.setattr(ps, "_precision_at", lambda p, cand, w: filled.append(cand.allocation))
     chosen = ps._uniform_allocation(planner, 5.0, (FILL * 5.0, SAFE * 5.0), None, dp)
     assert searched == ["uniform"]
     assert (chosen.allocation == "uniform") == uniform_wins
-    assert chosen is dp or chosen.origin == "filled"  # the uniform plan kept comes with its precision fill
+    assert filled == []  # the structures are compared at their fastest precisions: the fill follows the choice
 
 
 def test_the_uniform_allocation_shares_the_problem_and_the_dense_model(tmp_path):
@@ -313,3 +344,55 @@ def test_the_search_rounds_to_nearest_and_the_plan_applied_rounds_by_gptq(tmp_pa
     rounded = state.attached["quant_plan"].rounded
     assert rounded and set(rounded) <= set(labels)
     assert all(state.attached["quant_plan"].layers[n].option.label in per for n, per in rounded.items())
+
+
+def test_only_the_structure_chosen_gets_the_precision_fill_and_the_alternation(monkeypatch):
+    """The structures (the DP's pruning level, the uniform allocation, the depth mixes) are compared at their
+    fastest precisions; the precision fill and the alternation each cost a precision problem of a pruned model, so
+    only the winner gets them."""
+    from types import SimpleNamespace
+
+    import deploy.compiler.plan as ps
+
+    class Quantizing(MixingPlanner):
+        def __init__(self, blocks=(), parent=None, allocation="dp"):
+            super().__init__(blocks, parent, allocation)
+            self.quantizes, self.request = True, SimpleNamespace(precisions=("fp32", "int8"))
+
+        def mix(self, blocks, allocation="dp"):
+            return self if not blocks and allocation == "dp" else Quantizing(tuple(blocks), self, allocation)
+
+        def owner(self, cand):
+            return self.mix(cand.blocks, cand.allocation)
+
+    fastest = {"a": "int8", "b": "int8"}
+
+    def levels(sub, budget, window, dense):  # the most pruning, then the level found at the fastest precisions
+        sub.evaluate(1.0, fastest, "most pruning")
+        return sub.evaluate(max(0.1, 0.6 - 0.3 * len(sub.blocks)), fastest, "pruning level")
+
+    filled: list[Candidate] = []
+    alternated: list[tuple[Candidate, Candidate]] = []
+
+    def precision_at(owner, cand, window):
+        filled.append(cand)
+        return owner.evaluate(cand.level, {"a": "int8", "b": "fp32"}, "filled")
+
+    def alternate(owner, first, pruned, most, labels, window):
+        alternated.append((pruned, most))
+        return first
+
+    monkeypatch.setattr(ps, "_levels_for_latency", levels)
+    monkeypatch.setattr(ps, "_precision_at", precision_at)
+    monkeypatch.setattr(ps, "_alternate", alternate)
+    planner = Quantizing()
+    planner.trials = FakeTrials({("b0",): 0.95, ("b0", "b1"): 0.9})
+    dense = planner.evaluate(0.0, None, "dense")
+    chosen = ps.meet_latency(planner, 5.0, dense)
+    compared = {(c.blocks, c.allocation) for c in planner.candidates if c.origin == "pruning level"}
+    assert {(), ("b0",)} <= {blocks for blocks, _ in compared} and ((), "uniform") in compared  # all weighed
+    assert len(filled) == 1 and filled[0].blocks == ("b0",)  # the winner only
+    pruned, most = alternated[0]
+    assert len(alternated) == 1 and pruned is filled[0]
+    assert most.level == 1.0 and most.blocks == ("b0",) and most.labels == fastest  # its own most pruning
+    assert chosen.origin == "filled" and chosen.blocks == ("b0",)

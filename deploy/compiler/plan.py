@@ -10,16 +10,17 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
 2. the dense model at its fastest precisions (the fastest of the price table's picks, as measured); if that fits,
    no pruning is needed: the precision allocator spends the budget on the most sensitive layers (its estimate
    steered onto the measured latency);
-3. else pruning: the level is found by regula falsi on the measured latency of the fastest precisions, then the
-   precision allocator runs again on the pruned model (sensitivities measured on it, the dense model's prices
-   rescaled to its layer sizes) to fill the budget; then one alternation: a step more pruning with more layers
-   back in float, kept if its exported model is more faithful on the validation split;
-4. and, where pruning was needed, the low-rank family (per-layer ranks from the allocator for a share of the
-   factorizable MACs, in float) at the least factorization that fits, and depth mixes (1, 2, ... whole blocks
-   dropped, each mix's pruning level found as in 3; the best mix, its width pruning allocated by the DP or
-   uniformly, gets the precision fill), and the uniform allocation (one pruning ratio for every unit, its level
-   found as in 3, then the fill); the more faithful
-   exported model wins, after a short recovery of each where the plan will be recovered (`trial_recovery`).
+3. else pruning: the level is found by regula falsi on the measured latency of the fastest precisions;
+4. where pruning was needed, the other structures at the same precisions: the uniform allocation (one pruning ratio
+   for every unit, its level found as in 3), the low-rank family (per-layer ranks from the allocator for a share of
+   the factorizable MACs, in float) at the least factorization that fits, and depth mixes (1, 2, ... whole blocks
+   dropped, each mix's pruning level found as in 3, the best mix's width pruning allocated by the DP or
+   uniformly); the more faithful exported model wins, after a short recovery of each where the plan will be
+   recovered (`trial_recovery`);
+5. the structure chosen only: the precision allocator runs again on its pruned model (sensitivities measured on
+   it, the dense model's prices rescaled to its layer sizes) to fill the budget; then one alternation: a step
+   more pruning with more layers back in float, kept if its exported model is more faithful on the validation
+   split (`_refined`).
 
 A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only within
 3% of 0.9); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The dense model at its
@@ -63,7 +64,7 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
         structured = _levels_for_latency(planner, budget, window, dense)
     except BudgetInfeasibleError as error:
         found = [c for c in (_lowrank_for_latency(planner, window, dense),
-                             _depth_mixes(planner, budget, window, dense, None) if depth else None) if c is not None]
+                             _depth_mixes(planner, budget, window, dense) if depth else None) if c is not None]
         if not found:  # the least achievable is the fastest allowed candidate measured, a depth mix's included
             floats = "fp32" in planner.request.precisions
             fastest = min((c.latency_ms for c in planner.candidates if (floats or c.labels)
@@ -71,24 +72,25 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
             if window[1] < fastest < math.inf:
                 _infeasible(budget, fastest, dense)
             raise error
-        return most_promising(planner, found)
+        return _refined(planner, most_promising(planner, found), window)
     if structured.level <= 0:  # precision alone fits (nothing pruned): nothing needs cutting or factorizing
         return structured
     if depth:  # a re-plan stays with the allocation chosen too
         structured = _uniform_allocation(planner, budget, window, dense, structured)
     found = [c for c in (structured, _lowrank_for_latency(planner, window, dense),
-                         _depth_mixes(planner, budget, window, dense, structured) if depth else None) if c is not None]
-    return most_promising(planner, found)
+                         _depth_mixes(planner, budget, window, dense) if depth else None) if c is not None]
+    return _refined(planner, most_promising(planner, found), window)
 
 
 def _uniform_allocation(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
                         best: Candidate) -> Candidate:
-    """The same pruning with one ratio for every unit (its level found as in `_levels_for_latency`), kept (with
-    the precision fill) where it is more faithful than the DP's `best`. The DP spreads the cuts by each unit's
+    """The same pruning with one ratio for every unit (its level found as in `_levels_for_latency`), kept where it
+    is more faithful than the DP's `best` (both at the fastest precisions). The DP spreads the cuts by each unit's
     distortion measured alone before recovery; far from dense that stops predicting what recovery brings back
     (the distorted-digits ResNet at 0.5x NNCF's latency: the DP's plan recovered to 0.65 held-out top-1
     agreement, the uniform plan at fewer MACs to 0.90)."""
-    return _filled_if_better(planner, _uniform_of(planner, budget, window, dense, best), best, window)
+    uniform = _uniform_of(planner, budget, window, dense, best)
+    return uniform if uniform is not None and more_promising(planner, uniform, best) else best
 
 
 def _uniform_of(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
@@ -96,40 +98,39 @@ def _uniform_of(planner: Planner, budget: float, window: tuple[float, float], de
     """The uniform allocation's plan for `cand`'s blocks dropped (its level found as in `_levels_for_latency`, at
     the fastest precisions); None where even its most pruning does not fit."""
     try:
-        return _levels_for_latency(planner.mix(cand.blocks, "uniform"), budget, window, dense, refine=False)
+        return _levels_for_latency(planner.mix(cand.blocks, "uniform"), budget, window, dense)
     except BudgetInfeasibleError:
         return None
 
 
-def _filled_if_better(planner: Planner, cand: Candidate | None, best: Candidate | None,
-                      window: tuple[float, float]) -> Candidate | None:
-    """`cand` with the precision fill on its own model (where that fits and is more faithful), if it is then more
-    faithful than `best`; else `best`."""
-    if cand is None:
+def _refined(planner: Planner, best: Candidate, window: tuple[float, float]) -> Candidate:
+    """The structure chosen, pruned at the fastest precisions, gets the precision fill on its own model and one
+    alternation (`_alternate`); the candidates it measures compete in `most_faithful`. Only the winner: each costs
+    a precision problem of its pruned model (calibration, sensitivities, prices), the most expensive step of a
+    transformer's search, and filling every structure before comparing them made all-MiniLM-L6-v2's search build
+    four where two serve."""
+    if best.level <= 0 or best.labels is None or not planner.quantizes:
         return best
-    if cand.level > 0 and planner.quantizes:
-        filled = _precision_at(planner.owner(cand), cand, window)
-        if filled.latency_ms <= window[1] and promise(planner, filled) > promise(planner, cand):
-            cand = filled
-    if best is None or more_promising(planner, cand, best):
-        return cand
-    return best
+    owner = planner.owner(best)
+    most = next((c for c in planner.candidates if c.level >= 1.0 and c.labels == best.labels and not c.ranks
+                 and (c.blocks, c.allocation) == (best.blocks, best.allocation)), None)
+    filled = _precision_at(owner, best, window)
+    return filled if most is None else _alternate(owner, filled, best, most, best.labels, window)
 
 
-def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
-                 best: Candidate | None) -> Candidate | None:
+def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate
+                 ) -> Candidate | None:
     """Depth mixes where pruning is needed: 1, 2, ... blocks dropped (`Planner.drop_order`), each followed by the
     pruning level at the fastest precisions (the precision fill where no width pruning is needed); the most
     faithful mix on the validation split (after its trial recovery where the plan will be recovered), or the same
-    blocks dropped with the width pruning allocated uniformly where that is more faithful, then gets the precision
-    fill, and the more faithful of it and `best` is returned. Stops at the first mix that needs no
-    width pruning (dropping more only loses fidelity) and after two mixes in a row that were no better. Mixes are compared before the fill: it costs a precision problem of
-    its own per pruned model (calibration, sensitivities), the most expensive step on a transformer."""
+    blocks dropped with the width pruning allocated uniformly where that is more faithful. Stops at the first mix
+    that needs no width pruning (dropping more only loses fidelity) and after two mixes in a row that were no
+    better. Mixes are compared before the fill (`_refined`), as the other structures are."""
     worse, mix = 0, None
     order = [name for name, _ in planner.drop_order()]
     for count in range(1, len(order) + 1):
         try:
-            cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense, refine=False)
+            cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense)
         except BudgetInfeasibleError:
             continue
         if mix is None or more_promising(planner, cand, mix):
@@ -142,7 +143,7 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
         uniform = _uniform_of(planner, budget, window, dense, mix)
         if uniform is not None and more_promising(planner, uniform, mix):
             mix = uniform
-    return _filled_if_better(planner, mix, best, window)
+    return mix
 
 
 def most_faithful(planner: Planner, choice: Candidate, limit: float) -> Candidate:
@@ -161,10 +162,10 @@ def most_faithful(planner: Planner, choice: Candidate, limit: float) -> Candidat
     return best if promise(planner, best) > promise(planner, choice) else choice
 
 
-def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
-                        refine: bool = True) -> Candidate:
-    """Precision first (the dense model's fastest plan, then the budget filled back), else pruning (then, with
-    `refine`, the precision fill on the pruned model and one alternation)."""
+def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate
+                        ) -> Candidate:
+    """Precision first (the dense model's fastest plan, then the budget filled back), else the pruning level at
+    the fastest precisions (the fill and the alternation come after the structures are compared: `_refined`)."""
     target = window[1]
     fast0 = None
     if planner.quantizes:
@@ -183,11 +184,7 @@ def _levels_for_latency(planner: Planner, budget: float, window: tuple[float, fl
     if most.labels != labels:  # the level search brackets one plan: the dense model at the same precisions
         labels = most.labels
         start = next(c for c in planner.fastest_measured() if c.labels == labels)
-    pruned = _level_for_latency(planner, labels, window, start, most)
-    if not planner.quantizes or not refine:
-        return pruned
-    filled = _precision_at(planner, pruned, window)
-    return _alternate(planner, filled, pruned, most, labels, window)
+    return _level_for_latency(planner, labels, window, start, most)
 
 
 def _most_pruning(planner: Planner, labels: dict[str, str] | None, target: float) -> Candidate:

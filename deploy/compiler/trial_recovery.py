@@ -9,6 +9,10 @@ TRIAL_SHARE of the recovery budget, every structure the same share, then exporte
 (calibrated on the recovered weights) and scored on the validation split; candidates that differ only in
 precision share one recovered model. The structure chosen then gets the full recovery from its own starting
 weights, as deploy.toml replays it.
+Where the recovery is bound by minutes, the first trial times its training steps and runs as many as its share
+allows; every later trial and round runs that many steps (`Trials.steps`), with twice the minutes as a bound:
+timing each run's steps again took half of each of all-MiniLM-L6-v2's 18-second trials, and equal steps compare
+structures whose latencies the budget already made alike.
 Where two structures' trials come out close (`more_promising`: within CLOSE of what the better one still misses),
 both go on for another round from where they stopped before the comparison is made: about 30 steps rank
 structures whose recovery curves are still steep, and which depth mix won them moved all-MiniLM-L6-v2's 0.5x
@@ -73,6 +77,7 @@ class Trials:
         self._students: dict[tuple[Any, ...], Any] = {}
         self._rounds: dict[tuple[Any, ...], int] = {}  # by structure: how many rounds its trial has had
         self.count = 0
+        self.steps: int | None = None  # a round's steps, as the first trial bound by minutes ran them
 
     def config(self, rounds: int = 1, first: int = 1) -> Any:
         """`rounds` trial rounds' recovery in one run, the first of them round `first` (its own seed)."""
@@ -80,10 +85,19 @@ class Trials:
 
         minutes = float(self.request.recover_minutes or 1.0)
         minutes = rounds * min(max(TRIAL_SHARE * minutes, TRIAL_MINUTES[0]), TRIAL_MINUTES[1])
+        seed = int(self.request.seed) + first - 1
         steps = self.request.recover_steps
+        if steps is None and self.steps is not None:  # as many steps as the first trial's time allowed
+            return DistillConfig(steps=rounds * self.steps, recover_minutes=2 * minutes, seed=seed, eval_every=10)
         steps = None if steps is None else rounds * max(2, math.ceil(TRIAL_SHARE * steps))
-        return DistillConfig(steps=steps, recover_minutes=minutes, seed=int(self.request.seed) + first - 1,
+        return DistillConfig(steps=steps, recover_minutes=minutes, seed=seed,
                              eval_every=max(1, steps // (2 * rounds)) if steps else 10)
+
+    def _ran(self, recovery: Any, rounds: int) -> Any:
+        """`recovery` (of `rounds` rounds); the first that its minutes bound sets every later round's steps."""
+        if self.steps is None and self.request.recover_steps is None and recovery.stopped == "time":
+            self.steps = max(1, recovery.steps // rounds)
+        return recovery
 
     def settle(self, planner: Any, a: Candidate, b: Candidate) -> None:
         """Where `a` and `b` will be recovered from different structures: the one with fewer trial rounds gets
@@ -112,7 +126,8 @@ class Trials:
         student, _, _ = self._student(planner, candidate)
         planner.note("trial recovery of each structure", 0.6, len(self._students), None,
                      f"round {rounds}: {candidate.origin}")
-        recovery = recover(student, self.setup.loaded.module, self.setup.calibration, self.config(1, rounds))
+        recovery = self._ran(recover(student, self.setup.loaded.module, self.setup.calibration,
+                                     self.config(1, rounds)), 1)
         self._students[key] = (student, recovery, [])
         self._rounds[key] = rounds
 
@@ -165,8 +180,8 @@ class Trials:
             planner.note("trial recovery of each structure", 0.6, len(self._students) + 1, None,
                          candidate.origin)
             # (a structure put out of memory comes back with all its rounds)
-            recovery = recover(student, self.setup.loaded.module, self.setup.calibration,
-                               self.config(self.rounds(candidate)))
+            recovery = self._ran(recover(student, self.setup.loaded.module, self.setup.calibration,
+                                         self.config(self.rounds(candidate))), self.rounds(candidate))
             if len(self._students) >= KEEP_STUDENTS:
                 self._students.pop(next(iter(self._students)))
             self._students[key] = (student, recovery, [])
