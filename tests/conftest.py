@@ -89,7 +89,8 @@ def timed_cli(*args: object, env: dict[str, str]) -> tuple[int, str, list[tuple[
 
 EXAMPLE_RUNS = {
     # a speed-up budget on this CPU, one thread: candidates measured, a plan of per-layer precisions (or pruning)
-    "budget": ("compress", "--example", "--target", "cpu", "--speedup", "1.25", "--threads", "1", *FAST),
+    "budget": ("compress", "--example", "--target", "cpu", "--speedup", "1.25", "--threads", "1",
+               "--search-minutes", "30", *FAST),
     # a device not at hand: latency predicted with a band
     "predicted": ("compress", "--example", "--target", "jetson", "--no-prune", *FAST),
     # no budget flag: the fastest model within the default fidelity floor

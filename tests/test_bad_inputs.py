@@ -228,6 +228,7 @@ USAGE_ERRORS = [
     ("bench-number", ("bench", "m.onnx", "--threads", "two"), "Invalid value"),
     ("regress", ("regress", "m.onnx", "--threshold", "x"), "Invalid value"),
     ("compress", ("compress", "--budget-ms", "fast"), "Invalid value"),
+    ("compress-search-minutes", ("compress", "--example", "--search-minutes", "0"), "must be above zero"),
     ("search", ("search", "--trials", "many"), "Invalid value"),
     ("profiles", ("profiles", "nosuch"), "No such command"),
     ("profiles-list", ("profiles", "list", "--bogus"), "No such option"),

@@ -150,6 +150,8 @@ def test_latency_budget_is_met_with_a_per_layer_precision_plan(example_runs):
         assert report["verdict"] == "met" and low >= 1.25
     target = report["budget"]["target_ms"]
     assert target == pytest.approx(report["decisions"]["dense_latency_ms"] / 1.25)
+    search = report["search"]  # the limit asked, far from reached: nothing skipped
+    assert search["minutes_limit"] == 30 and 0 < search["seconds"] < 30 * 60 and search["skipped"] == []
     chosen = [c for c in report["candidates"] if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["latency_ms"] <= target
     labels = report["decisions"]["quantize"]["labels"]

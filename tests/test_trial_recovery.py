@@ -346,10 +346,9 @@ def test_the_search_rounds_to_nearest_and_the_plan_applied_rounds_by_gptq(tmp_pa
     assert all(state.attached["quant_plan"].layers[n].option.label in per for n, per in rounded.items())
 
 
-def test_only_the_structure_chosen_gets_the_precision_fill_and_the_alternation(monkeypatch):
-    """The structures (the DP's pruning level, the uniform allocation, the depth mixes) are compared at their
-    fastest precisions; the precision fill and the alternation each cost a precision problem of a pruned model, so
-    only the winner gets them."""
+def _structures(monkeypatch):
+    """A quantizing planner whose structures (the DP's level, the uniform allocation, two depth mixes) are found
+    at the fastest precisions, and the record of which get the precision fill and the alternation."""
     from types import SimpleNamespace
 
     import deploy.compiler.plan as ps
@@ -387,8 +386,18 @@ def test_only_the_structure_chosen_gets_the_precision_fill_and_the_alternation(m
     monkeypatch.setattr(ps, "_alternate", alternate)
     planner = Quantizing()
     planner.trials = FakeTrials({("b0",): 0.95, ("b0", "b1"): 0.9})
-    dense = planner.evaluate(0.0, None, "dense")
-    chosen = ps.meet_latency(planner, 5.0, dense)
+    return planner, filled, alternated
+
+
+def test_only_the_structure_chosen_gets_the_precision_fill_and_the_alternation(monkeypatch):
+    """The structures (the DP's pruning level, the uniform allocation, the depth mixes) are compared at their
+    fastest precisions; the precision fill and the alternation each cost a precision problem of a pruned model, so
+    only the winner gets them."""
+    import deploy.compiler.plan as ps
+
+    planner, filled, alternated = _structures(monkeypatch)
+    chosen = ps.meet_latency(planner, 5.0, planner.evaluate(0.0, None, "dense"))
+    fastest = {"a": "int8", "b": "int8"}
     compared = {(c.blocks, c.allocation) for c in planner.candidates if c.origin == "pruning level"}
     assert {(), ("b0",)} <= {blocks for blocks, _ in compared} and ((), "uniform") in compared  # all weighed
     assert len(filled) == 1 and filled[0].blocks == ("b0",)  # the winner only
@@ -396,3 +405,21 @@ def test_only_the_structure_chosen_gets_the_precision_fill_and_the_alternation(m
     assert len(alternated) == 1 and pruned is filled[0]
     assert most.level == 1.0 and most.blocks == ("b0",) and most.labels == fastest  # its own most pruning
     assert chosen.origin == "filled" and chosen.blocks == ("b0",)
+
+
+def test_past_the_search_minutes_the_first_plan_that_fits_is_kept_and_what_was_skipped_is_said(monkeypatch):
+    """The steps that find a plan inside the budget run; past the limit nothing more is tried (other allocations,
+    depth mixes, the fill, the alternation), and the skipped steps are named for the report and the warning."""
+    import deploy.compiler.plan as ps
+    from deploy.compiler.search_clock import SearchClock
+
+    planner, filled, alternated = _structures(monkeypatch)
+    planner.clock = SearchClock(0.0)  # out of time as soon as it starts
+    chosen = ps.meet_latency(planner, 5.0, planner.evaluate(0.0, None, "dense"))
+    assert chosen.origin == "pruning level" and chosen.blocks == () and chosen.allocation == "dp"
+    assert {(c.blocks, c.allocation) for c in planner.candidates if c.level > 0} == {((), "dp")}  # nothing else
+    assert filled == [] and alternated == []
+    assert planner.clock.skipped == ["the uniform allocation", "depth mixes of 1 or more blocks dropped",
+                                     "the precision fill of the pruned model"]
+    assert "--search-minutes" in planner.clock.warning() and "depth mixes" in planner.clock.warning()
+    assert SearchClock(None).out_of_time("anything") is False and SearchClock(None).warning() is None

@@ -85,7 +85,8 @@ class Planner:
         self.relative = budget is not None and (budget.kind == "speedup" or budget.is_fidelity_floor)
         allowed = set(setup.target.profile.precisions)
         self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
-        self.trials: Any = parent.trials if parent else None  # short recoveries where the plan is recovered
+        # short recoveries where the plan is recovered; the search's time limit (search_clock), set by `search`
+        self.trials, self.clock = (parent.trials, parent.clock) if parent else (None, None)
         if parent is not None:
             self._baseline, self.dense, self.note, self.expected = parent._baseline, parent.dense, parent.note, 1
             return

@@ -56,6 +56,7 @@ class CompressRequest:
     depth: bool = True  # depth mixes (whole blocks dropped) where pruning is needed
     recover_steps: int | None = None  # None: as many as recover_minutes allow; 0: no recovery
     recover_minutes: float | None = None  # None: compress.recover.default_minutes of the model's MACs
+    search_minutes: float | None = None  # the plan search's time limit (search_clock); None: none
     eval_hook: str | None = None
     threads: int | None = None
     measure_seconds: float = 1.0

@@ -38,6 +38,7 @@ from deploy.compiler.candidate import Candidate, decisions_for, structure_of
 from deploy.compiler.candidates import Planner
 from deploy.compiler.near_fit import fits_when_remeasured, near_miss_line
 from deploy.compiler.precision_fill import PRECISION_STEPS, fill_precision
+from deploy.compiler.search_clock import SearchClock
 from deploy.compiler.trial_recovery import (Trials, more_promising, most_promising, needs_recovery, promise,
                                             structure)
 from deploy.core.errors import BudgetInfeasibleError
@@ -63,8 +64,9 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
     try:
         structured = _levels_for_latency(planner, budget, window, dense)
     except BudgetInfeasibleError as error:
-        found = [c for c in (_lowrank_for_latency(planner, window, dense),
-                             _depth_mixes(planner, budget, window, dense) if depth else None) if c is not None]
+        found = [c for c in (_lowrank_for_latency(planner, window, dense, needed=True),
+                             _depth_mixes(planner, budget, window, dense, needed=True) if depth else None)
+                 if c is not None]
         if not found:  # the least achievable is the fastest allowed candidate measured, a depth mix's included
             floats = "fp32" in planner.request.precisions
             fastest = min((c.latency_ms for c in planner.candidates if (floats or c.labels)
@@ -75,11 +77,16 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
         return _refined(planner, most_promising(planner, found), window)
     if structured.level <= 0:  # precision alone fits (nothing pruned): nothing needs cutting or factorizing
         return structured
-    if depth:  # a re-plan stays with the allocation chosen too
+    if depth and not out_of_time(planner, "the uniform allocation"):  # a re-plan stays with the allocation chosen
         structured = _uniform_allocation(planner, budget, window, dense, structured)
     found = [c for c in (structured, _lowrank_for_latency(planner, window, dense),
                          _depth_mixes(planner, budget, window, dense) if depth else None) if c is not None]
     return _refined(planner, most_promising(planner, found), window)
+
+
+def out_of_time(planner: Planner, what: str) -> bool:
+    """Whether the search's time limit has passed (`what`, the step about to start, is then reported skipped)."""
+    return planner.clock is not None and planner.clock.out_of_time(what)
 
 
 def _uniform_allocation(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
@@ -109,26 +116,32 @@ def _refined(planner: Planner, best: Candidate, window: tuple[float, float]) -> 
     a precision problem of its pruned model (calibration, sensitivities, prices), the most expensive step of a
     transformer's search, and filling every structure before comparing them made all-MiniLM-L6-v2's search build
     four where two serve."""
-    if best.level <= 0 or best.labels is None or not planner.quantizes:
+    if best.level <= 0 or best.labels is None or not planner.quantizes \
+            or out_of_time(planner, "the precision fill of the pruned model"):
         return best
     owner = planner.owner(best)
     most = next((c for c in planner.candidates if c.level >= 1.0 and c.labels == best.labels and not c.ranks
                  and (c.blocks, c.allocation) == (best.blocks, best.allocation)), None)
     filled = _precision_at(owner, best, window)
-    return filled if most is None else _alternate(owner, filled, best, most, best.labels, window)
+    if most is None or out_of_time(planner, "the alternation (one pruning step further)"):
+        return filled
+    return _alternate(owner, filled, best, most, best.labels, window)
 
 
-def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate
-                 ) -> Candidate | None:
+def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
+                 needed: bool = False) -> Candidate | None:
     """Depth mixes where pruning is needed: 1, 2, ... blocks dropped (`Planner.drop_order`), each followed by the
     pruning level at the fastest precisions (the precision fill where no width pruning is needed); the most
     faithful mix on the validation split (after its trial recovery where the plan will be recovered), or the same
     blocks dropped with the width pruning allocated uniformly where that is more faithful. Stops at the first mix
     that needs no width pruning (dropping more only loses fidelity) and after two mixes in a row that were no
-    better. Mixes are compared before the fill (`_refined`), as the other structures are."""
+    better. Mixes are compared before the fill (`_refined`), as the other structures are. `needed` (nothing else
+    fits): the search's time limit stops them only once one fits."""
     worse, mix = 0, None
     order = [name for name, _ in planner.drop_order()]
     for count in range(1, len(order) + 1):
+        if (mix is not None or not needed) and out_of_time(planner, f"depth mixes of {count} or more blocks dropped"):
+            break
         try:
             cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense)
         except BudgetInfeasibleError:
@@ -139,7 +152,8 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
             worse += 1
         if cand.level <= 0 or worse >= 2:
             break
-    if mix is not None and mix.level > 0:  # the best mix's width pruning allocated uniformly, as for no blocks
+    if mix is not None and mix.level > 0 and not out_of_time(planner, "the best depth mix allocated uniformly"):
+        # the best mix's width pruning allocated uniformly, as for no blocks
         uniform = _uniform_of(planner, budget, window, dense, mix)
         if uniform is not None and more_promising(planner, uniform, mix):
             mix = uniform
@@ -200,12 +214,16 @@ def _most_pruning(planner: Planner, labels: dict[str, str] | None, target: float
     return most
 
 
-def _lowrank_for_latency(planner: Planner, window: tuple[float, float], dense: Candidate) -> Candidate | None:
+def _lowrank_for_latency(planner: Planner, window: tuple[float, float], dense: Candidate, needed: bool = False
+                         ) -> Candidate | None:
     """The least factorization (in float) whose measured latency fits: regula falsi on the fraction of the
     factorizable layers' MACs kept, each fraction's ranks the allocator's least-distortion choice. None where the
-    model has nothing to factorize or even its lowest ranks do not fit."""
+    model has nothing to factorize or even its lowest ranks do not fit (or, unless `needed`, past the search's
+    time limit)."""
     family = planner.lowrank_family()
     if family is None or "fp32" not in planner.request.precisions:
+        return None
+    if not needed and out_of_time(planner, "low rank"):
         return None
     least = family.least_fraction()
     most = planner.evaluate_ranks(family.ranks(least), "low rank: lowest ranks")
@@ -320,7 +338,7 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
     from deploy.core.metrics import task_of
 
     planner = Planner(request, setup)
-    planner.note = note
+    planner.note, planner.clock = note, SearchClock(request.search_minutes)
     if setup.loaded.structural and request.recover_steps != 0:  # a pruned or factorized plan is recovered
         planner.trials = Trials(request, setup)
     lowrank = LEVEL_STEPS + 1 if getattr(request, "lowrank", False) else 0
@@ -335,6 +353,8 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
         missed = near_miss_line(planner, choice, target, SAFE)
         if missed:
             setup.warnings.append(missed)
+        if planner.clock.warning():
+            setup.warnings.append(planner.clock.warning())
     elif floor is not None:
         choice = meet_floor(planner, floor[0], floor[1], dense)
     else:
@@ -342,7 +362,7 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
     planner.score_all()  # every measured candidate gets its held-out fidelity: the report plots them all
     budget = {"kind": request.budget.kind, "value": request.budget.value, "target_ms": target,
               "floor": list(floor) if floor else None, "described": request.budget.describe()}
-    return decisions_for(planner, choice, budget), planner
+    return {**decisions_for(planner, choice, budget), "search": planner.clock.summary()}, planner
 
 
 def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: float,
@@ -369,4 +389,5 @@ def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: 
         return None
     planner.score_all()
     retried = {"measured_ms": measured_ms, "searched_for_ms": tighter}
-    return {**decisions_for(planner, choice, budget), "retried_after_miss": retried}
+    searched = {"search": planner.clock.summary()} if planner.clock else {}  # (a planner `search` did not make)
+    return {**decisions_for(planner, choice, budget), "retried_after_miss": retried, **searched}

@@ -15,7 +15,7 @@ def _p50(entry: dict[str, Any]) -> float:
 
 def _plan_only(decisions: dict[str, Any]) -> dict[str, Any]:
     """The decisions without the search's own records (what deploy.toml keeps)."""
-    return {k: v for k, v in decisions.items() if k not in ("candidates", "quant_problems", "layer_price_ms")}
+    return {k: v for k, v in decisions.items() if k not in ("candidates", "quant_problems", "layer_price_ms", "search")}
 
 
 def _verdict(budget: dict[str, Any], result_ms: float, size_mb: float, timing: dict[str, Any]) -> str | None:
@@ -134,6 +134,7 @@ def build_result(request: Any, setup: Any, decisions: dict[str, Any], result: di
         "decisions": {**_plan_only(decisions), **summary_of(passes)},
         "passes": [{"type": r.source, "seconds": r.data["seconds"]} for r in state.records if r.kind == "timing"],
         "candidates": decisions.get("candidates", []),
+        "search": decisions.get("search"),  # the search's time limit, seconds and what the limit skipped
         "quant_problems": decisions.get("quant_problems", {}),
         "recovery": result["recovery"],
         "quantization": result["quantization"],
