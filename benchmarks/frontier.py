@@ -22,10 +22,10 @@ model (`--speedup`: fp32's p50 over NNCF int8's, timed interleaved, divided by t
 timed interleaved and the machine's drift between NNCF's timing and deploy's search does not move the budget (asked
 in ms, a run whose NNCF timing fell in a slow spell let deploy's model out at 0.64x for a 0.5x budget). Tool time: the wall time of the call that built the row.
 
-    .venv/bin/python benchmarks/frontier.py [--quick] [--case minilm|cnn] [--budget X]
+    .venv/bin/python benchmarks/frontier.py [--quick] [--case minilm|cnn] [--budget X] [--search-minutes M]
     (--quick: MiniLM unless --case says, the 0.5x budget only, 300 held-out docstrings or 360 digits, 2-minute
     recovery; the full run: both cases, three budgets, 3-minute recovery; --budget: that budget alone, written
-    beside the main results as frontier-<X>x.json, .md and .png)
+    beside the main results as frontier-<X>x.json, .md and .png; --search-minutes: deploy's plan search limit)
 Writes results/frontier.json, frontier.md, frontier.png, then BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -250,8 +250,8 @@ def matched_uniform(case: dict[str, Any], base: torch.nn.Module, aim: float, nnc
                                                                  "aim": aim}
 
 
-def deploy_row(case: dict[str, Any], speedup: float, minutes: float, folder: Path, budget_ms: float
-               ) -> tuple[Path, dict]:
+def deploy_row(case: dict[str, Any], speedup: float, minutes: float, folder: Path, budget_ms: float,
+               search_minutes: float | None = None) -> tuple[Path, dict]:
     """`deploy compress --speedup` as a user calls it: the model as a trusted pickle, the 256 calibration samples
     as .npz. Where the budget is slower than the fp32 model (a speed-up below 1: a CPU whose NNCF int8 runs slower
     than fp32), `--budget-ms` instead: deploy then keeps the dense model if it fits."""
@@ -269,7 +269,7 @@ def deploy_row(case: dict[str, Any], speedup: float, minutes: float, folder: Pat
                                       target=TARGET,
                                       input_shapes=shapes, budget=Budget("speedup", speedup) if speedup >= 1
                                       else Budget("latency_ms", budget_ms), out=str(out),
-                                      threads=THREADS, recover_minutes=minutes))
+                                      threads=THREADS, recover_minutes=minutes, search_minutes=search_minutes))
     chosen = next(c for c in report["candidates"] if c.get("chosen"))
     info = {"verdict": report["verdict"], "own_p50_ms": report["result"]["latency_ms"],
             "blocks_dropped": len(chosen.get("blocks") or []), "level": chosen["level"],
@@ -277,6 +277,7 @@ def deploy_row(case: dict[str, Any], speedup: float, minutes: float, folder: Pat
             "mixes": sorted({len(c.get("blocks") or []) for c in report["candidates"]})}
     if report.get("recovery"):
         info.update(steps=report["recovery"].get("steps"), stopped=report["recovery"].get("stopped"))
+    info["search"] = report.get("search")  # the plan search's seconds, its limit and what the limit skipped
     info["trials"] = [{"origin": c["origin"], "level": c["level"], "blocks": len(c.get("blocks") or []),
                        "fidelity": c["trial"]["fidelity"], "round": c["trial"].get("round"),
                        "earlier": c["trial"].get("earlier", [])} for c in report["candidates"] if c.get("trial")]
@@ -300,8 +301,8 @@ def timed_call(rows: dict[str, Any], key: str, build: Callable[[], tuple[Path, d
     return path
 
 
-def run_case(case: dict[str, Any], quick: bool, precision: str, folder: Path, budget: float | None = None
-             ) -> dict[str, Any]:
+def run_case(case: dict[str, Any], quick: bool, precision: str, folder: Path, budget: float | None = None,
+             search_minutes: float | None = None) -> dict[str, Any]:
     from deploy.compress.prune.depth import dropped
 
     budgets = (budget,) if budget else (0.5,) if quick else (1.0, 0.75, 0.5)
@@ -321,7 +322,8 @@ def run_case(case: dict[str, Any], quick: bool, precision: str, folder: Path, bu
     for budget in budgets:
         key = f"deploy compress at {budget:g}x NNCF p50"
         speedup = dense["ratio"] / budget  # the budget as a speed-up over fp32: deploy plans on interleaved ratios
-        path = timed_call(rows, key, lambda: deploy_row(case, speedup, minutes, folder, budget * nncf_ms))
+        path = timed_call(rows, key, lambda: deploy_row(case, speedup, minutes, folder, budget * nncf_ms,
+                                                        search_minutes))
         rows[key].update(budget_ms=budget * nncf_ms, fp32_over_nncf=dense["ratio"],
                          **({"speedup_asked": speedup} if speedup >= 1 else {}))
         files[key] = (path, "openvino")
@@ -367,7 +369,8 @@ def fp32_accuracy(case: dict[str, Any], refs: dict[str, torch.Tensor]) -> dict[s
             for name, (_, labels) in case["sets"].items() if labels is not None}
 
 
-def run(quick: bool, which: tuple[str, ...], budget: float | None = None) -> dict[str, Any]:
+def run(quick: bool, which: tuple[str, ...], budget: float | None = None, search_minutes: float | None = None
+        ) -> dict[str, Any]:
     from deploy.core.cache import cache_dir
     from deploy.targets.measure.fingerprint import fingerprint
     from deploy.targets.target import resolve
@@ -383,7 +386,8 @@ def run(quick: bool, which: tuple[str, ...], budget: float | None = None) -> dic
         os.environ["DEPLOY_CACHE_DIR"] = str(Path(tmp) / "cache")
         for name in which:
             case = minilm(quick) if name == "minilm" else cnn(quick, models)
-            out["cases"][name] = {**run_case(case, quick, precision, Path(tmp) / name, budget), **machine}
+            out["cases"][name] = {**run_case(case, quick, precision, Path(tmp) / name, budget, search_minutes),
+                                  **machine}
     return out
 
 
@@ -457,13 +461,22 @@ def _case_md(case: dict[str, Any]) -> list[str]:
             note = (f"budget {asked}, {row['verdict']}; chosen: {row['origin']}; mixes measured: "
                     f"{', '.join(str(m) for m in row['mixes'])} blocks dropped; {row['candidates']} candidates"
                     + (f"; recovery {row['steps']} steps ({row['stopped']})" if row.get("steps") else "")
-                    + _int8_note(row))
+                    + _search_note(row.get("search")) + _int8_note(row))
         elif "steps" in row:
             note = (f"{row['steps']} distillation steps ({row['stopped']}), validation "
                     f"{row['validation_before']:.3f} -> {row['validation_after']:.3f}"
                     + _matched_note(row))
         lines.append("| " + " | ".join(cells + [f"{row['tool_seconds']:.0f}", note]) + " |")
     return lines + [""]
+
+
+def _search_note(search: dict[str, Any] | None) -> str:
+    """The plan search's own time, and its limit with what the limit skipped where one was set."""
+    if not search:
+        return ""
+    limit = f" (limit {search['minutes_limit']:g} min" if search.get("minutes_limit") else ""
+    skipped = f"; skipped: {', '.join(search['skipped'])}" if search.get("skipped") else ""
+    return f"; search {search['seconds']:.0f} s" + (f"{limit}{skipped})" if limit else "")
 
 
 def _second(got: dict[str, Any], metric: str) -> str:
@@ -516,15 +529,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one case, 0.5x only, fewer samples, 2-minute recovery")
     parser.add_argument("--case", choices=("minilm", "cnn"), action="append", help="one case (default: both)")
+    parser.add_argument("--search-minutes", type=float, help="deploy compress's --search-minutes (default: none)")
     parser.add_argument("--budget", type=float, help="one budget, as a multiple of NNCF int8's p50 (with --quick: "
                         "instead of 0.5); the results go to frontier-<budget>x.json/.md, the section beside the "
                         "main one")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     which = tuple(args.case or (("minilm",) if args.quick else ("minilm", "cnn")))
-    result = run(args.quick, which, args.budget)
+    result = run(args.quick, which, args.budget, args.search_minutes)
     command = "python benchmarks/frontier.py" + (" --quick" if args.quick else "") + \
-        "".join(f" --case {c}" for c in args.case or ()) + (f" --budget {args.budget:g}" if args.budget else "")
+        "".join(f" --case {c}" for c in args.case or ()) + (f" --budget {args.budget:g}" if args.budget else "") + \
+        (f" --search-minutes {args.search_minutes:g}" if args.search_minutes else "")
     stem = f"frontier-{args.budget:g}x" if args.budget else "frontier"
     date = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for case in result["cases"].values():

@@ -4,6 +4,8 @@ to keep. The wiring (depth mixes, the alternation, the final pick within the bud
 itself on the digits CNN."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from deploy.compiler.candidate import Candidate
@@ -323,7 +325,8 @@ def test_the_search_rounds_to_nearest_and_the_plan_applied_rounds_by_gptq(tmp_pa
     """GPTQ is most of a plan search's calibration time and latency does not depend on it: every calibration the
     search makes (a level timed, a level priced, a trial's recovered weights) rounds int8 weights to nearest; the
     quantize pass of the plan applied calibrates afresh, GPTQ on, instead of reusing the search's."""
-    from deploy.compiler.candidates import Planner, quant_config
+    from deploy.compiler.candidates import Planner
+    from deploy.compiler.quant_settings import quant_config
     from deploy.compiler.job import CompressRequest, _setup
     from deploy.compiler.to_passes import plan_passes
     from deploy.core.passes import Context, State
@@ -344,6 +347,44 @@ def test_the_search_rounds_to_nearest_and_the_plan_applied_rounds_by_gptq(tmp_pa
     rounded = state.attached["quant_plan"].rounded
     assert rounded and set(rounded) <= set(labels)
     assert all(state.attached["quant_plan"].layers[n].option.label in per for n, per in rounded.items())
+
+
+def test_a_pruned_level_a_latency_search_times_is_calibrated_lightly_into_the_same_graph(tmp_path):
+    """A pruned level that a latency budget's search times, in a plan that will be recovered, is judged after its
+    trial recovery (calibrated afresh there): its own calibration only has to give the graph that is timed, so it
+    takes min-max ranges from few samples, and the exported graph is the one a full calibration gives. The dense
+    model and a fidelity floor's levels (judged on their own fidelity) keep the full calibration."""
+    import onnx
+
+    from deploy.compiler.budget import Budget
+    from deploy.compiler.candidate_files import export_candidate
+    from deploy.compiler.candidates import Planner
+    from deploy.compiler.job import CompressRequest, _setup
+    from deploy.compiler.quant_settings import quant_config
+    from deploy.compiler.trial_recovery import Trials
+    from deploy.compress.families import calibrated
+
+    def methods(prep):
+        return {m for report in prep.calibration.values() for m in report["errors"]}
+
+    request = CompressRequest(example=True, target="cpu", precisions=("fp32", "int8"), threads=1,
+                              budget=Budget("speedup", 2.0), out=str(tmp_path / "out"))
+    setup = _setup(request, tmp_path / "work")
+    planner = Planner(request, setup)
+    planner.trials = Trials(request, setup)
+    light, dense = planner.calibrated(0.5), planner.calibrated(0.0)
+    assert methods(light) == {"minmax"} and len(methods(dense)) > 1
+    full = calibrated(planner.module(0.5), setup.loaded.inputs, setup.calibration, setup.target,
+                      quant_config(request, setup, search=True))
+    labels = {n: next(o for o in opts if not o.is_float).label for n, opts in light.spaces.items()}
+    graphs = []
+    for name, prep in (("light", light), ("full", full)):
+        export_candidate(planner.module(0.5), setup, labels, prep, tmp_path / f"{name}.onnx")
+        graphs.append([(n.op_type, list(n.input)) for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node])
+    assert graphs[0] == graphs[1]  # the same nodes, wired the same: what is timed does not change
+    floor = Planner(dataclasses.replace(request, budget=Budget("max_drop", 0.01)), setup)
+    floor.trials = Trials(request, setup)
+    assert len(methods(floor.calibrated(0.5))) > 1
 
 
 def _structures(monkeypatch):

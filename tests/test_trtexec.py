@@ -58,7 +58,7 @@ def test_reduced_floats_are_in_the_default_precisions_and_fp32_opts_out():
 
     import pytest
 
-    from deploy.compiler.candidates import quant_config
+    from deploy.compiler.quant_settings import quant_config
     from deploy.compiler.job import CompressRequest
     from deploy.core.errors import UserInputError
     from deploy.profiles import load_builtin

@@ -14,6 +14,7 @@ import torch
 from deploy.compiler.candidate import Candidate, precision_word, structure_label, structure_of
 from deploy.compiler.candidate_files import (export_candidate, export_fp32, fidelity_of, latency, outputs_finite,
                                              planned_ms, point_ms)
+from deploy.compiler.quant_settings import quant_config
 from deploy.core.errors import BudgetInfeasibleError, UserInputError
 
 
@@ -33,27 +34,6 @@ def pruning_family(setup: Any, warn: bool = True) -> Any:
         if warn:
             setup.warnings.append(f"pruning found nothing to remove: {exc.hint}")
         return None
-
-
-def quant_config(request: Any, setup: Any, search: bool = False) -> Any:
-    """The quantization settings compress uses: the fast preset, the request's weight bits, the run's threads.
-    int8 weights are per-channel only where the target has per-channel kernels: per-tensor runs no faster there
-    and is less faithful, and each option costs a sensitivity pass per layer. The plan search's calibrations
-    (`search`) round weights to nearest; GPTQ runs once, in the quantize pass of the plan applied: latency does
-    not depend on the rounding, and it moves fidelity less than the structures compared differ (all-MiniLM-L6-v2's
-    int8 plan: pooled cosine +0.001). At 0.5x NNCF int8's latency the search then took 738 s instead of 1634 s on
-    the distorted-digits CNN, 1226 s instead of 1601 s on all-MiniLM-L6-v2, as faithful within run-to-run noise."""
-    from deploy.compress.quant.api import QuantizeConfig
-
-    bits = tuple(b for b, p in ((8, "int8"), (4, "int4")) if p in request.precisions) or (8,)
-    fast = QuantizeConfig.fast()
-    grans = fast.space.granularities
-    if "per-channel" in setup.target.profile.weight_granularities:
-        grans = tuple(g for g in grans if g != "per-tensor")
-    floats = ("fp32",) + tuple(p for p in ("fp16", "bf16") if p in request.precisions)
-    calibration = dataclasses.replace(fast.calibration, gptq=fast.calibration.gptq and not search)
-    return QuantizeConfig.fast(space=dataclasses.replace(fast.space, weight_bits=bits, granularities=grans,
-                                                        float_precisions=floats), calibration=calibration)
 
 
 class Planner:
@@ -237,8 +217,11 @@ class Planner:
             return self._twin().calibrated(level)
         if level not in self._quant and level not in self._preps:
             from deploy.compress.families import calibrated
+            # a pruned level a latency budget's search times, judged after its trial recovery: `quant_config`'s
+            # `timing` (a floor or a size budget judges the level's own fidelity)
+            timing = level > 0 and self.trials is not None and self.request.budget.kind in ("latency_ms", "speedup")
             self._preps[level] = calibrated(self.module(level), self.setup.loaded.inputs, self.setup.calibration,
-                                            self.setup.target, quant_config(self.request, self.setup, search=True))
+                                            self.setup.target, quant_config(self.request, self.setup, True, timing))
         return self._quant[level].prep if level in self._quant else self._preps[level]
 
     def quant(self, level: float) -> Any:

@@ -16,7 +16,7 @@ from deploy.core.passes import make_pass
 def plan_passes(decisions: dict[str, Any], request: Any, setup: Any) -> list[Any]:
     """The passes for the decisions of `deploy.compiler.plan.search` (dropped blocks and removed units, ranks,
     labels, recovery)."""
-    from deploy.compiler.candidates import quant_config
+    from deploy.compiler.quant_settings import quant_config
     from deploy.compiler.candidate import structure_of
     from deploy.compress.distill import DistillConfig
     from deploy.compress.lowrank.api import LowRankConfig

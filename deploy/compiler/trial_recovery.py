@@ -146,7 +146,7 @@ class Trials:
 
     def _run(self, planner: Any, candidate: Candidate) -> None:
         from deploy.compiler.candidate_files import export_candidate, fidelity_of
-        from deploy.compiler.candidates import quant_config
+        from deploy.compiler.quant_settings import quant_config
         from deploy.core.metrics import primary_metric
 
         student, recovery, preps = self._student(planner, candidate)
