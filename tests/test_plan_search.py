@@ -7,6 +7,7 @@ import pytest
 
 from deploy.compiler.plan import FILL, SAFE, Candidate, _alternate, _level_for_latency
 from deploy.compiler.precision_fill import estimate_for
+from deploy.compiler.search_clock import SearchClock
 
 
 class FakePlanner:
@@ -16,7 +17,7 @@ class FakePlanner:
         self.dense_ms, self.prune_cost, self.int8_cost = dense_ms, prune_cost, int8_cost
         self.candidates: list[Candidate] = []
         self.trials = None  # no recovery: candidates compare on their own fidelity
-        self.clock = None  # no time limit on the search
+        self.clock = SearchClock()  # no time limit on the search
 
     def latency(self, level: float, labels: dict[str, str] | None) -> float:
         int8 = sum(v == "int8" for v in (labels or {}).values())

@@ -37,7 +37,7 @@ class MixingPlanner(FakePlanner):
         super().__init__()
         self.blocks, self.quantizes, self.parent, self.allocation = blocks, False, parent, allocation
         if parent is not None:
-            self.candidates, self.trials = parent.candidates, parent.trials
+            self.candidates, self.trials, self.clock = parent.candidates, parent.trials, parent.clock
 
     def drop_order(self):
         return [("b0", 0.0), ("b1", 0.0)]

@@ -15,6 +15,7 @@ from deploy.compiler.candidate import Candidate, precision_word, structure_label
 from deploy.compiler.candidate_files import (export_candidate, export_fp32, fidelity_of, latency, outputs_finite,
                                              planned_ms, point_ms)
 from deploy.compiler.quant_settings import quant_config
+from deploy.compiler.search_clock import SearchClock
 from deploy.core.errors import BudgetInfeasibleError, UserInputError
 
 
@@ -65,8 +66,8 @@ class Planner:
         self.relative = budget is not None and (budget.kind == "speedup" or budget.is_fidelity_floor)
         allowed = set(setup.target.profile.precisions)
         self.quantizes = any(p in allowed and p in request.precisions for p in ("int8", "int4"))
-        # short recoveries where the plan is recovered; the search's time limit (search_clock), set by `search`
-        self.trials, self.clock = (parent.trials, parent.clock) if parent else (None, None)
+        # short recoveries where the plan is recovered; the search's time limit (`search` sets the request's)
+        self.trials, self.clock = (parent.trials, parent.clock) if parent else (None, SearchClock())
         if parent is not None:
             self._baseline, self.dense, self.note, self.expected = parent._baseline, parent.dense, parent.note, 1
             return

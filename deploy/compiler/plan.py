@@ -77,16 +77,11 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
         return _refined(planner, most_promising(planner, found), window)
     if structured.level <= 0:  # precision alone fits (nothing pruned): nothing needs cutting or factorizing
         return structured
-    if depth and not out_of_time(planner, "the uniform allocation"):  # a re-plan stays with the allocation chosen
+    if depth and not planner.clock.out_of_time("the uniform allocation"):  # a re-plan keeps the allocation chosen
         structured = _uniform_allocation(planner, budget, window, dense, structured)
     found = [c for c in (structured, _lowrank_for_latency(planner, window, dense),
                          _depth_mixes(planner, budget, window, dense) if depth else None) if c is not None]
     return _refined(planner, most_promising(planner, found), window)
-
-
-def out_of_time(planner: Planner, what: str) -> bool:
-    """Whether the search's time limit has passed (`what`, the step about to start, is then reported skipped)."""
-    return planner.clock is not None and planner.clock.out_of_time(what)
 
 
 def _uniform_allocation(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
@@ -117,13 +112,13 @@ def _refined(planner: Planner, best: Candidate, window: tuple[float, float]) -> 
     transformer's search, and filling every structure before comparing them made all-MiniLM-L6-v2's search build
     four where two serve."""
     if best.level <= 0 or best.labels is None or not planner.quantizes \
-            or out_of_time(planner, "the precision fill of the pruned model"):
+            or planner.clock.out_of_time("the precision fill of the pruned model"):
         return best
     owner = planner.owner(best)
     most = next((c for c in planner.candidates if c.level >= 1.0 and c.labels == best.labels and not c.ranks
                  and (c.blocks, c.allocation) == (best.blocks, best.allocation)), None)
     filled = _precision_at(owner, best, window)
-    if most is None or out_of_time(planner, "the alternation (one pruning step further)"):
+    if most is None or planner.clock.out_of_time("the alternation (one pruning step further)"):
         return filled
     return _alternate(owner, filled, best, most, best.labels, window)
 
@@ -140,7 +135,8 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
     worse, mix = 0, None
     order = [name for name, _ in planner.drop_order()]
     for count in range(1, len(order) + 1):
-        if (mix is not None or not needed) and out_of_time(planner, f"depth mixes of {count} or more blocks dropped"):
+        if (mix is not None or not needed) \
+                and planner.clock.out_of_time(f"depth mixes of {count} or more blocks dropped"):
             break
         try:
             cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense)
@@ -152,7 +148,7 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
             worse += 1
         if cand.level <= 0 or worse >= 2:
             break
-    if mix is not None and mix.level > 0 and not out_of_time(planner, "the best depth mix allocated uniformly"):
+    if mix is not None and mix.level > 0 and not planner.clock.out_of_time("the best depth mix allocated uniformly"):
         # the best mix's width pruning allocated uniformly, as for no blocks
         uniform = _uniform_of(planner, budget, window, dense, mix)
         if uniform is not None and more_promising(planner, uniform, mix):
@@ -223,7 +219,7 @@ def _lowrank_for_latency(planner: Planner, window: tuple[float, float], dense: C
     family = planner.lowrank_family()
     if family is None or "fp32" not in planner.request.precisions:
         return None
-    if not needed and out_of_time(planner, "low rank"):
+    if not needed and planner.clock.out_of_time("low rank"):
         return None
     least = family.least_fraction()
     most = planner.evaluate_ranks(family.ranks(least), "low rank: lowest ranks")
@@ -353,8 +349,9 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
         missed = near_miss_line(planner, choice, target, SAFE)
         if missed:
             setup.warnings.append(missed)
-        if planner.clock.warning():
-            setup.warnings.append(planner.clock.warning())
+        limited = planner.clock.warning()
+        if limited:
+            setup.warnings.append(limited)
     elif floor is not None:
         choice = meet_floor(planner, floor[0], floor[1], dense)
     else:
@@ -389,5 +386,4 @@ def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: 
         return None
     planner.score_all()
     retried = {"measured_ms": measured_ms, "searched_for_ms": tighter}
-    searched = {"search": planner.clock.summary()} if planner.clock else {}  # (a planner `search` did not make)
-    return {**decisions_for(planner, choice, budget), "retried_after_miss": retried, **searched}
+    return {**decisions_for(planner, choice, budget), "retried_after_miss": retried, "search": planner.clock.summary()}

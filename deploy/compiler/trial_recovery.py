@@ -108,8 +108,8 @@ class Trials:
         goal = max(self.rounds(a), self.rounds(b))
         if self.rounds(a) == self.rounds(b):
             fa, fb = self.promise(planner, a)[0], self.promise(planner, b)[0]
-            if goal >= ROUNDS or abs(fa - fb) >= CLOSE * (1.0 - max(fa, fb)) or (
-                    planner.clock is not None and planner.clock.out_of_time("second trial rounds")):
+            if goal >= ROUNDS or abs(fa - fb) >= CLOSE * (1.0 - max(fa, fb)) \
+                    or planner.clock.out_of_time("second trial rounds"):
                 return
             goal += 1
         for candidate in (a, b):
