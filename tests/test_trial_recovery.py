@@ -19,8 +19,12 @@ class FakeTrials:
     def __init__(self, recovered: dict[tuple[str, ...], float]):
         self.recovered = recovered
         self.asked: list[Candidate] = []
+        self.compared: list[Candidate] = []
 
-    def settle(self, planner, a: Candidate, b: Candidate) -> None:
+    def begin(self) -> None:
+        """(Nothing to forget: each trial is final here.)"""
+
+    def settle(self, planner, a: Candidate, b: Candidate, another: bool = False) -> None:
         """(Each trial is final here: no second round.)"""
 
     def promise(self, planner, cand: Candidate) -> tuple[float, float]:
@@ -184,10 +188,11 @@ def test_a_trial_recovers_each_structure_once(tmp_path, monkeypatch):
     assert trials.promise(planner, dense)[0] == 0.5 and dense.trial is None  # nothing to recover: its own score
 
 
-def test_close_trials_of_two_structures_get_another_round_before_they_are_compared(tmp_path, monkeypatch):
-    """Two structures whose trials came out close both recover for another round from where they stopped (its own
-    steps, the earlier round's score kept for the report); trials that are far apart, or have had ROUNDS rounds,
-    are compared as they are."""
+def test_the_two_structures_at_the_top_get_another_round_where_close_before_the_choice(tmp_path, monkeypatch):
+    """Structures are compared on their first rounds as the search meets them; at the end the best and the
+    runner-up recover for another round from where they stopped (its own steps, the earlier round's score kept for
+    the report) where they came out close, and the third does not; trials that are far apart, or have had ROUNDS
+    rounds, are compared as they are; a structure met after that catches up to the rounds of the one it meets."""
     import deploy.compiler.trial_recovery as trial_recovery
     from deploy.compiler.candidates import Planner
     from deploy.compiler.job import CompressRequest, _setup
@@ -196,24 +201,27 @@ def test_close_trials_of_two_structures_get_another_round_before_they_are_compar
                               out=str(tmp_path / "out"))
     setup = _setup(request, tmp_path / "work")
     planner = Planner(request, setup)
-    planner.trials = trial_recovery.Trials(request, setup)
+    planner.trials = trials = trial_recovery.Trials(request, setup)
     a = Candidate("fp32", 0.0, {}, 1.0, None, 1.0, None, blocks=(planner.drop_order()[0][0],))
-    b, c = (Candidate("fp32", level, planner.removed(level), 1.0, None, 1.0, None) for level in (0.5, 0.3))
-    monkeypatch.setattr(trial_recovery, "CLOSE", 0.0)  # no two trials are close
-    trial_recovery.more_promising(planner, a, b)
-    assert a.trial["round"] == b.trial["round"] == 1 and a.trial["steps"] == 6
-    earlier = a.trial["fidelity"], b.trial["fidelity"]
+    b, c, d = (Candidate("fp32", level, planner.removed(level), 1.0, None, 1.0, None) for level in (0.5, 0.7, 0.3))
     monkeypatch.setattr(trial_recovery, "CLOSE", 1e9)  # every two trials are close
-    answer = trial_recovery.more_promising(planner, a, b)
-    assert a.trial["round"] == b.trial["round"] == trial_recovery.ROUNDS == 2
-    assert (a.trial["earlier"], b.trial["earlier"]) == ([earlier[0]], [earlier[1]]) and a.trial["steps"] == 6
-    assert answer == (trial_recovery.promise(planner, a) > trial_recovery.promise(planner, b))
-    trial_recovery.more_promising(planner, a, b)  # ROUNDS reached: compared as they are
-    assert a.trial["round"] == 2 and len(a.trial["earlier"]) == 1
-    assert trial_recovery.most_promising(planner, [a, b]) is (a if answer else b)
-    monkeypatch.setattr(trial_recovery, "CLOSE", 0.0)
-    trial_recovery.more_promising(planner, c, a)  # a structure met first against a two-round one: caught up
-    assert c.trial["round"] == 2 and "earlier" not in c.trial  # (its first round was never scored)
+    trial_recovery.more_promising(planner, a, b)
+    trial_recovery.more_promising(planner, c, a)
+    assert [x.trial["round"] for x in (a, b, c)] == [1, 1, 1] and a.trial["steps"] == 6  # no round 2 on the way
+    first = {id(x): x.trial["fidelity"] for x in (a, b, c)}
+    top = sorted((a, b, c), key=lambda x: trial_recovery.promise(planner, x), reverse=True)
+    answer = trial_recovery.most_promising(planner, [a, b, c])
+    assert [x.trial["round"] for x in top] == [2, 2, 1]  # the best and the runner-up only
+    assert [x.trial["earlier"] for x in top[:2]] == [[first[id(x)]] for x in top[:2]] and a.trial["steps"] == 6
+    assert answer is max(top[:2], key=lambda x: trial_recovery.promise(planner, x))
+    assert trial_recovery.most_promising(planner, [a, b, c]) is answer  # ROUNDS reached: compared as they are
+    assert all(len(x.trial.get("earlier", [])) <= 1 for x in (a, b, c))
+    trials.begin()  # another budget's search: what was compared before is not its runner-up
+    monkeypatch.setattr(trial_recovery, "CLOSE", 0.0)  # no two trials are close
+    trial_recovery.more_promising(planner, d, top[0])  # met against a two-round structure: caught up
+    assert d.trial["round"] == 2 and "earlier" not in d.trial  # (its first round was never scored)
+    trial_recovery.most_promising(planner, [d])
+    assert trials.compared == [d, top[0]] and top[0].trial["round"] == 2 and d.trial["round"] == 2
 
 
 def test_trials_bound_by_minutes_time_their_steps_once(tmp_path, monkeypatch):

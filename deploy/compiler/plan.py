@@ -61,6 +61,8 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
     window = (FILL * budget, SAFE * budget)
     if dense.latency_ms <= window[1] and "fp32" in planner.request.precisions:
         return dense
+    if planner.trials is not None:
+        planner.trials.begin()
     try:
         structured = _levels_for_latency(planner, budget, window, dense)
     except BudgetInfeasibleError as error:

@@ -13,10 +13,13 @@ Where the recovery is bound by minutes, the first trial times its training steps
 allows; every later trial and round runs that many steps (`Trials.steps`), with twice the minutes as a bound:
 timing each run's steps again took half of each of all-MiniLM-L6-v2's 18-second trials, and equal steps compare
 structures whose latencies the budget already made alike.
-Where two structures' trials come out close (`more_promising`: within CLOSE of what the better one still misses),
-both go on for another round from where they stopped before the comparison is made: about 30 steps rank
+The search compares structures on their first rounds; the two at the top (`most_promising`: the best and the
+runner-up of every structure compared for the budget) go on for another round from where they stopped where they
+came out close (within CLOSE of what the better one still misses), before the choice is made: about 30 steps rank
 structures whose recovery curves are still steep, and which depth mix won them moved all-MiniLM-L6-v2's 0.5x
-result between runs (held-out cosine 0.74-0.80 after the full recovery) more than any change did.
+result between runs (held-out cosine 0.74-0.80 after the full recovery) more than any change did. Only the two:
+giving a second round to every close pair as it was met gave one to all six structures of all-MiniLM-L6-v2's 0.5x
+search, 14 trial runs where 10 serve.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from deploy.compiler.candidate import Candidate, faithfulness, ranked
 TRIAL_SHARE = 0.15  # of the recovery's minutes (or steps), what each structure's trial gets
 TRIAL_MINUTES = (0.05, 1.0)  # the trial's minutes are clamped to this range
 KEEP_STUDENTS = 4  # recovered models kept in memory (candidates of one structure reuse them)
-ROUNDS = 2  # a structure's trial in rounds: the second only where it comes out close to another structure's
+ROUNDS = 2  # a structure's trial in rounds: the second only for the two at the top, where they come out close
 CLOSE = 0.25  # two trials are close within this share of the better one's distance from a perfect score
 
 
@@ -53,20 +56,28 @@ def promise(planner: Any, candidate: Candidate) -> tuple[float, float]:
 
 
 def more_promising(planner: Any, a: Candidate, b: Candidate) -> bool:
-    """Whether `a` ranks above `b` (`promise`), after another round of both trials where they are of different
-    structures and came out close (`Trials.settle`)."""
+    """Whether `a` ranks above `b` (`promise`), their trials at equal rounds (`Trials.settle`); both are kept for
+    the final choice (`most_promising`)."""
     if planner.trials is not None:
         planner.trials.settle(planner, a, b)
     return promise(planner, a) > promise(planner, b)
 
 
 def most_promising(planner: Any, candidates: list[Candidate]) -> Candidate:
-    """The candidate that ranks above the others, compared as `more_promising` compares two."""
+    """The candidate that ranks above the others, compared as `more_promising` compares two; then, where trials
+    decide, it and the runner-up (the most promising other structure compared since `Trials.begin`) each get
+    another round where they came out close, and the higher ranked of the two is the answer."""
     best = candidates[0]
     for candidate in candidates[1:]:
         if more_promising(planner, candidate, best):
             best = candidate
-    return best
+    trials = planner.trials
+    others = [c for c in (trials.compared if trials is not None else []) if structure(c) != structure(best)]
+    if not needs_recovery(best) or not others:
+        return best
+    runner = max(others, key=lambda c: promise(planner, c))
+    trials.settle(planner, best, runner, another=True)
+    return runner if promise(planner, runner) > promise(planner, best) else best
 
 
 class Trials:
@@ -78,6 +89,11 @@ class Trials:
         self._rounds: dict[tuple[Any, ...], int] = {}  # by structure: how many rounds its trial has had
         self.count = 0
         self.steps: int | None = None  # a round's steps, as the first trial bound by minutes ran them
+        self.compared: list[Candidate] = []  # the structures compared for one budget (`begin`), to recovery
+
+    def begin(self) -> None:
+        """A search for a budget starts: the structures compared before it are not its runners-up."""
+        self.compared = []
 
     def config(self, rounds: int = 1, first: int = 1) -> Any:
         """`rounds` trial rounds' recovery in one run, the first of them round `first` (its own seed)."""
@@ -99,14 +115,15 @@ class Trials:
             self.steps = max(1, recovery.steps // rounds)
         return recovery
 
-    def settle(self, planner: Any, a: Candidate, b: Candidate) -> None:
+    def settle(self, planner: Any, a: Candidate, b: Candidate, another: bool = False) -> None:
         """Where `a` and `b` will be recovered from different structures: the one with fewer trial rounds gets
-        more (two structures are compared at equal rounds); at equal rounds, both get another where their trials
-        came out within CLOSE of each other, up to ROUNDS."""
+        more (two structures are compared at equal rounds); with `another`, at equal rounds both get another
+        where their trials came out within CLOSE of each other, up to ROUNDS."""
         if not (needs_recovery(a) and needs_recovery(b)) or structure(a) == structure(b):
             return
+        self.compared += [c for c in (a, b) if all(c is not seen for seen in self.compared)]
         goal = max(self.rounds(a), self.rounds(b))
-        if self.rounds(a) == self.rounds(b):
+        if another and self.rounds(a) == self.rounds(b):
             fa, fb = self.promise(planner, a)[0], self.promise(planner, b)[0]
             if goal >= ROUNDS or abs(fa - fb) >= CLOSE * (1.0 - max(fa, fb)) \
                     or planner.clock.out_of_time("second trial rounds"):
