@@ -456,19 +456,24 @@ def test_only_the_structure_chosen_gets_the_precision_fill_and_the_alternation(m
     assert chosen.origin == "filled" and chosen.blocks == ("b0",)
 
 
-def test_past_the_search_minutes_the_first_plan_that_fits_is_kept_and_what_was_skipped_is_said(monkeypatch):
+@pytest.mark.parametrize("deep", [True, False])
+def test_past_the_search_minutes_the_first_plan_that_fits_is_kept_and_what_was_skipped_is_said(monkeypatch, deep):
     """The steps that find a plan inside the budget run; past the limit nothing more is tried (other allocations,
-    depth mixes, the fill, the alternation), and the skipped steps are named for the report and the warning."""
+    depth mixes, the fill, the alternation), and the skipped steps are named for the report and the warning. Where
+    the budget's pruning level is DEEP or more, the depth mixes come before the uniform allocation (a limit stops
+    what is least likely to win)."""
     import deploy.compiler.plan as ps
     from deploy.compiler.search_clock import SearchClock
 
     planner, filled, alternated = _structures(monkeypatch)
+    monkeypatch.setattr(ps, "DEEP", 0.6 if deep else 0.61)  # the DP's level for the budget is 0.6 here
     planner.clock = SearchClock(0.0)  # out of time as soon as it starts
     chosen = ps.meet_latency(planner, 5.0, planner.evaluate(0.0, None, "dense"))
     assert chosen.origin == "pruning level" and chosen.blocks == () and chosen.allocation == "dp"
     assert {(c.blocks, c.allocation) for c in planner.candidates if c.level > 0} == {((), "dp")}  # nothing else
     assert filled == [] and alternated == []
-    assert planner.clock.skipped == ["the uniform allocation", "depth mixes of 1 or more blocks dropped",
-                                     "the precision fill of the pruned model"]
+    first, second = "the uniform allocation", "depth mixes of 1 or more blocks dropped"
+    fill = "the precision fill of the pruned model"
+    assert planner.clock.skipped == ([second, first, fill] if deep else [first, second, fill])
     assert "--search-minutes" in planner.clock.warning() and "depth mixes" in planner.clock.warning()
     assert SearchClock(None).out_of_time("anything") is False and SearchClock(None).warning() is None

@@ -16,7 +16,9 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
    the factorizable MACs, in float) at the least factorization that fits, and depth mixes (1, 2, ... whole blocks
    dropped, each mix's pruning level found as in 3, the best mix's width pruning allocated by the DP or
    uniformly); the more faithful exported model wins, after a short recovery of each where the plan will be
-   recovered (`trial_recovery`);
+   recovered (`trial_recovery`). Where the level found in 3 is DEEP or more, the depth mixes come first, so that a
+   time limit stops what is least likely to win (all-MiniLM-L6-v2 at 0.5x NNCF int8's latency, level 0.72-0.98:
+   the three best structures dropped blocks, on both CPUs measured; the distorted-digits CNN, 0.71: a mix tied);
 5. the structure chosen only: the precision allocator runs again on its pruned model (sensitivities measured on
    it, the dense model's prices rescaled to its layer sizes) to fill the budget; then one alternation: a step
    more pruning with more layers back in float, kept if its exported model is more faithful on the validation
@@ -48,6 +50,7 @@ SAFE = 0.95  # while searching a candidate fits at <= SAFE x budget: the final m
 LEVEL_STEPS = 6  # regula falsi / bisection steps on the pruning level
 NEAR = 0.03  # the level search stops early within this share of SAFE x budget around the window's middle
 ALTERNATE = 0.8  # the alternation's deeper pruning step: fastest precisions at about this share of the budget
+DEEP = 0.5  # a pruning level for the budget at or past this: depth mixes are weighed before the other structures
 
 
 # --- latency budgets --------------------------------------------------------------------------------------------
@@ -79,20 +82,25 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
         return _refined(planner, most_promising(planner, found), window)
     if structured.level <= 0:  # precision alone fits (nothing pruned): nothing needs cutting or factorizing
         return structured
-    if depth and not planner.clock.out_of_time("the uniform allocation"):  # a re-plan keeps the allocation chosen
-        structured = _uniform_allocation(planner, budget, window, dense, structured)
-    found = [c for c in (structured, _lowrank_for_latency(planner, window, dense),
-                         _depth_mixes(planner, budget, window, dense) if depth else None) if c is not None]
+    others = {"uniform": lambda: _uniform_allocation(planner, budget, window, dense, structured),
+              "low rank": lambda: _lowrank_for_latency(planner, window, dense),
+              "depth": lambda: _depth_mixes(planner, budget, window, dense)}
+    if not depth:  # a re-plan keeps the allocation and the blocks chosen
+        others = {"low rank": others["low rank"]}
+    order = ("depth", "uniform", "low rank") if structured.level >= DEEP else ("uniform", "low rank", "depth")
+    found = [structured] + [c for c in (others[name]() for name in order if name in others) if c is not None]
     return _refined(planner, most_promising(planner, found), window)
 
 
 def _uniform_allocation(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
-                        best: Candidate) -> Candidate:
+                        best: Candidate) -> Candidate | None:
     """The same pruning with one ratio for every unit (its level found as in `_levels_for_latency`), kept where it
-    is more faithful than the DP's `best` (both at the fastest precisions). The DP spreads the cuts by each unit's
-    distortion measured alone before recovery; far from dense that stops predicting what recovery brings back
-    (the distorted-digits ResNet at 0.5x NNCF's latency: the DP's plan recovered to 0.65 held-out top-1
-    agreement, the uniform plan at fewer MACs to 0.90)."""
+    is more faithful than the DP's `best` (both at the fastest precisions); None past the search's time limit. The
+    DP spreads the cuts by each unit's distortion measured alone before recovery; far from dense that stops
+    predicting what recovery brings back (the distorted-digits ResNet at 0.5x NNCF's latency: the DP's plan
+    recovered to 0.65 held-out top-1 agreement, the uniform plan at fewer MACs to 0.90)."""
+    if planner.clock.out_of_time("the uniform allocation"):
+        return None
     uniform = _uniform_of(planner, budget, window, dense, best)
     return uniform if uniform is not None and more_promising(planner, uniform, best) else best
 
