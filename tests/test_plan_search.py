@@ -176,7 +176,7 @@ def test_the_fastest_precision_plan_is_the_fastest_measured(monkeypatch):
     measured = {"int8,int8,int8": 0.70, "int8,bf16,bf16": 0.90}  # what the runtime says
     planner = Planner.__new__(Planner)
     planner._fastest, planner.request = {}, NS(precisions=("fp32", "bf16", "int8"))
-    planner.blocks, planner.allocation = (), "dp"
+    planner.blocks, planner.allocation, planner.parent = (), "dp", None
     planner.quant = lambda level: NS(space=space)
     planner.evaluate = lambda level, labels, origin: Candidate(
         "mixed", level, {}, measured[",".join(labels[n] for n in "abc")], None, 1.0, labels, origin=origin)

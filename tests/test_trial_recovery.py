@@ -395,6 +395,37 @@ def test_a_pruned_level_a_latency_search_times_is_calibrated_lightly_into_the_sa
     assert len(methods(floor.calibrated(0.5))) > 1
 
 
+def test_a_depth_mix_times_the_dense_models_fastest_precisions_on_the_layers_it_keeps(tmp_path, monkeypatch):
+    """A depth mix's unpruned model is timed once, at the precisions the dense model measured fastest (layer names
+    survive a dropped block), calibrated lightly: no precision problem of its own (calibration, sensitivities,
+    prices) and no three picks of its own to export and time."""
+    import deploy.compress.families as families
+    from deploy.compiler.budget import Budget
+    from deploy.compiler.candidates import Planner
+    from deploy.compiler.job import CompressRequest, _setup
+    from deploy.compiler.trial_recovery import Trials
+
+    request = CompressRequest(example=True, target="cpu", precisions=("fp32", "int8"), threads=1,
+                              budget=Budget("speedup", 2.0), out=str(tmp_path / "out"))
+    setup = _setup(request, tmp_path / "work")
+    planner = Planner(request, setup)
+    planner.trials = Trials(request, setup)
+    planner.time_against_dense()
+    planner.dense = planner.evaluate(0.0, None, "dense fp32")
+    dense = planner.fastest()
+    problems: list[object] = []
+    original = families.precision_problem
+    monkeypatch.setattr(families, "precision_problem", lambda *a, **k: problems.append(a[0]) or original(*a, **k))
+    mix = planner.mix((planner.drop_order()[0][0],))
+    before = len(planner.candidates)
+    timed = mix.fastest_measured()
+    assert len(timed) == 1 and len(planner.candidates) == before + 1 and problems == []
+    kept = mix.calibrated(0.0).spaces
+    assert timed[0].labels == {name: dense[name] for name in kept} and set(kept) < set(dense)
+    assert {m for report in mix.calibrated(0.0).calibration.values() for m in report["errors"]} == {"minmax"}
+    assert mix.fastest() == timed[0].labels and timed[0].blocks == mix.blocks
+
+
 def _structures(monkeypatch):
     """A quantizing planner whose structures (the DP's level, the uniform allocation, two depth mixes) are found
     at the fastest precisions, and the record of which get the precision fill and the alternation."""

@@ -220,7 +220,9 @@ class Planner:
             from deploy.compress.families import calibrated
             # a pruned level a latency budget's search times, judged after its trial recovery: `quant_config`'s
             # `timing` (a floor or a size budget judges the level's own fidelity)
-            timing = level > 0 and self.trials is not None and self.request.budget.kind in ("latency_ms", "speedup")
+            # (a depth mix's every level: it is recovered whatever its width pruning)
+            timing = (level > 0 or bool(self.blocks)) and self.trials is not None \
+                and self.request.budget.kind in ("latency_ms", "speedup")
             self._preps[level] = calibrated(self.module(level), self.setup.loaded.inputs, self.setup.calibration,
                                             self.setup.target, quant_config(self.request, self.setup, True, timing))
         return self._quant[level].prep if level in self._quant else self._preps[level]
@@ -259,14 +261,25 @@ class Planner:
         return self.fastest_measured(level)[0]
 
     def fastest_measured(self, level: float = 0.0) -> list[Candidate]:
-        """The distinct picks for the fastest plan (`fastest_plans`), each measured once, fastest first."""
+        """The distinct picks for the fastest plan (`fastest_plans`), each measured once, fastest first; a depth
+        mix's: the dense model's fastest measured plan on the layers it keeps (`_as_dense`)."""
         if self._shares(level):
             return self._twin().fastest_measured(level)
         if level not in self._fastest:
-            self._fastest[level] = sorted((self.evaluate(level, labels, origin)
-                                           for origin, labels in self.fastest_plans(level)),
+            plans = self.fastest_plans(level) if self.parent is None or level > 0 else \
+                [("the dense model's fastest precisions", self._as_dense())]
+            self._fastest[level] = sorted((self.evaluate(level, labels, origin) for origin, labels in plans),
                                           key=lambda c: c.latency_ms)
         return self._fastest[level]
+
+    def _as_dense(self) -> dict[str, str]:
+        """The root's fastest measured precisions on this mix's layers (names survive a block dropped): a mix's
+        own picks cost a precision problem of its model and three exports each, about 30 s a mix on
+        all-MiniLM-L6-v2, to pick per layer what the dense model's measurement already picked."""
+        dense = self.parent.fastest()
+        spaces = self.calibrated(0.0).spaces
+        return {name: dense[name] if dense.get(name) in {o.label for o in opts}
+                else next((o for o in opts if not o.is_float), opts[0]).label for name, opts in spaces.items()}
 
     def low_precision(self, level: float = 0.0) -> dict[str, str]:
         """Every layer in its fastest low-precision option by the price table (search's "int8" trial)."""
