@@ -380,8 +380,9 @@ def run(quick: bool, which: tuple[str, ...], budget: float | None = None, search
     models = cache_dir() / "models"  # the trained CNN stays between runs (the run's own cache is temporary)
     target = resolve(TARGET, threads=THREADS)
     precision = "bf16" if target.float_precision == "bf16" else "f32"
-    machine = {"cpu": fingerprint(THREADS)["cpu"], "target": target.profile.name, "precision": precision,
-               "saturating": saturating_int8()}
+    found = fingerprint(THREADS)
+    machine = {"cpu": found["cpu"], "target": target.profile.name, "precision": precision,
+               "saturating": saturating_int8(), "amx": any(f.startswith("amx") for f in found["cpu_flags"])}
     out: dict[str, Any] = {"precision": precision, "threads": THREADS, "quick": quick, "cases": {}}
     with tempfile.TemporaryDirectory(prefix="deploy-frontier-") as tmp:
         os.environ["DEPLOY_CACHE_DIR"] = str(Path(tmp) / "cache")
@@ -428,7 +429,8 @@ def _machine_line(case: dict[str, Any]) -> str:
     fix = (" This CPU has no VNNI, so int8 dot products may saturate: deploy's profile keeps int8 weights in 7 bits; "
            "NNCF int8 (the reference, and the baselines' int8) is NNCF's default, its overflow fix on the first "
            f"layer only; '{NNCF_ALL}' is the row with it everywhere.") if case.get("saturating") else ""
-    return (f"Machine: {case['cpu']}; profile {case['target']}; float layers in {case['precision']} "
+    amx = {True: " with AMX (bf16 and int8 matrix units)", False: " without AMX"}.get(case.get("amx"), "")
+    return (f"Machine: {case['cpu']}{amx}; profile {case['target']}; float layers in {case['precision']} "
             f"(NNCF int8 and fp32 too).{fix}")
 
 
