@@ -19,7 +19,7 @@ came out close (within CLOSE of what the better one still misses), before the ch
 structures whose recovery curves are still steep, and which depth mix won them moved all-MiniLM-L6-v2's 0.5x
 result between runs (held-out cosine 0.74-0.80 after the full recovery) more than any change did. Only the two:
 giving a second round to every close pair as it was met gave one to all six structures of all-MiniLM-L6-v2's 0.5x
-search, 14 trial runs where 10 serve.
+search, 14 trial rounds where 10 served in the next run (same machine, same choice: 3 blocks dropped).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class Trials:
         self._rounds: dict[tuple[Any, ...], int] = {}  # by structure: how many rounds its trial has had
         self.count = 0
         self.steps: int | None = None  # a round's steps, as the first trial bound by minutes ran them
-        self.compared: list[Candidate] = []  # the structures compared for one budget (`begin`), to recovery
+        self.compared: list[Candidate] = []  # compared since `begin` (one budget's search): the runner-up's pool
 
     def begin(self) -> None:
         """A search for a budget starts: the structures compared before it are not its runners-up."""
