@@ -82,13 +82,11 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
         return _refined(planner, most_promising(planner, found), window)
     if structured.level <= 0:  # precision alone fits (nothing pruned): nothing needs cutting or factorizing
         return structured
-    others = {"uniform": lambda: _uniform_allocation(planner, budget, window, dense, structured),
-              "low rank": lambda: _lowrank_for_latency(planner, window, dense),
-              "depth": lambda: _depth_mixes(planner, budget, window, dense)}
-    if not depth:  # a re-plan keeps the allocation and the blocks chosen
-        others = {"low rank": others["low rank"]}
-    order = ("depth", "uniform", "low rank") if structured.level >= DEEP else ("uniform", "low rank", "depth")
-    found = [structured] + [c for c in (others[name]() for name in order if name in others) if c is not None]
+    widths = [lambda: _uniform_allocation(planner, budget, window, dense, structured)] if depth else []
+    widths.append(lambda: _lowrank_for_latency(planner, window, dense))  # (a re-plan keeps allocation and blocks)
+    depths = [lambda: _depth_mixes(planner, budget, window, dense)] if depth else []
+    steps = depths + widths if structured.level >= DEEP else widths + depths
+    found = [structured] + [c for c in (step() for step in steps) if c is not None]
     return _refined(planner, most_promising(planner, found), window)
 
 
