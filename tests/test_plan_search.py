@@ -150,7 +150,8 @@ def test_the_most_faithful_candidate_inside_the_budget_is_chosen():
     over = planner.evaluate(0.1, None, "pruning level")  # 9.2 ms, 0.95: over the limit
     chosen = planner.evaluate(0.35, {"a": "int8", "b": "int8"}, "filled")  # 6.5 ms, 0.725
     assert most_faithful(planner, chosen, limit=8.0) is early
-    assert over.fidelity > early.fidelity and over.latency_ms > 8.0
+    assert over.fidelity is None  # over the limit: not compared, so not scored
+    assert planner.with_fidelity(over).fidelity > early.fidelity and over.latency_ms > 8.0
     assert most_faithful(planner, early, limit=8.0) is early
     twin = planner.evaluate(0.3, None, "pruning level again")  # same fidelity as `early`: no reason to switch
     assert most_faithful(planner, early, limit=8.0) is early and twin.fidelity == early.fidelity

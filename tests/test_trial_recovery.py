@@ -142,7 +142,7 @@ def test_the_final_pick_stays_within_the_structure_chosen():
 
     planner.trials = ByPrecision({})
     assert most_faithful(planner, chosen, limit=100.0) is variant
-    assert shallower not in planner.trials.asked
+    assert shallower not in planner.trials.asked and shallower.fidelity is None  # not compared: not scored
     planner.trials = None  # no recovery: every candidate in the budget competes on its own fidelity
     assert most_faithful(planner, chosen, limit=100.0) is shallower
 
@@ -186,6 +186,33 @@ def test_a_trial_recovers_each_structure_once(tmp_path, monkeypatch):
     assert calls == {"distill": 1, "calibrated": 1}
     dense.fidelity = 0.5
     assert trials.promise(planner, dense)[0] == 0.5 and dense.trial is None  # nothing to recover: its own score
+
+
+def test_two_allocations_that_remove_the_same_units_share_one_trial(tmp_path, monkeypatch):
+    """A trial is keyed by what recovery acts on (blocks dropped, units removed, ranks), not by the allocation and
+    level that removed the units: the DP's and the uniform allocation's deepest plans are one model, distilled
+    once and compared as one structure."""
+    import deploy.compress.distill as distill_module
+    from deploy.compiler.candidates import Planner
+    from deploy.compiler.job import CompressRequest, _setup
+    from deploy.compiler.trial_recovery import Trials, structure
+
+    request = CompressRequest(example=True, target="cpu", recover_steps=40, recover_minutes=0.5, threads=1,
+                              out=str(tmp_path / "out"))
+    setup = _setup(request, tmp_path / "work")
+    planner = Planner(request, setup)
+    planner.trials = trials = Trials(request, setup)
+    runs: list[int] = []
+    original = distill_module.distill
+    monkeypatch.setattr(distill_module, "distill", lambda *a, **k: runs.append(1) or original(*a, **k))
+    uniform = planner.mix((), "uniform")
+    dp = Candidate("fp32", 1.0, planner.removed(1.0), 1.0, None, 1.0, None)
+    flat = Candidate("fp32", 1.0, {**uniform.removed(1.0), "nothing": 0}, 1.0, None, 1.0, None,
+                     allocation="uniform")
+    shallower = Candidate("fp32", 0.5, uniform.removed(0.5), 1.0, None, 1.0, None, allocation="uniform")
+    assert structure(dp) == structure(flat) != structure(shallower)
+    assert trials.promise(planner, dp) == trials.promise(planner, flat)
+    assert len(runs) == 1 and trials.rounds(flat) == trials.rounds(dp) == 1
 
 
 def test_the_two_structures_at_the_top_get_another_round_where_close_before_the_choice(tmp_path, monkeypatch):
@@ -508,3 +535,20 @@ def test_past_the_search_minutes_the_first_plan_that_fits_is_kept_and_what_was_s
     assert planner.clock.skipped == ([second, first, fill] if deep else [first, second, fill])
     assert "--search-minutes" in planner.clock.warning() and "depth mixes" in planner.clock.warning()
     assert SearchClock(None).out_of_time("anything") is False and SearchClock(None).warning() is None
+
+
+def test_past_the_search_minutes_the_report_does_not_score_every_candidate(tmp_path):
+    """Scoring every candidate measured is for the report's plot alone (the choice scored what it compared): past
+    the limit it is skipped, and said, as the search's other skipped steps are."""
+    from deploy.compiler.candidates import Planner
+    from deploy.compiler.job import CompressRequest, _setup
+    from deploy.compiler.search_clock import SearchClock
+
+    request = CompressRequest(example=True, target="cpu", threads=1, out=str(tmp_path / "out"))
+    planner = Planner(request, _setup(request, tmp_path / "work"))
+    planner.clock = SearchClock(0.0)
+    planner.candidates.append(Candidate("fp32", 0.0, {}, 1.0, None, 1.0, None))
+    planner.score_all()
+    assert planner.candidates[0].fidelity is None
+    assert planner.clock.skipped == ["the held-out fidelity of every candidate for the report"]
+    assert "for the report" in planner.clock.warning()

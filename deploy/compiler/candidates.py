@@ -374,7 +374,10 @@ class Planner:
         return candidate
 
     def score_all(self) -> None:
-        """Held-out fidelity for every candidate not yet scored, so the report can plot what the search measured."""
+        """Held-out fidelity for every candidate not yet scored, so the report can plot what the search measured;
+        not past the search's time limit (the choice has scored the candidates it compared)."""
+        if self.clock.out_of_time("the held-out fidelity of every candidate for the report"):
+            return
         for index, candidate in enumerate(self.candidates):
             if candidate.fidelity is None and math.isfinite(candidate.latency_ms):
                 self.note("scoring candidates", 0.6, index + 1, len(self.candidates))

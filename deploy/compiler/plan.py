@@ -170,12 +170,11 @@ def most_faithful(planner: Planner, choice: Candidate, limit: float) -> Candidat
     search's steps aim at the budget's window, but a step on the way may have measured inside the budget and more
     faithful (the precision fill ranks plans by the allocator's distortion estimate, not by measured fidelity).
     Where the choice will be recovered, only its own structure's candidates compete, compared after its trial
-    recovery (before it, the pruning's damage drowns what precision changes)."""
-    planner.score_all()
-    fits = [c for c in planner.candidates if c.latency_ms <= limit and c.fidelity is not None
-            and math.isfinite(c.fidelity)]
+    recovery (before it, the pruning's damage drowns what precision changes). Only these are scored here."""
+    fits = [c for c in planner.candidates if c.latency_ms <= limit]
     if planner.trials is not None and needs_recovery(choice):
         fits = [c for c in fits if structure(c) == structure(choice)]
+    fits = [c for c in fits if math.isfinite(planner.with_fidelity(c).fidelity)]
     best = max(fits, key=lambda c: promise(planner, c), default=choice)
     return best if promise(planner, best) > promise(planner, choice) else choice
 
@@ -357,14 +356,14 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
         missed = near_miss_line(planner, choice, target, SAFE)
         if missed:
             setup.warnings.append(missed)
-        limited = planner.clock.warning()
-        if limited:
-            setup.warnings.append(limited)
     elif floor is not None:
         choice = meet_floor(planner, floor[0], floor[1], dense)
     else:
         choice = meet_size(planner, request.budget.value, dense)
     planner.score_all()  # every measured candidate gets its held-out fidelity: the report plots them all
+    limited = planner.clock.warning()
+    if limited:
+        setup.warnings.append(limited)
     budget = {"kind": request.budget.kind, "value": request.budget.value, "target_ms": target,
               "floor": list(floor) if floor else None, "described": request.budget.describe()}
     return {**decisions_for(planner, choice, budget), "search": planner.clock.summary()}, planner
