@@ -501,7 +501,8 @@ def _int8_note(row: dict[str, Any]) -> str:
     if not got:
         return ""
     again = f", timed again up to {got['again_of_budget']:.3f}x" if got["again_of_budget"] else ""
-    return f"; its pure int8 plan {got['of_budget']:.3f}x the budget{again}, validation {got['fidelity']:.4f}"
+    scored = f", validation {got['fidelity']:.4f}" if got["fidelity"] is not None else ""  # (not past the limit)
+    return f"; its pure int8 plan {got['of_budget']:.3f}x the budget{again}{scored}"
 
 
 def _matched_note(row: dict[str, Any]) -> str:
