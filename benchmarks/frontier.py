@@ -244,21 +244,20 @@ def matched_uniform(case: dict[str, Any], base: torch.nn.Module, aim: float, nnc
         return against_nncf(case, nncf, xml, "openvino", precision, 1.0)["ratio"]
 
     tried = [(0.0, ratio_at(0.0, 0))]
-    slow, fast = tried[0], (0.95, math.nan)
+    (r0, f0), (r1, f1), side = (0.0, tried[0][1] - aim), (0.95, math.nan), 0  # the slow end, the fast end
     for step in range(1, MATCH_STEPS + 1):
-        if min(abs(t[1] - aim) for t in tried) <= MATCH_NEAR * aim or slow[1] <= aim:
+        if min(abs(t[1] - aim) for t in tried) <= MATCH_NEAR * aim or f0 <= 0:
             break
-        if step == 1:
-            ratio = fast[0]
-        else:  # latency falls about linearly in the ratio; kept off the ends so each step moves one of them
-            (r0, g0), (r1, g1) = slow, fast
-            ratio = r0 + (g0 - aim) / (g0 - g1) * (r1 - r0) if g0 != g1 else (r0 + r1) / 2
-            ratio = min(max(ratio, r0 + 0.05 * (r1 - r0)), r1 - 0.05 * (r1 - r0))
+        ratio = r1 if step == 1 else r0 + f0 / (f0 - f1) * (r1 - r0)  # (Illinois: the end kept twice is halved)
+        ratio = ratio if step == 1 else min(max(ratio, r0 + 0.02 * (r1 - r0)), r1 - 0.02 * (r1 - r0))
         got = ratio_at(ratio, step)
         tried.append((ratio, got))
         if step == 1 and got > aim:  # even the largest ratio is slower: that one
             break
-        slow, fast = ((ratio, got), fast) if got > aim else (slow, (ratio, got))
+        if got > aim:
+            (r0, f0), f1, side = (ratio, got - aim), (f1 / 2 if side == 1 else f1), 1
+        else:
+            (r1, f1), f0, side = (ratio, got - aim), (f0 / 2 if side == -1 else f0), -1
     ratio, got = min(tried, key=lambda t: abs(t[1] - aim))
     return (prune_uniform(peer, ratio) if ratio > 0 else base), {"ratio": ratio, "matched_ratio": got,
                                                                  "aim": aim}
@@ -511,7 +510,8 @@ def _int8_note(row: dict[str, Any]) -> str:
     if not got:
         return ""
     again = f", timed again up to {got['again_of_budget']:.3f}x" if got["again_of_budget"] else ""
-    scored = f", validation {got['fidelity']:.4f}" if got["fidelity"] is not None else ""  # (not past the limit)
+    scored = f", validation {got['fidelity']:.4f}" if got["fidelity"] is not None else ""  # (None: the limit
+    # skipped scoring every candidate)
     return f"; its pure int8 plan {got['of_budget']:.3f}x the budget{again}{scored}"
 
 
@@ -562,12 +562,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-minutes", type=float, help="deploy compress's --search-minutes (default: none; "
                         f"{QUICK_SEARCH_MINUTES:g} with --quick)")
     parser.add_argument("--budget", type=float, help="one budget, as a multiple of NNCF int8's p50 (with --quick: "
-                        "instead of 0.5); the results go to frontier-<budget>x.json/.md, the section beside the "
-                        "main one")
+                        "instead of 0.5); the results go to frontier[-quick]-<budget>x.json/.md, the section beside "
+                        "the main one")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     which = tuple(args.case or (("minilm",) if args.quick else ("minilm", "cnn")))
-    search_minutes = args.search_minutes or (QUICK_SEARCH_MINUTES if args.quick else None)
+    search_minutes = args.search_minutes if args.search_minutes is not None else \
+        (QUICK_SEARCH_MINUTES if args.quick else None)
     result = run(args.quick, which, args.budget, search_minutes)
     command = "python benchmarks/frontier.py" + (" --quick" if args.quick else "") + \
         "".join(f" --case {c}" for c in args.case or ()) + (f" --budget {args.budget:g}" if args.budget else "") + \

@@ -547,8 +547,10 @@ def test_past_the_search_minutes_the_report_does_not_score_every_candidate(tmp_p
     request = CompressRequest(example=True, target="cpu", threads=1, out=str(tmp_path / "out"))
     planner = Planner(request, _setup(request, tmp_path / "work"))
     planner.clock = SearchClock(0.0)
+    planner.score_all()  # nothing measured: nothing skipped
+    assert planner.clock.skipped == []
     planner.candidates.append(Candidate("fp32", 0.0, {}, 1.0, None, 1.0, None))
     planner.score_all()
     assert planner.candidates[0].fidelity is None
-    assert planner.clock.skipped == ["the held-out fidelity of every candidate for the report"]
-    assert "for the report" in planner.clock.warning()
+    assert planner.clock.skipped == ["the validation score of every candidate (report)"]
+    assert "every candidate (report)" in planner.clock.warning()

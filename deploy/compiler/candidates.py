@@ -373,15 +373,15 @@ class Planner:
         self.note("measuring candidates", 0.1 + 0.5 * done / self.expected, done, self.expected, last)
         return candidate
 
-    def score_all(self) -> None:
-        """Held-out fidelity for every candidate not yet scored, so the report can plot what the search measured;
-        not past the search's time limit (the choice has scored the candidates it compared)."""
-        if self.clock.out_of_time("the held-out fidelity of every candidate for the report"):
+    def score_all(self, limited: bool = True) -> None:
+        """Validation fidelity for every candidate not yet scored, so the report can plot what the search measured;
+        `limited`: not past the search's time limit (the choice has scored the candidates it compared)."""
+        pending = [c for c in self.candidates if c.fidelity is None and math.isfinite(c.latency_ms)]
+        if not pending or (limited and self.clock.out_of_time("the validation score of every candidate (report)")):
             return
-        for index, candidate in enumerate(self.candidates):
-            if candidate.fidelity is None and math.isfinite(candidate.latency_ms):
-                self.note("scoring candidates", 0.6, index + 1, len(self.candidates))
-                self.with_fidelity(candidate)
+        for index, candidate in enumerate(pending):
+            self.note("scoring candidates", 0.6, index + 1, len(pending))
+            self.with_fidelity(candidate)
 
     def with_fidelity(self, candidate: Candidate) -> Candidate:
         if candidate.fidelity is None:

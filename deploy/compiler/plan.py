@@ -360,7 +360,7 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
         choice = meet_floor(planner, floor[0], floor[1], dense)
     else:
         choice = meet_size(planner, request.budget.value, dense)
-    planner.score_all()  # every measured candidate gets its held-out fidelity: the report plots them all
+    planner.score_all()  # every measured candidate gets its validation fidelity: the report plots them all
     limited = planner.clock.warning()
     if limited:
         setup.warnings.append(limited)
@@ -391,6 +391,6 @@ def replan_after_miss(planner: Planner, decisions: dict[str, Any], measured_ms: 
         choice = most_faithful(planner, meet_latency(owner, tighter, planner.dense, depth=False), SAFE * tighter)
     except BudgetInfeasibleError:
         return None
-    planner.score_all()
+    planner.score_all(limited=False)  # (the search's clock ran through the recovery: a handful of candidates)
     retried = {"measured_ms": measured_ms, "searched_for_ms": tighter}
     return {**decisions_for(planner, choice, budget), "retried_after_miss": retried, "search": planner.clock.summary()}
