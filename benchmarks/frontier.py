@@ -1,7 +1,7 @@
 """The latency-fidelity frontier: `deploy compress` at 1.0x, 0.75x and 0.5x of NNCF int8's p50, beside NNCF int8,
 ONNX Runtime int8, and two structured baselines at the latency deploy's fastest row measured, given the same
 recovery minutes and then NNCF int8: every other block dropped (then Torch-Pruning uniform on what is left where
-that alone is slower), and Torch-Pruning uniform (each pruning ratio bisected on its NNCF int8 model's p50, timed
+that alone is slower), and Torch-Pruning uniform (each pruning ratio searched on its NNCF int8 model's p50, timed
 interleaved with NNCF int8, to land nearest deploy's ratio; where even the largest ratio is slower, that). Models:
 all-MiniLM-L6-v2 (real weights) and a ResNet-18-width CNN trained on digits, judged on distorted digits (the
 distortion's strength is set for the trained model so that its fp32 accuracy is 90% on a draw that is not scored, so
