@@ -248,8 +248,9 @@ def matched_uniform(case: dict[str, Any], base: torch.nn.Module, aim: float, nnc
     for step in range(1, MATCH_STEPS + 1):
         if min(abs(t[1] - aim) for t in tried) <= MATCH_NEAR * aim or f0 <= 0:
             break
-        ratio = r1 if step == 1 else r0 + f0 / (f0 - f1) * (r1 - r0)  # (Illinois: the end kept twice is halved)
-        ratio = ratio if step == 1 else min(max(ratio, r0 + 0.02 * (r1 - r0)), r1 - 0.02 * (r1 - r0))
+        ratio = r1  # the largest first
+        if step > 1:  # regula falsi, kept inside the bracket (Illinois: the end kept twice is halved)
+            ratio = min(max(r0 + f0 / (f0 - f1) * (r1 - r0), r0 + 0.02 * (r1 - r0)), r1 - 0.02 * (r1 - r0))
         got = ratio_at(ratio, step)
         tried.append((ratio, got))
         if step == 1 and got > aim:  # even the largest ratio is slower: that one

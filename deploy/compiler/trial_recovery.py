@@ -45,7 +45,7 @@ def structure(candidate: Candidate) -> tuple[Any, ...]:
 
 
 def needs_recovery(candidate: Candidate) -> bool:
-    return bool(candidate.blocks or any(int(v) > 0 for v in candidate.removed.values()) or candidate.ranks)
+    return any(structure(candidate))  # blocks dropped, units removed or ranks
 
 
 def promise(planner: Any, candidate: Candidate) -> tuple[float, float]:
