@@ -554,3 +554,36 @@ def test_past_the_search_minutes_the_report_does_not_score_every_candidate(tmp_p
     assert planner.candidates[0].fidelity is None
     assert planner.clock.skipped == ["the validation score of every candidate (report)"]
     assert "every candidate (report)" in planner.clock.warning()
+
+
+def test_a_timed_level_smooths_every_tensor_it_may_at_one_alpha(tmp_path):
+    """Choosing SmoothQuant's alpha per tensor is a third of a timed level's calibration and does not move its
+    latency: a level the search only times smooths every tensor it may at one alpha, so its graph has a SmoothQuant
+    Mul wherever the full calibration may put one (never fewer: what is timed is not faster than what is applied)."""
+    from types import SimpleNamespace
+
+    import onnx
+
+    from deploy.compiler.quant_settings import quant_config
+    from deploy.compress.families import calibrated, export_labelled
+    from deploy.core.data import from_tensors
+    from deploy.core.spec import InputSpec
+    from deploy.examples.tiny_bert import example_inputs, tiny_bert
+    from deploy.targets.target import resolve
+
+    model = tiny_bert().eval()
+    calibration = from_tensors([example_inputs(seed=i) for i in range(24)])
+    inputs = [InputSpec("input_ids", (1, 16), "int64"), InputSpec("attention_mask", (1, 16), "int64")]
+    target = resolve("cpu-openvino", threads=1)
+    request, setup = SimpleNamespace(precisions=("fp32", "int8")), SimpleNamespace(target=target)
+    muls = []
+    for timing in (True, False):
+        prep = calibrated(model, inputs, calibration, target, quant_config(request, setup, True, timing))
+        chosen = [r["smooth_alpha"] for r in prep.calibration.values() if "smooth_alpha" in r]
+        assert bool(chosen) != timing  # the alphas are chosen per tensor only where the calibration is full
+        labels = {n: next(o for o in opts if not o.is_float).label for n, opts in prep.spaces.items()}
+        export_labelled(prep, model, inputs, labels, tmp_path / f"{timing}.onnx")
+        muls.append({n.output[0] for n in onnx.load(str(tmp_path / f"{timing}.onnx")).graph.node
+                     if n.name.endswith("SmoothQuant/Mul")})
+    timed, full = muls
+    assert timed and full <= timed

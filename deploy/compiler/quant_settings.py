@@ -19,10 +19,13 @@ def quant_config(request: Any, setup: Any, search: bool = False, timing: bool = 
     738 s instead of 1634 s on the distorted-digits CNN, 1226 s instead of 1601 s on all-MiniLM-L6-v2.
 
     `timing`: a pruned level the search times, in a plan that will be recovered. Its ranges come from 32 samples by
-    min-max and its bias correction from 16: the graph (where Q/DQ and SmoothQuant's Mul sit) is what is timed,
-    and it is the same, while how faithful the level is gets judged after its trial recovery, calibrated afresh.
-    all-MiniLM-L6-v2's calibration then takes 8-10 s instead of 19-28 s (2 threads), and its level searches
-    calibrate at each step."""
+    min-max and its bias correction from 16, and SmoothQuant smooths every tensor it may at one alpha instead of
+    choosing per tensor (`search_smoothing`, a third of a level's calibration): the graph is what is timed, and it
+    is the same but for a SmoothQuant Mul where the full calibration may leave a tensor alone (all-MiniLM-L6-v2's
+    all-int8 graph with a Mul on every smoothable tensor timed 1.005x the searched one's, 95% CI 0.99-1.02, so
+    what is timed is not faster than what is applied), while how faithful the level is gets judged after its trial
+    recovery, calibrated afresh. all-MiniLM-L6-v2's calibration then takes 3-4 s (9 s choosing the alphas, 19-28 s
+    fully; 2 threads), and its level searches calibrate at each step."""
     from deploy.compress.quant.api import QuantizeConfig
 
     bits = tuple(b for b, p in ((8, "int8"), (4, "int4")) if p in request.precisions) or (8,)
@@ -34,6 +37,6 @@ def quant_config(request: Any, setup: Any, search: bool = False, timing: bool = 
     calibration = dataclasses.replace(fast.calibration, gptq=fast.calibration.gptq and not (search or timing))
     if timing:
         calibration = dataclasses.replace(calibration, batches=TIMING_BATCHES, methods=("minmax",),
-                                          bias_samples=TIMING_BIAS_SAMPLES)
+                                          bias_samples=TIMING_BIAS_SAMPLES, smooth_alphas=())
     return QuantizeConfig.fast(space=dataclasses.replace(fast.space, weight_bits=bits, granularities=grans,
                                                         float_precisions=floats), calibration=calibration)
