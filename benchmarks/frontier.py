@@ -454,8 +454,11 @@ def _machine_line(case: dict[str, Any]) -> str:
            "NNCF int8 (the reference, and the baselines' int8) is NNCF's default, its overflow fix on the first "
            f"layer only; '{NNCF_ALL}' is the row with it everywhere.") if case.get("saturating") else ""
     amx = {True: " with AMX (bf16 and int8 matrix units)", False: " without AMX"}.get(case.get("amx"), "")
+    blocks = {r["vs_nncf"].get("blocks", 1) for r in case["rows"].values() if "vs_nncf" in r}
+    timed = "" if blocks == {BLOCKS} else \
+        " Timed before the blocks: each row against NNCF int8 in one compiled pair, the budget's basis too."
     return (f"Machine: {case['cpu']}{amx}; profile {case['target']}; float layers in {case['precision']} "
-            f"(NNCF int8 and fp32 too).{fix}")
+            f"(NNCF int8 and fp32 too).{fix}{timed}")
 
 
 def _case_md(case: dict[str, Any]) -> list[str]:

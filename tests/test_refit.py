@@ -115,3 +115,24 @@ def test_the_prune_pass_uses_lent_moments_and_builds_the_same_model(monkeypatch)
     with torch.no_grad():
         for sample in samples:
             torch.testing.assert_close(state.module(*sample), own(*sample), atol=1e-6, rtol=1e-5)
+
+
+def test_moments_collected_in_batches_equal_the_float64_moments_of_each_sample():
+    """The moments are collected in batches of equal shapes (a sample of another length starts a new batch), each
+    batch's product in float32: they equal the float64 sum over samples of each one's unpadded positions."""
+    import deploy.compress.prune.refit as refit
+
+    model, samples, units, _ = _setup()
+    longer = [tuple(torch.cat([t, t], 1) for t in sample) for sample in samples[:3]]
+    mixed = samples[:5] + longer + samples[5:]
+    layers = readers(model, units)
+    batched = InputMoments.collect(model, layers, mixed, NAMES)
+    assert set(batched.moments) == set(layers)
+    for name in layers:
+        want = 0
+        for x, mask in _layer_inputs(model, name, mixed):
+            rows = x.double().reshape(-1, x.shape[-1])[mask.reshape(-1) > 0]
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+            want = want + rows.T @ rows
+        torch.testing.assert_close(batched.moments[name], want, rtol=1e-5, atol=1e-5)
+    assert [t[0].shape[0] for t in refit._batches(mixed, 4)] == [4, 1, 3, 4, 3]

@@ -587,3 +587,29 @@ def test_a_timed_level_smooths_every_tensor_it_may_at_one_alpha(tmp_path):
                      if n.name.endswith("SmoothQuant/Mul")})
     timed, full = muls
     assert timed and full <= timed
+
+
+def test_a_depth_mix_that_would_end_past_the_search_minutes_is_not_started(monkeypatch):
+    """Under a limit, a depth mix (or the uniform allocation of the best one) is started only where it would end
+    inside the limit if it took as long as the mix before it: the search stops near its limit, not one whole mix
+    past it."""
+    import time
+
+    import deploy.compiler.plan as ps
+    from deploy.compiler.search_clock import SearchClock
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    planner = MixingPlanner()
+    planner.trials = FakeTrials({})
+    planner.clock = SearchClock(70 / 60)  # a mix takes 40 s: the second would end at 80 s
+
+    def levels(mix, budget, window, dense):
+        now[0] += 40.0
+        return mix.evaluate(max(0.0, 0.8 - 0.3 * len(mix.blocks)), None, "mix level")
+
+    monkeypatch.setattr(ps, "_levels_for_latency", levels)
+    mixed = ps._depth_mixes(planner, 4.0, (FILL * 4.0, SAFE * 4.0), None)
+    assert mixed.blocks == ("b0",) and now[0] == 1040.0  # one mix run, inside the limit
+    assert planner.clock.skipped == ["depth mixes of 2 or more blocks dropped",
+                                     "the best depth mix allocated uniformly"]

@@ -30,6 +30,7 @@ from deploy.compress.prune.units import PruneUnit, element_channels
 SHRINK = 0.5  # ridge strength towards the original weights, as a share of the mean input power
 MAX_INPUTS = 4096  # wider inputs are not refit (the second moments would take (n + 1)^2 doubles)
 MAX_SAMPLES = 512  # calibration samples the second moments are collected on
+COLLECT_BATCH = 16  # samples per forward pass while collecting them
 
 
 def consumer_channels(module: nn.Module, units: Iterable[PruneUnit], removal: Mapping[str, torch.Tensor]
@@ -68,26 +69,30 @@ class InputMoments:
     @classmethod
     def collect(cls, module: nn.Module, layers: Sequence[str], samples: Sequence[tuple[torch.Tensor, ...]],
                 input_names: Sequence[str]) -> "InputMoments":
+        """The moments over `samples` (the first MAX_SAMPLES), run in batches of equal shapes (COLLECT_BATCH): each
+        batch's product in float32, summed in float64. Sample by sample in float64, all-MiniLM-L6-v2's 12 readers
+        over 256 samples took 14 s, 5.6 s of it the forward passes."""
         mask_at = list(input_names).index("attention_mask") if "attention_mask" in input_names else None
         sums: dict[str, torch.Tensor] = {}
         current: dict[str, torch.Tensor | None] = {"mask": None}
 
         def hook(name: str):
             def record(_layer: nn.Module, args: tuple) -> None:
-                x = args[0].detach().double()
-                rows = torch.cat([x.reshape(-1, x.shape[-1]), torch.ones(x[..., :1].numel(), 1, dtype=x.dtype)], 1)
+                x = args[0].detach().float()
+                flat = x.reshape(-1, x.shape[-1])
                 mask = current["mask"]
                 if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-                    rows = rows[mask.reshape(-1) > 0]
-                sums[name] = sums.get(name, 0) + rows.T @ rows
+                    flat = flat[mask.reshape(-1) > 0]
+                rows = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], 1)
+                sums[name] = sums.get(name, 0) + (rows.T @ rows).double()
             return record
 
         handles = [module.get_submodule(name).register_forward_pre_hook(hook(name)) for name in layers]
         try:
             with torch.no_grad():
-                for sample in list(samples)[:MAX_SAMPLES]:
-                    current["mask"] = sample[mask_at] if mask_at is not None else None
-                    module(*sample)
+                for batch in _batches(list(samples)[:MAX_SAMPLES], COLLECT_BATCH):
+                    current["mask"] = batch[mask_at] if mask_at is not None else None
+                    module(*batch)
         finally:
             for handle in handles:
                 handle.remove()
@@ -150,3 +155,15 @@ def write_refit(module: nn.Module, moments: InputMoments, units: Iterable[PruneU
                     written.append((param, param.detach().clone()))
                     param.data.copy_(value)
     return written
+
+
+def _batches(samples: list[tuple[torch.Tensor, ...]], size: int) -> Iterable[tuple[torch.Tensor, ...]]:
+    """Consecutive samples of equal shapes concatenated along the batch dimension, at most `size` at a time."""
+    group: list[tuple[torch.Tensor, ...]] = []
+    for sample in samples:
+        if group and (len(group) == size or [t.shape[1:] for t in sample] != [t.shape[1:] for t in group[0]]):
+            yield tuple(torch.cat(parts) for parts in zip(*group))
+            group = []
+        group.append(sample)
+    if group:
+        yield tuple(torch.cat(parts) for parts in zip(*group))

@@ -34,6 +34,7 @@ validation split is the answer (`most_faithful`). Fidelity floors and size budge
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable
 
 from deploy.compiler.candidate import Candidate, decisions_for, structure_of
@@ -140,12 +141,13 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
     that needs no width pruning (dropping more only loses fidelity) and after two mixes in a row that were no
     better. Mixes are compared before the fill (`_refined`), as the other structures are. `needed` (nothing else
     fits): the search's time limit stops them only once one fits."""
-    worse, mix = 0, None
+    worse, mix, took = 0, None, 0.0  # took: the last mix's seconds, what the next is expected to take
     order = [name for name, _ in planner.drop_order()]
     for count in range(1, len(order) + 1):
         if (mix is not None or not needed) \
-                and planner.clock.out_of_time(f"depth mixes of {count} or more blocks dropped"):
+                and planner.clock.out_of_time(f"depth mixes of {count} or more blocks dropped", took):
             break
+        began = time.monotonic()
         try:
             cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense)
         except BudgetInfeasibleError:
@@ -154,9 +156,11 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
             mix, worse = cand, 0
         else:
             worse += 1
+        took = time.monotonic() - began
         if cand.level <= 0 or worse >= 2:
             break
-    if mix is not None and mix.level > 0 and not planner.clock.out_of_time("the best depth mix allocated uniformly"):
+    if mix is not None and mix.level > 0 \
+            and not planner.clock.out_of_time("the best depth mix allocated uniformly", took):
         # the best mix's width pruning allocated uniformly, as for no blocks
         uniform = _uniform_of(planner, budget, window, dense, mix)
         if uniform is not None and more_promising(planner, uniform, mix):
