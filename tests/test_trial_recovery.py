@@ -590,9 +590,9 @@ def test_a_timed_level_smooths_every_tensor_it_may_at_one_alpha(tmp_path):
 
 
 def test_a_depth_mix_that_would_end_past_the_search_minutes_is_not_started(monkeypatch):
-    """Under a limit, a depth mix (or the uniform allocation of the best one) is started only where it would end
-    inside the limit if it took as long as the mix before it: the search stops near its limit, not one whole mix
-    past it."""
+    """Under a limit, a step (here a depth mix, then the uniform allocation of the best one) is started only where
+    it would end inside the limit if it took as long as the last structure weighed: the search stops near its
+    limit, not one whole step past it."""
     import time
 
     import deploy.compiler.plan as ps

@@ -34,7 +34,6 @@ validation split is the answer (`most_faithful`). Fidelity floors and size budge
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Callable
 
 from deploy.compiler.candidate import Candidate, decisions_for, structure_of
@@ -68,7 +67,8 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
     if planner.trials is not None:
         planner.trials.begin()
     try:
-        structured = _levels_for_latency(planner, budget, window, dense)
+        with planner.clock.step():
+            structured = _levels_for_latency(planner, budget, window, dense)
     except BudgetInfeasibleError as error:
         found = [c for c in (_lowrank_for_latency(planner, window, dense, needed=True),
                              _depth_mixes(planner, budget, window, dense, needed=True) if depth else None)
@@ -100,8 +100,9 @@ def _uniform_allocation(planner: Planner, budget: float, window: tuple[float, fl
     recovered to 0.65 held-out top-1 agreement, the uniform plan at fewer MACs to 0.90)."""
     if planner.clock.out_of_time("the uniform allocation"):
         return None
-    uniform = _uniform_of(planner, budget, window, dense, best)
-    return uniform if uniform is not None and more_promising(planner, uniform, best) else best
+    with planner.clock.step():
+        uniform = _uniform_of(planner, budget, window, dense, best)
+        return uniform if uniform is not None and more_promising(planner, uniform, best) else best
 
 
 def _uniform_of(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
@@ -141,30 +142,24 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
     that needs no width pruning (dropping more only loses fidelity) and after two mixes in a row that were no
     better. Mixes are compared before the fill (`_refined`), as the other structures are. `needed` (nothing else
     fits): the search's time limit stops them only once one fits."""
-    worse, mix, took = 0, None, 0.0  # took: the last mix's seconds, what the next is expected to take
+    worse, mix = 0, None
     order = [name for name, _ in planner.drop_order()]
     for count in range(1, len(order) + 1):
         if (mix is not None or not needed) \
-                and planner.clock.out_of_time(f"depth mixes of {count} or more blocks dropped", took):
+                and planner.clock.out_of_time(f"depth mixes of {count} or more blocks dropped"):
             break
-        began = time.monotonic()
-        try:
-            cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense)
-        except BudgetInfeasibleError:
-            continue
-        if mix is None or more_promising(planner, cand, mix):
-            mix, worse = cand, 0
-        else:
-            worse += 1
-        took = time.monotonic() - began
+        with planner.clock.step():
+            try:
+                cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense)
+            except BudgetInfeasibleError:
+                continue
+            mix, worse = (cand, 0) if mix is None or more_promising(planner, cand, mix) else (mix, worse + 1)
         if cand.level <= 0 or worse >= 2:
             break
-    if mix is not None and mix.level > 0 \
-            and not planner.clock.out_of_time("the best depth mix allocated uniformly", took):
-        # the best mix's width pruning allocated uniformly, as for no blocks
-        uniform = _uniform_of(planner, budget, window, dense, mix)
-        if uniform is not None and more_promising(planner, uniform, mix):
-            mix = uniform
+    if mix is not None and mix.level > 0 and not planner.clock.out_of_time("the best depth mix allocated uniformly"):
+        with planner.clock.step():  # the best mix's width pruning allocated uniformly, as for no blocks
+            uniform = _uniform_of(planner, budget, window, dense, mix)
+            mix = uniform if uniform is not None and more_promising(planner, uniform, mix) else mix
     return mix
 
 
