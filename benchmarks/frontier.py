@@ -17,7 +17,7 @@ recover as for the baselines). Fidelity: MiniLM, cosine of mean-pooled embedding
 top-1 agreement with fp32, KL(fp32 || model), logit SQNR and accuracy. A paired bootstrap 95% CI of each row's
 difference to NNCF int8 in the per-sample metric (pooled cosine and nearest-neighbour agreement; top-1 agreement). Latency: every row timed
 interleaved with NNCF int8 in this run (OpenVINO, the target's float precision, 2 threads; the ONNX Runtime row in
-ONNX Runtime), in 6 blocks that each compile both models afresh (as deploy's final measurement), the ratio of
+ONNX Runtime), in blocks that each compile both models afresh (as deploy's final measurement), the ratio of
 medians with its 95% CI. deploy is asked for its budget as a speed-up over the fp32
 model (`--speedup`: fp32's p50 over NNCF int8's, timed interleaved, divided by the multiple), so it plans on ratios
 timed interleaved and the machine's drift between NNCF's timing and deploy's search does not move the budget (asked
@@ -59,7 +59,6 @@ from quantization import SEQ, timing_config  # noqa: E402
 TARGET = "cpu-openvino"  # this CPU's OpenVINO profile (AVX-512 VNNI or AVX2), measured here, never predicted
 THREADS = 2
 N_CAL = 256
-BLOCKS = 6  # blocks of every timed row and of the budget's basis (deploy's final measurement: FINAL_BLOCKS)
 QUICK_SEARCH_MINUTES = 5.0  # --quick's plan search limit: all-MiniLM-L6-v2's 0.5x search weighs its depth mixes
 # (first at that depth) inside it and chose the unlimited search's structure; unlimited, the quick run took 20 min
 N_REPORT = 64  # samples deploy's own report is scored on (`--held-out`), disjoint from calibration and the scored
@@ -161,13 +160,15 @@ def scores(case: dict[str, Any], reference: torch.Tensor, got: torch.Tensor, sam
 
 
 def against_nncf(case: dict[str, Any], nncf: Path, path: Path, runtime: str, precision: str | None,
-                 seconds: float, blocks: int = BLOCKS) -> dict[str, Any]:
-    """`path` (in `runtime`) timed interleaved with `nncf` (OpenVINO): ratio of medians, 95% CI, in `blocks` blocks
-    that each compile both models afresh, as deploy's final measurement does (one compiled pair reused is a single
-    placement: the trained CNN's fp32 / NNCF int8 measured 1.23-1.38 over three such pairs, each CI +-2%, and 1.55 in
-    a full run, which asked deploy for a 0.5x budget 1.2x too tight)."""
+                 seconds: float, fresh: bool = True) -> dict[str, Any]:
+    """`path` (in `runtime`) timed interleaved with `nncf` (OpenVINO): ratio of medians, 95% CI. `fresh`: in
+    FINAL_BLOCKS blocks that each compile both models afresh, as deploy's final measurement does (one compiled pair
+    is one placement: the trained CNN's fp32 / NNCF int8 measured 1.23-1.38 over three such pairs, each CI +-2%,
+    and 1.55 in a full run, which asked deploy for a 0.5x budget 1.2x too tight); else one compiled pair (a
+    matching step, which the row's own timing then checks)."""
     from dataclasses import replace
 
+    from deploy.compiler.apply import FINAL_BLOCKS
     from deploy.targets.measure.feeds import make_feeds
     from deploy.targets.measure.paired import measure_blocks, reuse
     from deploy.targets.runners.registry import get_runner
@@ -176,11 +177,14 @@ def against_nncf(case: dict[str, Any], nncf: Path, path: Path, runtime: str, pre
     prepare_a = lambda: get_runner("openvino", THREADS, precision).prepare(nncf, feeds)  # noqa: E731
     prepare_b = lambda: get_runner(runtime, THREADS, precision if runtime == "openvino" else None  # noqa: E731
                                    ).prepare(path, feeds)
-    if blocks == 1:
+    config = timing_config(seconds)
+    if fresh:
+        config = replace(config, blocks=FINAL_BLOCKS)
+    else:
         prepare_a, prepare_b = reuse(prepare_a()), reuse(prepare_b())
-    _, _, cmp = measure_blocks(prepare_a, prepare_b, replace(timing_config(seconds), blocks=blocks))
+    _, _, cmp = measure_blocks(prepare_a, prepare_b, config)
     return {"nncf_ms": cmp.median_a, "ms": cmp.median_b, "ratio": cmp.ratio, "ratio_ci": [cmp.ci_low, cmp.ci_high],
-            "blocks": blocks}
+            "fresh_blocks": config.blocks if fresh else 0}
 
 
 def export(case: dict[str, Any], module: torch.nn.Module, path: Path) -> Path:
@@ -252,7 +256,7 @@ def matched_uniform(case: dict[str, Any], base: torch.nn.Module, aim: float, nnc
         model = prune_uniform(peer, ratio) if ratio > 0 else base
         onnx = export(case, model, folder / f"{tag}-{step}.onnx")
         xml = nncf_int8(case, onnx, folder / f"{tag}-{step}.xml", MATCH_SAMPLES)
-        return against_nncf(case, nncf, xml, "openvino", precision, 1.0, blocks=1)["ratio"]  # a step, not a row
+        return against_nncf(case, nncf, xml, "openvino", precision, 1.0, fresh=False)["ratio"]  # a step, not a row
 
     tried = [(0.0, ratio_at(0.0, 0))]
     (r0, f0), (r1, f1), side = (0.0, tried[0][1] - aim), (0.95, math.nan), 0  # the slow end, the fast end
@@ -454,8 +458,8 @@ def _machine_line(case: dict[str, Any]) -> str:
            "NNCF int8 (the reference, and the baselines' int8) is NNCF's default, its overflow fix on the first "
            f"layer only; '{NNCF_ALL}' is the row with it everywhere.") if case.get("saturating") else ""
     amx = {True: " with AMX (bf16 and int8 matrix units)", False: " without AMX"}.get(case.get("amx"), "")
-    blocks = {r["vs_nncf"].get("blocks", 1) for r in case["rows"].values() if "vs_nncf" in r}
-    timed = "" if blocks == {BLOCKS} else \
+    fresh = [r["vs_nncf"].get("fresh_blocks", 0) for r in case["rows"].values() if "vs_nncf" in r]
+    timed = "" if fresh and all(fresh) else \
         " Timed before the blocks: each row against NNCF int8 in one compiled pair, the budget's basis too."
     return (f"Machine: {case['cpu']}{amx}; profile {case['target']}; float layers in {case['precision']} "
             f"(NNCF int8 and fp32 too).{fix}{timed}")
@@ -469,7 +473,7 @@ def _case_md(case: dict[str, Any]) -> list[str]:
             f"{m} (- NNCF, 95% CI)" if m == "nn_agreement" else m for m in metrics[1:]]
     head += ["tool s", "notes"]
     lines = [f"### {case['title']}", "", f"Command: `{case['command']}`; {case['date']}; wall time "
-             f"{case['wall_min']:.0f} min (of the whole command)." + (f" {case['caveat']}" if case.get("caveat") else ""),
+             f"{case['wall_min']:.1f} min (of the whole command)." + (f" {case['caveat']}" if case.get("caveat") else ""),
              "", _machine_line(case), "",
              f"NNCF int8 p50 {case['nncf_ms']:.3f} ms; recovery {case['recovery_minutes']:g} min; scored on "
              + ", ".join(f"{n} {name}" for name, n in case["sets"].items()) + "."

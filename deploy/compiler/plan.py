@@ -67,8 +67,10 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
     if planner.trials is not None:
         planner.trials.begin()
     try:
-        with planner.clock.step():
+        with planner.clock.step():  # a structure's step: its level search and its trial (every later one's too)
             structured = _levels_for_latency(planner, budget, window, dense)
+            if structured.level > 0:
+                promise(planner, structured)
     except BudgetInfeasibleError as error:
         found = [c for c in (_lowrank_for_latency(planner, window, dense, needed=True),
                              _depth_mixes(planner, budget, window, dense, needed=True) if depth else None)
@@ -92,13 +94,14 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
 
 
 def _uniform_allocation(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
-                        best: Candidate) -> Candidate | None:
-    """The same pruning with one ratio for every unit (its level found as in `_levels_for_latency`), kept where it
-    is more faithful than the DP's `best` (both at the fastest precisions); None past the search's time limit. The
-    DP spreads the cuts by each unit's distortion measured alone before recovery; far from dense that stops
-    predicting what recovery brings back (the distorted-digits ResNet at 0.5x NNCF's latency: the DP's plan
-    recovered to 0.65 held-out top-1 agreement, the uniform plan at fewer MACs to 0.90)."""
-    if planner.clock.out_of_time("the uniform allocation"):
+                        best: Candidate, what: str = "the uniform allocation") -> Candidate | None:
+    """The same pruning (`best`'s blocks dropped) with one ratio for every unit (its level found as in
+    `_levels_for_latency`), kept where it is more faithful than the DP's `best` (both at the fastest precisions);
+    None where the search's time limit stops the step (`what`). The DP spreads the cuts by each unit's distortion
+    measured alone before recovery; far from dense that stops predicting what recovery brings back (the
+    distorted-digits ResNet at 0.5x NNCF's latency: the DP's plan recovered to 0.65 held-out top-1 agreement, the
+    uniform plan at fewer MACs to 0.90)."""
+    if planner.clock.out_of_time(what):
         return None
     with planner.clock.step():
         uniform = _uniform_of(planner, budget, window, dense, best)
@@ -153,13 +156,13 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
                 cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense)
             except BudgetInfeasibleError:
                 continue
+            if mix is None:  # its trial, as a later mix's in the comparison
+                promise(planner, cand)
             mix, worse = (cand, 0) if mix is None or more_promising(planner, cand, mix) else (mix, worse + 1)
         if cand.level <= 0 or worse >= 2:
             break
-    if mix is not None and mix.level > 0 and not planner.clock.out_of_time("the best depth mix allocated uniformly"):
-        with planner.clock.step():  # the best mix's width pruning allocated uniformly, as for no blocks
-            uniform = _uniform_of(planner, budget, window, dense, mix)
-            mix = uniform if uniform is not None and more_promising(planner, uniform, mix) else mix
+    if mix is not None and mix.level > 0:  # the best mix's width pruning allocated uniformly, as for no blocks
+        mix = _uniform_allocation(planner, budget, window, dense, mix, "the best depth mix allocated uniformly") or mix
     return mix
 
 

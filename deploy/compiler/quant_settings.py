@@ -20,7 +20,7 @@ def quant_config(request: Any, setup: Any, search: bool = False, timing: bool = 
 
     `timing`: a pruned level the search times, in a plan that will be recovered. Its ranges come from 32 samples by
     min-max and its bias correction from 16, and SmoothQuant smooths every tensor it may at one alpha instead of
-    choosing per tensor (`search_smoothing`, a third of a level's calibration): the graph is what is timed, and it
+    choosing per tensor (`search_smoothing`, two thirds of a level's calibration): the graph is what is timed, and it
     is the same but for a SmoothQuant Mul where the full calibration may leave a tensor alone (all-MiniLM-L6-v2's
     all-int8 graph with a Mul on every smoothable tensor timed 1.005x the searched one's, 95% CI 0.99-1.02, so
     what is timed is not faster than what is applied), while how faithful the level is gets judged after its trial

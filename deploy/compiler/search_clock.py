@@ -1,7 +1,8 @@
 """The plan search's time limit (`--search-minutes`). The steps that find the first plan inside the budget always run
 (the dense model, its fastest precisions, the pruning level); the exploration after them (other allocations, low
 rank, depth mixes, trial rounds, the precision fill, the alternation) is skipped where the limit would pass before
-it ends if it took as long as the last structure weighed (`step`), and what was skipped is reported. Started as
+it ends if it took as long as the longest structure weighed so far (`step`: a pruning level's, a depth mix's or
+an allocation's level search and trial), and what was skipped is reported. Started as
 long as the limit had not passed, a step ran to its end: all-MiniLM-L6-v2's depth mixes and trial rounds take about
 a minute each, and a 5-minute limit ran its search to 5.9-6.2 minutes. The best candidate measured so far is the
 answer, so a limit trades fidelity for a predictable compile time and never leaves the budget unmet."""
@@ -19,10 +20,10 @@ class SearchClock:
         self.minutes = minutes
         self.started = time.monotonic()
         self.skipped: list[str] = []  # what the limit left untried, in the order the search came to it
-        self.step_s = 0.0  # the last structure's seconds: what a step about to start is expected to take
+        self.step_s = 0.0  # the longest structure's seconds: what a step about to start is expected to take
 
     def out_of_time(self, what: str) -> bool:
-        """Whether the limit has passed, or will have before a step as long as the last structure ends; if so
+        """Whether the limit has passed, or will have before a step as long as the longest structure ends; if so
         `what` (the step about to start) is recorded as skipped."""
         if self.minutes is None or time.monotonic() - self.started + self.step_s < 60.0 * self.minutes:
             return False
@@ -32,12 +33,13 @@ class SearchClock:
 
     @contextmanager
     def step(self) -> Iterator[None]:
-        """Times one structure weighed (its level search, its comparison): what later steps are expected to take."""
+        """Times one structure weighed: what later steps are expected to take (the longest so far: a mix whose
+        level search found nothing inside the budget took a few seconds)."""
         began = time.monotonic()
         try:
             yield
         finally:
-            self.step_s = time.monotonic() - began
+            self.step_s = max(self.step_s, time.monotonic() - began)
 
     def summary(self) -> dict[str, object]:
         """For report.json: the limit, the search's seconds so far, and what it skipped."""
