@@ -151,14 +151,14 @@ def _depth_mixes(planner: Planner, budget: float, window: tuple[float, float], d
         if (mix is not None or not needed) \
                 and planner.clock.out_of_time(f"depth mixes of {count} or more blocks dropped"):
             break
-        with planner.clock.step():
-            try:
+        try:
+            with planner.clock.step():
                 cand = _levels_for_latency(planner.mix(tuple(order[:count])), budget, window, dense)
-            except BudgetInfeasibleError:
-                continue
-            if mix is None:  # its trial, as a later mix's in the comparison
-                promise(planner, cand)
-            mix, worse = (cand, 0) if mix is None or more_promising(planner, cand, mix) else (mix, worse + 1)
+                if mix is None:  # its trial, as a later mix's in the comparison
+                    promise(planner, cand)
+                mix, worse = (cand, 0) if mix is None or more_promising(planner, cand, mix) else (mix, worse + 1)
+        except BudgetInfeasibleError:
+            continue
         if cand.level <= 0 or worse >= 2:
             break
     if mix is not None and mix.level > 0:  # the best mix's width pruning allocated uniformly, as for no blocks
