@@ -125,7 +125,8 @@ def cnn(quick: bool, cache: Path) -> dict[str, Any]:
             "sets": {"distorted held-out digits": (held_out, test_y)},
             "every_other": [f"layer{i}.1" for i in range(1, 5)],
             "tp_roots": _all_but_final("fc"), "tp_scope": "every conv's channels", "transformer": False,
-            "metrics": ("top1_agreement", "kl", "sqnr_db", "accuracy"), "test_scale": scale}
+            "metrics": ("top1_agreement", "kl", "sqnr_db", "accuracy"), "test_scale": scale,
+            "fresh_match": True}  # its matching steps in fresh blocks: see `matched_uniform`
 
 
 # --- building and measuring the rows -------------------------------------------------------------------------------
@@ -245,7 +246,10 @@ def matched_uniform(case: dict[str, Any], base: torch.nn.Module, aim: float, nnc
     of the dense model (interleaved, OpenVINO): regula falsi on the ratio in [0, 0.95] (the largest first: can the
     aim be reached at all?), stopping within MATCH_NEAR of the aim (bisection took all its steps: 7 NNCF models of
     every other block of all-MiniLM-L6-v2, a minute of a 16-minute quick run); ratio 0 where `base` is not slower
-    than the aim."""
+    than the aim. A step is timed in one compiled pair (MiniLM's steps landed within 1.4% of the aim), or, where
+    the case says `fresh_match`, in fresh blocks as the row is: the sub-millisecond CNN's one pair is one
+    placement (its Torch-Pruning row, matched at 0.468x in one pair for an aim of 0.447x, timed 0.489x as a
+    row), and its compiles take milliseconds."""
     from deploy.targets.measure.feeds import make_feeds
     from peers import prune_uniform
 
@@ -256,7 +260,8 @@ def matched_uniform(case: dict[str, Any], base: torch.nn.Module, aim: float, nnc
         model = prune_uniform(peer, ratio) if ratio > 0 else base
         onnx = export(case, model, folder / f"{tag}-{step}.onnx")
         xml = nncf_int8(case, onnx, folder / f"{tag}-{step}.xml", MATCH_SAMPLES)
-        return against_nncf(case, nncf, xml, "openvino", precision, 1.0, fresh=False)["ratio"]  # a step, not a row
+        return against_nncf(case, nncf, xml, "openvino", precision, 1.0, fresh=case.get("fresh_match", False)
+                            )["ratio"]
 
     tried = [(0.0, ratio_at(0.0, 0))]
     (r0, f0), (r1, f1), side = (0.0, tried[0][1] - aim), (0.95, math.nan), 0  # the slow end, the fast end
