@@ -36,7 +36,8 @@ class PruneFamily:
                                      PruneConfig(budget_kind="macs", samples=64), cache_dir)
 
     def uniform(self) -> "PruneFamily":
-        """The same problem with one ratio for every unit (level x the grid's largest ratio)."""
+        """The same problem with one ratio for every unit (level x the grid's largest ratio), graded between the
+        units' legal options so that the cost follows the level (`uniform_plan`)."""
         view = copy.copy(self)
         view.allocation = "uniform"
         return view
@@ -47,7 +48,7 @@ class PruneFamily:
         if self.allocation == "uniform":
             from deploy.compress.prune.baselines import uniform_plan
 
-            return uniform_plan(self.problem, min(level, 1.0) * max(self.problem.config.grid))
+            return uniform_plan(self.problem, min(level, 1.0) * max(self.problem.config.grid), graded=True)
         from deploy.compress.prune.api import plan_dp
 
         least = self.problem.cost.of_plan(self.problem.max_plan())

@@ -112,6 +112,27 @@ def test_global_and_uniform_baselines_respect_the_budget(cnn_problem):
         assert report.measured_distortion > 0
 
 
+def test_graded_uniform_plans_follow_the_ratio_where_nearest_rounding_jumps(cnn_problem):
+    """The planner's uniform allocation: between two legal options the units go deeper one at a time, so the cost
+    falls in small steps with the ratio instead of all units jumping at once."""
+    from deploy.compress.prune.baselines import uniform_plan
+
+    ratios = [i / 200 for i in range(0, 176)]
+    cost = cnn_problem.costs.predicted
+    graded = [uniform_plan(cnn_problem, r, graded=True) for r in ratios]
+    nearest = [uniform_plan(cnn_problem, r) for r in ratios]
+    options = {u.name: u.options for u in cnn_problem.units}
+    assert all(n in options[name] for plan in graded for name, n in plan.items())
+    distinct = lambda plans: len({tuple(sorted(p.items())) for p in plans})  # noqa: E731
+    assert distinct(graded) > distinct(nearest)
+    jumps = lambda plans: max(abs(cost(a) - cost(b)) for a, b in zip(plans, plans[1:]))  # noqa: E731
+    assert jumps(graded) < 0.75 * jumps(nearest)
+    costs = [cost(p) for p in graded]
+    step = max(abs(a - b) for deltas in cnn_problem.costs.deltas.values() for a, b in zip(deltas, deltas[1:]))
+    assert all(b <= a + step for a, b in zip(costs, costs[1:]))  # falls with the ratio, within one unit's step
+    assert costs[0] == cnn_problem.costs.base and costs[-1] < 0.5 * costs[0]
+
+
 def test_additivity_spearman_is_positive_on_the_cnn(cnn_problem):
     check = additivity_sweep(cnn_problem, count=10)
     assert len(check["plans"]) == 10

@@ -332,7 +332,7 @@ def test_the_uniform_allocation_is_kept_where_it_recovers_further(monkeypatch, u
 
 def test_the_uniform_allocation_shares_the_problem_and_the_dense_model(tmp_path):
     """The uniform family is a view of the DP's problem (one set of units, rankings and curves): each unit is cut
-    at the level's share of the grid's largest ratio, level 1 is the same model for both (built once), and the
+    at the level's share of the grid's largest ratio (graded between its legal options), level 1 is the same model for both (built once), and the
     dense model's calibration is the root planner's."""
     from deploy.compiler.candidates import Planner
     from deploy.compiler.job import CompressRequest, _setup
@@ -348,8 +348,10 @@ def test_the_uniform_allocation_shares_the_problem_and_the_dense_model(tmp_path)
     for level in (0.3, 0.6):
         removed = flat.removed(level)
         for unit in dp.problem.units:
-            got = removed.get(unit.name, 0)
-            assert got == unit.nearest_option(level * grid_max)  # every unit at the same ratio
+            got, want = removed.get(unit.name, 0), level * grid_max * unit.size
+            around = (max(o for o in unit.options if o <= want), min((o for o in unit.options if o >= want),
+                                                                      default=max(unit.options)))
+            assert got in around  # every unit at the same ratio, rounded to either legal option around it
     assert flat.removed(1.0) == dp.removed(1.0) == dp.problem.max_plan()
     assert uniform.module(1.0) is planner.module(1.0)  # the same model: built once
     assert flat.removed(0.0) == {} and uniform.module(0.0) is planner.module(0.0)

@@ -12,8 +12,37 @@ from deploy.compress.prune.units import attention_modules, attention_projections
 from deploy.core.errors import BudgetInfeasibleError
 
 
-def uniform_plan(problem: PruneProblem, ratio: float) -> dict[str, int]:
+def uniform_plan(problem: PruneProblem, ratio: float, graded: bool = False) -> dict[str, int]:
+    """`ratio` of every unit's elements, each rounded to its nearest legal option; `graded`: rounded so that the
+    plan's cost follows the ratio (`_graded`)."""
+    if graded:
+        return _graded(problem, ratio)
     return {u.name: u.nearest_option(ratio) for u in problem.units if u.nearest_option(ratio) > 0}
+
+
+def _graded(problem: PruneProblem, ratio: float) -> dict[str, int]:
+    """Each unit at one of the two legal options around `ratio` of its elements: the deeper one for the units
+    nearest to it, in that order, while the plan's additive cost saving stays within half a unit's step of the
+    saving the exact ratio would make (each unit's cost interpolated between its two options). Rounding every unit
+    to its nearest option moves the plan in steps: with 16-channel multiples on the digits ResNet the uniform ratios
+    0.60 and 0.65 measured 0.31 and 0.24 ms, nothing between, for a window of 0.27-0.31 ms."""
+    plan: dict[str, int] = {}
+    wanted, steps = 0.0, []
+    for unit in problem.units:
+        want = min(ratio, 1.0) * unit.size
+        low = max(o for o in unit.options if o <= want)
+        high = min((o for o in unit.options if o >= want), default=low)
+        plan[unit.name] = low
+        if high > low:  # the saving of the deeper option over the shallower, and the exact ratio's share of it
+            share, gain = (want - low) / (high - low), problem.costs.delta(unit.name, low) - problem.costs.delta(
+                unit.name, high)
+            wanted += share * gain
+            steps.append((share, unit.name, high, gain))
+    made = 0.0
+    for _, name, high, gain in sorted(steps, key=lambda s: (-s[0], s[1])):
+        if made + gain / 2 <= wanted:
+            plan[name], made = high, made + gain
+    return {name: n for name, n in plan.items() if n > 0}
 
 
 def plan_uniform(problem: PruneProblem, budget: float, iterations: int = 20) -> dict[str, int]:
