@@ -120,7 +120,7 @@ def test_the_prune_pass_uses_lent_moments_and_builds_the_same_model(monkeypatch)
 def test_moments_collected_in_batches_equal_the_float64_moments_of_each_sample():
     """The moments are collected in batches of equal shapes (a sample of another length starts a new batch), each
     batch's product in float32: they equal the float64 sum over samples of each one's unpadded positions."""
-    import deploy.compress.prune.refit as refit
+    from deploy.core.data import concatenated
 
     model, samples, units, _ = _setup()
     longer = [tuple(torch.cat([t, t], 1) for t in sample) for sample in samples[:3]]
@@ -135,4 +135,4 @@ def test_moments_collected_in_batches_equal_the_float64_moments_of_each_sample()
             rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
             want = want + rows.T @ rows
         torch.testing.assert_close(batched.moments[name], want, rtol=1e-5, atol=1e-5)
-    assert [t[0].shape[0] for t in refit._batches(mixed, 4)] == [4, 1, 3, 4, 3]
+    assert [t[0].shape[0] for t in concatenated(mixed, 4)] == [4, 1, 3, 4, 3]

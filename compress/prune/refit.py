@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from deploy.compress.prune.units import PruneUnit, element_channels
+from deploy.core.data import concatenated
 
 SHRINK = 0.5  # ridge strength towards the original weights, as a share of the mean input power
 MAX_INPUTS = 4096  # wider inputs are not refit (the second moments would take (n + 1)^2 doubles)
@@ -90,7 +91,7 @@ class InputMoments:
         handles = [module.get_submodule(name).register_forward_pre_hook(hook(name)) for name in layers]
         try:
             with torch.no_grad():
-                for batch in _batches(list(samples)[:MAX_SAMPLES], COLLECT_BATCH):
+                for batch in concatenated(list(samples)[:MAX_SAMPLES], COLLECT_BATCH):
                     current["mask"] = batch[mask_at] if mask_at is not None else None
                     module(*batch)
         finally:
@@ -157,13 +158,3 @@ def write_refit(module: nn.Module, moments: InputMoments, units: Iterable[PruneU
     return written
 
 
-def _batches(samples: list[tuple[torch.Tensor, ...]], size: int) -> Iterable[tuple[torch.Tensor, ...]]:
-    """Consecutive samples of equal shapes concatenated along the batch dimension, at most `size` at a time."""
-    group: list[tuple[torch.Tensor, ...]] = []
-    for sample in samples:
-        if group and (len(group) == size or [t.shape[1:] for t in sample] != [t.shape[1:] for t in group[0]]):
-            yield tuple(torch.cat(parts) for parts in zip(*group))
-            group = []
-        group.append(sample)
-    if group:
-        yield tuple(torch.cat(parts) for parts in zip(*group))

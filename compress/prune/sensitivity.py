@@ -100,10 +100,9 @@ class ProbeData:
     def from_samples(cls, samples: Sequence[tuple[torch.Tensor, ...]], input_names: Sequence[str],
                      limit: int, batch_size: int) -> "ProbeData":
         """The first `limit` samples (batch 1 each), concatenated into batches: deterministic by construction."""
-        chosen = list(samples)[:limit]
-        batches = [tuple(torch.cat([s[i] for s in chosen[k:k + batch_size]]) for i in range(len(chosen[0])))
-                   for k in range(0, len(chosen), batch_size)]
-        return cls(batches, tuple(input_names))
+        from deploy.core.data import concatenated
+
+        return cls(concatenated(list(samples)[:limit], batch_size), tuple(input_names))
 
 
 

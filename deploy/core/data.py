@@ -40,6 +40,22 @@ class DataConfig:
             raise DataError(f"max_samples must be at least 2, got {self.max_samples}")
 
 
+def concatenated(samples: Sequence[tuple[torch.Tensor, ...]], size: int) -> list[tuple[torch.Tensor, ...]]:
+    """Consecutive samples (batch 1 each) concatenated along the batch axis, at most `size` to a batch; a sample
+    whose shapes differ from its batch's (text trimmed to another length) starts the next batch. One rule for every
+    pass that batches samples: the calibration splits, the pruning probes and the refit's moments."""
+    out: list[tuple[torch.Tensor, ...]] = []
+    group: list[tuple[torch.Tensor, ...]] = []
+    for sample in samples:
+        if group and (len(group) == size or [t.shape[1:] for t in sample] != [t.shape[1:] for t in group[0]]):
+            out.append(tuple(torch.cat(parts) for parts in zip(*group)))
+            group = []
+        group.append(sample)
+    if group:
+        out.append(tuple(torch.cat(parts) for parts in zip(*group)))
+    return out
+
+
 @dataclass
 class CalibrationSet:
     """Samples (each a tuple of tensors with batch 1, in input-spec order), split three ways: calibration
@@ -76,11 +92,7 @@ class CalibrationSet:
                    "statistics": self.calibration + self.validation}[which]
         if self.fixed_batch and not (torch_only and self.torch_any_batch):
             batch_size = self.fixed_batch
-        out = []
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
-            out.append(tuple(torch.cat([s[i] for s in chunk]) for i in range(len(chunk[0]))))
-        return out
+        return concatenated(samples, batch_size)
 
     def leading(self, which: str, batch_size: int, count: int) -> list[tuple[torch.Tensor, ...]]:
         """The first `count` batches of `batch_size` samples, counted in samples, for the torch-only passes
