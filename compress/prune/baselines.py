@@ -34,8 +34,8 @@ def _graded(problem: PruneProblem, ratio: float) -> dict[str, int]:
         high = min((o for o in unit.options if o >= want), default=low)
         plan[unit.name] = low
         if high > low:  # the saving of the deeper option over the shallower, and the exact ratio's share of it
-            share, gain = (want - low) / (high - low), problem.costs.delta(unit.name, low) - problem.costs.delta(
-                unit.name, high)
+            gain = problem.costs.delta(unit.name, low) - problem.costs.delta(unit.name, high)
+            share = (want - low) / (high - low)
             wanted += share * gain
             steps.append((share, unit.name, high, gain))
     made = 0.0

@@ -156,5 +156,3 @@ def write_refit(module: nn.Module, moments: InputMoments, units: Iterable[PruneU
                     written.append((param, param.detach().clone()))
                     param.data.copy_(value)
     return written
-
-
