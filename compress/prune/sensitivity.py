@@ -25,6 +25,7 @@ from deploy.compress.prune.edit import Masker, Removal, slice_params
 from deploy.compress.prune.refit import InputMoments
 from deploy.compress.prune.trace import CallTrace, PrefixReuse, unit_plans
 from deploy.compress.prune.units import PruneUnit
+from deploy.core.data import concatenated
 from deploy.core.cache import model_hash
 from deploy.core.metrics import first_tensor
 
@@ -100,8 +101,6 @@ class ProbeData:
     def from_samples(cls, samples: Sequence[tuple[torch.Tensor, ...]], input_names: Sequence[str],
                      limit: int, batch_size: int) -> "ProbeData":
         """The first `limit` samples (batch 1 each), concatenated into batches: deterministic by construction."""
-        from deploy.core.data import concatenated
-
         return cls(concatenated(list(samples)[:limit], batch_size), tuple(input_names))
 
 
