@@ -13,20 +13,27 @@ from deploy.compiler.search_clock import SearchClock
 class FakePlanner:
     """latency(level) = dense x (1 - 0.8 level), minus a little per int8 layer; fidelity falls with pruning."""
 
-    def __init__(self, dense_ms: float = 10.0, prune_cost: float = 0.5, int8_cost: float = 0.01):
-        self.dense_ms, self.prune_cost, self.int8_cost = dense_ms, prune_cost, int8_cost
+    def __init__(self, dense_ms: float = 10.0, prune_cost: float = 0.5, int8_cost: float = 0.01, steps: int = 0):
+        self.dense_ms, self.prune_cost, self.int8_cost, self.steps = dense_ms, prune_cost, int8_cost, steps
+        self.blocks, self.allocation = (), "dp"
         self.candidates: list[Candidate] = []
         self.trials = None  # no recovery: candidates compare on their own fidelity
         self.clock = SearchClock()  # no time limit on the search
 
+    def removed(self, level: float) -> dict[str, int]:
+        """`steps` > 0: the family's plans change in that many steps of the level (one unit each), else every
+        level is a plan of its own."""
+        return {"unit": round(level * self.steps)} if self.steps else {"level": level}
+
     def latency(self, level: float, labels: dict[str, str] | None) -> float:
         int8 = sum(v == "int8" for v in (labels or {}).values())
-        return self.dense_ms * (1 - 0.8 * level) * (1 - 0.05 * int8)
+        share = round(level * self.steps) / self.steps if self.steps else level
+        return self.dense_ms * (1 - 0.8 * share) * (1 - 0.05 * int8)
 
     def evaluate(self, level: float, labels: dict[str, str] | None, origin: str, fidelity: bool = False
                  ) -> Candidate:
-        cand = Candidate("mixed" if labels else "fp32", round(level, 4), {}, self.latency(level, labels), None, 1.0,
-                         labels, origin=origin)
+        cand = Candidate("mixed" if labels else "fp32", round(level, 4), self.removed(level),
+                         self.latency(level, labels), None, 1.0, labels, origin=origin)
         self.candidates.append(cand)
         return cand
 
@@ -66,6 +73,18 @@ def test_pruning_level_lands_in_the_budget_window(budget):
     found = _level_for_latency(planner, None, window, low, high)
     assert window[0] <= found.latency_ms <= window[1]
     assert len(planner.candidates) <= 2 + 3  # regula falsi on a straight line needs one or two steps
+
+
+def test_the_level_search_times_each_plan_once():
+    """The family's plans change in steps (a handful of units): levels that give a plan already measured reuse its
+    measurement, so each plan is exported and timed once, and the search still ends on the least pruning that fits."""
+    planner = FakePlanner(steps=4)  # 10, 8, 6, 4 and 2 ms: a window of [4.25, 4.75] ms holds none of them
+    window = (FILL * 5.0, SAFE * 5.0)
+    low, high = planner.evaluate(0.0, None, "dense"), planner.evaluate(1.0, None, "most")
+    found = _level_for_latency(planner, None, window, low, high)
+    plans = [tuple(c.removed.items()) for c in planner.candidates]
+    assert len(plans) == len(set(plans)) and len(plans) < 2 + 6  # fewer than the search's 6 steps were timed
+    assert found.removed == {"unit": 3} and found.latency_ms == pytest.approx(4.0)  # the least pruning that fits
 
 
 def test_estimate_is_steered_by_measured_points():

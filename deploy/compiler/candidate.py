@@ -37,6 +37,15 @@ class Candidate:
         return row
 
 
+def measured_before(candidates: list[Candidate], blocks: tuple[str, ...], allocation: str, removed: dict[str, int],
+                    labels: dict[str, str] | None) -> Candidate | None:
+    """An earlier candidate of the same plan (blocks, allocation, units removed, precisions), where one was
+    measured: the pruning family's plans change in steps, so a level search meets one plan at several levels, and
+    timing it again only spends the search's time (the digits CNN: 4 of 6 steps re-timed one uniform plan)."""
+    return next((c for c in candidates if c.blocks == blocks and c.allocation == allocation and not c.ranks
+                 and c.removed == removed and c.labels == labels and math.isfinite(c.latency_ms)), None)
+
+
 def faithfulness(candidate: Candidate) -> tuple[float, float]:
     """How the planner ranks candidates: the primary metric at 4 decimals, then the output SQNR. Top-1 agreement
     on a small validation split ties often (38 digits move in steps of 0.026, and before recovery every heavily

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from deploy.compiler.candidate import Candidate, decisions_for, structure_of
+from deploy.compiler.candidate import Candidate, decisions_for, measured_before, structure_of
 from deploy.compiler.candidates import Planner
 from deploy.compiler.near_fit import fits_when_remeasured, near_miss_line
 from deploy.compiler.precision_fill import PRECISION_STEPS, fill_precision
@@ -296,7 +296,8 @@ def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: 
     for _ in range(LEVEL_STEPS):
         level = b - f_high * (b - a) / (f_high - f_low) if f_high != f_low else (a + b) / 2
         level = min(max(level, a + 0.02 * (b - a)), b - 0.02 * (b - a))
-        cand = planner.evaluate(level, labels, "pruning level for the budget")
+        cand = (measured_before(planner.candidates, planner.blocks, planner.allocation, planner.removed(level), labels)
+                or planner.evaluate(level, labels, "pruning level for the budget"))
         if cand.latency_ms <= target and cand.level < best.level:
             best = cand
         if abs(cand.latency_ms - aim) <= NEAR * target:
