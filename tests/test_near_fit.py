@@ -1,5 +1,6 @@
 """The dense model at its fastest precisions, measured inside the budget but inside the search's 5% noise margin,
-is timed again as the final measurement times it and kept where that whole interval is within the budget."""
+is timed again as the final measurement times it and kept where that p50 is within the budget; where its interval
+still reaches past the budget, a warning says so."""
 from __future__ import annotations
 
 from types import SimpleNamespace as NS
@@ -29,14 +30,15 @@ class Remeasuring:
         b = NS(summary={"p50": sum(interval) / 2, "median_ci": interval}, structure={}, samples_ms=(),
                config=NS(confidence=0.95))
         self.settled = decided(b, look)  # what the sequential measurement would have asked of its last look
-        return {"ratio_ci": list(self.ratio_ci), "interval_ms": interval}
+        return {"ratio_ci": list(self.ratio_ci), "interval_ms": interval, "ratio_to_dense": sum(self.ratio_ci) / 2,
+                "latency_ms": sum(interval) / 2}
 
 
 def _int8(latency_ms: float) -> Candidate:
     return Candidate("int8", 0.0, {}, latency_ms, 0.9985, 1.0, {"a": "int8"}, origin="dense, every layer int8")
 
 
-def test_a_near_fit_is_kept_only_where_its_whole_interval_is_within_the_budget():
+def test_a_near_fit_is_kept_where_its_p50_timed_again_is_within_the_budget():
     from deploy.compiler.apply import final_measure_config
 
     budget = 10.0 / 1.1  # a speed-up of 1.1 asked: 9.09 ms on the planner's scale
@@ -45,11 +47,15 @@ def test_a_near_fit_is_kept_only_where_its_whole_interval_is_within_the_budget()
     fits = Remeasuring((0.88, 0.905))
     assert fits_when_remeasured(fits, cand, budget) and fits.calls == [final_measure_config(1.0)]  # as the final one
     assert cand.remeasured["interval_ms"] == pytest.approx([8.8, 9.05]) and cand.remeasured["fits"]
+    assert cand.remeasured["sure"] and cand.remeasured["p50_ms"] == pytest.approx(8.925)
     assert fits_when_remeasured(fits, cand, budget) and len(fits.calls) == 1  # met again: not timed again
     assert fits.settled  # an interval inside the budget settles it: no more blocks
     straddles = Remeasuring((0.89, 0.92))  # its interval reaches past the budget: the verdict would not say met
-    assert not fits_when_remeasured(straddles, _int8(0.975 * budget), budget)
+    cand = _int8(0.975 * budget)
+    assert fits_when_remeasured(straddles, cand, budget)  # its p50, 9.05 ms, is within 9.09 ms
+    assert not cand.remeasured["sure"]
     assert not straddles.settled  # more blocks would have been timed (up to LOOKS rounds)
+    assert not fits_when_remeasured(Remeasuring((0.90, 0.93)), _int8(0.975 * budget), budget)  # p50 9.15 ms: over
     absolute = Remeasuring((0.88, 0.905), relative=False)  # an ms budget: the p50's own interval decides
     cand = _int8(0.975 * budget)
     assert fits_when_remeasured(absolute, cand, budget) and cand.remeasured["interval_ms"] == pytest.approx(
@@ -59,8 +65,8 @@ def test_a_near_fit_is_kept_only_where_its_whole_interval_is_within_the_budget()
     assert not fits_when_remeasured(predicted, _int8(0.975 * budget), budget) and not predicted.calls  # a band
 
 
-@pytest.mark.parametrize("ratio_ci, kept", [((0.88, 0.905), True), ((0.89, 0.92), False)])
-def test_the_precision_only_plan_in_the_margin_is_kept_when_it_measures_within_the_budget(monkeypatch, ratio_ci,
+@pytest.mark.parametrize("ratio_ci, kept", [((0.88, 0.905), True), ((0.89, 0.92), True), ((0.90, 0.93), False)])
+def test_the_precision_only_plan_in_the_margin_is_kept_when_its_p50_measures_within_the_budget(monkeypatch, ratio_ci,
                                                                                           kept):
     import deploy.compiler.plan as plan
 
@@ -133,3 +139,24 @@ def test_a_precision_only_plan_given_up_just_over_the_budget_is_named_with_the_b
     assert near_miss_line(planner, pruned, budget, SAFE) is None  # not near: pruning was needed
     int8.latency_ms, int8.fidelity = 1.004 * budget, 0.9
     assert near_miss_line(planner, pruned, budget, SAFE) is None  # less faithful than what pruning gave
+
+
+def test_a_plan_kept_at_the_edge_is_named_with_the_budget_that_prunes_for_a_certain_fit():
+    """The unpruned int8 plan kept on its p50 while its interval reaches past the budget: the person is told that
+    the budget may not hold, and which budget makes the search prune instead (under the interval's low end)."""
+    from deploy.compiler.near_fit import edge_line
+
+    budget = 10.0 / 1.1
+    planner = Remeasuring((0.89, 0.92))
+    edge = _int8(0.975 * budget)
+    assert fits_when_remeasured(planner, edge, budget)
+    line = edge_line(planner, edge, budget)
+    assert line is not None and "0.996x the budget" in line and "up to 1.012x" in line
+    assert "--speedup 1.124 would prune" in line  # 10 ms / 8.9 ms, rounded up
+    absolute, edge = Remeasuring((0.89, 1.03), relative=False), _int8(0.975 * budget)  # the p50's own interval
+    assert fits_when_remeasured(absolute, edge, budget)  # p50 8.64 ms
+    assert "--budget-ms 8.01 " in edge_line(absolute, edge, budget)  # an ms budget: 0.89 x 9 ms, rounded down
+    sure = _int8(0.975 * budget)
+    assert fits_when_remeasured(Remeasuring((0.88, 0.905)), sure, budget)
+    assert edge_line(planner, sure, budget) is None  # the whole interval fits: nothing to say
+    assert edge_line(planner, _int8(0.9 * budget), budget) is None  # never timed again

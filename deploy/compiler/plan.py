@@ -27,7 +27,7 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
 A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only within
 3% of 0.9); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The dense model at its
 fastest precisions measured inside the budget but not the margin is timed again as the final measurement times it
-and kept where that whole interval is within the budget (`near_fit`). The final model is measured
+and kept where that p50 is within the budget (`near_fit`). The final model is measured
 again against the original, interleaved. Of every candidate measured inside 0.95 x budget, the most faithful on the
 validation split is the answer (`most_faithful`). Fidelity floors and size budgets: `floor_and_size`.
 """
@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from deploy.compiler.candidate import Candidate, decisions_for, measured_before, structure_of
 from deploy.compiler.candidates import Planner
-from deploy.compiler.near_fit import fits_when_remeasured, near_miss_line
+from deploy.compiler.near_fit import edge_line, fits_when_remeasured, near_miss_line
 from deploy.compiler.precision_fill import PRECISION_STEPS, fill_precision
 from deploy.compiler.search_clock import SearchClock
 from deploy.compiler.trial_recovery import (Trials, more_promising, most_promising, needs_recovery, promise,
@@ -356,9 +356,8 @@ def search(request: Any, setup: Any, note: Callable[[str, float], None]) -> tupl
     floor = fidelity_floor(request.budget, task_of(setup.reference[0]))
     if target is not None:
         choice = most_faithful(planner, meet_latency(planner, target, dense), SAFE * target)
-        missed = near_miss_line(planner, choice, target, SAFE)
-        if missed:
-            setup.warnings.append(missed)
+        setup.warnings += [line for line in (near_miss_line(planner, choice, target, SAFE),
+                                             edge_line(planner, choice, target)) if line]
     elif floor is not None:
         choice = meet_floor(planner, floor[0], floor[1], dense)
     else:
