@@ -37,7 +37,7 @@ class PruneFamily:
 
     def uniform(self) -> "PruneFamily":
         """The same problem with one ratio for every unit (level x the grid's largest ratio), graded between the
-        units' legal options so that the cost follows the level (`uniform_plan`)."""
+        units' legal options so that the cost follows the level (`graded_uniform_plan`)."""
         view = copy.copy(self)
         view.allocation = "uniform"
         return view
@@ -46,9 +46,9 @@ class PruneFamily:
         if level <= 0:
             return {}
         if self.allocation == "uniform":
-            from deploy.compress.prune.baselines import uniform_plan
+            from deploy.compress.prune.baselines import graded_uniform_plan
 
-            return uniform_plan(self.problem, min(level, 1.0) * max(self.problem.config.grid), graded=True)
+            return graded_uniform_plan(self.problem, min(level, 1.0) * max(self.problem.config.grid))
         from deploy.compress.prune.api import plan_dp
 
         least = self.problem.cost.of_plan(self.problem.max_plan())

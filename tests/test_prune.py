@@ -115,11 +115,11 @@ def test_global_and_uniform_baselines_respect_the_budget(cnn_problem):
 def test_graded_uniform_plans_follow_the_ratio_where_nearest_rounding_jumps(cnn_problem):
     """The planner's uniform allocation: between two legal options the units go deeper one at a time, so the cost
     falls in small steps with the ratio instead of all units jumping at once."""
-    from deploy.compress.prune.baselines import uniform_plan
+    from deploy.compress.prune.baselines import graded_uniform_plan, uniform_plan
 
     ratios = [i / 200 for i in range(0, 176)]
     cost = cnn_problem.costs.predicted
-    graded = [uniform_plan(cnn_problem, r, graded=True) for r in ratios]
+    graded = [graded_uniform_plan(cnn_problem, r) for r in ratios]
     nearest = [uniform_plan(cnn_problem, r) for r in ratios]
     options = {u.name: u.options for u in cnn_problem.units}
     assert all(n in options[name] for plan in graded for name, n in plan.items())

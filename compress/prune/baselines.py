@@ -12,18 +12,16 @@ from deploy.compress.prune.units import attention_modules, attention_projections
 from deploy.core.errors import BudgetInfeasibleError
 
 
-def uniform_plan(problem: PruneProblem, ratio: float, graded: bool = False) -> dict[str, int]:
-    """`ratio` of every unit's elements, each rounded to its nearest legal option; `graded`: rounded so that the
-    plan's cost follows the ratio (`_graded`)."""
-    if graded:
-        return _graded(problem, ratio)
+def uniform_plan(problem: PruneProblem, ratio: float) -> dict[str, int]:
+    """`ratio` of every unit's elements, each rounded to its nearest legal option (the pruning benchmark's
+    baseline; the planner's uniform allocation is `graded_uniform_plan`)."""
     return {u.name: u.nearest_option(ratio) for u in problem.units if u.nearest_option(ratio) > 0}
 
 
-def _graded(problem: PruneProblem, ratio: float) -> dict[str, int]:
-    """Each unit at one of the two legal options around `ratio` of its elements: the deeper one for the units
-    nearest to it, in that order, while the plan's additive cost saving stays within half a unit's step of the
-    saving the exact ratio would make (each unit's cost interpolated between its two options). Rounding every unit
+def graded_uniform_plan(problem: PruneProblem, ratio: float) -> dict[str, int]:
+    """`ratio` of every unit's elements, each unit at one of its two legal options around that: the deeper one for
+    the units nearest to it, in that order, while the plan's additive cost saving stays within half a unit's step of
+    the saving the exact ratio would make (each unit's cost interpolated between its two options). Rounding every unit
     to its nearest option moves the plan in steps: with 16-channel multiples on the digits ResNet the uniform ratios
     0.60 and 0.65 measured 0.31 and 0.24 ms, nothing between, for a window of 0.27-0.31 ms."""
     plan: dict[str, int] = {}
