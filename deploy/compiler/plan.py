@@ -26,8 +26,8 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
 
 A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only within
 3% of 0.9); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The dense model at its
-fastest precisions measured inside the budget but not the margin is timed again as the final measurement times it
-and kept where that p50 is within the budget (`near_fit`). The final model is measured
+fastest precisions measured outside the margin but within 5% over the budget is timed again as the final
+measurement times it and kept where that p50 is within the budget (`near_fit`). The final model is measured
 again against the original, interleaved. Of every candidate measured inside 0.95 x budget, the most faithful on the
 validation split is the answer (`most_faithful`). Fidelity floors and size budgets: `floor_and_size`.
 """

@@ -198,8 +198,9 @@ def _candidate_table(report: dict[str, Any]) -> str:
     for c in report.get("candidates", []):
         removed = sum(c.get("removed", {}).values()) if c.get("removed") else 0
         star = "&#9733; " if c.get("chosen") else ""
-        again = c.get("remeasured")  # inside the noise margin: timed again, the top of that interval
-        latency = num(c.get("latency_ms"), " ms") + (f" (timed again: up to {num(again['interval_ms'][1], ' ms')})"
+        again = c.get("remeasured")  # near the budget: timed again, its p50 and the top of that interval
+        p50 = f"p50 {num(again['p50_ms'], ' ms')}, " if again and again.get("p50_ms") is not None else ""
+        latency = num(c.get("latency_ms"), " ms") + (f" (timed again: {p50}up to {num(again['interval_ms'][1], ' ms')})"
                                                       if again else "")
         rows.append((star + esc(c.get("origin", "")), esc(c.get("precision")), num(len(c.get("blocks") or ())),
                      num(c.get("level")), num(removed), latency, num(c.get("fidelity")),
