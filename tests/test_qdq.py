@@ -207,11 +207,15 @@ def test_openvino_profile_quantizes_to_a_budget_end_to_end(digits_model, digits_
     actual = layer_precisions(result.onnx, plan, "openvino")
     assert {actual[n].precision for n in int8} == {"int8"}
     assert mismatches(plan, actual) == []
-    model = onnx.load(str(result.onnx))  # as NNCF: a residual Add's other input quantized, so the Add fuses into
-    producers = {o: n for n in model.graph.node for o in n.output}  # the int8 conv (10 bf16 Adds on a ResNet
-    adds = [n for n in model.graph.node if n.op_type == "Add" and len(n.input) == 2  # without: 1.085x NNCF's p50)
-            and any(producers.get(i) is not None and producers[i].op_type == "Conv" for i in n.input)]
-    assert adds and all("DequantizeLinear" in [producers[i].op_type for i in n.input if i in producers] for n in adds)
+    model = onnx.load(str(result.onnx))  # as NNCF: both inputs of a residual Add quantized (the skip, and the
+    producers = {o: n for n in model.graph.node for o in n.output}  # conv's output, signed), so the Add fuses into
+    adds = [n for n in model.graph.node if n.op_type == "Add" and len(n.input) == 2]  # the int8 conv
+    residual = [n for n in adds if all(i in producers for i in n.input)]
+    assert residual and all(producers[i].op_type == "DequantizeLinear" for n in residual for i in n.input)
+    qs = [producers[producers[i].input[0]] for n in residual for i in n.input]  # the Q behind each DQ
+    own = [q for q in qs if q.input[0] in producers and producers[q.input[0]].op_type == "Conv"]
+    zero_points = {i.name: i.data_type for i in model.graph.initializer}
+    assert own and all(zero_points[q.input[2]] == onnx.TensorProto.INT8 for q in own)  # a conv's output: int8
 
 
 def test_openvino_policy_runs_attention_matmuls_in_int8(tmp_path):

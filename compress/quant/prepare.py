@@ -87,15 +87,16 @@ def export_graph(folded: nn.Module, inputs: Sequence[InputSpec], layers: Sequenc
 
 def calibrate_tensors(folded: nn.Module, graph: LayerGraph | None, layers: Sequence[LayerShape],
                       batches: Sequence[tuple[torch.Tensor, ...]], symmetric: bool, config: CalibrationConfig,
-                      attention: Sequence[str] = ()
+                      attention: Sequence[str] = (), residual: Sequence[str] = ()
                       ) -> tuple[dict[str, ActParams], dict[str, torch.Tensor], dict[str, Any]]:
     """Params per tensor (layer inputs, conv outputs, and the outputs of the `attention` layers, which feed an
-    activation x activation MatMul: symmetric int8 there, as OpenVINO's int8 attention takes it), SmoothQuant
-    factors per input tensor, and the report."""
+    activation x activation MatMul: symmetric int8 there, as OpenVINO's int8 attention takes it; so are the
+    `residual` convs' outputs, summed into a residual Add), SmoothQuant factors per input tensor, and the
+    report."""
     names = [s.name for s in layers]
     convs = [s.name for s in layers if s.kind == "conv"]
     sources = tensor_sources(names, graph, convs + [n for n in attention if n not in convs])
-    signed_outputs = {graph.nodes[n].post for n in attention if graph and n in graph.nodes}
+    signed_outputs = {graph.nodes[n].post for n in [*attention, *residual] if graph and n in graph.nodes}
     readers: dict[str, list[str]] = {}
     for src in sources:
         readers.setdefault(src.tensor, [])
@@ -156,7 +157,7 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Calibra
             skip: tuple[str, ...] = ()) -> Prepared:
     """Everything the search needs, computed once."""
     target = as_target(target)
-    from deploy.export.qdq.policy import attention_layers, policy_for
+    from deploy.export.qdq.policy import attention_layers, policy_for, residual_layers
     from deploy.compress.quant.sim import sim_flags
 
     folded, notes = fold_batchnorm(module)
@@ -176,7 +177,9 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Calibra
     policy = policy_for(target.qdq_policy)
     batches = calibration.leading("statistics", config.batch_size, config.batches)  # validation too: `CalibrationSet`
     attention = [n for n in attention_layers(graph, policy) if any(s.name == n and s.kind == "linear" for s in shapes)]
-    params, smooth, report = calibrate_tensors(folded, graph, shapes, batches, policy.act_signed, config, attention)
+    residual = [n for n in residual_layers(graph, policy) if any(s.name == n for s in shapes)]
+    params, smooth, report = calibrate_tensors(folded, graph, shapes, batches, policy.act_signed, config, attention,
+                                               residual)
     spaces = {s.name: layer_space(s, target.profile, space) for s in shapes}
     layers = {}
     for s in shapes:

@@ -175,9 +175,9 @@ def set_options(module: nn.Module, options: dict[str, QuantOption]) -> None:
 
 def sim_flags(plan: QuantPlan, policy: QdqPolicy, graph: Any = None) -> dict[str, Any]:
     """What of the policy the simulation must reproduce per layer: an output Q, an int32 bias."""
-    from deploy.export.qdq.policy import attention_layers
+    from deploy.export.qdq.policy import attention_layers, residual_layers
 
     op = {"conv": "Conv", "linear": "MatMul"}
-    attention = attention_layers(graph, policy)
-    return {n: SimFlags(op[lp.kind] in policy.output_q_ops or n in attention, policy.int_bias)
+    extra = {**attention_layers(graph, policy), **residual_layers(graph, policy)}  # their outputs quantized too
+    return {n: SimFlags(op[lp.kind] in policy.output_q_ops or n in extra, policy.int_bias)
             for n, lp in plan.layers.items()}

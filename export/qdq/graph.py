@@ -83,6 +83,20 @@ class LayerGraph:
                         out.setdefault(ln.layer, reader)
         return out
 
+    def residual_convs(self) -> dict[str, str]:
+        """Conv layers whose output (no ReLU between) is one input of a two-input Add whose other input is computed
+        too, a residual block's sum: layer -> that Add's name."""
+        produced = {o for _, outs in self.node_io.values() for o in outs}
+        out: dict[str, str] = {}
+        for ln in self.nodes.values():
+            if ln.op_type != "Conv" or ln.relu_after:
+                continue
+            for reader in self.consumers.get(ln.output, []):
+                inputs = self.node_io[reader][0]
+                if self.node_ops.get(reader) == "Add" and len(inputs) == 2 and all(i in produced for i in inputs):
+                    out.setdefault(ln.layer, reader)
+        return out
+
 
 def scope_of(node_name: str, layers: set[str]) -> str | None:
     """The layer a TorchScript-exported node belongs to, read off its scope name (`/layer1/conv1/Conv`)."""

@@ -230,12 +230,12 @@ def insert_qdq(model: Any, graph: LayerGraph, plan: QuantPlan, policy: Any) -> l
     for name in [n for n in active if n not in graph.nodes]:
         ed.notes.append(f"{name}: not found in the exported graph, left float")
     active = {n: lp for n, lp in active.items() if n in graph.nodes}
-    from deploy.export.qdq.policy import attention_layers
+    from deploy.export.qdq.policy import attention_layers, residual_layers
 
-    attention = attention_layers(graph, policy)
+    attention, residual = attention_layers(graph, policy), residual_layers(graph, policy)
     for name, lp in active.items():  # producer-side output Qs first, so consumers can reuse them
         ln = graph.nodes[name]
-        wants = ln.op_type in policy.output_q_ops or name in attention
+        wants = ln.op_type in policy.output_q_ops or name in attention or name in residual
         if lp.option.precision == "int8" and wants and lp.act_in and lp.act_out:
             if ln.post not in ed.dq_params:
                 _quantize_output(ed, ln.post, lp.act_out, f"{name}.out")

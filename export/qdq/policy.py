@@ -5,9 +5,12 @@
   runs as MatMulIntegerToFloat (float output, float bias add); int4 weight-only Linear as MatMulNBits.
 - openvino: the same Q/DQ without output Qs (OpenVINO's low-precision transformations turn them into quantized
   convolutions / FullyConnected); symmetric weights, asymmetric activations; float layers in bf16 where the CPU
-  has it (the runner's precision hint); the residual Add's other input quantized, as NNCF does, so the Add fuses
-  into the int8 convolution (a ResNet-18-width CNN: 10 Adds in bf16 subgraphs and 1.085x NNCF int8's p50
-  without, 1.022x with, top-1 agreement unchanged).
+  has it (the runner's precision hint); both inputs of a residual Add quantized, as NNCF does, so the Add fuses
+  into the int8 convolution: the other input (a ResNet-18-width CNN: 10 Adds in bf16 subgraphs and 1.085x NNCF
+  int8's p50 without, 1.022x with, top-1 agreement unchanged), and the conv's own output, signed int8 (the
+  trained distorted-digits ResNet on AMX: 5 bf16 requantize subgraphs without, 44-53 us of OpenVINO's node time;
+  10 comparisons each in fresh blocks, 1.052x NNCF's p50 without, 1.041x with). Left: NNCF also quantizes the
+  global pool's input, which runs its pool in int8; ours runs in bf16 behind a reorder (about 30 us).
 - tensorrt: symmetric int8 activations and weights (zero points 0), per-channel weights on the output-channel
   axis, Q/DQ on op inputs only, and the residual Add's other input quantized so Conv+Add fuses; LayerNorm,
   Softmax, GELU and residual Adds of transformers stay float (we only ever quantize the planned layers' inputs).
@@ -26,6 +29,7 @@ class QdqPolicy:
     act_signed: bool  # int8 symmetric activations (TensorRT) or uint8 asymmetric
     output_q_ops: tuple[str, ...] = ()  # op types whose int8 form needs a Q on the output
     residual_inputs: bool = False  # quantize the other input of an Add fed by an int8 conv
+    residual_outputs: bool = False  # and that conv's output too (signed int8, `residual_layers`)
     int_bias: bool = False  # int32 bias on Conv/Gemm (QLinearConv/QGemm fuse only with it)
     quantize_adds: bool = False  # a Q on an Add between dequantized inputs, so it fuses into QLinearAdd
     int4_qdq: bool = False  # int4 weight-only as a blocked int4 DequantizeLinear (TensorRT), not MatMulNBits
@@ -40,7 +44,7 @@ class QdqPolicy:
 POLICIES = {
     "ort-cpu": QdqPolicy("ort-cpu", act_signed=False, output_q_ops=("Conv",), int_bias=True, quantize_adds=True),
     "openvino": QdqPolicy("openvino", act_signed=False, openvino_ir=True, runtime="openvino", attention_matmuls=True,
-                          tie_shared_inputs=True, residual_inputs=True),
+                          tie_shared_inputs=True, residual_inputs=True, residual_outputs=True),
     "tensorrt": QdqPolicy("tensorrt", act_signed=True, residual_inputs=True, runtime="tensorrt", int4_qdq=True),
 }
 
@@ -57,3 +61,11 @@ def attention_layers(graph: Any, policy: QdqPolicy) -> dict[str, str]:
     if graph is None or not policy.attention_matmuls:
         return {}
     return graph.attention_feeders()
+
+
+def residual_layers(graph: Any, policy: QdqPolicy) -> dict[str, str]:
+    """Conv layers whose int8 form also quantizes its output (signed int8) because it feeds a residual Add (the
+    policy's `residual_outputs`): layer -> the Add's name. Empty without a graph or for other policies."""
+    if graph is None or not policy.residual_outputs:
+        return {}
+    return graph.residual_convs()
