@@ -23,6 +23,9 @@ class Remeasuring:
         self.candidates, self.expected = [self.dense], 1
         self.note = lambda *args, **kwargs: None
 
+    def _planned(self, timing: dict) -> float:  # as the planner: the ratio x the dense model for a speed-up
+        return timing["ratio_to_dense"] * self.dense.latency_ms if self.relative else timing["latency_ms"]
+
     def remeasured(self, candidate: Candidate, config, decided) -> dict:
         self.calls.append(config)
         interval = [r * 9.0 for r in self.ratio_ci]  # the p50's own interval: a drifted machine, 9 ms dense

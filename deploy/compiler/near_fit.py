@@ -53,8 +53,7 @@ def fits_when_remeasured(planner: Any, candidate: Candidate, budget: float) -> b
 
     timing = planner.remeasured(candidate, final_measure_config(planner.request.measure_seconds), decided)
     low, high = on_scale(timing.get("ratio_ci"), timing["interval_ms"])
-    p50 = (timing["ratio_to_dense"] * planner.dense.latency_ms if planner.relative and timing.get("ratio_to_dense")
-           else timing["latency_ms"])
+    p50 = planner._planned(timing)  # on the planner's scale, as every candidate's latency
     candidate.remeasured = {"p50_ms": p50, "interval_ms": [low, high], "budget_ms": budget, "fits": p50 <= budget,
                             "sure": high <= budget, "blocks": len(timing.get("block_ratios") or ())}
     planner.note("measuring candidates", 0.5, len(planner.candidates), planner.expected,
