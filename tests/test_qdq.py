@@ -216,6 +216,20 @@ def test_openvino_profile_quantizes_to_a_budget_end_to_end(digits_model, digits_
     own = [q for q in qs if q.input[0] in producers and producers[q.input[0]].op_type == "Conv"]
     zero_points = {i.name: i.data_type for i in model.graph.initializer}
     assert own and all(zero_points[q.input[2]] == onnx.TensorProto.INT8 for q in own)  # a conv's output: int8
+    import openvino as ov
+
+    # the image (negative values too) enters the stem conv as int8 with zero point 0, not as uint8 with a zero
+    # point OpenVINO's convolution pays for; the global pool reads a Q/DQ of its own input, so it runs in int8
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+    stem_q = producers[producers[stem.input[0]].input[0]]
+    assert zero_points[stem_q.input[2]] == onnx.TensorProto.INT8 and stem_q.input[0] == SPEC[0].name
+    pool = next(n for n in model.graph.node if n.op_type == "GlobalAveragePool")
+    assert producers[pool.input[0]].op_type == "DequantizeLinear"
+    runtime = ov.Core().compile_model(str(result.openvino_xml), "CPU").get_runtime_model()
+    precisions = {op.get_friendly_name(): op.get_rt_info()["runtimePrecision"].astype(str)
+                  for op in runtime.get_ordered_ops()}
+    stem_conv = precisions.get(stem.name, precisions.get(f"{stem.name}/WithoutBiases"))  # the bias split off
+    assert precisions[pool.name] in ("u8", "i8") and stem_conv == "i8"
 
 
 def test_openvino_policy_runs_attention_matmuls_in_int8(tmp_path):
@@ -272,3 +286,40 @@ def test_a_cpu_without_vnni_keeps_int8_weights_in_seven_bits(digits_model, digit
                if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
     assert len(weights) == len(int8)
     assert max(int(np.abs(w).max()) for w in weights) == 63
+
+
+def test_openvino_calibrates_a_global_pools_input_and_the_plan_file_keeps_it(digits_model, digits_calibration,
+                                                                               ort_prep):
+    """The openvino policy quantizes the input of the global pool before the classifier (as NNCF does): its range
+    is calibrated at the pool module's input, kept in the plan's `tensors` and in the plan file. A pool computed
+    inside another module's forward has no module to record its input at: it stays float, with a note."""
+    import json
+
+    from torch import nn
+
+    from deploy.export.qdq.plan import QuantPlan
+
+    profile = resolve_target("cpu-openvino").profile
+    prep = prepare(digits_model, SPEC, digits_calibration, profile, config=CalibrationConfig(batches=1))
+    (tensor, layer), = prep.graph.pooled_layers().values()
+    assert layer == "fc" and set(prep.plan.tensors) == {tensor} and ort_prep.plan.tensors == {}
+    seen = []
+    hook = prep.folded.pool.register_forward_pre_hook(lambda m, args: seen.append(args[0].amax().item()))
+    with torch.no_grad():  # the batches calibration reads
+        for batch in digits_calibration.leading("statistics", CalibrationConfig().batch_size, 1):
+            prep.folded(*batch)
+    hook.remove()
+    params = prep.plan.tensors[tensor]  # a ReLU'd sum: uint8 from 0, up to at most what calibration saw
+    assert not params.signed and params.zero_point == 0 and 0 < params.scale * 255 <= max(seen) * 1.001
+    assert QuantPlan.from_dict(json.loads(json.dumps(prep.plan.to_dict()))).tensors == prep.plan.tensors
+
+    class FunctionalPool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1), 1))
+
+    prep = prepare(FunctionalPool().eval(), SPEC, digits_calibration, profile, config=CalibrationConfig(batches=1))
+    assert prep.plan.tensors == {} and any("global pool" in note for note in prep.plan.notes)

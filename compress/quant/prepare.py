@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from deploy.compress.quant.calib import (METHODS, TensorStats, candidate_params, choose_params, collect, search_smoothing,
-                                         smooth_factors, tensor_sources)
+from deploy.compress.quant.calib import (METHODS, TensorSource, TensorStats, candidate_params, choose_params, collect,
+                                         search_smoothing, smooth_factors, tensor_sources)
 from deploy.compress.quant.fold import fold_batchnorm, layer_shapes, wrap
 from deploy.export.qdq.graph import LayerGraph, layer_graph
 from deploy.export.qdq.plan import ActParams, LayerPlan, QuantPlan
@@ -87,15 +87,20 @@ def export_graph(folded: nn.Module, inputs: Sequence[InputSpec], layers: Sequenc
 
 def calibrate_tensors(folded: nn.Module, graph: LayerGraph | None, layers: Sequence[LayerShape],
                       batches: Sequence[tuple[torch.Tensor, ...]], symmetric: bool, config: CalibrationConfig,
-                      attention: Sequence[str] = (), residual: Sequence[str] = ()
+                      attention: Sequence[str] = (), residual: Sequence[str] = (), pooled: dict[str, str] | None = None,
+                      signed_conv_inputs: bool = False
                       ) -> tuple[dict[str, ActParams], dict[str, torch.Tensor], dict[str, Any]]:
     """Params per tensor (layer inputs, conv outputs, and the outputs of the `attention` layers, which feed an
     activation x activation MatMul: symmetric int8 there, as OpenVINO's int8 attention takes it; so are the
-    `residual` convs' outputs, summed into a residual Add), SmoothQuant factors per input tensor, and the
-    report."""
+    `residual` convs' outputs, summed into a residual Add; the `pooled` tensors, a global pool's input, recorded at
+    that pool module's input), SmoothQuant factors per input tensor, and the report. `signed_conv_inputs`: a
+    tensor read only by convs that has negative values is symmetric int8 (OpenVINO's int8 convolution pays for a
+    uint8 zero point other than 0)."""
     names = [s.name for s in layers]
     convs = [s.name for s in layers if s.kind == "conv"]
     sources = tensor_sources(names, graph, convs + [n for n in attention if n not in convs])
+    known = {src.tensor for src in sources}
+    sources += [TensorSource(t, module, "in") for t, module in (pooled or {}).items() if t not in known]
     signed_outputs = {graph.nodes[n].post for n in [*attention, *residual] if graph and n in graph.nodes}
     readers: dict[str, list[str]] = {}
     for src in sources:
@@ -123,13 +128,38 @@ def calibrate_tensors(folded: nn.Module, graph: LayerGraph | None, layers: Seque
             stats = collect(folded, sources, batches, smooth=smooth, probe_samples=config.probe_samples)
     params, report = {}, {}
     for tensor, st in stats.items():
-        sym = symmetric or (tensor in signed_outputs and not readers[tensor])
+        sym = (symmetric or (tensor in signed_outputs and not readers[tensor])
+               or (signed_conv_inputs and st.lo < 0 and bool(readers[tensor]) and set(readers[tensor]) <= set(convs)))
         params[tensor], errors = _choose(folded, tensor, readers[tensor], st, sym, config, smooth.get(tensor))
         report[tensor] = {"method": params[tensor].method, "errors": errors, "range": [st.lo, st.hi],
                           "readers": readers[tensor], "smoothed": tensor in smooth}
         if tensor in alphas:
             report[tensor]["smooth_alpha"] = alphas[tensor]
     return params, smooth, report
+
+
+def pool_modules(folded: nn.Module, graph: LayerGraph | None, policy: Any, layers: set[str],
+                 notes: list[str]) -> dict[str, str]:
+    """The global pools (before a quantizable layer) whose input the policy quantizes, as tensor -> the pool
+    module whose input it is (calibration records it there). A pool computed inside another module's forward has
+    no module to record its input at: it stays float, with a note."""
+    from deploy.export.qdq.graph import scope_of
+    from deploy.export.qdq.policy import pooled_layers
+
+    modules = dict(folded.named_modules())
+    out: dict[str, str] = {}
+    for node, (tensor, layer) in pooled_layers(graph, policy).items():
+        if layer not in layers:
+            continue
+        module = scope_of(node, set(modules))
+        if module and isinstance(modules[module], POOL_MODULES):
+            out[tensor] = module
+        else:
+            notes.append(f"{node}: a global pool outside an nn.AdaptiveAvgPool module, its input left float")
+    return out
+
+
+POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
 
 def _choose(folded: nn.Module, tensor: str, readers: list[str], st: TensorStats, symmetric: bool,
@@ -178,8 +208,9 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Calibra
     batches = calibration.leading("statistics", config.batch_size, config.batches)  # validation too: `CalibrationSet`
     attention = [n for n in attention_layers(graph, policy) if any(s.name == n and s.kind == "linear" for s in shapes)]
     residual = [n for n in residual_layers(graph, policy) if any(s.name == n for s in shapes)]
+    pooled = pool_modules(folded, graph, policy, {s.name for s in shapes}, notes)
     params, smooth, report = calibrate_tensors(folded, graph, shapes, batches, policy.act_signed, config, attention,
-                                               residual)
+                                               residual, pooled, policy.signed_conv_inputs)
     spaces = {s.name: layer_space(s, target.profile, space) for s in shapes}
     layers = {}
     for s in shapes:
@@ -189,7 +220,8 @@ def prepare(module: nn.Module, inputs: Sequence[InputSpec], calibration: Calibra
         sm = smooth.get(tin)
         layers[s.name] = LayerPlan(s.name, s.kind, spaces[s.name][0], params.get(tin), params.get(tout),
                                    tuple(float(v) for v in sm) if sm is not None else (), bool(ln and ln.relu_after))
-    plan = QuantPlan(target.qdq_policy, layers, target.float_precision, list(notes))
+    plan = QuantPlan(target.qdq_policy, layers, target.float_precision, list(notes),
+                     tensors={t: params[t] for t in pooled if t in params})
     flags = sim_flags(plan, policy, graph)
     if config.gptq:
         from deploy.compress.quant.gptq import rounded_weights

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 PASS_THROUGH = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")  # ops that move values without changing them
+GLOBAL_POOLS = ("GlobalAveragePool",)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,24 @@ class LayerGraph:
                 inputs = self.node_io[reader][0]
                 if self.node_ops.get(reader) == "Add" and len(inputs) == 2 and all(i in produced for i in inputs):
                     out.setdefault(ln.layer, reader)
+        return out
+
+    def pooled_layers(self) -> dict[str, tuple[str, str]]:
+        """Global pools whose output is a layer's input, directly or through Flatten and the value-preserving ops
+        (a CNN's head): pool node -> (the pool's input tensor, that layer)."""
+        by_input = {ln.input: ln.layer for ln in self.nodes.values()}
+        out: dict[str, tuple[str, str]] = {}
+        for node, op in self.node_ops.items():
+            if op not in GLOBAL_POOLS:
+                continue
+            tensor = self.node_io[node][1][0]
+            while tensor not in by_input:
+                readers = self.consumers.get(tensor, [])
+                if len(readers) != 1 or self.node_ops.get(readers[0]) not in (*PASS_THROUGH, "Flatten"):
+                    break
+                tensor = self.node_io[readers[0]][1][0]
+            if tensor in by_input:
+                out[node] = (self.node_io[node][0][0], by_input[tensor])
         return out
 
 

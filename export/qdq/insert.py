@@ -24,7 +24,7 @@ FP8_MAX = 448.0
 
 
 @dataclass
-class _Editor:
+class Editor:
     """A mutable view of one graph: initializers by name, new nodes, and which tensors already carry a Q/DQ."""
 
     model: Any
@@ -73,7 +73,7 @@ def _zp_type(params: ActParams) -> int:
     return TensorProto.INT8 if params.signed else TensorProto.UINT8
 
 
-def _qdq(ed: _Editor, tensor: str, params: ActParams, tag: str) -> str:
+def qdq_pair(ed: Editor, tensor: str, params: ActParams, tag: str) -> str:
     """Q then DQ of `tensor` (a new tensor name is returned; nothing is rewired here)."""
     key = (tensor, params)
     if key in ed.shared:
@@ -92,7 +92,7 @@ def fp8_params(params: ActParams) -> ActParams:
     return ActParams(params.scale * 127.0 / FP8_MAX, 0, True, "fp8")
 
 
-def _quantize_output(ed: _Editor, tensor: str, params: ActParams, tag: str) -> None:
+def _quantize_output(ed: Editor, tensor: str, params: ActParams, tag: str) -> None:
     """Producer-side Q/DQ: every reader of `tensor` (graph outputs too) sees the dequantized value."""
     producer = next(n for n in ed.model.graph.node if tensor in n.output)
     raw = f"{tensor}.float"
@@ -115,13 +115,13 @@ def _transposed(node: Any) -> bool:
     return False
 
 
-def _weight_torch(ed: _Editor, node: Any) -> torch.Tensor:
+def _weight_torch(ed: Editor, node: Any) -> torch.Tensor:
     """The weight in torch layout ([out, in, ...])."""
     w = torch.from_numpy(ed.array(node.input[1]).copy()).float()
     return w.T.contiguous() if _transposed(node) else w
 
 
-def _smooth_input(ed: _Editor, node: Any, ln: LayerNode, lp: LayerPlan) -> None:
+def _smooth_input(ed: Editor, node: Any, ln: LayerNode, lp: LayerPlan) -> None:
     """Divide the input by s (one Mul shared per tensor and factors) and scale the weight rows by s."""
     s = np.asarray(lp.smooth, dtype=np.float32)
     key = (node.input[0], lp.smooth)
@@ -137,7 +137,7 @@ def _smooth_input(ed: _Editor, node: Any, ln: LayerNode, lp: LayerPlan) -> None:
     node.input[1] = ed.add_init(f"{lp.name}.weight_smoothed", scaled.astype(np.float32))
 
 
-def _weight_dq(ed: _Editor, node: Any, ln: LayerNode, lp: LayerPlan, int_bias: bool) -> None:
+def _weight_dq(ed: Editor, node: Any, ln: LayerNode, lp: LayerPlan, int_bias: bool) -> None:
     from onnx import TensorProto
 
     opt = lp.option
@@ -173,7 +173,7 @@ def _weight_dq(ed: _Editor, node: Any, ln: LayerNode, lp: LayerPlan, int_bias: b
         # from folding MatMul + Add into a float Gemm before it sees the Q/DQ; with it, it runs QGemm)
 
 
-def _fp8_weight(ed: _Editor, node: Any, ln: LayerNode, lp: LayerPlan) -> None:
+def _fp8_weight(ed: Editor, node: Any, ln: LayerNode, lp: LayerPlan) -> None:
     """fp8 e4m3 weights with one per-tensor scale (as the simulation's fp8 option)."""
     from onnx import TensorProto
 
@@ -195,7 +195,7 @@ def gemm_to_matmul(model: Any, graph: LayerGraph, layers: list[str]) -> None:
     a float Gemm before the Q/DQ fusion sees it)."""
     from onnx import helper, numpy_helper
 
-    ed = _Editor(model)
+    ed = Editor(model)
     nodes = ed.nodes_by_name()
     for name in layers:
         ln = graph.nodes[name]
@@ -224,12 +224,14 @@ def gemm_to_matmul(model: Any, graph: LayerGraph, layers: list[str]) -> None:
 
 def insert_qdq(model: Any, graph: LayerGraph, plan: QuantPlan, policy: Any) -> list[str]:
     """Edit `model` in place per `plan`; returns notes. Layers absent from the graph are reported, not guessed."""
-    ed = _Editor(model)
+    ed = Editor(model)
     nodes = ed.nodes_by_name()
     active = {n: lp for n, lp in plan.layers.items() if not lp.option.is_float}
     for name in [n for n in active if n not in graph.nodes]:
         ed.notes.append(f"{name}: not found in the exported graph, left float")
     active = {n: lp for n, lp in active.items() if n in graph.nodes}
+    from deploy.export.qdq.neighbours import (quantize_add_outputs, quantize_attention_probs, quantize_pool_inputs,
+                                              quantize_residual_inputs)
     from deploy.export.qdq.policy import attention_layers, residual_layers
 
     attention, residual = attention_layers(graph, policy), residual_layers(graph, policy)
@@ -249,113 +251,27 @@ def insert_qdq(model: Any, graph: LayerGraph, plan: QuantPlan, policy: Any) -> l
             params = fp8_params(lp.act_in) if lp.option.precision == "fp8" else lp.act_in
             source = node.input[0]
             if ed.dq_params.get(source) != params:
-                node.input[0] = _qdq(ed, source, params, f"{_tag(graph, source)}.in")
+                node.input[0] = qdq_pair(ed, source, params, f"{tensor_tag(graph, source)}.in")
         if lp.option.precision == "fp8":
             _fp8_weight(ed, node, ln, lp)
         else:
             _weight_dq(ed, node, ln, lp, policy.int_bias)
     if attention:
-        _quantize_attention_probs(ed, set(attention.values()))
+        quantize_attention_probs(ed, set(attention.values()))
     if policy.residual_inputs:
-        _quantize_residual_inputs(ed, graph, plan, active)
+        quantize_residual_inputs(ed, graph, plan, active)
+    if policy.pool_inputs:
+        quantize_pool_inputs(ed, graph, plan, active)
     if policy.quantize_adds:
-        _quantize_add_outputs(ed)
+        quantize_add_outputs(ed)
     _drop_unused_initializers(model)
     topological_sort(model)
     return ed.notes
 
 
-def _tag(graph: LayerGraph, tensor: str) -> str:
+def tensor_tag(graph: LayerGraph, tensor: str) -> str:
     """A readable, unique prefix for tensors we add next to `tensor`."""
     return "qdq" + tensor.replace("/", ".").replace(":", ".") if tensor.startswith("/") else f"qdq.{tensor}"
-
-
-SOFTMAX_PARAMS = ActParams(1.0 / 255.0, 0, False, "fixed")  # probabilities in [0, 1] as uint8
-
-
-def _quantize_attention_probs(ed: _Editor, matmuls: set[str]) -> None:
-    """Attention's P.V MatMul runs in int8 only with both inputs quantized: where V arrives dequantized (its
-    producing layer is int8), give the Softmax output a fixed [0, 1] uint8 Q/DQ (what NNCF's transformer preset
-    does). The simulation does not model this one rounding (a step of 1/255 on the probabilities)."""
-    from deploy.export.qdq.graph import PASS_THROUGH
-
-    producer = {o: n for n in ed.model.graph.node for o in n.output}
-
-    def dequantized(tensor: str) -> bool:
-        while tensor not in ed.dq_params:
-            node = producer.get(tensor)
-            if node is None or node.op_type not in PASS_THROUGH:
-                return False
-            tensor = node.input[0]
-        return True
-
-    for node in list(ed.model.graph.node):
-        if node.name not in matmuls or node.op_type != "MatMul":
-            continue
-        for i, j in ((0, 1), (1, 0)):
-            src = producer.get(node.input[i])
-            if src is not None and src.op_type == "Softmax" and dequantized(node.input[j]):
-                node.input[i] = _qdq(ed, node.input[i], SOFTMAX_PARAMS, f"{node.name.replace('/', '.').strip('.')}.p")
-
-
-def _quantize_residual_inputs(ed: _Editor, graph: LayerGraph, plan: QuantPlan, active: dict[str, LayerPlan]) -> None:
-    """TensorRT and OpenVINO fuse Conv + residual Add when the Add's OTHER input is quantized too: give it a Q/DQ."""
-    conv_out = {graph.nodes[n].output: n for n, lp in active.items()
-                if lp.option.precision == "int8" and graph.nodes[n].op_type == "Conv"}
-    known = _tensor_params(graph, plan)
-    for node in list(ed.model.graph.node):
-        if node.op_type != "Add" or len(node.input) != 2:
-            continue
-        for i, j in ((0, 1), (1, 0)):
-            if node.input[i] in conv_out and node.input[j] not in ed.dq_params:
-                params = known.get(node.input[j])
-                if params is None:
-                    ed.notes.append(f"{node.name}: residual input {node.input[j]} has no calibrated range, left float")
-                    break
-                node.input[j] = _qdq(ed, node.input[j], params, f"{_tag(graph, node.input[j])}.res")
-                break
-
-
-def _quantize_add_outputs(ed: _Editor) -> None:
-    """ONNX Runtime fuses DQ,DQ -> Add -> Q into QLinearAdd, but only with the Q right on the Add's output (its
-    ReLU removal runs too late). When both inputs are dequantized and the (ReLU'd) sum is only ever read by our
-    one Q, put that Q's parameters on the Add's output as well: with a range starting at 0 it clamps like the
-    ReLU, so the values are those the next layer's input Q would produce anyway (the simulation is unchanged)."""
-    readers: dict[str, list[Any]] = {}
-    for node in ed.model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in ed.model.graph.output}
-    for add in [n for n in ed.model.graph.node if n.op_type == "Add"]:
-        if len(add.input) != 2 or not all(i in ed.dq_params for i in add.input) or add.output[0] in outputs:
-            continue
-        after = readers.get(add.output[0], [])
-        relu = after[0] if len(after) == 1 and after[0].op_type == "Relu" else None
-        tensor = relu.output[0] if relu is not None else add.output[0]
-        qs = readers.get(tensor, [])
-        if tensor in outputs or len(qs) != 1 or qs[0].op_type != "QuantizeLinear":
-            continue
-        params = next((p for (t, p), dq in ed.shared.items() if t == tensor and dq in ed.dq_params), None)
-        if params is None or (relu is not None and params.zero_point != params.qmin):
-            continue
-        source = add.output[0]
-        dq = _qdq(ed, source, params, f"{add.name.replace('/', '.').strip('.')}.out")
-        for node in after:
-            node.input[list(node.input).index(source)] = dq
-
-
-def _tensor_params(graph: LayerGraph, plan: QuantPlan) -> dict[str, ActParams]:
-    out: dict[str, ActParams] = {}
-    for name, lp in plan.layers.items():
-        ln = graph.nodes.get(name)
-        if ln is None:
-            continue
-        if lp.act_in is not None:
-            out.setdefault(ln.input, lp.act_in)
-        if lp.act_out is not None:
-            out.setdefault(ln.post, lp.act_out)
-            out.setdefault(ln.output, lp.act_out)
-    return out
 
 
 def _drop_unused_initializers(model: Any) -> None:

@@ -108,6 +108,9 @@ class QuantPlan:
     shifts: dict[str, dict[str, tuple[float, ...]]] = field(default_factory=dict)
     # GPTQ: per layer and option label, the float weight (on that option's integer grid) that replaces the layer's
     rounded: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # params of tensors that are no layer's input or output but are quantized with the layer they feed (the policy's
+    # `pool_inputs`: a global pool's input): tensor -> params
+    tensors: dict[str, ActParams] = field(default_factory=dict)
 
     def labels(self) -> dict[str, str]:
         return {name: lp.option.label for name, lp in self.layers.items()}
@@ -115,7 +118,8 @@ class QuantPlan:
     def with_options(self, options: dict[str, QuantOption]) -> "QuantPlan":
         """The same calibration with other per-layer options (the search's candidates)."""
         layers = {n: replace(lp, option=options.get(n, lp.option)) for n, lp in self.layers.items()}
-        return QuantPlan(self.policy, layers, self.float_precision, list(self.notes), self.shifts, self.rounded)
+        return QuantPlan(self.policy, layers, self.float_precision, list(self.notes), self.shifts, self.rounded,
+                         self.tensors)
 
     def rounded_weight(self, name: str) -> torch.Tensor | None:
         """GPTQ's weight of `name` at its current option (None: rounded to nearest)."""
@@ -132,7 +136,8 @@ class QuantPlan:
         shifts = {n: list(self.bias_shift(n)) for n in self.layers if self.bias_shift(n)}
         return {"schema": PLAN_SCHEMA, "version": PLAN_VERSION, "policy": self.policy,
                 "float_precision": self.float_precision, "notes": list(self.notes),
-                "layers": [lp.to_dict() for lp in self.layers.values()], "bias_shift": shifts}
+                "layers": [lp.to_dict() for lp in self.layers.values()], "bias_shift": shifts,
+                "tensors": {t: p.to_dict() for t, p in self.tensors.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantPlan":
@@ -141,7 +146,9 @@ class QuantPlan:
         layers = {lp.name: lp for lp in (LayerPlan.from_dict(d) for d in data["layers"])}
         shifts = {n: {layers[n].option.label: tuple(float(v) for v in values)}
                   for n, values in data.get("bias_shift", {}).items()}
-        return cls(data["policy"], layers, data.get("float_precision", "fp32"), list(data.get("notes", [])), shifts)
+        tensors = {t: ActParams.from_dict(p) for t, p in data.get("tensors", {}).items()}
+        return cls(data["policy"], layers, data.get("float_precision", "fp32"), list(data.get("notes", [])), shifts,
+                   tensors=tensors)
 
 
 def round_weights(folded: nn.Module, plan: QuantPlan) -> list[str]:

@@ -44,7 +44,9 @@ def build_qdq_model(float_model: Any, graph: Any, plan: QuantPlan, policy: QdqPo
 
 
 def _check_policy(plan: QuantPlan, policy: QdqPolicy) -> None:
-    signed = {lp.act_in.signed for lp in plan.layers.values() if lp.act_in is not None}
+    """Activations signed as the policy wants them (a policy's `signed_conv_inputs` lets a conv's input be either)."""
+    signed = {lp.act_in.signed for lp in plan.layers.values()
+              if lp.act_in is not None and not (policy.signed_conv_inputs and lp.kind == "conv")}
     if signed and signed != {policy.act_signed}:
         raise ConfigError(f"the plan was calibrated for the '{plan.policy}' policy; '{policy.name}' needs "
                           f"{'signed' if policy.act_signed else 'unsigned'} activations",
