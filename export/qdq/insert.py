@@ -10,81 +10,19 @@ into MatMulNBits); fp16/bf16 layers stay float in the file (the runtime's builde
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from deploy.export.qdq.editor import Editor, qdq_pair, tensor_tag, zero_point_type
 from deploy.export.qdq.graph import LayerGraph, LayerNode
 from deploy.export.qdq.plan import ActParams, LayerPlan, QuantPlan
 from deploy.export.qdq.intmath import int32_bias, quantize_weight
+from deploy.export.qdq.neighbours import (quantize_add_outputs, quantize_attention_probs, quantize_pool_inputs,
+                                          quantize_residual_inputs)
 
 FP8_MAX = 448.0
-
-
-@dataclass
-class Editor:
-    """A mutable view of one graph: initializers by name, new nodes, and which tensors already carry a Q/DQ."""
-
-    model: Any
-    inits: dict[str, Any] = field(default_factory=dict)
-    dq_params: dict[str, ActParams] = field(default_factory=dict)  # DQ output tensor -> its parameters
-    shared: dict[tuple[str, ActParams], str] = field(default_factory=dict)  # (tensor, params) -> DQ output
-    smoothed: dict[tuple[str, tuple[float, ...]], str] = field(default_factory=dict)  # (tensor, s) -> Mul output
-    notes: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.inits = {i.name: i for i in self.model.graph.initializer}
-
-    def array(self, name: str) -> np.ndarray:
-        from onnx import numpy_helper
-
-        return numpy_helper.to_array(self.inits[name])
-
-    def add_init(self, name: str, value: np.ndarray, dtype: int | None = None) -> str:
-        from onnx import helper, numpy_helper
-
-        if dtype is None:
-            value = np.asarray(value)  # (not ascontiguousarray: it turns a scalar into shape [1], and ORT's
-            tensor = numpy_helper.from_array(value.copy(order="C"), name)  # QLinearAdd fusion wants scalars)
-        else:
-            tensor = helper.make_tensor(name, dtype, list(np.shape(value)), np.asarray(value).reshape(-1).tolist())
-        if name in self.inits:
-            self.model.graph.initializer.remove(self.inits[name])
-        self.model.graph.initializer.append(tensor)
-        self.inits[name] = tensor
-        return name
-
-    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs: Any) -> None:
-        from onnx import helper
-
-        self.model.graph.node.append(helper.make_node(op, inputs, outputs, name=name, **attrs))
-
-    def nodes_by_name(self) -> dict[str, Any]:
-        return {n.name: n for n in self.model.graph.node}
-
-
-def _zp_type(params: ActParams) -> int:
-    from onnx import TensorProto
-
-    if params.method == "fp8":
-        return TensorProto.FLOAT8E4M3FN
-    return TensorProto.INT8 if params.signed else TensorProto.UINT8
-
-
-def qdq_pair(ed: Editor, tensor: str, params: ActParams, tag: str) -> str:
-    """Q then DQ of `tensor` (a new tensor name is returned; nothing is rewired here)."""
-    key = (tensor, params)
-    if key in ed.shared:
-        return ed.shared[key]
-    scale = ed.add_init(f"{tag}.scale", np.array(params.scale, dtype=np.float32))
-    zp = ed.add_init(f"{tag}.zero_point", np.array(params.zero_point), _zp_type(params))
-    ed.node("QuantizeLinear", [tensor, scale, zp], [f"{tag}.q"], f"{tag}/QuantizeLinear")
-    ed.node("DequantizeLinear", [f"{tag}.q", scale, zp], [f"{tag}.dq"], f"{tag}/DequantizeLinear")
-    ed.shared[key] = f"{tag}.dq"
-    ed.dq_params[f"{tag}.dq"] = params
-    return f"{tag}.dq"
 
 
 def fp8_params(params: ActParams) -> ActParams:
@@ -98,7 +36,7 @@ def _quantize_output(ed: Editor, tensor: str, params: ActParams, tag: str) -> No
     raw = f"{tensor}.float"
     producer.output[list(producer.output).index(tensor)] = raw
     scale = ed.add_init(f"{tag}.scale", np.array(params.scale, dtype=np.float32))
-    zp = ed.add_init(f"{tag}.zero_point", np.array(params.zero_point), _zp_type(params))
+    zp = ed.add_init(f"{tag}.zero_point", np.array(params.zero_point), zero_point_type(params))
     ed.node("QuantizeLinear", [raw, scale, zp], [f"{tag}.q"], f"{tag}/QuantizeLinear")
     ed.node("DequantizeLinear", [f"{tag}.q", scale, zp], [tensor], f"{tag}/DequantizeLinear")
     ed.dq_params[tensor] = params
@@ -230,8 +168,6 @@ def insert_qdq(model: Any, graph: LayerGraph, plan: QuantPlan, policy: Any) -> l
     for name in [n for n in active if n not in graph.nodes]:
         ed.notes.append(f"{name}: not found in the exported graph, left float")
     active = {n: lp for n, lp in active.items() if n in graph.nodes}
-    from deploy.export.qdq.neighbours import (quantize_add_outputs, quantize_attention_probs, quantize_pool_inputs,
-                                              quantize_residual_inputs)
     from deploy.export.qdq.policy import attention_layers, residual_layers
 
     attention, residual = attention_layers(graph, policy), residual_layers(graph, policy)
@@ -267,11 +203,6 @@ def insert_qdq(model: Any, graph: LayerGraph, plan: QuantPlan, policy: Any) -> l
     _drop_unused_initializers(model)
     topological_sort(model)
     return ed.notes
-
-
-def tensor_tag(graph: LayerGraph, tensor: str) -> str:
-    """A readable, unique prefix for tensors we add next to `tensor`."""
-    return "qdq" + tensor.replace("/", ".").replace(":", ".") if tensor.startswith("/") else f"qdq.{tensor}"
 
 
 def _drop_unused_initializers(model: Any) -> None:

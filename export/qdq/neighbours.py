@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from deploy.export.qdq.graph import LayerGraph
-from deploy.export.qdq.insert import Editor, qdq_pair, tensor_tag
+from deploy.export.qdq.editor import Editor, qdq_pair, tensor_tag
 from deploy.export.qdq.plan import ActParams, LayerPlan, QuantPlan
 
 
