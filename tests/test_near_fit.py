@@ -3,6 +3,7 @@ noise margin, is timed again as the final measurement times it and kept where th
 its interval still reaches past the budget, a warning says so."""
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace as NS
 
 import pytest
@@ -167,3 +168,6 @@ def test_a_plan_kept_at_the_edge_is_named_with_the_budget_that_prunes_for_a_cert
     assert fits_when_remeasured(Remeasuring((0.88, 0.905)), sure, budget)
     assert edge_line(planner, sure, budget) is None  # the whole interval fits: nothing to say
     assert edge_line(planner, _int8(0.9 * budget), budget) is None  # never timed again
+    mix = dataclasses.replace(_int8(0.975 * budget), blocks=("layer1.1",))  # a depth mix's precision-only plan
+    assert fits_when_remeasured(planner, mix, budget)
+    assert "kept 1 block dropped and no width pruned at its fastest" in edge_line(planner, mix, budget)

@@ -62,8 +62,8 @@ def fits_when_remeasured(planner: Any, candidate: Candidate, budget: float) -> b
 
 
 def edge_line(planner: Any, choice: Candidate, budget: float) -> str | None:
-    """Where the answer is a plan kept by its second measurement's p50 while that interval reaches past the
-    budget: one line saying so, with the budget under which the search prunes instead (under the interval's low
+    """Where the answer is a precision-only plan (the dense model's, or a depth mix's) kept by its second
+    measurement's p50 while that interval reaches past the budget: one line saying so, with the budget under which the search prunes instead (under the interval's low
     end, where this plan is surely over). None otherwise."""
     again = choice.remeasured
     if not again or not again["fits"] or again.get("sure", True):
@@ -71,7 +71,9 @@ def edge_line(planner: Any, choice: Candidate, budget: float) -> str | None:
     (low, high), p50 = again["interval_ms"], again["p50_ms"]
     flag = (f"--speedup {math.ceil(planner.dense.latency_ms / low * 1000) / 1000:g}" if planner.relative
             else f"--budget-ms {math.floor(low * 1000) / 1000:g}")
-    return (f"at the edge: kept the unpruned model at its fastest precisions (its p50 timed again {p50 / budget:.3f}x "
+    kept = (f"{len(choice.blocks)} block{'s' if len(choice.blocks) > 1 else ''} dropped and no width pruned"
+            if choice.blocks else "the unpruned model")  # a depth mix's plan at the edge, too
+    return (f"at the edge: kept {kept} at its fastest precisions (its p50 timed again {p50 / budget:.3f}x "
             f"the budget, its interval up to {high / budget:.3f}x) rather than prune for the last percent, which is "
             f"noise here; the budget may not hold (the verdict says so); {flag} would prune for a certain fit")
 
