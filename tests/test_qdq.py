@@ -230,6 +230,8 @@ def test_openvino_profile_quantizes_to_a_budget_end_to_end(digits_model, digits_
                   for op in runtime.get_ordered_ops()}
     stem_conv = precisions.get(stem.name, precisions.get(f"{stem.name}/WithoutBiases"))  # the bias split off
     assert precisions[pool.name] in ("u8", "i8") and stem_conv == "i8"
+    flatten = next(n for n in model.graph.node if n.op_type == "Flatten")  # the pool's output stays uint8 into fc
+    assert producers[flatten.input[0]].op_type == "DequantizeLinear" and precisions[flatten.name] in ("u8", "i8")
 
 
 def test_openvino_policy_runs_attention_matmuls_in_int8(tmp_path):
@@ -323,3 +325,35 @@ def test_openvino_calibrates_a_global_pools_input_and_the_plan_file_keeps_it(dig
 
     prep = prepare(FunctionalPool().eval(), SPEC, digits_calibration, profile, config=CalibrationConfig(batches=1))
     assert prep.plan.tensors == {} and any("global pool" in note for note in prep.plan.notes)
+
+
+def test_openvino_moves_the_classifiers_input_qdq_and_smoothing_onto_the_pool_output(digits_model,
+                                                                                       digits_calibration, tmp_path):
+    """As NNCF places it: the int8 classifier's input Q/DQ (and its SmoothQuant Mul, factors on the channel axis)
+    sit on the global pool's output, before the Flatten, so OpenVINO hands the pool's uint8 output straight to the
+    FullyConnected. The file still computes the same function: its labels agree with the float model's."""
+    import onnxruntime as ort
+
+    profile = resolve_target("cpu-openvino").profile
+    prep = prepare(digits_model, SPEC, digits_calibration, profile, config=CalibrationConfig(batches=1))
+    int8 = {n: next(o for o in opts if o.precision == "int8") for n, opts in prep.spaces.items()}
+    plan = prep.plan.with_options(int8)
+    width = digits_model.fc.in_features
+    factors = tuple(float(v) for v in torch.linspace(0.5, 2.0, width))
+    plan.layers["fc"] = dataclasses.replace(plan.layers["fc"], smooth=factors)
+    result = export_quantized(plan, digits_model, SPEC, tmp_path / "ov.onnx")
+    model = onnx.load(str(result.onnx))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    fc = next(n for n in model.graph.node if n.op_type in ("Gemm", "MatMul") and "fc" in n.name)
+    chain = [producers[fc.input[0]]]
+    while chain[-1].op_type != "GlobalAveragePool":
+        chain.append(producers[chain[-1].input[0]])
+    assert [n.op_type for n in chain] == ["Flatten", "DequantizeLinear", "QuantizeLinear", "Mul", "GlobalAveragePool"]
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert inits[chain[3].input[1]].shape == (width, 1, 1)
+    x = torch.cat([s[0] for s in digits_calibration.calibration[:64]])
+    with torch.no_grad():
+        want = digits_model(x).argmax(1).numpy()
+    session = ort.InferenceSession(str(result.onnx), providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(None, {"image": x[i:i + 1].numpy()})[0] for i in range(len(x))]).argmax(1)
+    assert (got == want).mean() >= 0.95

@@ -79,3 +79,23 @@ def qdq_pair(ed: Editor, tensor: str, params: ActParams, tag: str) -> str:
 def tensor_tag(graph: LayerGraph, tensor: str) -> str:
     """A readable, unique prefix for tensors we add next to `tensor`."""
     return "qdq" + tensor.replace("/", ".").replace(":", ".") if tensor.startswith("/") else f"qdq.{tensor}"
+
+
+def topological_sort(model: Any) -> None:
+    """Reorder nodes so every input is produced before it is read (we appended new nodes at the end)."""
+    graph = model.graph
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError("the edited graph has a cycle or a missing input: " +
+                             ", ".join(sorted({i for n in pending for i in n.input if i not in available})[:5]))
+        ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ids]
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+    del graph.node[:]
+    graph.node.extend(ordered)

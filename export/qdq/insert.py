@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy.export.qdq.editor import Editor, qdq_pair, tensor_tag, zero_point_type
+from deploy.export.qdq.editor import Editor, qdq_pair, tensor_tag, topological_sort, zero_point_type
 from deploy.export.qdq.graph import LayerGraph, LayerNode
 from deploy.export.qdq.plan import ActParams, LayerPlan, QuantPlan
 from deploy.export.qdq.intmath import int32_bias, quantize_weight
@@ -209,23 +209,3 @@ def _drop_unused_initializers(model: Any) -> None:
     used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
     for init in [i for i in model.graph.initializer if i.name not in used]:
         model.graph.initializer.remove(init)
-
-
-def topological_sort(model: Any) -> None:
-    """Reorder nodes so every input is produced before it is read (we appended new nodes at the end)."""
-    graph = model.graph
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ValueError("the edited graph has a cycle or a missing input: " +
-                             ", ".join(sorted({i for n in pending for i in n.input if i not in available})[:5]))
-        ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ids]
-        for n in ready:
-            ordered.append(n)
-            available.update(n.output)
-    del graph.node[:]
-    graph.node.extend(ordered)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from deploy.export.qdq.graph import LayerGraph
-from deploy.export.qdq.editor import Editor, qdq_pair, tensor_tag
+from deploy.export.qdq.graph import PASS_THROUGH, LayerGraph
+from deploy.export.qdq.editor import Editor, qdq_pair, tensor_tag, topological_sort
 from deploy.export.qdq.plan import ActParams, LayerPlan, QuantPlan
 
 
@@ -18,8 +18,6 @@ def quantize_attention_probs(ed: Editor, matmuls: set[str]) -> None:
     """Attention's P.V MatMul runs in int8 only with both inputs quantized: where V arrives dequantized (its
     producing layer is int8), give the Softmax output a fixed [0, 1] uint8 Q/DQ (what NNCF's transformer preset
     does). The simulation does not model this one rounding (a step of 1/255 on the probabilities)."""
-    from deploy.export.qdq.graph import PASS_THROUGH
-
     producer = {o: n for n in ed.model.graph.node for o in n.output}
 
     def dequantized(tensor: str) -> bool:
@@ -74,6 +72,57 @@ def quantize_pool_inputs(ed: Editor, graph: LayerGraph, plan: QuantPlan, active:
         node = nodes[name]
         if node.input[0] not in ed.dq_params:
             node.input[0] = qdq_pair(ed, node.input[0], params, f"{tensor_tag(graph, tensor)}.pool")
+        _onto_pool_output(ed, node)
+
+
+def _onto_pool_output(ed: Editor, pool: Any) -> None:
+    """The layer's input Q/DQ (and its SmoothQuant Mul) moved from after the Flatten onto the pool's output, as NNCF
+    places it: the pool then hands uint8 straight to the int8 FullyConnected (with the Q after the Flatten, OpenVINO
+    put a bf16 reorder and a requantize subgraph between them). Per-tensor Q/DQ commutes with a reshape; the Mul's
+    per-channel factors are reshaped to the pool output's channel axis. Left in place where the chain branches."""
+    readers: dict[str, list[Any]] = {}
+    for node in ed.model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    chain, tensor = [], pool.output[0]
+    while len(readers.get(tensor, [])) == 1 and readers[tensor][0].op_type in (*PASS_THROUGH, "Flatten"):
+        chain.append(readers[tensor][0])
+        tensor = chain[-1].output[0]
+    after = readers.get(tensor, [])
+    if not chain or len(after) != 1:
+        return
+    first = head = after[0]
+    if head.op_type == "Mul" and head.input[1] in ed.inits and len(readers.get(head.output[0], [])) == 1:
+        head = readers[head.output[0]][0]
+    dqs = readers.get(head.output[0], [])
+    if head.op_type != "QuantizeLinear" or len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
+        return
+    if first is not head:  # the SmoothQuant Mul: its factors along the pool output's channel axis
+        rank = _rank(ed.model, pool.output[0])
+        factors = ed.array(first.input[1])
+        if rank is None or factors.ndim != 1:
+            return
+        ed.add_init(first.input[1], factors.reshape(-1, *[1] * (rank - 2)))
+    dq = dqs[0].output[0]
+    for node in readers.get(dq, []):
+        node.input[list(node.input).index(dq)] = tensor
+    first.input[0], chain[0].input[0] = pool.output[0], dq
+
+
+def _rank(model: Any, tensor: str) -> int | None:
+    """`tensor`'s rank from ONNX shape inference (None where it cannot tell), on a sorted copy: inference reads the
+    nodes in order, the edits so far appended theirs at the end, and sorting `model` itself would detach the nodes
+    the caller holds."""
+    import onnx
+
+    ordered = onnx.ModelProto()
+    ordered.CopyFrom(model)
+    topological_sort(ordered)
+    inferred = onnx.shape_inference.infer_shapes(ordered).graph
+    for info in [*inferred.value_info, *inferred.input, *inferred.output]:
+        if info.name == tensor and info.type.tensor_type.HasField("shape"):
+            return len(info.type.tensor_type.shape.dim)
+    return None
 
 
 def quantize_add_outputs(ed: Editor) -> None:

@@ -11,10 +11,13 @@
   trained distorted-digits ResNet on AMX: 5 bf16 requantize subgraphs without, 44-53 us of OpenVINO's node time;
   10 comparisons each in fresh blocks, 1.052x NNCF's p50 without, 1.041x with). Also as NNCF: the global pool's
   input quantized where the layer it feeds is int8 (its pool then runs in int8, not in bf16 behind a reorder from
-  the last block), and a conv input with negative values (the image) int8 with zero point 0 (OpenVINO's
+  the last block; the classifier's input Q/DQ sits on the pool's output, before the Flatten, so the pool hands
+  uint8 to it), and a conv input with negative values (the image) int8 with zero point 0 (OpenVINO's
   convolution pays for a uint8 zero point: the stem took 67 us against NNCF's 41). Both together, 6 comparisons
   each in fresh blocks: 1.066x NNCF's p50 before, 1.014x after (faster in all 6); top-1 agreement 0.9889 / 0.9880,
-  KL 0.00165 / 0.00170. The simulation does not model the pool input's rounding (averaged over the pool's window).
+  KL 0.00165 / 0.00170. Moving the classifier's Q before the Flatten then removed a bf16 reorder and a requantize
+  subgraph (about 10 us): OpenVINO's summed node time 0.4% over NNCF's, against 5% before. The simulation does not
+  model the pool input's rounding (averaged over the pool's window).
 - tensorrt: symmetric int8 activations and weights (zero points 0), per-channel weights on the output-channel
   axis, Q/DQ on op inputs only, and the residual Add's other input quantized so Conv+Add fuses; LayerNorm,
   Softmax, GELU and residual Adds of transformers stay float (we only ever quantize the planned layers' inputs).
