@@ -12,6 +12,7 @@ from deploy.export.qdq.plan import ActParams, LayerPlan, QuantPlan
 
 
 SOFTMAX_PARAMS = ActParams(1.0 / 255.0, 0, False, "fixed")  # probabilities in [0, 1] as uint8
+RESHAPES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")  # keep the values in memory order
 
 
 def quantize_attention_probs(ed: Editor, matmuls: set[str]) -> None:
@@ -79,13 +80,14 @@ def _onto_pool_output(ed: Editor, pool: Any) -> None:
     """The layer's input Q/DQ (and its SmoothQuant Mul) moved from after the Flatten onto the pool's output, as NNCF
     places it: the pool then hands uint8 straight to the int8 FullyConnected (with the Q after the Flatten, OpenVINO
     put a bf16 reorder and a requantize subgraph between them). Per-tensor Q/DQ commutes with a reshape; the Mul's
-    per-channel factors are reshaped to the pool output's channel axis. Left in place where the chain branches."""
+    per-channel factors are reshaped to the pool output's channel axis. Left in place where the chain branches or
+    moves an axis (a Transpose)."""
     readers: dict[str, list[Any]] = {}
     for node in ed.model.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     chain, tensor = [], pool.output[0]
-    while len(readers.get(tensor, [])) == 1 and readers[tensor][0].op_type in (*PASS_THROUGH, "Flatten"):
+    while len(readers.get(tensor, [])) == 1 and readers[tensor][0].op_type in RESHAPES:
         chain.append(readers[tensor][0])
         tensor = chain[-1].output[0]
     after = readers.get(tensor, [])
