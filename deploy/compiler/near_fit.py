@@ -63,8 +63,8 @@ def fits_when_remeasured(planner: Any, candidate: Candidate, budget: float) -> b
 
 def edge_line(planner: Any, choice: Candidate, budget: float) -> str | None:
     """Where the answer is a precision-only plan (the dense model's, or a depth mix's) kept by its second
-    measurement's p50 while that interval reaches past the budget: one line saying so, with the budget under which the search prunes instead (under the interval's low
-    end, where this plan is surely over). None otherwise."""
+    measurement's p50 while that interval reaches past the budget: one line saying so, with the budget under which
+    the search prunes instead (under the interval's low end, where this plan is surely over). None otherwise."""
     again = choice.remeasured
     if not again or not again["fits"] or again.get("sure", True):
         return None

@@ -53,6 +53,14 @@ class Editor:
     def nodes_by_name(self) -> dict[str, Any]:
         return {n.name: n for n in self.model.graph.node}
 
+    def readers(self) -> dict[str, list[Any]]:
+        """Tensor -> the nodes reading it, as the graph is now."""
+        out: dict[str, list[Any]] = {}
+        for node in self.model.graph.node:
+            for name in node.input:
+                out.setdefault(name, []).append(node)
+        return out
+
 
 def zero_point_type(params: ActParams) -> int:
     from onnx import TensorProto

@@ -82,10 +82,7 @@ def _onto_pool_output(ed: Editor, pool: Any) -> None:
     put a bf16 reorder and a requantize subgraph between them). Per-tensor Q/DQ commutes with a reshape; the Mul's
     per-channel factors are reshaped to the pool output's channel axis. Left in place where the chain branches or
     moves an axis (a Transpose)."""
-    readers: dict[str, list[Any]] = {}
-    for node in ed.model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = ed.readers()
     chain, tensor = [], pool.output[0]
     while len(readers.get(tensor, [])) == 1 and readers[tensor][0].op_type in RESHAPES:
         chain.append(readers[tensor][0])
@@ -132,10 +129,7 @@ def quantize_add_outputs(ed: Editor) -> None:
     ReLU removal runs too late). When both inputs are dequantized and the (ReLU'd) sum is only ever read by our
     one Q, put that Q's parameters on the Add's output as well: with a range starting at 0 it clamps like the
     ReLU, so the values are those the next layer's input Q would produce anyway (the simulation is unchanged)."""
-    readers: dict[str, list[Any]] = {}
-    for node in ed.model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = ed.readers()
     outputs = {o.name for o in ed.model.graph.output}
     for add in [n for n in ed.model.graph.node if n.op_type == "Add"]:
         if len(add.input) != 2 or not all(i in ed.dq_params for i in add.input) or add.output[0] in outputs:
