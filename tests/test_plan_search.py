@@ -148,15 +148,15 @@ def test_a_speedup_budget_or_a_floor_plans_on_ratios_to_the_dense_model():
     timing = {"latency_ms": 0.95, "ratio_to_dense": 0.55, "source": "measured"}
     relative = Planner(NS(precisions=("fp32",), prune=False, budget=Budget("speedup", 1.6)), setup)
     relative.dense = Candidate("fp32", 0.0, {}, 1.72, None, 1.0)
-    assert relative._planned(timing) == pytest.approx(0.55 * 1.72)
-    assert relative._planned(timing) <= relative.dense.latency_ms / 1.6  # fits 1.6x, as its ratio says
+    assert relative.planned(timing) == pytest.approx(0.55 * 1.72)
+    assert relative.planned(timing) <= relative.dense.latency_ms / 1.6  # fits 1.6x, as its ratio says
     absolute = Planner(NS(precisions=("fp32",), prune=False, budget=Budget("latency_ms", 1.0)), setup)
     absolute.dense = relative.dense
-    assert absolute._planned(timing) == 0.95
+    assert absolute.planned(timing) == 0.95
     for floor in (Budget("max_drop", 0.01), Budget()):  # a floor's fastest is the lowest ratio, drift-free too
         planner = Planner(NS(precisions=("fp32",), prune=False, budget=floor), setup)
         planner.dense = relative.dense
-        assert planner._planned(timing) == pytest.approx(0.55 * 1.72)
+        assert planner.planned(timing) == pytest.approx(0.55 * 1.72)
 
 
 def test_the_most_faithful_candidate_inside_the_budget_is_chosen():

@@ -127,7 +127,7 @@ class Planner:
         path = self._path(len(self.candidates))
         export_fp32(module, self.setup, path)
         timing = latency(self.setup, path, self.request.measure_seconds, module, None, self._baseline)
-        candidate = Candidate("fp32", 0.0, {}, self._planned(timing), None, path.stat().st_size / 1e6, None,
+        candidate = Candidate("fp32", 0.0, {}, self.planned(timing), None, path.stat().st_size / 1e6, None,
                               timing.get("band_ms"), origin, ranks=dict(ranks), predicted_ms=point_ms(timing),
                               blocks=self.blocks)
         candidate = self._keep(candidate)
@@ -339,7 +339,7 @@ class Planner:
             return self._keep(candidate)
         timing = latency(self.setup, path, self.request.measure_seconds, module, plan, self._baseline)
         candidate = Candidate(precision_word(labels, prep), round(level, 4), self.removed(level),
-                              self._planned(timing), None, path.stat().st_size / 1e6, labels,
+                              self.planned(timing), None, path.stat().st_size / 1e6, labels,
                               timing.get("band_ms"), origin, predicted_ms=point_ms(timing), blocks=self.blocks,
                               allocation=self.allocation)
         candidate = self._keep(candidate)
@@ -350,7 +350,7 @@ class Planner:
         return latency(self.setup, self.file_of(candidate), self.request.measure_seconds, baseline=self._baseline,
                        config=config, decided=decided)
 
-    def _planned(self, timing: dict[str, Any]) -> float:
+    def planned(self, timing: dict[str, Any]) -> float:
         """The latency a candidate is planned on. For a speed-up budget or a floor: its interleaved ratio to the
         dense model times the dense model's p50, so that a dense measurement that came out slow or fast (a shared
         machine in its first seconds) scales the target and every candidate alike, and a floor's fastest is the

@@ -27,9 +27,10 @@ its sensitivity and price table, for a latency estimate. For a latency budget:
 A measured p50 within [0.85, 0.95] x budget (5% kept for noise) ends a search early (the pruning level: only within
 3% of 0.9); a speed-up budget plans on each candidate's interleaved ratio to the dense model. The dense model at its
 fastest precisions measured outside the margin but within 5% over the budget is timed again as the final
-measurement times it and kept where that p50 is within the budget (`near_fit`). The final model is measured
-again against the original, interleaved. Of every candidate measured inside 0.95 x budget, the most faithful on the
-validation split is the answer (`most_faithful`). Fidelity floors and size budgets: `floor_and_size`.
+measurement times it and kept where that p50 is within the budget; where it is not, the least pruning whose p50
+timed again fits competes in 4 (`near_fit`). The final model is measured again against the original. Of every
+candidate inside 0.95 x budget, the most faithful on validation is the answer (`most_faithful`). Fidelity floors
+and size budgets: `floor_and_size`.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from typing import Any, Callable
 
 from deploy.compiler.candidate import Candidate, decisions_for, measured_before, structure_of
 from deploy.compiler.candidates import Planner
-from deploy.compiler.near_fit import edge_line, fits_when_remeasured, near_miss_line
+from deploy.compiler.near_fit import edge_line, fits_when_remeasured, least_pruning_at_edge, near_miss_line
 from deploy.compiler.precision_fill import PRECISION_STEPS, fill_precision
 from deploy.compiler.search_clock import SearchClock
 from deploy.compiler.trial_recovery import (Trials, more_promising, most_promising, needs_recovery, promise,
@@ -89,8 +90,9 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
     widths.append(lambda: _lowrank_for_latency(planner, window, dense))  # (a re-plan keeps allocation and blocks)
     depths = [lambda: _depth_mixes(planner, budget, window, dense)] if depth else []
     steps = depths + widths if structured.level >= DEEP else widths + depths
-    found = [structured] + [c for c in (step() for step in steps) if c is not None]
-    return _refined(planner, most_promising(planner, found), window)
+    edge = least_pruning_at_edge(planner, budget, structured, SAFE)  # where precision alone just missed
+    best = most_promising(planner, [c for c in (structured, edge, *(step() for step in steps)) if c is not None])
+    return best if best.latency_ms > window[1] else _refined(planner, best, window)  # (at the edge: no slack)
 
 
 def _uniform_allocation(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
