@@ -3,7 +3,6 @@ noise margin, is timed again as the final measurement times it and kept where th
 its interval still reaches past the budget, a warning says so."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from types import SimpleNamespace as NS
 
@@ -172,6 +171,10 @@ def test_a_plan_kept_at_the_edge_is_named_with_the_budget_that_prunes_for_a_cert
     mix = dataclasses.replace(_int8(0.975 * budget), blocks=("layer1.1",))  # a depth mix's precision-only plan
     assert fits_when_remeasured(planner, mix, budget)
     assert "kept 1 block dropped and no width pruned at its fastest" in edge_line(planner, mix, budget)
+    light = dataclasses.replace(_int8(0.975 * budget), level=0.063)  # the least pruning at the edge
+    assert fits_when_remeasured(planner, light, budget)
+    line = edge_line(planner, light, budget)
+    assert "kept the least pruning that fits (level 0.063)" in line and "--speedup 1.124 would prune more" in line
 
 
 class Pruning(Remeasuring):
@@ -181,7 +184,7 @@ class Pruning(Remeasuring):
     def __init__(self, budget: float, drift: float):
         super().__init__((0.0, 0.0))
         self.budget, self.drift, self.blocks, self.allocation, self.quantizes = budget, drift, (), "dp", True
-        self.clock = NS(out_of_time=lambda what: False, step=contextlib.nullcontext)
+        self.clock = NS(out_of_time=lambda what: False)
         self.fast = _int8(1.013 * budget)
         self.fast.remeasured = {"p50_ms": 1.013 * budget, "interval_ms": [budget, 1.03 * budget],
                                 "budget_ms": budget, "fits": False, "sure": False}

@@ -88,18 +88,17 @@ def least_pruning_at_edge(planner: Any, budget: float, pruned: Candidate, safe: 
         return None
     aim, best = (safe + 1) / 2 * budget, None
     (a, f_a), (b, f_b) = (0.0, again["p50_ms"] - aim), (pruned.level, pruned.latency_ms - aim)
-    with planner.clock.step():
-        for _ in range(EDGE_STEPS):
-            level = b - f_b * (b - a) / (f_b - f_a) if f_b != f_a else (a + b) / 2
-            level = min(max(level, a + 0.02 * (b - a)), b - 0.02 * (b - a))
-            cand = (measured_before(planner.candidates, planner.blocks, planner.allocation, planner.removed(level),
-                                    fast.labels) or planner.evaluate(level, fast.labels, "least pruning at the edge"))
-            if cand.latency_ms <= safe * budget:
-                best, (b, f_b) = (cand if cand is not pruned else best), (level, cand.latency_ms - aim)
-                continue
-            if cand.latency_ms <= budget and fits_when_remeasured(planner, cand, budget):
-                return cand
-            a, f_a = level, max(cand.latency_ms, (cand.remeasured or {}).get("p50_ms", 0.0)) - aim
+    for _ in range(EDGE_STEPS):  # (not a `SearchClock.step`: a few candidates, its trial comes with the others')
+        level = b - f_b * (b - a) / (f_b - f_a) if f_b != f_a else (a + b) / 2
+        level = min(max(level, a + 0.02 * (b - a)), b - 0.02 * (b - a))
+        cand = (measured_before(planner.candidates, planner.blocks, planner.allocation, planner.removed(level),
+                                fast.labels) or planner.evaluate(level, fast.labels, "least pruning at the edge"))
+        if cand.latency_ms <= safe * budget:
+            best, (b, f_b) = (cand if cand is not pruned else best), (level, cand.latency_ms - aim)
+            continue
+        if cand.latency_ms <= budget and fits_when_remeasured(planner, cand, budget):
+            return cand
+        a, f_a = level, max(cand.latency_ms, (cand.remeasured or {}).get("p50_ms", 0.0)) - aim
     return best
 
 
