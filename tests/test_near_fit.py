@@ -249,3 +249,26 @@ def test_a_re_plan_against_a_tighter_budget_times_the_plan_again():
     assert fits_when_remeasured(planner, cand, budget) and len(planner.calls) == 1
     assert not fits_when_remeasured(planner, cand, 0.97 * budget)  # p50 8.925 ms over 8.82 ms: timed anew
     assert len(planner.calls) == 2 and cand.remeasured["budget_ms"] == 0.97 * budget
+
+
+@pytest.mark.parametrize("edge_faithful", [True, False])
+def test_the_least_pruning_at_the_edge_competes_and_is_not_refilled(monkeypatch, edge_faithful):
+    """Wiring in `meet_latency`: the edge candidate competes with the level search's answer; kept on its second
+    measurement between the margin and the budget, it has no latency left to fill, so `_refined` does not run on
+    it; where the level search's answer is more faithful, that answer is refined as before."""
+    import deploy.compiler.plan as plan
+    from test_plan_search import FakePlanner
+
+    budget = 5.0
+    planner = FakePlanner(prune_cost=0.5 if edge_faithful else -0.5)  # a negative cost: more pruning, more faithful
+    dense = planner.evaluate(0.0, None, "dense")
+    structured = planner.evaluate(0.2, {"a": "int8"}, "pruning level for the budget")
+    edge = planner.evaluate(0.06, {"a": "int8"}, "least pruning at the edge")
+    structured.latency_ms, edge.latency_ms = 0.9 * budget, 0.98 * budget  # the edge: kept by its second p50
+    refined = []
+    monkeypatch.setattr(plan, "_levels_for_latency", lambda *args: structured)
+    monkeypatch.setattr(plan, "least_pruning_at_edge", lambda planner_, budget_, pruned, safe: edge)
+    monkeypatch.setattr(plan, "_refined", lambda planner_, best, window: refined.append(best) or best)
+    chosen = plan.meet_latency(planner, budget, dense, depth=False)
+    assert chosen is (edge if edge_faithful else structured)
+    assert refined == ([] if edge_faithful else [structured])
