@@ -92,7 +92,7 @@ def meet_latency(planner: Planner, budget: float, dense: Candidate, depth: bool 
     steps = depths + widths if structured.level >= DEEP else widths + depths
     edge = least_pruning_at_edge(planner, budget, structured, SAFE)  # where precision alone just missed
     best = most_promising(planner, [c for c in (structured, edge, *(step() for step in steps)) if c is not None])
-    return best if best.latency_ms > window[1] else _refined(planner, best, window)  # (at the edge: no slack)
+    return best if best is edge and best.latency_ms > window[1] else _refined(planner, best, window)  # (no slack)
 
 
 def _uniform_allocation(planner: Planner, budget: float, window: tuple[float, float], dense: Candidate,
