@@ -1,6 +1,7 @@
 """One candidate of a plan search: what was built (blocks dropped, pruning allocation and level, ranks,
 precisions), how it measured and scored; how candidates are ranked (`faithfulness`), how a structure is named and
-read back from a plan's decisions, and the decisions recorded for the one chosen (`decisions_for`)."""
+read back from a plan's decisions, the decisions recorded for the one chosen (`decisions_for`), and the
+regula falsi step the searches share (`falsi_step`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,14 @@ def measured_before(candidates: list[Candidate], blocks: tuple[str, ...], alloca
     timing it again only spends the search's time (the digits CNN: 4 of 6 steps re-timed one uniform plan)."""
     return next((c for c in candidates if c.blocks == blocks and c.allocation == allocation and not c.ranks
                  and c.removed == removed and c.labels == labels and math.isfinite(c.latency_ms)), None)
+
+
+def falsi_step(a: float, f_a: float, b: float, f_b: float) -> float:
+    """Regula falsi's next point between `a` and `b` (f: measured latency minus the aim, of opposite signs), kept
+    2% of the span inside either end: the level and low-rank searches step on it."""
+    x = b - f_b * (b - a) / (f_b - f_a) if f_b != f_a else (a + b) / 2
+    low, high = min(a, b), max(a, b)
+    return min(max(x, low + 0.02 * (high - low)), high - 0.02 * (high - low))
 
 
 def faithfulness(candidate: Candidate) -> tuple[float, float]:

@@ -77,7 +77,7 @@ def least_pruning_at_edge(planner: Any, budget: float, pruned: Candidate, safe: 
     margin (`safe` x budget) and the budget: a step inside the margin fits as any candidate does and is kept as
     the lightest so far; a step between the margin and the budget is timed again and is the answer where that p50
     fits. None where nothing lighter than `pruned` fits, or the time limit stops the step."""
-    from deploy.compiler.candidate import measured_before
+    from deploy.compiler.candidate import falsi_step, measured_before
 
     if pruned.level <= 0 or pruned.blocks or pruned.labels is None or not planner.quantizes:
         return None
@@ -89,8 +89,7 @@ def least_pruning_at_edge(planner: Any, budget: float, pruned: Candidate, safe: 
     aim, best = (safe + 1) / 2 * budget, None
     (a, f_a), (b, f_b) = (0.0, again["p50_ms"] - aim), (pruned.level, pruned.latency_ms - aim)
     for _ in range(EDGE_STEPS):  # (not a `SearchClock.step`: a few candidates, its trial comes with the others')
-        level = b - f_b * (b - a) / (f_b - f_a) if f_b != f_a else (a + b) / 2
-        level = min(max(level, a + 0.02 * (b - a)), b - 0.02 * (b - a))
+        level = falsi_step(a, f_a, b, f_b)
         cand = (measured_before(planner.candidates, planner.blocks, planner.allocation, planner.removed(level),
                                 fast.labels) or planner.evaluate(level, fast.labels, "least pruning at the edge"))
         if cand.latency_ms <= safe * budget:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from deploy.compiler.candidate import Candidate, decisions_for, measured_before, structure_of
+from deploy.compiler.candidate import Candidate, decisions_for, falsi_step, measured_before, structure_of
 from deploy.compiler.candidates import Planner
 from deploy.compiler.near_fit import edge_line, fits_when_remeasured, least_pruning_at_edge, near_miss_line
 from deploy.compiler.precision_fill import PRECISION_STEPS, fill_precision
@@ -240,8 +240,7 @@ def _lowrank_for_latency(planner: Planner, window: tuple[float, float], dense: C
     lo, f_lo = 1.0, dense.latency_ms - aim  # fraction 1: nothing factorized (too slow)
     hi, f_hi = least, most.latency_ms - aim
     for _ in range(LEVEL_STEPS - 1):
-        fraction = hi - f_hi * (hi - lo) / (f_hi - f_lo) if f_hi != f_lo else (lo + hi) / 2
-        fraction = min(max(fraction, hi + 0.02 * (lo - hi)), lo - 0.02 * (lo - hi))
+        fraction = falsi_step(lo, f_lo, hi, f_hi)
         ranks = family.ranks(fraction)
         if ranks == best.ranks:
             break
@@ -296,8 +295,7 @@ def _level_for_latency(planner: Planner, labels: dict[str, str] | None, window: 
     a, b = low.level, high.level
     side = 0
     for _ in range(LEVEL_STEPS):
-        level = b - f_high * (b - a) / (f_high - f_low) if f_high != f_low else (a + b) / 2
-        level = min(max(level, a + 0.02 * (b - a)), b - 0.02 * (b - a))
+        level = falsi_step(a, f_low, b, f_high)
         cand = (measured_before(planner.candidates, planner.blocks, planner.allocation, planner.removed(level), labels)
                 or planner.evaluate(level, labels, "pruning level for the budget"))
         if cand.latency_ms <= target and cand.level < best.level:
