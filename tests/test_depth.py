@@ -118,7 +118,10 @@ def test_compress_weighs_depth_mixes_and_picks_the_more_faithful(tmp_path):
     assert set(chosen["blocks"]) == {f"model.encoder.layer.{i}" for i in NEAR_IDENTITY}, chosen["origin"]
     limit = 0.95 * report["budget"]["target_ms"]
     inside = [c for c in candidates if c["latency_ms"] <= limit]
-    assert round(chosen["fidelity"], 4) >= max(round(c["fidelity"], 4) for c in inside)
+    other_mixes = [c for c in inside if set(c["blocks"]) != set(chosen["blocks"])]
+    # the chosen mix beats every other mix; within it, the allocations (DP or uniform) can tie to 1e-5 on
+    # validation, and the trial recovery below decides between them
+    assert round(chosen["fidelity"], 4) >= max(round(c["fidelity"], 4) for c in other_mixes)
     trialed = [c for c in inside if c["trial"]]  # structures compared after a short recovery each
     assert chosen["trial"] and {len(c["blocks"]) for c in trialed} >= {0, 2}, [c["origin"] for c in trialed]
     assert round(chosen["trial"]["fidelity"], 4) >= max(round(c["trial"]["fidelity"], 4) for c in trialed)
