@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["peers", "latency_prediction", "reference_fit", "regress_validation", "pruning", "quantization",
+ORDER = ["peers", "latency_prediction", "reference_fit", "regress_validation", "pruning", "width_steps", "quantization",
          "int8_fidelity", "int8_saturation", "lowrank", "recovery_rates", "pipeline", "frontier"]
 
 HEADER = """# Benchmarks

@@ -138,7 +138,7 @@ class LowRankFamily:
 
         self.module = module
         self.config = LowRankConfig(cost="macs")
-        self.curves = rank_curves(module, calibration, target.profile.channel_multiple, self.config)
+        self.curves = rank_curves(module, calibration, target.profile.width_step, self.config)
 
     @property
     def empty(self) -> bool:

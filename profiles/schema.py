@@ -21,7 +21,8 @@ MEASURE_MODES = ("local", "predicted")
 ALIASES = {"jetson": "jetson-orin-nano"}
 # resolved by reading this machine's CPU flags: the first profile in the list that runs here
 CPU_ALIASES = {"cpu": ("cpu-avx512-vnni", "cpu-avx-vnni", "cpu-avx2"),
-               "cpu-openvino": ("cpu-avx512-vnni-openvino", "cpu-avx-vnni-openvino", "cpu-avx2-openvino")}
+               "cpu-openvino": ("cpu-amx-openvino", "cpu-avx512-vnni-openvino", "cpu-avx-vnni-openvino",
+                                "cpu-avx2-openvino")}
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,18 @@ class Profile:
     # [-63, 63], so that u8 x s8 pairs cannot overflow (OpenVINO's documented workaround, NNCF's overflow fix)
     int8_weight_bits: int = 8
     published_fit: PublishedFit | None = None  # absent: the default efficiency and the unverified band
+    # the width step pruning and low rank keep to, where the int8 kernels block channels more coarsely than the
+    # fp32 lanes of `channel_multiple` (AMX: 64 int8 per tile row); 0: `channel_multiple`
+    prune_multiple: int = 0
     source: str = ""  # where the numbers came from; "builtin" or a path, set by the loader
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @property
+    def width_step(self) -> int:
+        """Channels a pruned or factorized width is a multiple of: between two, a kernel runs a slower tail."""
+        return self.prune_multiple or self.channel_multiple
 
     def runs_locally(self, cpu_flags: set[str] | None = None) -> bool:
         """True when this machine can measure the profile for real."""
@@ -93,6 +102,7 @@ _FIELD_TYPES: dict[str, tuple[type, str]] = {
     "weight_granularities": (list, f"a list drawn from {', '.join(GRANULARITIES)}"),
     "qdq_policy": (str, f"one of {', '.join(QDQ_POLICIES)}"),
     "channel_multiple": (int, "a positive integer"),
+    "prune_multiple": (int, "a positive integer (channels a pruned width keeps to; default channel_multiple)"),
     "peak_tops": (dict, "a table of precision = tera-ops per second"),
     "memory_bandwidth_gbs": (float, "a positive number (GB/s)"),
     "op_overhead_us": (float, "a non-negative number (microseconds)"),
@@ -126,7 +136,7 @@ def parse_profile(data: dict[str, Any], source: str) -> Profile:
             close = nearest(key, known)
             hint = f"did you mean '{close}'?" if close else f"known fields: {', '.join(sorted(known))}"
             raise ProfileError(f"{source}: unknown field '{key}'", hint)
-    optional = {"cores", "sparse_2_4", "required_cpu_flags", "int8_weight_bits", "published_fit"}
+    optional = {"cores", "sparse_2_4", "required_cpu_flags", "int8_weight_bits", "published_fit", "prune_multiple"}
     values: dict[str, Any] = {}
     for key, (typ, expected) in _FIELD_TYPES.items():
         if key not in data:
@@ -152,7 +162,7 @@ def parse_profile(data: dict[str, Any], source: str) -> Profile:
             value = _published_fit(value, source)
         if key == "int8_weight_bits" and value not in (7, 8):
             raise ProfileError(f"{source}: field '{key}' must be {expected}, got {value!r}")
-        if key == "channel_multiple" and value < 1:
+        if key in ("channel_multiple", "prune_multiple") and value < 1:
             raise ProfileError(f"{source}: field '{key}' must be {expected}, got {value!r}")
         if key in ("memory_bandwidth_gbs",) and value <= 0:
             raise ProfileError(f"{source}: field '{key}' must be {expected}, got {value!r}")

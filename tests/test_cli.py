@@ -28,8 +28,8 @@ def test_profiles_list_shows_every_builtin():
     result = run_cli("profiles", "list", "--json")
     assert result.returncode == 0
     names = {p["name"] for p in json.loads(result.stdout)}
-    assert names == set(builtin_names()) and len(names) == 12
-    assert {"jetson-orin-nano", "cpu-avx512-vnni-openvino", "cpu-avx2-openvino"} <= names
+    assert names == set(builtin_names()) and len(names) == 13
+    assert {"jetson-orin-nano", "cpu-avx512-vnni-openvino", "cpu-amx-openvino", "cpu-avx2-openvino"} <= names
 
 
 def test_profiles_show_alias():

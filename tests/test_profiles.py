@@ -1,4 +1,4 @@
-"""Device profiles: the twelve built-ins, strict validation, aliases and suggestions."""
+"""Device profiles: the thirteen built-ins, strict validation, aliases and suggestions."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from deploy.profiles import builtin_names, builtin_profiles, load_profile_file, 
 
 BUILTINS = {"cpu-avx2", "cpu-avx2-openvino", "cpu-avx-vnni", "cpu-avx-vnni-openvino", "cpu-avx512-vnni",
             "cpu-avx512-vnni-openvino", "nvidia-a100", "nvidia-h100", "jetson-orin-nano", "jetson-orin-nx",
-            "jetson-agx-orin", "rpi5"}
+            "jetson-agx-orin", "rpi5", "cpu-amx-openvino"}
 
 GOOD = """
 name = "my-board"
@@ -28,11 +28,32 @@ int8 = 2.0
 """
 
 
-def test_the_ten_builtin_profiles_load():
+def test_the_builtin_profiles_load():
     assert set(builtin_names()) == BUILTINS
     for profile in builtin_profiles():
         assert set(profile.precisions) <= set(profile.peak_tops)
         assert profile.memory_bandwidth_gbs > 0 and profile.channel_multiple >= 1
+        assert profile.width_step % profile.channel_multiple == 0  # pruning keeps whole vectors too
+
+
+def test_amx_widths_are_whole_tile_rows_and_a_profile_without_them_prunes_to_its_lanes(tmp_path):
+    """AMX int8 kernels take 64 channels per tile row: a pruned FFN or attention width between multiples of 64 ran
+    slower than the unpruned one (benchmarks/width_steps.py), so the AMX profile's pruning options keep to 64
+    while the AVX-512 one keeps to its 16 fp32 lanes; `prune_multiple` is checked like `channel_multiple`."""
+    from deploy.compress.prune.units import legal_removals
+
+    amx, avx512 = resolve_target("cpu-amx-openvino").profile, resolve_target("cpu-avx512-vnni-openvino").profile
+    assert (amx.width_step, avx512.width_step) == (64, 16) and amx.channel_multiple == avx512.channel_multiple
+    grid = tuple(round(0.05 * i, 2) for i in range(19))
+    kept = {1536 - n for n in legal_removals(1536, 1, amx.width_step, grid)}
+    assert 1536 in kept and len(kept) >= 10 and all(k % 64 == 0 for k in kept), sorted(kept)
+    assert any(k % 64 for k in (1536 - n for n in legal_removals(1536, 1, avx512.width_step, grid)))
+    heads = legal_removals(12, 32, amx.width_step, grid)  # 32-wide heads: an even number kept
+    assert heads and all((12 - n) % 2 == 0 for n in heads) and 1 not in heads
+    bad = tmp_path / "bad.toml"
+    bad.write_text(GOOD.replace("[peak_tops]", "prune_multiple = 0\n[peak_tops]"))
+    with pytest.raises(ProfileError, match="prune_multiple"):
+        load_profile_file(bad)
 
 
 def test_design_numbers():
@@ -97,7 +118,8 @@ def test_cpu_openvino_alias_follows_the_cpu_flags():
     if {"avx2", "fma"} <= flags:
         resolved = resolve_target("cpu-openvino")
         assert resolved.profile.runtime == "openvino" and resolved.profile.qdq_policy == "openvino"
-        vnni = ("avx512-vnni" if {"avx512f", "avx512_vnni"} <= flags else "avx-vnni" if "avx_vnni" in flags
+        vnni = ("amx" if {"avx512f", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16"} <= flags
+                else "avx512-vnni" if {"avx512f", "avx512_vnni"} <= flags else "avx-vnni" if "avx_vnni" in flags
                 else "avx2")
         assert resolved.profile.name == f"cpu-{vnni}-openvino"
         assert resolved.profile.name in resolved.note
@@ -119,6 +141,10 @@ def test_cpu_openvino_takes_the_first_profile_whose_flags_this_cpu_has(monkeypat
         for alias, suffix in (("cpu", ""), ("cpu-openvino", "-openvino")):
             profile = resolve_target(alias).profile
             assert (profile.name, profile.int8_weight_bits) == (expected + suffix, bits)
+    amx = avx2 | {"avx_vnni", "avx512f", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16"}  # Sapphire Rapids
+    monkeypatch.setattr(schema, "local_cpu_flags", lambda: set(amx))
+    assert (resolve_target("cpu-openvino").profile.name, resolve_target("cpu").profile.name) == \
+        ("cpu-amx-openvino", "cpu-avx512-vnni")
     monkeypatch.setattr(schema, "local_cpu_flags", lambda: {"sse4_2"})
     with pytest.raises(UnknownTargetError, match="this CPU lacks avx2, fma"):
         resolve_target("cpu-openvino")

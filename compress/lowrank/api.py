@@ -201,7 +201,7 @@ class LowRankPass:
             state.module = apply_ranks(state.module, dict(self.config.ranks), covs, self.config.factorize)
             state.record(self.name, "decision", ranks=dict(self.config.ranks))
             return state
-        module, report = lowrank_model(state.module, ctx.calibration, state.target.profile.channel_multiple, self.config)
+        module, report = lowrank_model(state.module, ctx.calibration, state.target.profile.width_step, self.config)
         state.module = module
         state.record(self.name, "decision", **report)
         return state

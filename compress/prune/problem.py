@@ -142,7 +142,7 @@ def build_problem(module: nn.Module, inputs: Sequence[InputSpec], samples: Seque
     example = tuple(spec.example({"batch": 2}, gen) for spec in inputs)
     target = as_target(target)
     profile = target.profile
-    multiple = int(profile.channel_multiple)
+    multiple = int(profile.width_step)
     try:
         unit_config = UnitConfig(config.mode, multiple, config.grid, profile.sparse_2_4)
     except ValueError as exc:
