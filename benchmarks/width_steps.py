@@ -101,7 +101,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
 def markdown(result: dict[str, Any], command: str, date: str, wall: float) -> str:
     amx = ", ".join(result["amx"]) or "none"
     lines = ["## Pruned widths and the kernel's channel block", ""]
-    lines += [" ".join(part.split()) for part in __doc__.split("\n\n")[:1]] + [""]
+    lines += [" ".join(part.split()) for part in __doc__.split("\n\n")[1:2]] + [""]
     lines += [f"Command: `{command}`; {date}; wall time {wall:.0f} s. Machine: {result['cpu']} (AMX flags: {amx}; "
               f"`--target cpu-openvino` resolves to `{result['profile']}`), {result['threads']} threads. "
               f"Six blocks at hidden {HIDDEN}, seq {SEQ}; unpruned FFN {FFN}, attention {ATTENTION}.", "",
