@@ -1,11 +1,11 @@
 """Pruned widths against the kernel's channel block: which widths run faster than the unpruned model, on OpenVINO.
 
-A transformer's pruned FFN or attention width becomes the reduction axis of the next MatMul. oneDNN's AMX kernels
-take 64 int8 (32 bf16) channels per tile row; a width between two multiples runs a tail. Each row is a stack of
-six MiniLM-sized blocks (hidden 384, seq 128, batch 1: attention projections, an FFN, LayerNorm) with one width
-pruned, NNCF int8 (or left in float, run in bf16), timed interleaved against the same stack at the unpruned width:
-the ratio of medians with its 95% CI, beside the ratio of MACs. The profile's `prune_multiple` comes from this
-(`cpu-amx-openvino`: 64).
+A pruned FFN or attention width, or a convolution's pruned output, becomes the reduction axis of the next MatMul or
+convolution. oneDNN's AMX kernels take 64 int8 (32 bf16) channels per tile row; a width between two multiples runs
+a tail. Each row is a small model with one width pruned (six MiniLM-sized transformer blocks, or a residual
+stage's 3x3 convolutions at the digits ResNet's widths), NNCF int8 (or left in float, run in bf16), timed
+interleaved against the same model at the unpruned width: the ratio of medians with its 95% CI, beside the ratio
+of MACs. The profile's `prune_multiple` comes from this (`cpu-amx-openvino`: 64).
 
     .venv/bin/python benchmarks/width_steps.py [--quick] [--threads 2]
 """
@@ -28,8 +28,12 @@ sys.path.insert(0, str(HERE))
 from quantization import head_to_head  # noqa: E402
 
 HIDDEN, SEQ, BLOCKS, FFN, ATTENTION = 384, 128, 6, 1536, 384
-FFN_WIDTHS = (1536, 1520, 1504, 1472, 1408, 1280)  # multiples of 16, 32 and 64 below the unpruned 1536
-ATTENTION_WIDTHS = (384, 352, 320, 256)  # 11, 10 and 8 of 12 heads of 32
+PRUNED = {  # what is pruned: the unpruned width first, then widths that are multiples of 16, 32 and 64
+    "FFN": (1536, 1520, 1504, 1472, 1408, 1280),
+    "attention": (384, 352, 320, 256),  # 11, 10 and 8 of 12 heads of 32
+    "conv 16x16": (128, 112, 96, 64),  # the digits ResNet's second stage
+    "conv 8x8": (256, 240, 224, 192),  # and its third
+}
 
 
 class Blocks(torch.nn.Module):
@@ -50,23 +54,42 @@ class Blocks(torch.nn.Module):
         return x
 
 
-def macs(ffn: int, attention: int) -> float:
-    return float(BLOCKS * SEQ * HIDDEN * (2 * attention + 2 * ffn))
+class Convs(torch.nn.Module):
+    """A residual stage's inner convolutions: 3x3 convs whose middle width is pruned (a BasicBlock's conv1 output,
+    conv2's reduction axis), between unpruned stage widths."""
+
+    def __init__(self, stage: int, width: int):
+        super().__init__()
+        self.narrow = torch.nn.ModuleList(torch.nn.Conv2d(stage, width, 3, padding=1) for _ in range(4))
+        self.wide = torch.nn.ModuleList(torch.nn.Conv2d(width, stage, 3, padding=1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for narrow, wide in zip(self.narrow, self.wide):
+            x = torch.relu(x + wide(torch.relu(narrow(x))))
+        return x
 
 
-def ir(ffn: int, attention: int, int8: bool, folder: Path) -> Path:
-    """The stack as an OpenVINO IR: NNCF int8 (8 calibration samples: the ranges do not change the timing) or
+def stack(pruned: str, width: int) -> tuple[torch.nn.Module, tuple[int, ...], float]:
+    """The model with `pruned` at `width`, its input shape and its MACs."""
+    if pruned.startswith("conv"):
+        stage, side = PRUNED[pruned][0], int(pruned.split()[1].split("x")[0])
+        return Convs(stage, width), (1, stage, side, side), float(4 * 2 * 9 * stage * width * side * side)
+    ffn, attention = (width, ATTENTION) if pruned == "FFN" else (FFN, width)
+    return Blocks(ffn, attention), (1, SEQ, HIDDEN), float(BLOCKS * SEQ * HIDDEN * (2 * attention + 2 * ffn))
+
+
+def ir(pruned: str, width: int, int8: bool, folder: Path) -> Path:
+    """The model as an OpenVINO IR: NNCF int8 (8 calibration samples: the ranges do not change the timing) or
     float."""
     import nncf
     import openvino as ov
 
     torch.manual_seed(0)
-    example = torch.randn(1, SEQ, HIDDEN)
-    model = ov.convert_model(Blocks(ffn, attention).eval(), example_input=example)
+    module, shape, _ = stack(pruned, width)
+    model = ov.convert_model(module.eval(), example_input=torch.randn(shape))
     if int8:
-        model = nncf.quantize(model, nncf.Dataset([torch.randn(1, SEQ, HIDDEN).numpy() for _ in range(8)]),
-                              subset_size=8)
-    path = folder / f"{'int8' if int8 else 'float'}-{ffn}-{attention}.xml"
+        model = nncf.quantize(model, nncf.Dataset([torch.randn(shape).numpy() for _ in range(8)]), subset_size=8)
+    path = folder / f"{'int8' if int8 else 'float'}-{pruned.replace(' ', '')}-{width}.xml"
     ov.save_model(model, str(path))
     return path
 
@@ -76,22 +99,21 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
     from deploy.profiles import local_cpu_flags, resolve_target
     from deploy.targets.measure.fingerprint import fingerprint
 
-    case = {"inputs": [InputSpec("x", (1, SEQ, HIDDEN), "float32")]}
     seconds = 1.0 if quick else 3.0
     rows = []
     with tempfile.TemporaryDirectory(prefix="deploy-widths-") as tmp:
         for int8 in (True, False):
-            base = ir(FFN, ATTENTION, int8, Path(tmp))
-            shapes = [(w, ATTENTION, "FFN") for w in FFN_WIDTHS[1:]] + \
-                     [(FFN, w, "attention") for w in ATTENTION_WIDTHS[1:]]
-            for ffn, attention, pruned in shapes:
-                width = ffn if pruned == "FFN" else attention
-                timed = head_to_head(base, ir(ffn, attention, int8, Path(tmp)), case, threads, seconds, "bf16")
-                rows.append({"precision": "int8" if int8 else "bf16", "pruned": pruned, "width": width,
-                             "multiple_of": max(m for m in (16, 32, 64) if width % m == 0),
-                             "macs_ratio": macs(ffn, attention) / macs(FFN, ATTENTION), **timed})
-                print(f"{rows[-1]['precision']} {pruned} {width}: {timed['ratio']:.3f} "
-                      f"({timed['ratio_ci'][0]:.3f}-{timed['ratio_ci'][1]:.3f})", flush=True)
+            for pruned, widths in PRUNED.items():
+                base = ir(pruned, widths[0], int8, Path(tmp))
+                _, shape, base_macs = stack(pruned, widths[0])
+                case = {"inputs": [InputSpec("x", shape, "float32")]}
+                for width in widths[1:]:
+                    timed = head_to_head(base, ir(pruned, width, int8, Path(tmp)), case, threads, seconds, "bf16")
+                    rows.append({"precision": "int8" if int8 else "bf16", "pruned": pruned, "width": width,
+                                 "multiple_of": max(m for m in (16, 32, 64) if width % m == 0),
+                                 "macs_ratio": stack(pruned, width)[2] / base_macs, **timed})
+                    print(f"{rows[-1]['precision']} {pruned} {width}: {timed['ratio']:.3f} "
+                          f"({timed['ratio_ci'][0]:.3f}-{timed['ratio_ci'][1]:.3f})", flush=True)
     flags = local_cpu_flags()
     return {"rows": rows, "cpu": fingerprint(threads)["cpu"], "threads": threads,
             "amx": sorted(f for f in flags if f.startswith("amx")),
@@ -104,7 +126,8 @@ def markdown(result: dict[str, Any], command: str, date: str, wall: float) -> st
     lines += [" ".join(part.split()) for part in __doc__.split("\n\n")[1:2]] + [""]
     lines += [f"Command: `{command}`; {date}; wall time {wall:.0f} s. Machine: {result['cpu']} (AMX flags: {amx}; "
               f"`--target cpu-openvino` resolves to `{result['profile']}`), {result['threads']} threads. "
-              f"Six blocks at hidden {HIDDEN}, seq {SEQ}; unpruned FFN {FFN}, attention {ATTENTION}.", "",
+              f"Transformer rows: six blocks at hidden {HIDDEN}, seq {SEQ}, unpruned FFN {FFN}, attention {ATTENTION}; "
+              "convolution rows: four pairs of 3x3 convolutions, the first of each pair pruned.", "",
               "| precision | pruned | width | largest of 16/32/64 dividing it | MACs / unpruned | "
               "p50 / unpruned (95% CI) |", "|---|---|---|---|---|---|"]
     for row in result["rows"]:
