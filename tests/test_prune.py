@@ -94,6 +94,21 @@ def test_dp_plan_respects_the_exact_budget_and_the_channel_multiple(cnn_problem,
     assert problem.curves.predicted(plan) <= problem.curves.predicted(uniform)
 
 
+def test_the_problem_keeps_widths_to_the_profiles_prune_multiple(digits_model, digits):
+    """A profile whose int8 kernels block channels more coarsely than its fp32 lanes (AMX: 64) sets the widths a
+    pruned layer may keep; the DP plan keeps to them."""
+    coarse = dataclasses.replace(AVX2, prune_multiple=16)
+    config = PruneConfig(budget_kind="params", samples=8, batch_size=8, grid_step=0.125, grid_max=0.875)
+    problem = build_problem(digits_model, CNN_INPUTS, digits[0][:8], coarse, config)
+    assert (problem.channel_multiple, coarse.channel_multiple) == (16, 8)
+    for unit in problem.units:
+        assert all((unit.size - n) % 16 == 0 for n in unit.options if n), (unit.name, unit.size, unit.options)
+    assert any(unit.options[1:] for unit in problem.units)  # something is still prunable
+    sizes = {unit.name: unit.size for unit in problem.units}
+    plan = plan_dp(problem, 0.6 * problem.costs.base)
+    assert plan and all((sizes[name] - k) % 16 == 0 for name, k in plan.items() if k)
+
+
 def test_pruned_cnn_exports_and_runs_in_onnxruntime(cnn_problem, digits, tmp_path):
     pruned, report = execute(cnn_problem, "dp", 0.6 * cnn_problem.costs.base, digits[0][32:], digits[1][32:])
     assert report.cost <= report.budget and report.removed
