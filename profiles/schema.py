@@ -67,7 +67,10 @@ class Profile:
     source: str = ""  # where the numbers came from; "builtin" or a path, set by the loader
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Every field, `prune_multiple` as the step pruning keeps to (never the 0 that means "channel_multiple")."""
+        data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data["prune_multiple"] = self.width_step
+        return data
 
     @property
     def width_step(self) -> int:

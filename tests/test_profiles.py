@@ -50,6 +50,7 @@ def test_amx_widths_are_whole_tile_rows_and_a_profile_without_them_prunes_to_its
     assert any(k % 64 for k in (1536 - n for n in legal_removals(1536, 1, avx512.width_step, grid)))
     heads = legal_removals(12, 32, amx.width_step, grid)  # 32-wide heads: an even number kept
     assert heads and all((12 - n) % 2 == 0 for n in heads) and 1 not in heads
+    assert (amx.to_dict()["prune_multiple"], avx512.to_dict()["prune_multiple"]) == (64, 16)  # as `profiles show`
     bad = tmp_path / "bad.toml"
     bad.write_text(GOOD.replace("[peak_tops]", "prune_multiple = 0\n[peak_tops]"))
     with pytest.raises(ProfileError, match="prune_multiple"):
