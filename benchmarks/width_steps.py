@@ -69,13 +69,27 @@ class Convs(torch.nn.Module):
         return x
 
 
-def stack(pruned: str, width: int) -> tuple[torch.nn.Module, tuple[int, ...], float]:
-    """The model with `pruned` at `width`, its input shape and its MACs."""
+def input_shape(pruned: str) -> tuple[int, ...]:
     if pruned.startswith("conv"):
-        stage, side = PRUNED[pruned][0], int(pruned.split()[1].split("x")[0])
-        return Convs(stage, width), (1, stage, side, side), float(4 * 2 * 9 * stage * width * side * side)
+        side = int(pruned.split()[1].split("x")[0])
+        return (1, PRUNED[pruned][0], side, side)
+    return (1, SEQ, HIDDEN)
+
+
+def stack(pruned: str, width: int) -> torch.nn.Module:
+    """The model with `pruned` at `width`."""
+    if pruned.startswith("conv"):
+        return Convs(PRUNED[pruned][0], width)
+    return Blocks(width, ATTENTION) if pruned == "FFN" else Blocks(FFN, width)
+
+
+def macs(pruned: str, width: int) -> float:
+    """What the model with `pruned` at `width` computes, counted without building it."""
+    if pruned.startswith("conv"):
+        _, stage, side, _ = input_shape(pruned)
+        return float(4 * 2 * 9 * stage * width * side * side)
     ffn, attention = (width, ATTENTION) if pruned == "FFN" else (FFN, width)
-    return Blocks(ffn, attention), (1, SEQ, HIDDEN), float(BLOCKS * SEQ * HIDDEN * (2 * attention + 2 * ffn))
+    return float(BLOCKS * SEQ * HIDDEN * (2 * attention + 2 * ffn))
 
 
 def ir(pruned: str, width: int, int8: bool, folder: Path) -> Path:
@@ -85,8 +99,8 @@ def ir(pruned: str, width: int, int8: bool, folder: Path) -> Path:
     import openvino as ov
 
     torch.manual_seed(0)
-    module, shape, _ = stack(pruned, width)
-    model = ov.convert_model(module.eval(), example_input=torch.randn(shape))
+    shape = input_shape(pruned)
+    model = ov.convert_model(stack(pruned, width).eval(), example_input=torch.randn(shape))
     if int8:
         model = nncf.quantize(model, nncf.Dataset([torch.randn(shape).numpy() for _ in range(8)]), subset_size=8)
     path = folder / f"{'int8' if int8 else 'float'}-{pruned.replace(' ', '')}-{width}.xml"
@@ -105,13 +119,12 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         for int8 in (True, False):
             for pruned, widths in PRUNED.items():
                 base = ir(pruned, widths[0], int8, Path(tmp))
-                _, shape, base_macs = stack(pruned, widths[0])
-                case = {"inputs": [InputSpec("x", shape, "float32")]}
+                case = {"inputs": [InputSpec("x", input_shape(pruned), "float32")]}
                 for width in widths[1:]:
                     timed = head_to_head(base, ir(pruned, width, int8, Path(tmp)), case, threads, seconds, "bf16")
                     rows.append({"precision": "int8" if int8 else "bf16", "pruned": pruned, "width": width,
                                  "multiple_of": max(m for m in (16, 32, 64) if width % m == 0),
-                                 "macs_ratio": stack(pruned, width)[2] / base_macs, **timed})
+                                 "macs_ratio": macs(pruned, width) / macs(pruned, widths[0]), **timed})
                     print(f"{rows[-1]['precision']} {pruned} {width}: {timed['ratio']:.3f} "
                           f"({timed['ratio_ci'][0]:.3f}-{timed['ratio_ci'][1]:.3f})", flush=True)
     flags = local_cpu_flags()

@@ -40,11 +40,11 @@ def test_amx_widths_are_whole_tile_rows_and_a_profile_without_them_prunes_to_its
     """AMX int8 kernels take 64 channels per tile row: a pruned FFN or attention width between multiples of 64 ran
     slower than the unpruned one (benchmarks/width_steps.py), so the AMX profile's pruning options keep to 64
     while the AVX-512 one keeps to its 16 fp32 lanes; `prune_multiple` is checked like `channel_multiple`."""
-    from deploy.compress.prune.units import legal_removals
+    from deploy.compress.prune.units import UnitConfig, legal_removals
 
     amx, avx512 = resolve_target("cpu-amx-openvino").profile, resolve_target("cpu-avx512-vnni-openvino").profile
     assert (amx.width_step, avx512.width_step) == (64, 16) and amx.channel_multiple == avx512.channel_multiple
-    grid = tuple(round(0.05 * i, 2) for i in range(19))
+    grid = UnitConfig().grid
     kept = {1536 - n for n in legal_removals(1536, 1, amx.width_step, grid)}
     assert 1536 in kept and len(kept) >= 10 and all(k % 64 == 0 for k in kept), sorted(kept)
     assert any(k % 64 for k in (1536 - n for n in legal_removals(1536, 1, avx512.width_step, grid)))
