@@ -103,10 +103,10 @@ def step_loss(student: nn.Module, teacher: nn.Module, batch: tuple[torch.Tensor,
           config: Any, blocks: list[str], feats: tuple[Any, Any]) -> torch.Tensor:
     """One step's loss: outputs (and matched block features) against the teacher's, plus PELA's regulariser."""
     s_feat, t_feat = feats
-    s_out = first_tensor(student(*batch))
-    loss = config.output_weight * output_loss(s_out, t_out, config.temperature, text_mask(batch))
+    s_out = first_tensor(student(*batch)).float()  # losses in f32, also where the passes ran in bf16 autocast
+    loss = config.output_weight * output_loss(s_out, t_out.float(), config.temperature, text_mask(batch))
     if blocks and config.feature_weight:
-        matched = [F.mse_loss(s_feat.values[n], t_feat.values[n]) for n in blocks]
+        matched = [F.mse_loss(s_feat.values[n].float(), t_feat.values[n].float()) for n in blocks]
         loss = loss + config.feature_weight * torch.stack(matched).mean()
     if config.perturbation_weight:
         loss = loss + config.perturbation_weight * perturbation(student, teacher)

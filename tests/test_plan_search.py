@@ -124,7 +124,8 @@ def test_a_final_miss_is_planned_again_against_a_tighter_budget():
 
     planner = FakePlanner()
     planner.quantizes, planner.can_prune, planner._quant = False, True, {}
-    planner.request = SimpleNamespace(precisions=("fp32",), recover_steps=0, recover_minutes=0.0, seed=0)
+    planner.request = SimpleNamespace(precisions=("fp32",), recover_steps=0, recover_minutes=0.0, seed=0,
+                                      recover_bf16=False)
     planner.dense = planner.evaluate(0.0, None, "dense")
     decisions = {"budget": {"target_ms": 5.0}}
     assert replan_after_miss(planner, decisions, measured_ms=4.9) is None  # met: nothing to do
@@ -238,7 +239,8 @@ def test_a_floor_answer_slower_than_the_original_gives_way_to_it():
     from deploy.compiler.candidate import decisions_for
 
     planner = FakePlanner()
-    planner.request = SimpleNamespace(precisions=("fp32", "int8"), recover_steps=0, recover_minutes=0.0, seed=0)
+    planner.request = SimpleNamespace(precisions=("fp32", "int8"), recover_steps=0, recover_minutes=0.0, seed=0,
+                                      recover_bf16=False)
     planner.dense = planner.with_fidelity(planner.evaluate(0.0, None, "dense fp32"))
     picked = planner.with_fidelity(planner.evaluate(0.0, {"a": "int8"}, "every layer in low precision"))
     floor = {"floor": ["pooled_cosine", 0.98], "target_ms": None}

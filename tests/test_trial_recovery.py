@@ -619,3 +619,21 @@ def test_a_depth_mix_that_would_end_past_the_search_minutes_is_not_started(monke
     assert mixed.blocks == ("b0",) and now[0] == 1040.0  # one mix run, inside the limit
     assert planner.clock.skipped == ["depth mixes of 2 or more blocks dropped",
                                      "the best depth mix allocated uniformly"]
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_trials_and_the_plans_recovery_train_in_bf16_as_the_request_says(tmp_path, bf16):
+    """The request says whether recovery's passes run in bf16 (by default: where this CPU runs bf16 in hardware);
+    the trials and the plan's recover pass follow it, and the plan records it, so a replay trains as the run did."""
+    from deploy.compiler.job import CompressRequest, _setup
+    from deploy.compiler.to_passes import plan_passes, summary_of
+    from deploy.compiler.trial_recovery import Trials
+
+    request = CompressRequest(example=True, target="cpu", recover_bf16=bf16, threads=1, out=str(tmp_path / "out"))
+    setup = _setup(request, tmp_path / "work")
+    assert Trials(request, setup).config().bf16 is bf16 and Trials(request, setup).config(rounds=2).bf16 is bf16
+    decisions = {"budget": {}, "level": 0.5, "prune": {"removed": {"layer1.0.conv1": 8}},
+                 "recover": {"steps": None, "minutes": 0.5, "seed": 0, "bf16": bf16}}
+    passes = plan_passes(decisions, request, setup)
+    recover = next(p for p in passes if p.name == "recover")
+    assert recover.config.bf16 is bf16 and summary_of(passes)["recover"]["bf16"] is bf16

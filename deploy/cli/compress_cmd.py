@@ -97,8 +97,9 @@ def _print_report(report: dict) -> None:
     if recovery:
         minutes = report["decisions"].get("recover", {}).get("minutes")
         limit = f" of a {minutes:g}-minute budget" if minutes else ""
-        console.print(f"recovery: {recovery['steps']} steps in {recovery['seconds']:.0f} s{limit} ({recovery['stopped']}, "
-                      f"kept step {recovery['kept_step']}{_rate(recovery)}{_augmented(recovery)}); "
+        passes = " in bf16" if recovery.get("precision") == "bf16" else ""
+        console.print(f"recovery: {recovery['steps']} steps{passes} in {recovery['seconds']:.0f} s{limit} "
+                      f"({recovery['stopped']}, kept step {recovery['kept_step']}{_rate(recovery)}{_augmented(recovery)}); "
                       f"validation {recovery['metric']} "
                       f"{recovery['before']:.4g} -> {recovery['after']:.4g}", highlight=False)
     if r.get("speedup"):

@@ -110,7 +110,8 @@ def decisions_for(planner: Any, choice: Candidate, budget: dict[str, Any]) -> di
         "lowrank": {"ranks": choice.ranks}, "quantize": {"labels": choice.labels} if choice.labels else {},
         "budget": budget, "dense_latency_ms": planner.dense.latency_ms,
         "candidates": [c.row() for c in planner.candidates],
-        "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed},
+        "recover": {"steps": request.recover_steps, "minutes": request.recover_minutes, "seed": request.seed,
+                    "bf16": bool(request.recover_bf16)},
         "quant_problems": planner.problems(),
         "layer_price_ms": planner.layer_prices(choice),
     }

@@ -56,6 +56,7 @@ class CompressRequest:
     depth: bool = True  # depth mixes (whole blocks dropped) where pruning is needed
     recover_steps: int | None = None  # None: as many as recover_minutes allow; 0: no recovery
     recover_minutes: float | None = None  # None: compress.recover.default_minutes of the model's MACs
+    recover_bf16: bool | None = None  # recovery's passes in bf16 autocast; None: where this CPU runs bf16 in hardware
     search_minutes: float | None = None  # the plan search's time limit (search_clock); None: none
     eval_hook: str | None = None
     threads: int | None = None
@@ -97,12 +98,14 @@ def compress(request: CompressRequest, progress: ProgressFn | None = None) -> di
         plan = load_plan(request.plan) if request.plan else None  # a malformed plan is refused before any work
         setup = _setup(request, tmp / ".work", plan_header=plan[0] if plan else None)
         if request.recover_minutes is None:
-            import dataclasses
-
             from deploy.compress.recover import default_minutes
             from deploy.core.analysis import analyze
 
             request = dataclasses.replace(request, recover_minutes=default_minutes(analyze(setup.loaded).total_macs))
+        if request.recover_bf16 is None:
+            from deploy.targets.target import has_bf16
+
+            request = dataclasses.replace(request, recover_bf16=has_bf16())
         note("dense model", 0.05)
         planner = None
         if plan is not None:

@@ -39,7 +39,8 @@ def plan_passes(decisions: dict[str, Any], request: Any, setup: Any) -> list[Any
         every = DistillConfig.eval_every if steps is None else max(1, int(steps) // 8)
         passes.append(make_pass("recover", DistillConfig(steps=None if steps is None else int(steps),
                                                           recover_minutes=float(recover.get("minutes", 1.0)),
-                                                          seed=int(recover.get("seed", 0)), eval_every=every)))
+                                                          seed=int(recover.get("seed", 0)), eval_every=every,
+                                                          bf16=bool(recover.get("bf16", False)))))
     if labels:
         passes.append(make_pass("quantize", dataclasses.replace(quant_config(request, setup), labels=labels)))
     runtime = setup.target.runtime
@@ -79,7 +80,8 @@ def summary_of(passes: list[Any]) -> dict[str, Any]:
         elif pass_.name == "lowrank":
             summary["lowrank"]["ranks"] = dict(getattr(config, "ranks", {}) or {})
         elif pass_.name == "recover":
-            summary["recover"] = {"steps": config.steps, "minutes": config.recover_minutes, "seed": config.seed}
+            summary["recover"] = {"steps": config.steps, "minutes": config.recover_minutes, "seed": config.seed,
+                                  "bf16": config.bf16}
         elif pass_.name == "quantize" and getattr(config, "labels", None):
             summary["quantize"] = {"labels": dict(config.labels)}
     return summary

@@ -106,10 +106,12 @@ class Trials:
         seed = int(self.request.seed) + first - 1
         steps = self.request.recover_steps
         if steps is None and self.steps is not None:  # as many steps as the first trial's time allowed
-            return DistillConfig(steps=rounds * self.steps, recover_minutes=2 * minutes, seed=seed, eval_every=10)
+            return DistillConfig(steps=rounds * self.steps, recover_minutes=2 * minutes, seed=seed, eval_every=10,
+                                 bf16=bool(self.request.recover_bf16))
         steps = None if steps is None else rounds * max(2, math.ceil(TRIAL_SHARE * steps))
         return DistillConfig(steps=steps, recover_minutes=minutes, seed=seed,
-                             eval_every=max(1, steps // (2 * rounds)) if steps else 10)
+                             eval_every=max(1, steps // (2 * rounds)) if steps else 10,
+                             bf16=bool(self.request.recover_bf16))
 
     def _ran(self, recovery: Any, rounds: int) -> Any:
         """`recovery` (of `rounds` rounds); the first that its minutes bound sets every later round's steps."""
