@@ -225,14 +225,16 @@ def early_stopping_split(case: dict[str, Any]) -> Any:
 def distilled_nncf(case: dict[str, Any], student: torch.nn.Module, minutes: float, folder: Path, name: str
                    ) -> tuple[Path, dict[str, Any]]:
     """A baseline's student distilled for `minutes` with deploy's recovery (output + block features, warm-up and
-    decay, early stop on the same fifth of the calibration samples deploy keeps), then NNCF int8."""
+    decay, early stop on the same fifth of the calibration samples deploy keeps, its passes in bf16 where deploy's
+    are: where this CPU runs bf16 in hardware), then NNCF int8."""
     from deploy.compress.distill import DistillConfig, distill
+    from deploy.targets.target import has_bf16
 
     result = distill(student, case["module"], early_stopping_split(case),
-                     DistillConfig(steps=None, recover_minutes=minutes, eval_every=25))
+                     DistillConfig(steps=None, recover_minutes=minutes, eval_every=25, bf16=has_bf16()))
     xml = nncf_int8(case, export(case, student, folder / f"{name}.onnx"), folder / f"{name}.xml")
     return xml, {"steps": result.steps, "stopped": result.stopped, "validation_before": result.before,
-                 "validation_after": result.after}
+                 "validation_after": result.after, "recovery_precision": result.precision}
 
 
 MATCH_STEPS = 6  # steps on a baseline's pruning ratio
@@ -310,7 +312,8 @@ def deploy_row(case: dict[str, Any], speedup: float, minutes: float, folder: Pat
             "precision": chosen["precision"], "origin": chosen["origin"], "candidates": len(report["candidates"]),
             "mixes": sorted({len(c.get("blocks") or []) for c in report["candidates"]})}
     if report.get("recovery"):
-        info.update(steps=report["recovery"].get("steps"), stopped=report["recovery"].get("stopped"))
+        info.update(steps=report["recovery"].get("steps"), stopped=report["recovery"].get("stopped"),
+                    recovery_precision=report["recovery"].get("precision", "fp32"))
     info["search"] = report.get("search")  # the plan search's seconds, its limit and what the limit skipped
     info["trials"] = [{"origin": c["origin"], "level": c["level"], "blocks": len(c.get("blocks") or []),
                        "fidelity": c["trial"]["fidelity"], "round": c["trial"].get("round"),
@@ -501,14 +504,18 @@ def _case_md(case: dict[str, Any]) -> list[str]:
             asked = f"--speedup {row['speedup_asked']:.3g}" if "speedup_asked" in row else f"{row['budget_ms']:.3g} ms"
             note = (f"budget {asked}, {row['verdict']}; chosen: {row['origin']}; mixes measured: "
                     f"{', '.join(str(m) for m in row['mixes'])} blocks dropped; {row['candidates']} candidates"
-                    + (f"; recovery {row['steps']} steps ({row['stopped']})" if row.get("steps") else "")
+                    + (f"; recovery {row['steps']} steps{_in_bf16(row)} ({row['stopped']})" if row.get("steps") else "")
                     + _search_note(row.get("search")) + _int8_note(row))
         elif "steps" in row:
-            note = (f"{row['steps']} distillation steps ({row['stopped']}), validation "
+            note = (f"{row['steps']} distillation steps{_in_bf16(row)} ({row['stopped']}), validation "
                     f"{row['validation_before']:.3f} -> {row['validation_after']:.3f}"
                     + _matched_note(row))
         lines.append("| " + " | ".join(cells + [f"{row['tool_seconds']:.0f}", note]) + " |")
     return lines + [""]
+
+
+def _in_bf16(row: dict[str, Any]) -> str:
+    return " in bf16" if row.get("recovery_precision") == "bf16" else ""
 
 
 def _search_note(search: dict[str, Any] | None) -> str:

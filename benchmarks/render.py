@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["peers", "latency_prediction", "reference_fit", "regress_validation", "pruning", "width_steps", "quantization",
-         "int8_fidelity", "int8_saturation", "lowrank", "recovery_rates", "pipeline", "frontier"]
+         "int8_fidelity", "int8_saturation", "lowrank", "recovery_rates", "recovery_precision", "pipeline", "frontier"]
 
 HEADER = """# Benchmarks
 
