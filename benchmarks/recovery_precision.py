@@ -13,10 +13,7 @@ Writes results/recovery_precision.json and .md, then BENCHMARKS.md.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +24,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import frontier  # noqa: E402
-from recovery_rates import student_of  # noqa: E402
+import render  # noqa: E402
+from recovery_rates import case_args, quick_case, student_of  # noqa: E402
 
 MINUTES = {"cnn": 1.5, "minilm": 2.0}
 RUNS = ((False, 0), (True, 0), (True, 1), (False, 1))  # (bf16, seed)
@@ -80,29 +78,20 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deploy.core.cache import cache_dir
     from deploy.targets.measure.fingerprint import fingerprint
     from deploy.targets.target import has_bf16
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=("minilm", "cnn"), action="append", help="one case (default: both)")
-    args = parser.parse_args(argv)
+    asked = case_args(argv, __doc__)
     torch.set_num_threads(frontier.THREADS)
-    which = tuple(args.case or ("minilm", "cnn"))
-    path = frontier.RESULTS / "recovery_precision.json"
-    result = json.loads(path.read_text()) if path.exists() else {"cases": {}}
-    command = "python benchmarks/recovery_precision.py" + "".join(f" --case {c}" for c in args.case or ())
+    result = render.earlier("recovery_precision")
+    command = "python benchmarks/recovery_precision.py" + "".join(f" --case {c}" for c in asked)
     machine = (f"{fingerprint(frontier.THREADS)['cpu']}, {frontier.THREADS} threads; bf16 in hardware: "
                f"{'yes' if has_bf16() else 'no (emulated)'}")
-    for name in which:
-        case = frontier.minilm(True) if name == "minilm" else frontier.cnn(True, cache_dir() / "models")
-        result["cases"][name] = {**run_case(name, case), "command": command, "machine": machine,
+    for name in asked or ("minilm", "cnn"):
+        result["cases"][name] = {**run_case(name, quick_case(name)), "command": command, "machine": machine,
                                  "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     result["cases"] = {k: result["cases"][k] for k in ("minilm", "cnn") if k in result["cases"]}
-    frontier.RESULTS.mkdir(exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    (frontier.RESULTS / "recovery_precision.md").write_text(markdown(result))
-    subprocess.run([sys.executable, str(HERE / "render.py")], check=True)
+    render.publish("recovery_precision", result, markdown(result))
     return 0
 
 

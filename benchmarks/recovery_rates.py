@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import frontier  # noqa: E402
+import render  # noqa: E402
 
 STEPS = {"cnn": 450, "minilm": 260}  # about 2 and 4 minutes here (2 minutes of MiniLM are too few to probe)
 FIXED = (1e-4, 3e-4, 1e-3)
@@ -106,26 +105,30 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def quick_case(name: str) -> dict[str, Any]:
+    """The frontier's quick case `name` (the trained CNN from the cache it is kept in between runs)."""
     from deploy.core.cache import cache_dir
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return frontier.minilm(True) if name == "minilm" else frontier.cnn(True, cache_dir() / "models")
+
+
+def case_args(argv: list[str] | None, doc: str) -> tuple[str, ...]:
+    """The cases a command line asks for (default: both)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--case", choices=("minilm", "cnn"), action="append", help="one case (default: both)")
-    args = parser.parse_args(argv)
+    return tuple(parser.parse_args(argv).case or ())
+
+
+def main(argv: list[str] | None = None) -> int:
+    asked = case_args(argv, __doc__)
     torch.set_num_threads(frontier.THREADS)
-    which = tuple(args.case or ("minilm", "cnn"))
-    path = frontier.RESULTS / "recovery_rates.json"
-    result = json.loads(path.read_text()) if path.exists() else {"cases": {}}
-    command = "python benchmarks/recovery_rates.py" + "".join(f" --case {c}" for c in args.case or ())
-    for name in which:
-        case = frontier.minilm(True) if name == "minilm" else frontier.cnn(True, cache_dir() / "models")
-        result["cases"][name] = {**run_case(name, case), "command": command,
+    result = render.earlier("recovery_rates")
+    command = "python benchmarks/recovery_rates.py" + "".join(f" --case {c}" for c in asked)
+    for name in asked or ("minilm", "cnn"):
+        result["cases"][name] = {**run_case(name, quick_case(name)), "command": command,
                                  "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     result["cases"] = {k: result["cases"][k] for k in ("minilm", "cnn") if k in result["cases"]}
-    frontier.RESULTS.mkdir(exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    (frontier.RESULTS / "recovery_rates.md").write_text(markdown(result))
-    subprocess.run([sys.executable, str(HERE / "render.py")], check=True)
+    render.publish("recovery_rates", result, markdown(result))
     return 0
 
 

@@ -5,8 +5,10 @@ Each benchmark `benchmarks/<topic>.py` writes `benchmarks/results/<topic>.json` 
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["peers", "latency_prediction", "reference_fit", "regress_validation", "pruning", "width_steps", "quantization",
@@ -26,6 +28,20 @@ def render() -> str:
     if not ordered:
         parts.append("No benchmark has been run yet.")
     return "\n\n".join(parts) + "\n"
+
+
+def earlier(stem: str) -> dict[str, Any]:
+    """The last results of `stem` (a script that reruns one case keeps the others), or none."""
+    path = HERE / "results" / f"{stem}.json"
+    return json.loads(path.read_text()) if path.exists() else {"cases": {}}
+
+
+def publish(stem: str, result: dict[str, Any], markdown: str) -> None:
+    """Write results/<stem>.json and its section results/<stem>.md, then BENCHMARKS.md."""
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (HERE / "results" / f"{stem}.md").write_text(markdown)
+    main()
 
 
 def main() -> int:

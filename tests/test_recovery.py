@@ -258,13 +258,11 @@ def test_recovery_bound_by_minutes_runs_until_them_and_its_replay_gets_the_same_
         assert torch.equal(value, again.state_dict()[name]), name
 
 
-def test_a_run_stopped_by_its_minutes_judges_the_steps_since_its_last_evaluation():
-    """The minutes can run out between two evaluations: the last steps are scored and kept where better, not thrown
-    away (a trial recovery of all-MiniLM-L6-v2 had time for about 10 steps at an evaluation every 10, so its second
-    round kept its starting weights on every structure); a replay of that step gets the same weights."""
+def _perturbed_mlp():
+    """A small MLP (the teacher), a copy of it with its first layer's weights disturbed (the student's start), and
+    data split into calibration, held-out and validation."""
     from torch import nn
 
-    from deploy.compress.distill import distill
     from deploy.core.data import CalibrationSet
 
     torch.manual_seed(0)
@@ -273,7 +271,16 @@ def test_a_run_stopped_by_its_minutes_judges_the_steps_since_its_last_evaluation
     with torch.no_grad():
         start[0].weight.add_(0.3 * torch.randn_like(start[0].weight))
     samples = [(torch.randn(1, 16),) for _ in range(96)]
-    data = CalibrationSet(samples[:64], samples[64:80], None, "test", "x", validation=samples[80:])
+    return teacher, start, CalibrationSet(samples[:64], samples[64:80], None, "test", "x", validation=samples[80:])
+
+
+def test_a_run_stopped_by_its_minutes_judges_the_steps_since_its_last_evaluation():
+    """The minutes can run out between two evaluations: the last steps are scored and kept where better, not thrown
+    away (a trial recovery of all-MiniLM-L6-v2 had time for about 10 steps at an evaluation every 10, so its second
+    round kept its starting weights on every structure); a replay of that step gets the same weights."""
+    from deploy.compress.distill import distill
+
+    teacher, start, data = _perturbed_mlp()
     config = DistillConfig(steps=None, recover_minutes=0.02, eval_every=10**6, rates=(), lr=1e-3, backoffs=0)
     student = copy.deepcopy(start)
     result = distill(student, teacher, data, config)
@@ -291,18 +298,9 @@ def test_recovery_trains_in_bf16_where_asked_and_judges_and_keeps_f32(bf16):
     minutes: about 1.7x the steps, held-out pooled cosine +0.02): the training passes run in bf16, while the
     weights, the losses and the validation score that early stopping and the kept step go by stay in f32; a replay
     of the kept step with the same config gets the same weights."""
-    from torch import nn
-
     from deploy.compress.distill import distill
-    from deploy.core.data import CalibrationSet
 
-    torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
-    start = copy.deepcopy(teacher)
-    with torch.no_grad():
-        start[0].weight.add_(0.3 * torch.randn_like(start[0].weight))
-    samples = [(torch.randn(1, 16),) for _ in range(96)]
-    data = CalibrationSet(samples[:64], samples[64:80], None, "test", "x", validation=samples[80:])
+    teacher, start, data = _perturbed_mlp()
     config = DistillConfig(steps=30, eval_every=10, rates=(), lr=1e-3, bf16=bf16)
     student = copy.deepcopy(start)
     seen: dict[bool, set] = {True: set(), False: set()}  # output dtypes of the first layer, training or not
