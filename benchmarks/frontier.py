@@ -515,6 +515,7 @@ def _case_md(case: dict[str, Any]) -> list[str]:
 
 
 def _in_bf16(row: dict[str, Any]) -> str:
+    """' in bf16' where a row's recovery trained in bf16 autocast."""
     return " in bf16" if row.get("recovery_precision") == "bf16" else ""
 
 

@@ -32,6 +32,7 @@ RUNS = ((False, 0), (True, 0), (True, 1), (False, 1))  # (bf16, seed)
 
 
 def run_case(name: str, case: dict[str, Any]) -> dict[str, Any]:
+    """Each of RUNS on the case's student, from the same start: its steps, seconds, rate and held-out scores."""
     from deploy.compress.distill import DistillConfig, distill
 
     split = frontier.early_stopping_split(case)
@@ -59,11 +60,13 @@ def run_case(name: str, case: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section, from the JSON alone."""
     lines = ["## Recovery in bf16 (issue 16, item 5)", "", " ".join(__doc__.split("\n\n")[0].split()), "",
              " ".join(__doc__.split("\n\n")[1].split()), ""]
     for case in result["cases"].values():
         sets, metrics = list(case["sets"]), case["metrics"]
-        head = ["passes", "seed", "steps (stop)", "seconds", "peak rate"] + [f"{m} ({s})" for s in sets for m in metrics]
+        head = ["passes", "seed", "steps (stop)", "seconds", "peak rate"]
+        head += [f"{m} ({s})" for s in sets for m in metrics]
         lines += [f"### {case['title']}", "", f"Command: `{case['command']}`; {case['date']}. {case['machine']}. "
                   f"Student: {case['student']}; {case['minutes']:g} minutes of recovery; scored on "
                   + ", ".join(f"{n} {s}" for s, n in case["sets"].items()) + ".", "",
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     asked = case_args(argv, __doc__)
     torch.set_num_threads(frontier.THREADS)
-    result = render.earlier("recovery_precision")
+    result = render.last_results("recovery_precision")
     command = "python benchmarks/recovery_precision.py" + "".join(f" --case {c}" for c in asked)
     machine = (f"{fingerprint(frontier.THREADS)['cpu']}, {frontier.THREADS} threads; bf16 in hardware: "
                f"{'yes' if has_bf16() else 'no (emulated)'}")

@@ -122,7 +122,7 @@ def case_args(argv: list[str] | None, doc: str) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     asked = case_args(argv, __doc__)
     torch.set_num_threads(frontier.THREADS)
-    result = render.earlier("recovery_rates")
+    result = render.last_results("recovery_rates")
     command = "python benchmarks/recovery_rates.py" + "".join(f" --case {c}" for c in asked)
     for name in asked or ("minilm", "cnn"):
         result["cases"][name] = {**run_case(name, quick_case(name)), "command": command,

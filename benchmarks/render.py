@@ -30,7 +30,7 @@ def render() -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def earlier(stem: str) -> dict[str, Any]:
+def last_results(stem: str) -> dict[str, Any]:
     """The last results of `stem` (a script that reruns one case keeps the others), or none."""
     path = HERE / "results" / f"{stem}.json"
     return json.loads(path.read_text()) if path.exists() else {"cases": {}}

@@ -176,16 +176,6 @@ def distill(student: nn.Module, teacher: nn.Module, calibration: CalibrationSet,
                          precision="bf16" if config.bf16 else "fp32")
 
 
-def batch_loss(trainer: "_Trainer", batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """One training batch's loss (the teacher's outputs, then the student's), its passes in bf16 autocast where the
-    config asks for it (the loss itself in f32: `step_loss`)."""
-    config = trainer.config
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-        with torch.no_grad():
-            t_out = first_tensor(trainer.teacher(*batch))
-        return step_loss(trainer.student, trainer.teacher, batch, t_out, config, trainer.blocks, trainer.feats)
-
-
 def probe_steps(config: DistillConfig, allowed: int) -> int:
     """Each learning-rate probe's steps for a run of `allowed` steps; 0 where there is nothing to choose or the
     probes would be too short to show anything (the run then starts at config.lr)."""
@@ -229,6 +219,14 @@ class _Trainer:
         self.horizon, self.bar = 0, None
         self.probes: list[dict[str, float]] = []
         self.start = time.monotonic()
+
+    def batch_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """One training batch's loss (the teacher's outputs, then the student's), its passes in bf16 autocast where
+        the config asks for it (the loss itself in f32: `step_loss`)."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+            with torch.no_grad():
+                t_out = first_tensor(self.teacher(*batch))
+            return step_loss(self.student, self.teacher, batch, t_out, self.config, self.blocks, self.feats)
 
     def new_run(self, rate: float, first: dict[str, Any]) -> _Run:
         """A run from the student's weights as they are now, scored `first` on the validation split."""
@@ -286,7 +284,7 @@ class _Trainer:
                 batch = mixed(batch, self.gen, config.augment)
             elif self.augmentation == "token swap":
                 batch = swapped(batch, self.gen, config.augment, config.token_swap)
-            loss = batch_loss(self, batch)
+            loss = self.batch_loss(batch)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in run.optimizer.param_groups:
@@ -339,7 +337,7 @@ def _steps_allowed(trainer: "_Trainer", seconds: float) -> int:
                 timed = time.monotonic()
             batch = draw(trainer.calibration.calibration, gen, config.batch_size, trainer.lengths, part=index - 1)
             batch = trimmed(batch) if trainer.trim else batch
-            batch_loss(trainer, batch).backward()
+            trainer.batch_loss(batch).backward()
         per_step = max((time.monotonic() - timed) / TIMED_STEPS, 1e-6)
     student.zero_grad(set_to_none=True)
     student.load_state_dict(saved)

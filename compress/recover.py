@@ -42,6 +42,11 @@ class RecoverPass:
     def run(self, state: State, ctx: Context) -> State:
         if state.original is None:
             raise ConfigError("the recover pass needs the original model to distil from", "run it through deploy")
+        from deploy.targets.target import has_bf16
+
+        if self.config.bf16 and not has_bf16():  # a plan recorded on a CPU with bf16, replayed on one without
+            state.record(self.name, "warning", message="recovery trains in bf16 as the plan says, but this CPU has no "
+                         "bf16 in hardware: it is emulated (slow), and the weights may differ from the run's")
         result = distill(state.module, state.original, ctx.calibration, self.config)
         state.record(self.name, "decision", **dataclasses.asdict(result))
         return state

@@ -293,11 +293,12 @@ def test_a_run_stopped_by_its_minutes_judges_the_steps_since_its_last_evaluation
 
 
 @pytest.mark.parametrize("bf16", [True, False])
-def test_recovery_trains_in_bf16_where_asked_and_judges_and_keeps_f32(bf16):
+def test_recovery_trains_in_bf16_where_asked_and_judges_and_keeps_f32(bf16, monkeypatch):
     """bf16 autocast is recovery's speed on a CPU with AMX (all-MiniLM-L6-v2 with every other block dropped, 2
     minutes: about 1.7x the steps, held-out pooled cosine +0.02): the training passes run in bf16, while the
     weights, the losses and the validation score that early stopping and the kept step go by stay in f32; a replay
     of the kept step with the same config gets the same weights."""
+    from deploy.compress import distill_loss
     from deploy.compress.distill import distill
 
     teacher, start, data = _perturbed_mlp()
@@ -305,8 +306,15 @@ def test_recovery_trains_in_bf16_where_asked_and_judges_and_keeps_f32(bf16):
     student = copy.deepcopy(start)
     seen: dict[bool, set] = {True: set(), False: set()}  # output dtypes of the first layer, training or not
     student[0].register_forward_hook(lambda m, args, out: seen[m.training].add(out.dtype))
+    taught: set = set()  # the teacher's: its outputs on the validation split (f32), and in each training step
+    teacher[0].register_forward_hook(lambda m, args, out: taught.add(out.dtype))
+    losses: set = set()  # what reaches the output loss
+    real = distill_loss.output_loss
+    monkeypatch.setattr(distill_loss, "output_loss",
+                        lambda s, t, *a: losses.update({s.dtype, t.dtype}) or real(s, t, *a))
     result = distill(student, teacher, data, config)
     assert seen[True] == {torch.bfloat16 if bf16 else torch.float32} and seen[False] == {torch.float32}
+    assert taught == ({torch.bfloat16, torch.float32} if bf16 else {torch.float32}) and losses == {torch.float32}
     assert result.precision == ("bf16" if bf16 else "fp32")
     assert all(p.dtype == torch.float32 for p in student.parameters())
     assert result.kept_step > 0 and result.after_sqnr_db > result.before_sqnr_db

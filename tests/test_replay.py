@@ -51,6 +51,9 @@ def test_deploy_toml_is_a_header_and_the_pass_list(sized_run):
     recover = next(p for p in plan["passes"] if p["type"] == "recover")["data"]
     kept = report["recovery"]["kept_step"]
     assert recover["steps"] == kept and recover["seed"] == 0 and recover["recover_minutes"] >= 1e5
+    from deploy.targets.target import has_bf16  # no flag: recovery trains in bf16 where this CPU runs it, and says so
+
+    assert recover["bf16"] is has_bf16() and report["recovery"]["precision"] == ("bf16" if has_bf16() else "fp32")
     assert report["decisions"]["passes"] == ["prune", "recover", "quantize", "export"]
 
 

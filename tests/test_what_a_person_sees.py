@@ -263,6 +263,9 @@ def test_the_summary_says_what_recovery_did(runs, capsys):
     report["recovery"].update(rate=0.001, probes=[{"rate": r} for r in (1e-4, 3e-4, 1e-3)])
     _print_report(report)
     assert "(time, kept step 25, learning rate 0.001 of 3 probed)" in " ".join(capsys.readouterr().out.split())
+    report["recovery"]["precision"] = "bf16"
+    _print_report(report)
+    assert "recovery in bf16: 132 steps in 60 s" in capsys.readouterr().out
     report["recovery"].update(augmentation="mixup", augmented=0.5)
     _print_report(report)
     assert "learning rate 0.001 of 3 probed, mixup on 50% of each batch)" in " ".join(capsys.readouterr().out.split())

@@ -48,6 +48,7 @@ def compress_cmd(
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size latency is measured at (and a TensorRT plan built for); needs a dynamic batch axis."),
     recover_steps: Optional[int] = typer.Option(None, "--recover-steps", min=0, help="Most distillation steps after pruning (default: as many as --recover-minutes allow, with early stop; 0: none)."),
     recover_minutes: Optional[float] = typer.Option(None, "--recover-minutes", callback=finite, help="Time budget for distillation (default: 2 minutes per GMAC of one sample, 1 to 10)."),
+    recover_bf16: Optional[bool] = typer.Option(None, "--recover-bf16/--recover-f32", help="Distillation's passes in bf16 autocast or in f32 (default: bf16 where this CPU runs bf16 in hardware)."),
     search_minutes: Optional[float] = typer.Option(None, "--search-minutes", callback=positive, help="Time limit for the plan search: past it, no more structures or refinements are tried and the best plan measured is kept (default: none)."),
     eval_hook: Optional[str] = typer.Option(None, "--eval", help="module:function(onnx_path) -> dict of your own metrics (imports your code)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for measurement; default: physical cores."),
@@ -67,7 +68,7 @@ def compress_cmd(
         calib=calib, held_out=held_out, tokenizer=str(tokenizer) if tokenizer else None,
         budget=from_flags(budget_ms, speedup, size_mb, max_drop), out=str(output), force=force,
         plan=str(plan) if plan else None, precisions=tuple(precision) or DEFAULT_PRECISIONS, prune=not no_prune,
-        lowrank=lowrank, depth=depth, recover_steps=recover_steps, recover_minutes=recover_minutes, search_minutes=search_minutes, eval_hook=eval_hook, threads=threads,
+        lowrank=lowrank, depth=depth, recover_steps=recover_steps, recover_minutes=recover_minutes, recover_bf16=recover_bf16, search_minutes=search_minutes, eval_hook=eval_hook, threads=threads,
         measure_seconds=measure_seconds, seed=seed, batch=batch)
     with job_progress(err_console, "compress", not as_json) as progress:
         report = compress(request, progress)
@@ -97,9 +98,10 @@ def _print_report(report: dict) -> None:
     if recovery:
         minutes = report["decisions"].get("recover", {}).get("minutes")
         limit = f" of a {minutes:g}-minute budget" if minutes else ""
-        passes = " in bf16" if recovery.get("precision") == "bf16" else ""
-        console.print(f"recovery: {recovery['steps']} steps{passes} in {recovery['seconds']:.0f} s{limit} "
-                      f"({recovery['stopped']}, kept step {recovery['kept_step']}{_rate(recovery)}{_augmented(recovery)}); "
+        bf16 = " in bf16" if recovery.get("precision") == "bf16" else ""
+        console.print(f"recovery{bf16}: {recovery['steps']} steps in {recovery['seconds']:.0f} s{limit} "
+                      f"({recovery['stopped']}, kept step {recovery['kept_step']}{_rate(recovery)}"
+                      f"{_augmented(recovery)}); "
                       f"validation {recovery['metric']} "
                       f"{recovery['before']:.4g} -> {recovery['after']:.4g}", highlight=False)
     if r.get("speedup"):

@@ -56,7 +56,8 @@ class CompressRequest:
     depth: bool = True  # depth mixes (whole blocks dropped) where pruning is needed
     recover_steps: int | None = None  # None: as many as recover_minutes allow; 0: no recovery
     recover_minutes: float | None = None  # None: compress.recover.default_minutes of the model's MACs
-    recover_bf16: bool | None = None  # recovery's passes in bf16 autocast; None: where this CPU runs bf16 in hardware
+    recover_bf16: bool | None = None  # recovery's passes in bf16 autocast; None: `compress` sets it where this CPU
+    # runs bf16 in hardware (a planner built without `compress` reads None as f32)
     search_minutes: float | None = None  # the plan search's time limit (search_clock); None: none
     eval_hook: str | None = None
     threads: int | None = None
