@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import frontier  # noqa: E402
-import render  # noqa: E402
-from recovery_rates import case_args, quick_case, student_of  # noqa: E402
+from recovery_rates import run_cases, student_of  # noqa: E402
 
 MINUTES = {"cnn": 1.5, "minilm": 2.0}
 RUNS = ((False, 0), (True, 0), (True, 1), (False, 1))  # (bf16, seed)
@@ -84,18 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.targets.measure.fingerprint import fingerprint
     from deploy.targets.target import has_bf16
 
-    asked = case_args(argv, __doc__)
-    torch.set_num_threads(frontier.THREADS)
-    result = render.last_results("recovery_precision")
-    command = "python benchmarks/recovery_precision.py" + "".join(f" --case {c}" for c in asked)
     machine = (f"{fingerprint(frontier.THREADS)['cpu']}, {frontier.THREADS} threads; bf16 in hardware: "
                f"{'yes' if has_bf16() else 'no (emulated)'}")
-    for name in asked or ("minilm", "cnn"):
-        result["cases"][name] = {**run_case(name, quick_case(name)), "command": command, "machine": machine,
-                                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    result["cases"] = {k: result["cases"][k] for k in ("minilm", "cnn") if k in result["cases"]}
-    render.publish("recovery_precision", result, markdown(result))
-    return 0
+    return run_cases("recovery_precision", argv, __doc__, run_case, markdown, machine=machine)
 
 
 if __name__ == "__main__":

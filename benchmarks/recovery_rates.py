@@ -119,17 +119,24 @@ def case_args(argv: list[str] | None, doc: str) -> tuple[str, ...]:
     return tuple(parser.parse_args(argv).case or ())
 
 
-def main(argv: list[str] | None = None) -> int:
-    asked = case_args(argv, __doc__)
+def run_cases(stem: str, argv: list[str] | None, doc: str, run_case: Any, markdown: Any,
+              **extra: Any) -> int:
+    """A recovery benchmark's command: `run_case(name, case)` on each case asked (default: both), merged into the
+    last results of `stem` (a case not rerun keeps its row), each case with its command, date and `extra`."""
+    asked = case_args(argv, doc)
     torch.set_num_threads(frontier.THREADS)
-    result = render.last_results("recovery_rates")
-    command = "python benchmarks/recovery_rates.py" + "".join(f" --case {c}" for c in asked)
+    result = render.last_results(stem)
+    command = f"python benchmarks/{stem}.py" + "".join(f" --case {c}" for c in asked)
     for name in asked or ("minilm", "cnn"):
-        result["cases"][name] = {**run_case(name, quick_case(name)), "command": command,
+        result["cases"][name] = {**run_case(name, quick_case(name)), "command": command, **extra,
                                  "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     result["cases"] = {k: result["cases"][k] for k in ("minilm", "cnn") if k in result["cases"]}
-    render.publish("recovery_rates", result, markdown(result))
+    render.publish(stem, result, markdown(result))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cases("recovery_rates", argv, __doc__, run_case, markdown)
 
 
 if __name__ == "__main__":

@@ -103,15 +103,14 @@ class Trials:
 
         minutes = float(self.request.recover_minutes or 1.0)
         minutes = rounds * min(max(TRIAL_SHARE * minutes, TRIAL_MINUTES[0]), TRIAL_MINUTES[1])
-        seed = int(self.request.seed) + first - 1
+        seed, bf16 = int(self.request.seed) + first - 1, bool(self.request.recover_bf16)
         steps = self.request.recover_steps
         if steps is None and self.steps is not None:  # as many steps as the first trial's time allowed
             return DistillConfig(steps=rounds * self.steps, recover_minutes=2 * minutes, seed=seed, eval_every=10,
-                                 bf16=bool(self.request.recover_bf16))
+                                 bf16=bf16)
         steps = None if steps is None else rounds * max(2, math.ceil(TRIAL_SHARE * steps))
         return DistillConfig(steps=steps, recover_minutes=minutes, seed=seed,
-                             eval_every=max(1, steps // (2 * rounds)) if steps else 10,
-                             bf16=bool(self.request.recover_bf16))
+                             eval_every=max(1, steps // (2 * rounds)) if steps else 10, bf16=bf16)
 
     def _ran(self, recovery: Any, rounds: int) -> Any:
         """`recovery` (of `rounds` rounds); the first that its minutes bound sets every later round's steps."""
